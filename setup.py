@@ -1,0 +1,28 @@
+"""tfmm: multimodal item representations for TensorFlow CTR models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tfmm",
+    version="0.1.0",
+    description=(
+        "Semantic-aware contrastive pre-training, SimTier and MAKE for "
+        "ID-based CTR models (CIKM'24, Taobao display advertising)."
+    ),
+    packages=find_packages(include=["tfmm", "tfmm.*", "pipelines", "pipelines.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "tensorflow==2.21.*",
+        "keras-hub==0.32.*",
+        "tensorflow-datasets==4.9.*",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "tfrs": ["tensorflow-recommenders==0.7.7", "tf-keras==2.21.*"],
+        "redis": ["redis>=5"],
+        "serving": ["tensorflow-serving-api==2.21.*"],
+        "bench": [],
+    },
+)

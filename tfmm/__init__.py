@@ -1,0 +1,8 @@
+"""tfmm: multimodal item representations for TensorFlow CTR models.
+
+Implements "Enhancing Taobao Display Advertising with Multimodal
+Representations" (CIKM'24): semantic-aware contrastive pre-training, and the
+SimTier and MAKE ways of feeding pre-trained vectors into an ID-based ranker.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,174 @@
+"""DIN attention (Zhou et al., KDD'18): target-aware pooling of a history."""
+
+import tensorflow as tf
+
+from tfmm.keras_compat import keras, register
+from tfmm.layers import _validation as v
+from tfmm.layers.dice import Dice
+
+NORMALIZATIONS = (None, "softmax")
+
+
+@register
+class DINAttention(keras.layers.Layer):
+    """Pools history ``keys`` with weights an MLP computes from each key and the query.
+
+    As in the DIN reference code, the attention MLP sees
+    ``[q, k, q - k, q * k]`` for every history position, has hidden layers
+    ``hidden_units`` and a linear unit on top; padded positions get weight 0
+    and the output is the weighted sum of the keys. With
+    ``normalization="softmax"`` the scores are divided by ``sqrt(dk)`` and
+    softmax-normalised over the real positions (the reference); with ``None``
+    (DeepCTR, FuxiCTR) the raw scores are the weights.
+
+    The first layer's ``[4 * d, h]`` kernel keeps the reference layout but is
+    applied term by term, so a ``[B, C, d]`` query against ``[B, L, d]`` keys
+    never builds ``[B, C, L, 4 * d]`` inputs or copies the history per
+    candidate.
+
+    Args:
+        hidden_units: sizes of the hidden layers of the attention MLP.
+        activation: ``"dice"``, or any Keras activation (default sigmoid, as
+            in the reference).
+        normalization: ``None`` or ``"softmax"``.
+        return_weights: also return the attention weights.
+        kernel_initializer: initializer of every kernel of the MLP.
+
+    Call arguments:
+        query: ``[B, d]``, or ``[B, C, d]`` for C candidates.
+        keys: ``[B, L, d]``; with a ``[B, C, d]`` query also ``[B, C, L, d]``
+            (keys that depend on the candidate, e.g. with SimScore).
+        mask: optional ``[B, L]`` bool, True for real history items.
+        training: Python bool (Dice uses batch statistics when True).
+
+    Returns:
+        ``[B, d]`` (or ``[B, C, d]``), and with ``return_weights`` also the
+        weights ``[B, L]`` (or ``[B, C, L]``).
+
+    Example:
+
+    >>> import numpy as np
+    >>> din = DINAttention(hidden_units=(8, 4))
+    >>> din(np.ones((2, 6), "float32"), np.ones((2, 5, 6), "float32")).shape
+    TensorShape([2, 6])
+    """
+
+    def __init__(self, hidden_units=(80, 40), activation="sigmoid",
+                 normalization=None, return_weights=False,
+                 kernel_initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        hidden_units = tuple(int(u) for u in hidden_units)
+        if any(u < 1 for u in hidden_units):
+            raise ValueError(
+                f"DINAttention: `hidden_units` must be positive, got {hidden_units}."
+            )
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"DINAttention: `normalization` must be one of {NORMALIZATIONS}, "
+                f"got {normalization!r}."
+            )
+        self.hidden_units = hidden_units
+        self.normalization = normalization
+        self.return_weights = return_weights
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        units = hidden_units + (1,)
+        self.dense = [
+            keras.layers.Dense(u, kernel_initializer=self.kernel_initializer,
+                               name=f"dense_{i + 1}")
+            for i, u in enumerate(units[1:])
+        ]
+        if activation == "dice":
+            self.activation = "dice"
+            self.activations = [Dice(name=f"dice_{i}") for i in range(len(hidden_units))]
+        else:
+            fn = keras.activations.get(activation)
+            self.activation = keras.activations.serialize(fn)
+            self.activations = [fn] * len(hidden_units)
+        self.supports_masking = True
+
+    def build(self, query_shape, keys_shape=None):
+        query_shape = tuple(query_shape)
+        v.check_rank("DINAttention", "query", query_shape, (2, 3), "[B, d] or [B, C, d]")
+        v.check_defined("DINAttention", "query", query_shape, "[B, d] or [B, C, d]")
+        d = query_shape[-1]
+        units = self.hidden_units + (1,)
+        # Rows: the q, k, q - k and q * k blocks of the reference's input.
+        self.kernel = self.add_weight(
+            name="kernel", shape=(4 * d, units[0]), initializer=self.kernel_initializer
+        )
+        self.bias = self.add_weight(name="bias", shape=(units[0],), initializer="zeros")
+        for i, layer in enumerate(self.dense):
+            layer.build((None, units[i]))
+            if isinstance(self.activations[i], keras.layers.Layer):
+                self.activations[i].build((None, units[i]))
+        self.built = True
+
+    def call(self, query, keys, mask=None, training=None):
+        name = "DINAttention"
+        q = v.check_rank(name, "query", query, (2, 3), "[B, d] or [B, C, d]")
+        k = v.check_rank(name, "keys", keys, (3, 4), "[B, L, d] or [B, C, L, d]")
+        if len(k) == 4:
+            if len(q) != 3:
+                raise ValueError(
+                    f"{name}: `keys` of shape [B, C, L, d] {k} need a `query` of "
+                    f"shape [B, C, d], got shape {q}."
+                )
+            v.check_dim(name, "keys", k, 1, q[1], f"[B, {q[1]}, L, {q[-1]}]")
+        v.check_dim(name, "keys", k, -1, q[-1], f"[B, L, {q[-1]}]")
+        v.check_dim(name, "keys", k, 0, q[0], f"[{q[0]}, L, {q[-1]}]")
+        weights = v.mask_weights(name, mask, keys, dtype=query.dtype)
+
+        w_q, w_k, w_diff, w_prod = tf.split(tf.cast(self.kernel, query.dtype), 4, axis=0)
+        # [q, k, q-k, q*k] @ W == q @ (Wq + Wd) + k @ (Wk - Wd) + (q * k) @ Wp.
+        q_term = tf.matmul(query, w_q + w_diff)
+        k_term = tf.matmul(keys, w_k - w_diff)
+        if len(k) == 4:
+            prod = tf.matmul(query[:, :, None, :] * keys, w_prod)
+            q_term = q_term[:, :, None, :]
+        elif len(q) == 2:
+            prod = tf.einsum("bdh,bld->blh", query[:, :, None] * w_prod, keys)
+            q_term = q_term[:, None, :]
+        else:
+            prod = tf.einsum("bcdh,bld->bclh", query[..., None] * w_prod, keys)
+            q_term = q_term[:, :, None, :]
+            k_term = k_term[:, None, :, :]
+        hidden = q_term + k_term + prod + tf.cast(self.bias, query.dtype)
+        for act, dense in zip(self.activations, self.dense):
+            if isinstance(act, keras.layers.Layer):
+                hidden = act(hidden, training=training)
+            else:
+                hidden = act(hidden)
+            hidden = dense(hidden)
+        scores = tf.squeeze(hidden, axis=-1)
+
+        weights = v.broadcast_history_mask(weights, len(q))
+        if self.normalization == "softmax":
+            scores = scores / tf.sqrt(tf.cast(q[-1], scores.dtype))
+            scores += (1.0 - weights) * tf.cast(-1e9, scores.dtype)
+            attention = tf.nn.softmax(scores, axis=-1) * weights
+        else:
+            attention = scores * weights
+
+        if len(k) == 4:
+            pooled = tf.einsum("bcl,bcld->bcd", attention, keys)
+        elif len(q) == 2:
+            pooled = tf.einsum("bl,bld->bd", attention, keys)
+        else:
+            pooled = tf.einsum("bcl,bld->bcd", attention, keys)
+        if self.return_weights:
+            return pooled, attention
+        return pooled
+
+    def compute_mask(self, *args, **kwargs):
+        return None
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            hidden_units=list(self.hidden_units),
+            activation=self.activation,
+            normalization=self.normalization,
+            return_weights=self.return_weights,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+        )
+        return config
