@@ -21,7 +21,7 @@ def test_vector_feature_projection_is_shared(rng):
     t, h = layer(te, he, tv, hv)
     assert t.shape == (1, 5) and h.shape == (1, 4, 5)
     np.testing.assert_allclose(t.numpy()[:, 3:], tv @ layer.projection.kernel.numpy(), rtol=1e-5)
-    np.testing.assert_allclose(h.numpy()[:, 0, 3:], t.numpy()[:, 3:], rtol=1e-6)
+    np.testing.assert_allclose(h.numpy()[:, 0, 3:], t.numpy()[:, 3:], rtol=1e-5, atol=1e-6)
 
 
 def test_vector_feature_with_candidates(rng):

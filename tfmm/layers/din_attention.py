@@ -70,10 +70,13 @@ class DINAttention(keras.layers.Layer):
         self.hidden_units = hidden_units
         self.normalization = normalization
         self.return_weights = return_weights
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        # Kept serialised: each kernel gets its own initializer instance (a
+        # shared unseeded instance gives identical kernels under tf-keras).
+        self.kernel_initializer = keras.initializers.serialize(
+            keras.initializers.get(kernel_initializer))
         units = hidden_units + (1,)
         self.dense = [
-            keras.layers.Dense(u, kernel_initializer=self.kernel_initializer,
+            keras.layers.Dense(u, kernel_initializer=keras.initializers.get(self.kernel_initializer),
                                name=f"dense_{i + 1}")
             for i, u in enumerate(units[1:])
         ]
@@ -94,7 +97,8 @@ class DINAttention(keras.layers.Layer):
         units = self.hidden_units + (1,)
         # Rows: the q, k, q - k and q * k blocks of the reference's input.
         self.kernel = self.add_weight(
-            name="kernel", shape=(4 * d, units[0]), initializer=self.kernel_initializer
+            name="kernel", shape=(4 * d, units[0]),
+            initializer=keras.initializers.get(self.kernel_initializer),
         )
         self.bias = self.add_weight(name="bias", shape=(units[0],), initializer="zeros")
         for i, layer in enumerate(self.dense):
@@ -169,6 +173,6 @@ class DINAttention(keras.layers.Layer):
             activation=self.activation,
             normalization=self.normalization,
             return_weights=self.return_weights,
-            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            kernel_initializer=self.kernel_initializer,
         )
         return config

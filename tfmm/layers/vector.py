@@ -46,6 +46,14 @@ class VectorFeature(keras.layers.Layer):
             else keras.layers.Dense(projection_dim, use_bias=False, name="projection")
         )
 
+    def build(self, target_emb_shape, history_emb_shape=None, target_vec_shape=None,
+              history_vec_shape=None):
+        # tf-keras passes only the first input's shape; the projection then
+        # builds on its first call.
+        if self.projection is not None and target_vec_shape is not None:
+            self.projection.build(tuple(target_vec_shape))
+        self.built = True
+
     def call(self, target_emb, history_emb, target_vec, history_vec):
         name = "VectorFeature"
         t, h = v.check_target_history(name, target_emb, history_emb, "target_emb", "history_emb")

@@ -1,0 +1,31 @@
+"""The same layer tests, plus a TFRS model, under tf-keras (TF_USE_LEGACY_KERAS=1)."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tfmm.keras_compat import LEGACY
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(LEGACY, reason="this is the Keras 3 run's way into tf-keras")
+def test_layer_suite_and_tfrs_model_pass_under_tf_keras():
+    files = sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+        if p.name != pathlib.Path(__file__).name
+    ) + ["tests/legacy"]
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *files],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert re.search(r"\d+ passed", summary) and not re.search(r"failed|skipped|error", summary), summary
+    # The TFRS test itself ran (it is only collected under tf-keras).
+    assert "PASSED tests/legacy/test_tfrs_model.py::" in proc.stdout
