@@ -13,16 +13,17 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         "tensorflow==2.21.*",
+        "keras==3.15.*",
         "keras-hub==0.32.*",
         "tensorflow-datasets==4.9.*",
-        "absl-py>=2.1",
-        "numpy>=1.26",
+        "absl-py==2.*",
+        "numpy>=1.26,<3",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "test": ["pytest==9.*", "hypothesis==6.*"],
         "tfrs": ["tensorflow-recommenders==0.7.7", "tf-keras==2.21.*"],
-        "redis": ["redis>=5"],
+        "redis": ["redis==8.*"],
         "serving": ["tensorflow-serving-api==2.21.*"],
-        "bench": [],
+        "bench": [],  # grows with the benchmarks (DeepCTR peer, plots)
     },
 )

@@ -5,30 +5,10 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 import tf_keras
 
-from tests.conftest import unit
+from pipelines.demo import L, N_ITEMS, impressions, toy_world
 from tfmm.keras_compat import keras
 from tfmm.layers import DINAttention, MAKEBlock, SimTierLayer
 
-N_ITEMS, N_CLUSTERS, L, D = 300, 6, 8, 16
-
-
-def synthetic_world(rng):
-    """Items whose vectors cluster by a hidden visual class."""
-    centres = unit(rng.normal(size=(N_CLUSTERS, D)))
-    cluster = rng.integers(0, N_CLUSTERS, N_ITEMS)
-    return unit(centres[cluster] + 0.3 * rng.normal(size=(N_ITEMS, D))), cluster
-
-
-def impressions(rng, cluster, n):
-    """Users click targets from the visual class that fills their history."""
-    by_cluster = [np.flatnonzero(cluster == c) for c in range(N_CLUSTERS)]
-    favourite = rng.integers(0, N_CLUSTERS, n)
-    history = np.stack([rng.choice(by_cluster[f], L) for f in favourite]).astype("int32")
-    lengths = rng.integers(1, L + 1, n)
-    mask = np.arange(L)[None, :] < lengths[:, None]
-    target = rng.integers(0, N_ITEMS, n).astype("int32")
-    label = (cluster[target] == favourite).astype("float32")
-    return {"target": target, "history": history, "mask": mask, "label": label}
 
 
 class Ranker(tfrs.Model):
@@ -65,18 +45,20 @@ class Ranker(tfrs.Model):
 def test_layers_train_inside_a_tfrs_model_and_save(tmp_path):
     assert keras is tf_keras
     rng = np.random.default_rng(7)
-    vectors, cluster = synthetic_world(rng)
-    train, test = impressions(rng, cluster, 4000), impressions(rng, cluster, 1000)
+    vectors, cls = toy_world(rng)
+    (train, y_train), (test, y_test) = impressions(rng, cls, 20000), impressions(rng, cls, 4000)
+    train["label"], test["label"] = y_train, y_test
 
     model = Ranker(vectors)
     model.compile(optimizer=tf_keras.optimizers.Adam(0.003))
-    data = tf.data.Dataset.from_tensor_slices(train).shuffle(4000, seed=1).batch(128)
+    data = tf.data.Dataset.from_tensor_slices(train).shuffle(20000, seed=1).batch(256)
     test_data = tf.data.Dataset.from_tensor_slices(test).batch(500)
     before = model.evaluate(test_data, return_dict=True, verbose=0)
     model.fit(data, epochs=3, verbose=0)
     after = model.evaluate(test_data, return_dict=True, verbose=0)
     assert after["loss"] < before["loss"]
-    assert after["auc"] > 0.9, (before, after)
+    # The toy world's labels cap AUC near 0.66 (hit rates 0.6 vs 0.1, 1 class in 12).
+    assert after["auc"] > 0.6, (before, after)
 
     # TFRS users export with tf.saved_model; the reloaded model agrees.
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int32, name="target"),
