@@ -1,0 +1,87 @@
+"""The on-disk format shared by the generator, `prepare` and the readers.
+
+A data directory holds TFRecords of `tf.train.Example`s and `metadata.json`:
+
+- ``impressions-{train,test}-*.tfrecord``: one impression each: ``user_id``,
+  ``item_id``, ``category_id``, ``timestamp`` (seconds), ``label`` (0/1),
+  ``is_new_item`` (the item has no training impression), and the user's
+  behaviour history before ``timestamp``, oldest first, at most
+  ``max_history`` long: ``history_item_ids``, ``history_category_ids``,
+  ``history_timestamps``; plus any int64 side features listed in metadata.
+- ``items.tfrecord``: the catalogue: ``item_id``, ``category_id``, ``title``,
+  ``image`` (PNG or JPEG bytes, may be empty), ``first_day``.
+- ``pretrain-{train,test}.tfrecord``: SCL triplets: ``query_image``,
+  ``query_text``, ``positive_item_id``, ``negative_item_id``.
+
+Ids are dense int64: 0 is padding, 1 is out-of-vocabulary, real ids start at 2.
+"""
+
+import json
+import os
+
+import tensorflow as tf
+
+FORMAT = "tfmm-logs/1"
+PAD_ID = 0
+OOV_ID = 1
+FIRST_ID = 2
+
+IMPRESSION_SCALARS = ("user_id", "item_id", "category_id", "timestamp", "label", "is_new_item")
+HISTORY_LISTS = ("history_item_ids", "history_category_ids", "history_timestamps")
+ITEM_INTS = ("item_id", "category_id", "first_day")
+ITEM_BYTES = ("title", "image")
+TRIPLET_INTS = ("positive_item_id", "negative_item_id")
+TRIPLET_BYTES = ("query_image", "query_text")
+
+
+def impression_spec(side_features=()):
+    spec = {k: tf.io.FixedLenFeature([], tf.int64) for k in IMPRESSION_SCALARS + tuple(side_features)}
+    spec.update({k: tf.io.VarLenFeature(tf.int64) for k in HISTORY_LISTS})
+    return spec
+
+
+def item_spec():
+    spec = {k: tf.io.FixedLenFeature([], tf.int64) for k in ITEM_INTS}
+    spec.update({k: tf.io.FixedLenFeature([], tf.string) for k in ITEM_BYTES})
+    return spec
+
+
+def triplet_spec():
+    spec = {k: tf.io.FixedLenFeature([], tf.int64) for k in TRIPLET_INTS}
+    spec.update({k: tf.io.FixedLenFeature([], tf.string) for k in TRIPLET_BYTES})
+    return spec
+
+
+def example(ints=None, int_lists=None, strings=None):
+    """A serialised tf.train.Example from plain Python values."""
+    feature = {}
+    for k, v in (ints or {}).items():
+        feature[k] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
+    for k, v in (int_lists or {}).items():
+        feature[k] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(x) for x in v]))
+    for k, v in (strings or {}).items():
+        feature[k] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def read_metadata(data_dir):
+    path = os.path.join(data_dir, "metadata.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: {data_dir} is not a tfmm data directory "
+            "(make one with `python -m tfmm.data.generate` or `python -m tfmm.data.prepare`)."
+        )
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}.")
+    return meta
+
+
+def files(data_dir, meta, table):
+    """Absolute paths of one table's shards, e.g. table='impressions/train'."""
+    if table not in meta["files"]:
+        raise ValueError(
+            f"{data_dir}/metadata.json has no table {table!r}; it has {sorted(meta['files'])}."
+        )
+    return [os.path.join(data_dir, f) for f in meta["files"][table]]

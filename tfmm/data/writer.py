@@ -1,0 +1,79 @@
+"""Writes a data directory so that a failed run leaves nothing half-written.
+
+Everything goes to a temporary sibling directory; only when every table and
+``metadata.json`` are written is it renamed into place, replacing an older
+directory of the same name. On an error the temporary directory is removed and
+whatever was at ``out_dir`` before is untouched.
+"""
+
+import json
+import os
+import shutil
+
+import tensorflow as tf
+
+from tfmm.data import schema
+
+
+class DataDirWriter:
+    """Context manager: ``with DataDirWriter(out) as w: w.write(...); w.finish(meta)``."""
+
+    def __init__(self, out_dir):
+        self.out_dir = os.path.abspath(out_dir)
+        self.tmp_dir = f"{self.out_dir}.tmp-{os.getpid()}"
+        self.files = {}
+        self.counts = {}
+        self._finished = False
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.out_dir), exist_ok=True)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        os.makedirs(self.tmp_dir)
+        return self
+
+    def write(self, table, records, count, num_shards=1):
+        """Writes `count` serialised records of `table` (e.g. 'impressions/train').
+
+        `records` is an iterable, consumed once; shards hold contiguous runs of
+        it, so a time-ordered table stays time-ordered when read shard by shard.
+        """
+        stem = table.replace("/", "-")
+        names = [
+            f"{stem}.tfrecord" if num_shards == 1 else f"{stem}-{i:05d}-of-{num_shards:05d}.tfrecord"
+            for i in range(num_shards)
+        ]
+        per_shard = -(-count // num_shards)
+        records = iter(records)
+        written = 0
+        for name in names:
+            with tf.io.TFRecordWriter(os.path.join(self.tmp_dir, name)) as w:
+                for _ in range(min(per_shard, count - written)):
+                    record = next(records, None)
+                    if record is None:
+                        raise ValueError(f"{table}: {written} records, {count} announced.")
+                    w.write(record)
+                    written += 1
+        if next(records, None) is not None:
+            raise ValueError(f"{table}: more records than the {count} announced.")
+        self.files[table] = names
+        self.counts[table] = count
+
+    def path(self, name):
+        """A path inside the directory being written, for extra files."""
+        return os.path.join(self.tmp_dir, name)
+
+    def finish(self, metadata):
+        metadata = dict(metadata, format=schema.FORMAT, files=self.files, counts=self.counts)
+        with open(os.path.join(self.tmp_dir, "metadata.json"), "w") as f:
+            json.dump(metadata, f, indent=1, sort_keys=True)
+        old = f"{self.out_dir}.old-{os.getpid()}"
+        if os.path.exists(self.out_dir):
+            os.rename(self.out_dir, old)
+        os.rename(self.tmp_dir, self.out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        self._finished = True
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self._finished:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        return False
