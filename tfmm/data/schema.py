@@ -61,7 +61,9 @@ def example(ints=None, int_lists=None, strings=None):
         feature[k] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(x) for x in v]))
     for k, v in (strings or {}).items():
         feature[k] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # Deterministic: map fields in a fixed order, so a seed gives the same bytes.
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+        deterministic=True)
 
 
 def read_metadata(data_dir):

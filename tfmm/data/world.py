@@ -43,7 +43,8 @@ import math
 
 import numpy as np
 
-from tfmm.data import render, schema
+from tfmm.data import render
+from tfmm.data.history import history_ranges
 
 T0 = 1_700_000_000  # timestamps start here (seconds)
 DAY = 86_400
@@ -188,7 +189,8 @@ def _family_sizes(rng, n):
         sizes.append(int(rng.integers(2, 4)))
     sizes[-1] -= sum(sizes) - n
     if sizes[-1] < 2:  # fold a lone last item into the family before it (<= 4 patterns)
-        sizes[-2] += sizes.pop()
+        lone = sizes.pop()
+        sizes[-1] += lone
     return sizes
 
 
@@ -276,15 +278,7 @@ def generate(config):
     p = 1.0 / (1.0 + np.exp(-logit))
     label = (r.random(n) < p) ^ (r.random(n) < cfg.label_noise)
 
-    # Histories: the user's clicks strictly before each impression, via one
-    # sorted key (user, time) and binary search.
-    clicks = np.flatnonzero(label)
-    clicks = clicks[np.argsort(user[clicks], kind="stable")]
-    click_key = user[clicks] * (DAY * (cfg.num_days + 1)) + (timestamp[clicks] - T0)
-    key = user * (DAY * (cfg.num_days + 1)) + (timestamp - T0)
-    end = np.searchsorted(click_key, key, side="left")
-    user_start = np.searchsorted(user[clicks], user, side="left")
-    start = np.maximum(user_start, end - cfg.max_history)
+    clicks, start, end = history_ranges(user, timestamp, label, cfg.max_history)
 
     return World(cfg, category, colour, pattern, family, popularity, bias, first_day, titles,
                  taste_category, taste_colour, taste_pattern, user, item, timestamp,

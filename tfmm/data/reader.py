@@ -1,0 +1,225 @@
+"""tf.data readers: TFRecords -> batches of dense features.
+
+Impression batches are ``(features, label)``; every feature is dense:
+
+- ``user_id``, ``item_id``, ``category_id``, ``timestamp``, ``is_new_item``: [B]
+- ``history_item_ids``, ``history_category_ids``, ``history_timestamps``:
+  [B, L], oldest first, padded with 0 after the real items; a history longer
+  than L keeps its L most recent items.
+- ``history_mask`` [B, L] bool (True = real item), ``history_length`` [B].
+- side features of a prepared dataset: [B].
+- with ``vectors``: ``item_vector`` [B, d], ``history_vectors`` [B, L, d],
+  ``item_vector_missing`` [B] and ``history_vector_missing`` [B, L] bool. A
+  missing vector is zeros, and its flag is True (never for padding).
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from tfmm.data import schema
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class Vectors:
+    """A snapshot of multimodal vectors by dense item id: row i is item id i.
+
+    ``table`` is float32 [num_items, d]; ``present`` bool [num_items] says which
+    rows hold a real vector (row 0, padding, never does).
+    """
+
+    table: np.ndarray
+    present: np.ndarray
+
+    @classmethod
+    def from_items(cls, item_ids, vectors, num_items):
+        """Scatters `vectors` [n, d] of dense `item_ids` [n] into a snapshot."""
+        item_ids = np.asarray(item_ids, np.int64)
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(item_ids):
+            raise ValueError(f"Vectors: want [n, d] vectors for n ids, got {vectors.shape} "
+                             f"for {len(item_ids)} ids.")
+        bad = (item_ids < schema.FIRST_ID) | (item_ids >= num_items)
+        if bad.any():
+            raise ValueError(f"Vectors: item id {item_ids[bad][0]} is outside "
+                             f"[{schema.FIRST_ID}, {num_items}).")
+        table = np.zeros((num_items, vectors.shape[1]), np.float32)
+        present = np.zeros(num_items, bool)
+        table[item_ids] = vectors
+        present[item_ids] = True
+        return cls(table, present)
+
+
+def check_records(paths, spec):
+    """Reads every record of `paths` and parses it with `spec`.
+
+    Raises ValueError naming the file and record number of the first record
+    that is truncated, corrupt or does not parse.
+    """
+    for path in paths:
+        done = 0
+        batches = iter(tf.data.TFRecordDataset(path).batch(4096))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except tf.errors.DataLossError:
+                n = sum(1 for _ in _records_until_error(path))
+                raise ValueError(f"{path}: record {n} is truncated or corrupt "
+                                 f"({n} good records before it).") from None
+            try:
+                tf.io.parse_example(batch, spec)
+            except tf.errors.InvalidArgumentError:
+                for i, record in enumerate(batch):
+                    try:
+                        tf.io.parse_single_example(record, spec)
+                    except tf.errors.InvalidArgumentError as e:
+                        raise ValueError(f"{path}: record {done + i} does not parse: "
+                                         f"{e.message.splitlines()[0]}") from None
+            done += int(batch.shape[0])
+
+
+def _records_until_error(path):
+    it = iter(tf.data.TFRecordDataset(path))
+    while True:
+        try:
+            yield next(it)
+        except (StopIteration, tf.errors.DataLossError):
+            return
+
+
+def _dense_history(sparse, length):
+    ragged = tf.RaggedTensor.from_sparse(sparse)[:, -length:]
+    return ragged.to_tensor(default_value=0, shape=[None, length])
+
+
+def _parse_impressions(max_history, side_features):
+    spec = schema.impression_spec(side_features)
+
+    def parse(serialized):
+        raw = tf.io.parse_example(serialized, spec)
+        features = {k: raw[k] for k in schema.IMPRESSION_SCALARS + tuple(side_features)
+                    if k != "label"}
+        for k in schema.HISTORY_LISTS:
+            features[k] = _dense_history(raw[k], max_history)
+        mask = features["history_item_ids"] != schema.PAD_ID
+        features["history_mask"] = mask
+        features["history_length"] = tf.reduce_sum(tf.cast(mask, tf.int64), axis=1)
+        return features, tf.cast(raw["label"], tf.float32)
+
+    return parse
+
+
+def _join_vectors(vectors):
+    table = tf.constant(vectors.table)
+    present = tf.constant(vectors.present)
+
+    def join(features, label):
+        features = dict(features)
+        item, history = features["item_id"], features["history_item_ids"]
+        features["item_vector"] = tf.gather(table, item)
+        features["item_vector_missing"] = ~tf.gather(present, item)
+        features["history_vectors"] = tf.gather(table, history)
+        features["history_vector_missing"] = ~tf.gather(present, history) & features["history_mask"]
+        return features, label
+
+    return join
+
+
+def impressions(data_dir, split="train", batch_size=256, max_history=None, shuffle=False,
+                shuffle_buffer=100_000, seed=None, deterministic=True, repeat=False,
+                drop_remainder=False, vectors=None, validate=True):
+    """Impression batches ``(features, label)`` of one split, in time order unless shuffled.
+
+    Args:
+        data_dir: a tfmm data directory (generated or prepared).
+        split: 'train' or 'test'.
+        max_history: L; default the dataset's own maximum.
+        shuffle: shuffle records (buffer `shuffle_buffer`, seeded by `seed`).
+        deterministic: keep element order fixed under parallel parsing.
+        vectors: a `Vectors` snapshot to join by item id.
+        validate: first read every record once, so that a truncated or
+            malformed record fails with its file and number before training.
+    """
+    meta = schema.read_metadata(data_dir)
+    paths = schema.files(data_dir, meta, f"impressions/{split}")
+    side = tuple(meta.get("side_features", ()))
+    length = int(max_history or meta["max_history"])
+    if length < 1:
+        raise ValueError(f"impressions: max_history must be >= 1, got {max_history}.")
+    if validate:
+        check_records(paths, schema.impression_spec(side))
+    ds = tf.data.TFRecordDataset(paths)
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(_parse_impressions(length, side), num_parallel_calls=AUTOTUNE,
+                deterministic=deterministic)
+    if vectors is not None:
+        ds = ds.map(_join_vectors(vectors), num_parallel_calls=AUTOTUNE,
+                    deterministic=deterministic)
+    return ds.prefetch(AUTOTUNE)
+
+
+def _decode_image(size):
+    """PNG/JPEG bytes -> uint8 [size, size, 3], resized only when needed."""
+
+    def decode(encoded):
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        image.set_shape([None, None, 3])
+        resized = lambda: tf.cast(  # noqa: E731
+            tf.image.resize(image, [size, size], antialias=True) + 0.5, tf.uint8)
+        same = tf.reduce_all(tf.equal(tf.shape(image)[:2], size))
+        return tf.ensure_shape(tf.cond(same, lambda: image, resized), [size, size, 3])
+
+    return decode
+
+
+def items(data_dir, batch_size=256, image_size=None, validate=True):
+    """Catalogue batches: item_id, category_id, first_day, title, image (uint8)."""
+    meta = schema.read_metadata(data_dir)
+    paths = schema.files(data_dir, meta, "items")
+    if validate:
+        check_records(paths, schema.item_spec())
+    size = image_size or meta.get("image_size") or 64
+    decode = _decode_image(size)
+
+    def parse(serialized):
+        raw = tf.io.parse_single_example(serialized, schema.item_spec())
+        raw["image"] = tf.cond(tf.strings.length(raw["image"]) > 0,
+                               lambda: decode(raw["image"]),
+                               lambda: tf.zeros([size, size, 3], tf.uint8))
+        return raw
+
+    return (tf.data.TFRecordDataset(paths)
+            .map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
+            .batch(batch_size).prefetch(AUTOTUNE))
+
+
+def triplets(data_dir, split="train", batch_size=256, shuffle=False, seed=None, repeat=False,
+             image_size=None, drop_remainder=False, validate=True):
+    """Pre-training triplet batches: query_image (uint8), query_text, positive/negative ids."""
+    meta = schema.read_metadata(data_dir)
+    paths = schema.files(data_dir, meta, f"pretrain/{split}")
+    if validate:
+        check_records(paths, schema.triplet_spec())
+    decode = _decode_image(image_size or meta.get("image_size") or 64)
+
+    def parse(serialized):
+        raw = tf.io.parse_single_example(serialized, schema.triplet_spec())
+        raw["query_image"] = decode(raw["query_image"])
+        return raw
+
+    ds = tf.data.TFRecordDataset(paths)
+    if shuffle:
+        ds = ds.shuffle(50_000, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    return (ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
+            .batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE))
