@@ -16,6 +16,8 @@ setup(
         "keras==3.15.*",
         "keras-hub==0.32.*",
         "tensorflow-datasets==4.9.*",
+        "importlib_resources==7.*",  # tensorflow-datasets needs it to build, but does not pull it
+        "pyarrow==26.*",  # Parquet input of tfmm.data.prepare
         "absl-py==2.*",
         "numpy>=1.26,<3",
     ],

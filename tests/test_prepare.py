@@ -1,0 +1,172 @@
+"""Bring-your-own logs: `tfmm.data.prepare`."""
+
+import csv
+import filecmp
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfmm import data
+from tfmm.data import schema
+from tfmm.data.prepare import prepare
+
+# user, item, label, timestamp, device
+LOG = [
+    ("alice", "i1", 1, 100, "ios"),
+    ("alice", "i2", 0, 105, "ios"),
+    ("bob", "i2", 1, 110, "web"),
+    ("alice", "i3", 1, 120, "ios"),
+    ("alice", "i4", 1, 120, "web"),   # same second: not in each other's history
+    ("bob", "i1", 1, 130, "web"),
+    ("alice", "i2", 1, 140, "ios"),
+    ("alice", "i1", 0, 150, "ios"),
+    ("bob", "i3", 0, 160, "web"),
+    ("carol", "i2", 1, 170, "tv"),    # test only: an unknown user and device
+    ("alice", "i4", 1, 180, "ios"),
+    ("bob", "i4", 0, 190, "web"),
+]
+ITEMS = [("i1", "mug", "red mug"), ("i2", "mug", "blue mug"), ("i3", "lamp", "tall lamp"),
+         ("i4", "lamp", "short lamp")]
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for item, _, _ in ITEMS:
+        pixels = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)
+        (images / f"{item}.png").write_bytes(tf.io.encode_png(pixels).numpy())
+    log = write_csv(tmp_path / "impressions.csv",
+                    ["user_id", "item_id", "label", "timestamp", "device"], LOG)
+    items = write_csv(tmp_path / "items.csv", ["item_id", "category_id", "title"], ITEMS)
+    return tmp_path, log, items, str(images)
+
+
+def read_split(out, split, max_history=None):
+    batches = list(data.impressions(out, split, batch_size=100, max_history=max_history))
+    return ({k: np.concatenate([f[k].numpy() for f, _ in batches]) for k in batches[0][0]},
+            np.concatenate([y.numpy() for _, y in batches]))
+
+
+def vocab(out, name):
+    with open(os.path.join(out, "vocab", f"{name}.txt")) as f:
+        return {i + schema.FIRST_ID: line.strip() for i, line in enumerate(f)}
+
+
+def test_histories_split_and_vocabularies(inputs):
+    tmp, log, items, images = inputs
+    out = str(tmp / "out")
+    meta = prepare(log, items, out, images_dir=images, max_history=2, test_fraction=0.25)
+    assert meta["counts"] == {"impressions/train": 9, "impressions/test": 3, "items": 4}
+    assert meta["split_timestamp"] == 170 and meta["side_features"] == ["device"]
+    assert meta["oov"] == {"test_users": 1, "unknown_items": 0}
+    users, item_names, devices = vocab(out, "users"), vocab(out, "items"), vocab(out, "side-device")
+    assert sorted(users.values()) == ["alice", "bob"]
+
+    rows = []
+    for split in ("train", "test"):
+        f, y = read_split(out, split)
+        for i in range(len(y)):
+            rows.append((users.get(f["user_id"][i], "?"), item_names[f["item_id"][i]], int(y[i]),
+                         int(f["timestamp"][i]), devices.get(f["device"][i], "?"),
+                         [item_names[h] for h in f["history_item_ids"][i][f["history_mask"][i]]],
+                         int(f["is_new_item"][i])))
+    assert [r[:5] for r in rows] == [
+        (u if u != "carol" else "?", i, y, t, d if d != "tv" else "?") for u, i, y, t, d in LOG]
+    for (user, item, _, ts, _, history, _), raw in zip(rows, LOG):
+        earlier = [it for u, it, lab, t, _ in LOG if u == raw[0] and lab == 1 and t < ts]
+        assert history == earlier[-2:], (raw, history)
+    assert all(new == 0 for *_, new in rows)  # every item has training impressions
+
+    catalogue = next(iter(data.items(out, batch_size=10)))
+    assert catalogue["image"].shape == (4, 64, 64, 3)  # resized from 48x32
+    cats = vocab(out, "categories")
+    assert [cats[c] for c in catalogue["category_id"].numpy()] == [c for _, c, _ in ITEMS]
+
+
+def test_parquet_input_gives_the_same_records(inputs):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    tmp, log, items, images = inputs
+    prepare(log, items, str(tmp / "from_csv"), images_dir=images)
+    table = pa.table({"user_id": [r[0] for r in LOG], "item_id": [r[1] for r in LOG],
+                      "label": [r[2] for r in LOG], "timestamp": [r[3] for r in LOG],
+                      "device": [r[4] for r in LOG]})
+    pq.write_table(table, tmp / "impressions.parquet")
+    prepare(str(tmp / "impressions.parquet"), items, str(tmp / "from_parquet"), images_dir=images)
+    for name in ("impressions-train.tfrecord", "impressions-test.tfrecord", "items.tfrecord"):
+        assert filecmp.cmp(tmp / "from_csv" / name, tmp / "from_parquet" / name, shallow=False)
+
+
+def _bad_inputs(tmp, case):
+    log_rows, item_rows = list(LOG), list(ITEMS)
+    log_header = ["user_id", "item_id", "label", "timestamp", "device"]
+    if case == "missing column":
+        log_header, log_rows = log_header[:2] + log_header[3:], [r[:2] + r[3:] for r in LOG]
+    elif case == "wrong type":
+        log_rows[1] = ("alice", "i2", 0, "noon", "ios")
+    elif case == "bad label":
+        log_rows[4] = ("alice", "i4", 2, 120, "web")
+    elif case == "unknown item":
+        log_rows[5] = ("bob", "i9", 1, 130, "web")
+    elif case == "duplicate id":
+        item_rows.append(("i2", "mug", "again"))
+    elif case == "short row":
+        log_rows[2] = ("bob", "i2", 1)
+    log = write_csv(tmp / "impressions.csv", log_header, log_rows)
+    items = write_csv(tmp / "items.csv", ["item_id", "category_id", "title"], item_rows)
+    return log, items
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing column", r"impressions.csv: missing column\(s\) \['label'\]"),
+    ("wrong type", r"impressions.csv: row 3, column 'timestamp': 'noon' is not an integer"),
+    ("bad label", r"impressions.csv: row 6, column 'label': 2 is not 0 or 1"),
+    ("unknown item", r"impressions.csv: row 7, column 'item_id': 'i9' is not in .*items.csv"),
+    ("duplicate id", r"items.csv: row 6: duplicate item_id 'i2' \(first at .*items.csv: row 3\)"),
+    ("short row", r"impressions.csv: row 4: 3 fields, the header has 5"),
+])
+def test_bad_input_names_file_row_and_field_and_keeps_old_output(inputs, case, message):
+    tmp, log, items, images = inputs
+    out = tmp / "out"
+    prepare(log, items, str(out), images_dir=images)
+    before = {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()}
+    log, items = _bad_inputs(tmp, case)
+    with pytest.raises(ValueError, match=message):
+        prepare(log, items, str(out), images_dir=images)
+    assert {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()} == before
+    assert sorted(os.listdir(tmp)) == ["images", "impressions.csv", "items.csv", "out"]
+
+
+def test_undecodable_image_fails_mid_write_without_damage(inputs):
+    tmp, log, items, images = inputs
+    out = tmp / "out"
+    prepare(log, items, str(out), images_dir=images)
+    before = (out / "impressions-train.tfrecord").read_bytes()
+    with open(os.path.join(images, "i3.png"), "wb") as f:
+        f.write(b"\x89PNG not really")
+    with pytest.raises(ValueError, match=r"i3.png \(item 'i3', .*items.csv: row 4\): does not decode"):
+        prepare(log, items, str(out), images_dir=images)
+    assert (out / "impressions-train.tfrecord").read_bytes() == before
+    assert not [p for p in os.listdir(tmp) if ".tmp-" in p]
+
+
+def test_unknown_items_can_map_to_oov(inputs):
+    tmp, _, items, _ = inputs
+    log, _ = _bad_inputs(tmp, "unknown item")
+    meta = prepare(log, items, str(tmp / "out"), unknown_items="oov")
+    assert meta["oov"]["unknown_items"] == 1
+    f, _ = read_split(str(tmp / "out"), "train")
+    assert (f["item_id"] == schema.OOV_ID).sum() == 1
