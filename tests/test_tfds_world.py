@@ -5,7 +5,7 @@ import tensorflow_datasets as tfds
 
 from tfmm import data
 from tfmm.data import schema, world as world_lib
-from tfmm.data.generate import write_world
+from tfmm.data.synthetic import write_world
 import tfmm.data.tfds_world  # noqa: F401  (registers the builders)
 
 

@@ -20,100 +20,12 @@ flags.DEFINE_enum("world", "small", sorted(world_lib.PRESETS), "Preset world siz
 flags.DEFINE_string("out_dir", None, "Directory to write (replaced atomically).")
 for _field in dataclasses.fields(world_lib.WorldConfig):
     _define = flags.DEFINE_integer if _field.type in ("int", int) else flags.DEFINE_float
-    _define(_field.name, None, f"World knob (default: the preset's). See tfmm.data.world.")
+    _define(_field.name, None, "World knob (default: the preset's). See tfmm.data.world.")
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from tfmm.data import render, schema  # noqa: E402
-from tfmm.data.writer import DataDirWriter  # noqa: E402
-
-
-def config_from_flags(preset, overrides):
-    """The preset's WorldConfig with every non-None override applied."""
-    fields = {f.name for f in dataclasses.fields(world_lib.WorldConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown world knobs: {sorted(unknown)}")
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(world_lib.PRESETS[preset], **changes).validate()
-
-
-def _id(index):
-    return int(index) + schema.FIRST_ID
-
-
-def impression_records(world, rows, is_new):
-    for i in rows:
-        h = world.history(i)
-        yield schema.example(
-            ints={"user_id": _id(world.user[i]), "item_id": _id(world.item[i]),
-                  "category_id": _id(world.category[world.item[i]]),
-                  "timestamp": world.timestamp[i], "label": world.label[i],
-                  "is_new_item": is_new[world.item[i]]},
-            int_lists={"history_item_ids": world.item[h] + schema.FIRST_ID,
-                       "history_category_ids": world.category[world.item[h]] + schema.FIRST_ID,
-                       "history_timestamps": world.timestamp[h]},
-        )
-
-
-def item_records(world):
-    rng = world_lib.streams(world.config.seed)["images"]
-    for i in range(world.config.num_items):
-        image = render.catalogue_image(rng, world.category[i], world.colour[i], world.pattern[i])
-        yield schema.example(
-            ints={"item_id": _id(i), "category_id": _id(world.category[i]),
-                  "first_day": world.first_day[i]},
-            strings={"title": world.titles[i].encode(), "image": tf.io.encode_png(image).numpy()},
-        )
-
-
-def triplet_records(world, positive, negative, rng):
-    for pos, neg in zip(positive, negative):
-        attrs = (world.category[pos], world.colour[pos], world.pattern[pos])
-        image = render.query_image(rng, *attrs)
-        yield schema.example(
-            ints={"positive_item_id": _id(pos), "negative_item_id": _id(neg)},
-            strings={"query_image": tf.io.encode_jpeg(image, quality=90).numpy(),
-                     "query_text": world_lib.query_text(rng, *attrs).encode()},
-        )
-
-
-def write_world(world, out_dir):
-    """Writes `world` as a tfmm data directory at `out_dir` (atomically)."""
-    cfg = world.config
-    days = (world.timestamp - world_lib.T0) // world_lib.DAY
-    train_rows = np.flatnonzero(days < cfg.train_days)
-    test_rows = np.flatnonzero(days >= cfg.train_days)
-    is_new = np.ones(cfg.num_items, np.int64)
-    is_new[world.item[train_rows]] = 0
-    with DataDirWriter(out_dir) as w:
-        w.write("impressions/train", impression_records(world, train_rows, is_new),
-                len(train_rows), num_shards=cfg.train_shards)
-        w.write("impressions/test", impression_records(world, test_rows, is_new), len(test_rows))
-        w.write("items", item_records(world), cfg.num_items)
-        for split in ("train", "test"):
-            positive, negative, rng = world_lib.triplets(world, split)
-            w.write(f"pretrain/{split}", triplet_records(world, positive, negative, rng),
-                    len(positive))
-        np.savez_compressed(
-            w.path("truth.npz"),
-            **{k: getattr(world, k) for k in (
-                "category", "colour", "pattern", "family", "popularity", "bias", "first_day",
-                "taste_category", "taste_colour", "taste_pattern")})
-        w.finish({
-            "source": "synthetic",
-            "world": dataclasses.asdict(cfg),
-            "vocab": {"num_items": cfg.num_items + schema.FIRST_ID,
-                      "num_users": cfg.num_users + schema.FIRST_ID,
-                      "num_categories": cfg.num_categories + schema.FIRST_ID},
-            "max_history": cfg.max_history,
-            "image_size": render.SIZE,
-            "side_features": [],
-            "train_days": cfg.train_days,
-        })
+from tfmm.data import schema  # noqa: E402
+from tfmm.data.synthetic import config_from_flags, write_world  # noqa: E402
 
 
 def main(argv):

@@ -132,7 +132,7 @@ def _join_vectors(vectors):
 
 def impressions(data_dir, split="train", batch_size=256, max_history=None, shuffle=False,
                 shuffle_buffer=100_000, seed=None, deterministic=True, repeat=False,
-                drop_remainder=False, vectors=None, validate=True):
+                drop_remainder=False, vectors=None, features=None, validate=True):
     """Impression batches ``(features, label)`` of one split, in time order unless shuffled.
 
     Args:
@@ -142,6 +142,7 @@ def impressions(data_dir, split="train", batch_size=256, max_history=None, shuff
         shuffle: shuffle records (buffer `shuffle_buffer`, seeded by `seed`).
         deterministic: keep element order fixed under parallel parsing.
         vectors: a `Vectors` snapshot to join by item id.
+        features: keep only these feature names (a Keras model's inputs).
         validate: first read every record once, so that a truncated or
             malformed record fails with its file and number before training.
     """
@@ -164,6 +165,13 @@ def impressions(data_dir, split="train", batch_size=256, max_history=None, shuff
     if vectors is not None:
         ds = ds.map(_join_vectors(vectors), num_parallel_calls=AUTOTUNE,
                     deterministic=deterministic)
+    if features is not None:
+        available = set(ds.element_spec[0])
+        missing = [k for k in features if k not in available]
+        if missing:
+            raise ValueError(f"impressions: features {missing} are not in {data_dir} "
+                             f"(it has {sorted(available)}; vector features need `vectors`).")
+        ds = ds.map(lambda f, y: ({k: f[k] for k in features}, y))
     return ds.prefetch(AUTOTUNE)
 
 

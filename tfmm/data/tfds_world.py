@@ -22,7 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tfmm.data import schema, world as world_lib
-from tfmm.data.generate import write_world
+from tfmm.data.synthetic import write_world
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -45,6 +45,7 @@ import numpy as np
 
 from tfmm.data import render
 from tfmm.data.history import history_ranges
+from tfmm.metrics import auc
 
 T0 = 1_700_000_000  # timestamps start here (seconds)
 DAY = 86_400
@@ -162,6 +163,12 @@ class World:
     def history(self, i):
         """Impression numbers of impression i's history clicks, oldest first."""
         return self.clicks[self.history_start[i]:self.history_end[i]]
+
+    def oracle_aucs(self):
+        """Test-day AUC of (the visual oracle, the category-only oracle)."""
+        test = (self.timestamp - T0) // DAY >= self.config.train_days
+        u, i, y = self.user[test], self.item[test], self.label[test]
+        return auc(y, self.affinity(u, i, visual=True)), auc(y, self.affinity(u, i, visual=False))
 
     def affinity(self, user, item, visual=True):
         """The hidden logit without the item bias: what an oracle knows."""
