@@ -24,7 +24,7 @@ from tfmm import data  # noqa: E402
 from tfmm.data import schema, world as world_lib  # noqa: E402
 from tfmm.data.synthetic import write_world  # noqa: E402
 from tfmm.keras_compat import keras  # noqa: E402
-from tfmm.ranker import build_din  # noqa: E402
+from tfmm.ranker import build_ranker  # noqa: E402
 
 
 def reader_rate(data_dir, batch_size, max_history):
@@ -37,7 +37,7 @@ def reader_rate(data_dir, batch_size, max_history):
 
 def step_rate(data_dir, batch_size, max_history, steps):
     meta = schema.read_metadata(data_dir)
-    model = build_din(meta["vocab"], max_history)
+    model = build_ranker(meta["vocab"], max_history)
     model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
     batches = data.impressions(data_dir, "train", batch_size=batch_size,
                                max_history=max_history, drop_remainder=True,

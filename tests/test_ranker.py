@@ -6,7 +6,8 @@ from tfmm.data import schema, world as world_lib
 from tfmm.data.synthetic import write_world
 from tfmm.keras_compat import keras
 from tfmm.metrics import auc
-from tfmm.ranker import build_din
+from tfmm.layers import MAKEBlock
+from tfmm.ranker import build_make_pretrainer, build_ranker
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def tiny_dir(tmp_path_factory):
 
 def test_din_ranker_trains_on_reader_batches(tiny_dir):
     meta = schema.read_metadata(tiny_dir)
-    model = build_din(meta["vocab"], max_history=10, embedding_dim=8)
+    model = build_ranker(meta["vocab"], max_history=10, embedding_dim=8)
     keras.utils.set_random_seed(0)
     names = list(model.input)
     train = data.impressions(tiny_dir, "train", batch_size=128, max_history=10, features=names)
@@ -36,3 +37,44 @@ def test_din_ranker_trains_on_reader_batches(tiny_dir):
 def test_reader_rejects_unknown_features(tiny_dir):
     with pytest.raises(ValueError, match=r"features \['item_vector'\] are not in .* need `vectors`"):
         data.impressions(tiny_dir, "train", features=["item_id", "item_vector"])
+
+
+@pytest.mark.parametrize("method", ["vector", "simscore", "simtier", "make", "simtier_make"])
+def test_multimodal_rankers_train_with_vectors(tiny_dir, method):
+    meta = schema.read_metadata(tiny_dir)
+    truth = np.load(f"{tiny_dir}/truth.npz")
+    cfg = world_lib.WorldConfig(**meta["world"])
+    vecs = world_lib.oracle_vectors(truth["category"], truth["colour"], truth["pattern"], cfg)
+    snapshot = data.Vectors.from_items(np.arange(len(vecs)) + schema.FIRST_ID, vecs,
+                                       meta["vocab"]["num_items"])
+    model = build_ranker(meta["vocab"], max_history=10, method=method, vector_dim=vecs.shape[1],
+                         embedding_dim=8, attention_units=(8,), mlp_units=(16,))
+    train = data.impressions(tiny_dir, "train", batch_size=256, max_history=10, vectors=snapshot,
+                             features=list(model.input))
+    model.compile(keras.optimizers.Adam(3e-3), "binary_crossentropy")
+    before = model.evaluate(train, verbose=0)
+    model.fit(train, epochs=2, verbose=0)
+    assert model.evaluate(train, verbose=0) < before
+
+
+def test_make_pretrainer_shares_the_block_with_the_ranker(tiny_dir):
+    meta = schema.read_metadata(tiny_dir)
+    make = MAKEBlock(din={"hidden_units": (4,)}, mlp_units=(8, 4, 2, 1), return_knowledge=True)
+    pretrainer = build_make_pretrainer(make, 10, 6)
+    assert sorted(pretrainer.input) == ["history_mask", "history_vectors", "item_vector"]
+    make.trainable = False
+    ranker = build_ranker(meta["vocab"], 10, method="make", vector_dim=6, make=make)
+    shared = {id(w) for w in make.weights}
+    assert shared <= {id(w) for w in ranker.weights}
+    assert not shared & {id(w) for w in ranker.trainable_weights}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "clip"}, r"--model='clip' is not one of"),
+    ({"method": "simtier"}, r"--model=simtier needs multimodal vectors"),
+    ({"method": "make", "vector_dim": 4, "make": MAKEBlock()}, "return_knowledge=True"),
+])
+def test_bad_ranker_arguments(kwargs, message):
+    vocab = {"num_items": 10, "num_users": 10, "num_categories": 5}
+    with pytest.raises(ValueError, match=message):
+        build_ranker(vocab, 5, **kwargs)

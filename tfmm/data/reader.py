@@ -154,7 +154,9 @@ def impressions(data_dir, split="train", batch_size=256, max_history=None, shuff
         raise ValueError(f"impressions: max_history must be >= 1, got {max_history}.")
     if validate:
         check_records(paths, schema.impression_spec(side))
-    ds = tf.data.TFRecordDataset(paths)
+    # A known size gives Keras its step count, and fails loudly if a file is short.
+    ds = tf.data.TFRecordDataset(paths).apply(
+        tf.data.experimental.assert_cardinality(meta["counts"][f"impressions/{split}"]))
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:

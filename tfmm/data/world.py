@@ -292,6 +292,19 @@ def generate(config):
                  label.astype(np.int64), p, start, end, clicks)
 
 
+def oracle_vectors(category, colour, pattern, config):
+    """Unit vectors from the hidden attributes: [one-hot category, colour, pattern] / sqrt(3).
+
+    Two items' dot product is the fraction of attributes they share. A stand-in
+    for a perfect encoder, for tests and for upper bounds; models never get
+    it unless asked.
+    """
+    eye = np.eye
+    vectors = np.concatenate([eye(config.num_categories)[category], eye(config.num_colours)[colour],
+                              eye(config.num_patterns)[pattern]], axis=1)
+    return (vectors / np.sqrt(3.0)).astype(np.float32)
+
+
 def triplets(world, split):
     """Pre-training triplets of `split` ('train' or 'test').
 
