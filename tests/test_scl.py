@@ -1,0 +1,163 @@
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfmm.momentum_queue import MomentumQueueCallback
+from tfmm.scl import SCLModel, info_nce, triplet
+
+
+def reference_info_nce(q, k, inv_t, extra=None, key_ids=None, extra_ids=None, mask_own=True):
+    losses = []
+    for i in range(len(q)):
+        logits, own = [], None
+        for j in range(len(k)):
+            if j != i and mask_own and key_ids is not None and key_ids[j] == key_ids[i]:
+                continue
+            logits.append(q[i] @ k[j] * inv_t)
+            if j == i:
+                own = logits[-1]
+        for j in range(0 if extra is None else len(extra)):
+            if extra_ids is not None and (extra_ids[j] == -1 or (mask_own and extra_ids[j] == key_ids[i])):
+                continue
+            logits.append(q[i] @ extra[j] * inv_t)
+        logits = np.array(logits, np.float64)
+        losses.append(-(own - np.log(np.exp(logits - logits.max()).sum()) - logits.max()))
+    return np.array(losses)
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype("float32")
+
+
+@pytest.mark.parametrize("mask_own", [True, False])
+def test_info_nce_matches_numpy(mask_own):
+    rng = np.random.default_rng(0)
+    q, k, extra = unit(rng.normal(size=(6, 5))), unit(rng.normal(size=(6, 5))), unit(rng.normal(size=(8, 5)))
+    key_ids = np.array([3, 4, 3, 5, 6, 7])
+    extra_ids = np.array([-1, 4, 9, 9, 3, -1, 8, 10])
+    got = info_nce(q, k, 1 / 0.07, extra, key_ids, extra_ids, mask_own).numpy()
+    np.testing.assert_allclose(got, reference_info_nce(q, k, 1 / 0.07, extra, key_ids, extra_ids, mask_own),
+                               rtol=1e-4)
+    np.testing.assert_allclose(info_nce(q, k, 2.0).numpy(), reference_info_nce(q, k, 2.0), rtol=1e-5)
+
+
+def test_triplet_hand_computed():
+    q = np.array([[1.0, 0.0]], "float32")
+    p = np.array([[0.8, 0.6]], "float32")
+    n = np.array([[0.6, 0.8]], "float32")
+    np.testing.assert_allclose(triplet(q, p, n, 0.5).numpy(), [0.5 - 0.8 + 0.6], rtol=1e-6)
+    np.testing.assert_allclose(triplet(q, n, p, 0.1).numpy(), [0.1 - 0.6 + 0.8], rtol=1e-6)
+    assert triplet(q, p, n, 0.1).numpy()[0] == 0.0
+
+
+def tiny_tower(dim=4):
+    x = keras.Input((3,))
+    h = keras.layers.Dense(8, activation="tanh")(x)
+    return keras.Model(x, keras.layers.UnitNormalization()(keras.layers.Dense(dim)(h)))
+
+
+def batches(n=32, batch=8, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 1000, n)
+    x = rng.normal(size=(n, 3)).astype("float32")
+    return tf.data.Dataset.from_tensor_slices({
+        "query": x + 0.1 * rng.normal(size=x.shape).astype("float32"), "positive": x,
+        "negative": rng.normal(size=(n, 3)).astype("float32"), "positive_id": ids,
+    }).batch(batch, drop_remainder=True)
+
+
+def moco(queue_size=16, momentum=0.9, **kw):
+    keras.utils.set_random_seed(0)
+    model = SCLModel(tiny_tower(), make_key_tower=tiny_tower, queue_size=queue_size,
+                     momentum=momentum, **kw)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    return model
+
+
+def test_key_tower_is_the_ema_after_one_step():
+    model = moco(momentum=0.9)
+    assert model.key_tower.trainable_weights == []  # the optimizer never touches it
+    key_before = [w.numpy().copy() for w in model.key_tower.weights]
+    assert len(key_before) == len(model.tower.trainable_weights) == 4
+    np.testing.assert_array_equal(key_before[0], model.tower.trainable_weights[0].numpy())
+    model.fit(batches().take(1), epochs=1, verbose=0)
+    query_after = [w.numpy() for w in model.tower.trainable_weights]
+    assert not np.array_equal(query_after[0], key_before[0])
+    for k_old, q_new, k_new in zip(key_before, query_after, model.key_tower.weights):
+        want = np.float32(0.9) * k_old + np.float32(1 - 0.9) * q_new
+        np.testing.assert_allclose(k_new.numpy(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_queue_fills_in_order_and_the_pointer_wraps():
+    model = moco(queue_size=16)
+    data = batches(n=24, batch=8)
+    model.fit(data.take(1), epochs=1, verbose=0)
+    assert model.queue.pointer.numpy() == 8
+    ids = np.concatenate([b["positive_id"].numpy() for b in data])
+    np.testing.assert_array_equal(model.queue.ids.numpy()[:8], ids[:8])
+    np.testing.assert_array_equal(model.queue.ids.numpy()[8:], -1)
+    model.fit(data.skip(1), epochs=1, verbose=0)  # 2 more batches: 8 + 16 = 24 -> wraps to 8
+    assert model.queue.pointer.numpy() == 8
+    np.testing.assert_array_equal(model.queue.ids.numpy(), np.concatenate([ids[16:24], ids[8:16]]))
+    norms = np.linalg.norm(model.queue.keys.numpy(), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+
+
+def test_queue_size_must_be_a_multiple_of_the_batch():
+    model = moco(queue_size=20)
+    with pytest.raises(ValueError, match=r"--queue_size=20 must be a multiple of the batch size 8"):
+        model.fit(batches(), epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="drop_remainder=True"):
+        model.fit(batches().unbatch().batch(8), epochs=1, verbose=0)
+
+
+def test_inverse_temperature_is_learned_and_clamped():
+    model = moco()
+    assert model.inverse_temperature().numpy() == pytest.approx(1 / 0.07, rel=1e-6)
+    model.log_inverse_temperature.assign(math.log(1000.0))
+    assert model.inverse_temperature().numpy() == pytest.approx(100.0)
+    before = model.log_inverse_temperature.numpy()
+    model.log_inverse_temperature.assign(math.log(10.0))
+    model.fit(batches().take(1), epochs=1, verbose=0)
+    assert model.log_inverse_temperature.numpy() != before
+    with pytest.raises(ValueError, match="--temperature=0.001"):
+        SCLModel(tiny_tower(), temperature=0.001)
+
+
+def test_checkpoint_restores_queue_pointer_and_key_tower(tmp_path):
+    model = moco(queue_size=16)
+    model.fit(batches(n=24), epochs=1, verbose=0)
+    model.save_weights(tmp_path / "scl.weights.h5")
+    resumed = moco(queue_size=16)
+    resumed.load_weights(tmp_path / "scl.weights.h5")
+    for name in ("keys", "ids", "pointer"):
+        np.testing.assert_array_equal(getattr(resumed.queue, name).numpy(),
+                                      getattr(model.queue, name).numpy())
+    for a, b in zip(resumed.key_tower.weights, model.key_tower.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # Continuing both gives the same next state.
+    model.fit(batches(n=8, seed=5), epochs=1, verbose=0)
+    resumed.fit(batches(n=8, seed=5), epochs=1, verbose=0)
+    np.testing.assert_allclose(resumed.queue.keys.numpy(), model.queue.keys.numpy(), rtol=1e-6)
+
+
+def test_in_batch_only_without_queue_trains_one_tower():
+    keras.utils.set_random_seed(0)
+    model = SCLModel(tiny_tower(), queue_size=0, triplet_weight=0.0)
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    assert model.key_tower is None and model.queue is None
+    before = model.evaluate(batches(), verbose=0, return_dict=True)["info_nce"]
+    model.fit(batches(), epochs=20, verbose=0)
+    assert model.evaluate(batches(), verbose=0, return_dict=True)["info_nce"] < before
+
+
+def test_callback_needs_a_queue_model():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="needs a model with a MomentumQueue"):
+        model.fit(np.zeros((4, 3)), np.zeros((4, 1)), callbacks=[MomentumQueueCallback()], verbose=0)
+    with pytest.raises(ValueError, match="--momentum=1.0"):
+        MomentumQueueCallback(1.0)

@@ -1,0 +1,92 @@
+"""The momentum (MoCo) memory bank: a key tower that is an EMA of the query tower,
+and a queue of its past keys used as extra negatives (paper §3.2, K = 196,800).
+
+The queue, its item ids and the write pointer are non-trainable variables of
+the model, so checkpoints carry them and a resumed run continues with the same
+queue. The updates run in-graph at the end of every training step (after the
+step's logits were computed), so they are exact whatever
+``steps_per_execution`` is; `MomentumQueueCallback` switches them on and sets
+the momentum.
+"""
+
+import keras
+import tensorflow as tf
+
+EMPTY = -1  # queue_ids of slots not written yet (masked out of the logits)
+
+
+class MomentumQueue:
+    """Queue of ``size`` keys of width ``dim`` owned by `layer` (a Keras model)."""
+
+    def __init__(self, layer, size, dim):
+        if size < 0:
+            raise ValueError(f"--queue_size={size} must be >= 0.")
+        self.size = size
+        self.keys = layer.add_weight(name="queue", shape=(max(size, 1), dim), initializer="zeros",
+                                     trainable=False)
+        self.ids = layer.add_weight(name="queue_ids", shape=(max(size, 1),), dtype="int64",
+                                    initializer=keras.initializers.Constant(EMPTY), trainable=False)
+        self.pointer = layer.add_weight(name="queue_pointer", shape=(), dtype="int64",
+                                        initializer="zeros", trainable=False)
+        self.momentum = layer.add_weight(name="momentum", shape=(), initializer="zeros",
+                                         trainable=False)
+        self.enabled = layer.add_weight(name="queue_enabled", shape=(), dtype="bool",
+                                        initializer="zeros", trainable=False)
+
+    def check_batch(self, batch_size):
+        if batch_size is None:
+            raise ValueError("The momentum queue needs a static batch size: batch the data with "
+                             "drop_remainder=True.")
+        if self.size % batch_size:
+            raise ValueError(f"--queue_size={self.size} must be a multiple of the batch size "
+                             f"{batch_size} (drop the remainder: e.g. --queue_size="
+                             f"{self.size - self.size % batch_size}).")
+
+    def enqueue(self, keys, ids):
+        """Writes a batch of keys at the pointer and advances it (wrapping)."""
+        batch = tf.shape(keys, out_type=tf.int64)[0]
+        rows = (self.pointer + tf.range(batch)) % self.size
+        self.keys.assign(tf.tensor_scatter_nd_update(self.keys, rows[:, None],
+                                                     tf.cast(keys, self.keys.dtype)))
+        self.ids.assign(tf.tensor_scatter_nd_update(self.ids, rows[:, None], ids))
+        self.pointer.assign((self.pointer + batch) % self.size)
+
+    def step(self, weight_pairs, keys, ids):
+        """After an optimizer step: EMA of the key tower, then enqueue; no-op when disabled.
+
+        `weight_pairs` are (query weight, key weight) pairs of the two towers.
+        """
+
+        def update():
+            m = self.momentum
+            for q, k in weight_pairs:
+                k.assign(m * k + (1.0 - m) * tf.cast(q, k.dtype))
+            if self.size:
+                self.enqueue(keys, ids)
+            return tf.constant(True)
+
+        tf.cond(self.enabled, update, lambda: tf.constant(False))
+
+
+class MomentumQueueCallback(keras.callbacks.Callback):
+    """Turns on MoCo for an `SCLModel`: the key tower follows the query tower with
+    ``momentum`` and each step's keys enter the queue. Without it the key tower
+    stays as built and only in-batch negatives are used.
+    """
+
+    def __init__(self, momentum=0.999):
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"--momentum={momentum} must be in [0, 1).")
+        self.momentum_value = momentum
+
+    def on_train_begin(self, logs=None):
+        queue = getattr(self.model, "queue", None)
+        if not isinstance(queue, MomentumQueue):
+            raise ValueError("MomentumQueueCallback needs a model with a MomentumQueue "
+                             "(tfmm.scl.SCLModel).")
+        queue.momentum.assign(self.momentum_value)
+        queue.enabled.assign(True)
+
+    def on_train_end(self, logs=None):
+        self.model.queue.enabled.assign(False)

@@ -1,0 +1,181 @@
+"""Semantic-aware contrastive learning (SCL, paper §3).
+
+A query tower embeds the user's query (image or text); the positive is the
+purchased item's catalogue image or title, the hard negative a near-duplicate
+clicked next to it. The loss is InfoNCE (eq. 1) over the positive, the other
+positives of the batch and, with MoCo, a queue of past keys, with a learnable
+temperature; plus a triplet loss on the hard negative. All vectors are
+L2-normalised, so scores are dot products.
+
+- ``queue_size > 0`` (MoCo): positives and negatives are encoded by a key tower,
+  an EMA of the query tower, and enter the queue after each step
+  (`tfmm.momentum_queue`).
+- ``queue_size == 0``: one tower encodes both sides (in-batch negatives only).
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+
+from tfmm.momentum_queue import MomentumQueue, MomentumQueueCallback
+
+NEG_INF = -1e9
+
+
+def info_nce(query, keys, inverse_temperature, extra=None, key_ids=None, extra_ids=None,
+             mask_own_positive=True):
+    """InfoNCE of eq. 1 with the positive of row i at keys[i].
+
+    Args:
+        query: [B, d]; keys: [B, d] (positives of the batch, in-batch negatives).
+        inverse_temperature: scalar 1/tau.
+        extra: optional [K, d] more negatives (the queue).
+        key_ids, extra_ids: item ids of keys [B] and extra [K]; with
+            `mask_own_positive`, entries that are the query's own positive item
+            (other than its diagonal) are left out, and extra entries with id
+            -1 (empty queue slots) always are.
+    Returns:
+        per-example loss [B].
+    """
+    logits = tf.matmul(query, keys, transpose_b=True)
+    b = tf.shape(query)[0]
+    if key_ids is not None and mask_own_positive:
+        same = tf.equal(key_ids[:, None], key_ids[None, :]) & ~tf.eye(b, dtype=tf.bool)
+        logits = tf.where(same, NEG_INF, logits)
+    if extra is not None:
+        more = tf.matmul(query, extra, transpose_b=True)
+        if extra_ids is not None:
+            drop = tf.equal(extra_ids[None, :], -1)
+            if key_ids is not None and mask_own_positive:
+                drop |= tf.equal(extra_ids[None, :], key_ids[:, None])
+            more = tf.where(drop, NEG_INF, more)
+        logits = tf.concat([logits, more], axis=1)
+    # Masked entries stay at NEG_INF after scaling so they vanish from the softmax.
+    scaled = tf.where(logits <= NEG_INF, NEG_INF, logits * inverse_temperature)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(tf.range(b), scaled)
+
+
+def triplet(query, positive, negative, margin):
+    """max(0, margin - q·p + q·n) per example [B]."""
+    return tf.nn.relu(margin - tf.reduce_sum(query * positive, -1)
+                      + tf.reduce_sum(query * negative, -1))
+
+
+@keras.saving.register_keras_serializable(package="tfmm")
+class SCLModel(keras.Model):
+    """Trains `tower` (the query tower) with SCL; the tower is what gets exported.
+
+    ``fit`` takes batches ``{"query", "positive", "negative", "positive_id"}``
+    (``negative`` only with ``triplet_weight > 0``). ``make_key_tower`` builds a
+    tower of the same architecture for MoCo (its weights start as a copy).
+
+    Args:
+        tower: the query tower (a Keras model to unit vectors [B, d]).
+        make_key_tower: callable returning a fresh tower (MoCo only).
+        queue_size: K; 0 means no MoCo (in-batch negatives only).
+        momentum: EMA momentum of the key tower (MoCo).
+        triplet_weight: weight of the triplet loss; 0 disables it.
+        margin: triplet margin.
+        temperature: initial tau; 1/tau is learned in log space, clamped at
+            `max_inverse_temperature`.
+        mask_own_positive: leave a query's own positive item out of its negatives.
+    """
+
+    def __init__(self, tower, make_key_tower=None, queue_size=0, momentum=0.999,
+                 triplet_weight=1.0, margin=0.2, temperature=0.07,
+                 max_inverse_temperature=100.0, mask_own_positive=True, **kwargs):
+        super().__init__(**kwargs)
+        if temperature <= 0 or 1.0 / temperature > max_inverse_temperature:
+            raise ValueError(f"--temperature={temperature} must be > 0 with 1/temperature <= "
+                             f"{max_inverse_temperature}.")
+        if triplet_weight < 0:
+            raise ValueError(f"--triplet_weight={triplet_weight} must be >= 0.")
+        self.tower = tower
+        self.dim = int(tower.output_shape[-1])
+        self.triplet_weight = float(triplet_weight)
+        self.margin = float(margin)
+        self.max_inverse_temperature = float(max_inverse_temperature)
+        self.mask_own_positive = mask_own_positive
+        self.default_momentum = momentum
+        self.log_inverse_temperature = self.add_weight(
+            name="log_inverse_temperature", shape=(),
+            initializer=keras.initializers.Constant(math.log(1.0 / temperature)))
+        self.key_tower = None
+        self.queue = None
+        if queue_size:
+            if make_key_tower is None:
+                raise ValueError("SCLModel: MoCo (queue_size > 0) needs `make_key_tower`.")
+            self.key_tower = make_key_tower()
+            self.key_tower.set_weights(tower.get_weights())
+            self.key_tower.trainable = False
+            # Every float weight follows the EMA: the trainable ones (MoCo) and the
+            # normalisation statistics, which the frozen key tower runs on.
+            self._weight_pairs = [(q, k) for q, k in zip(tower.weights, self.key_tower.weights)
+                                  if "float" in str(q.dtype)]
+            self.queue = MomentumQueue(self, queue_size, self.dim)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.nce_tracker = keras.metrics.Mean(name="info_nce")
+        self.triplet_tracker = keras.metrics.Mean(name="triplet")
+        self.built = True  # the towers own every weight already
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.nce_tracker, self.triplet_tracker]
+
+    def inverse_temperature(self):
+        return tf.minimum(tf.exp(self.log_inverse_temperature), self.max_inverse_temperature)
+
+    def call(self, inputs, training=False):
+        return self.tower(inputs, training=training)
+
+    def _keys(self, x, training):
+        if self.key_tower is None:
+            return self.tower(x, training=training)
+        return tf.stop_gradient(self.key_tower(x, training=training))
+
+    def compute_losses(self, batch, training=False):
+        query = self.tower(batch["query"], training=training)
+        positive = self._keys(batch["positive"], training)
+        ids = tf.cast(batch["positive_id"], tf.int64)
+        extra = extra_ids = None
+        if self.queue is not None:
+            extra, extra_ids = tf.cast(self.queue.keys, query.dtype), self.queue.ids
+        nce = tf.reduce_mean(info_nce(query, positive, self.inverse_temperature(), extra, ids,
+                                      extra_ids, self.mask_own_positive))
+        trip = tf.constant(0.0)
+        if self.triplet_weight:
+            negative = self._keys(batch["negative"], training)
+            trip = tf.reduce_mean(triplet(query, positive, negative, self.margin))
+        return nce, trip, positive, ids
+
+    def train_step(self, batch):
+        if self.queue is not None:
+            self.queue.check_batch(batch["positive_id"].shape[0])
+        trainable = self.tower.trainable_weights + [self.log_inverse_temperature]
+        with tf.GradientTape() as tape:
+            nce, trip, keys, ids = self.compute_losses(batch, training=True)
+            loss = nce + self.triplet_weight * trip
+        self.optimizer.apply(tape.gradient(loss, trainable), trainable)
+        if self.queue is not None:
+            self.queue.step(self._weight_pairs, keys, ids)
+        return self._track(loss, nce, trip)
+
+    def test_step(self, batch):
+        nce, trip, _, _ = self.compute_losses(batch, training=False)
+        return self._track(nce + self.triplet_weight * trip, nce, trip)
+
+    def _track(self, loss, nce, trip):
+        self.loss_tracker.update_state(loss)
+        self.nce_tracker.update_state(nce)
+        self.triplet_tracker.update_state(trip)
+        return {m.name: m.result() for m in self.metrics}
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """Keras fit; with a queue, adds a MomentumQueueCallback if none was given."""
+        callbacks = list(callbacks or [])
+        if self.queue is not None and not any(isinstance(c, MomentumQueueCallback)
+                                              for c in callbacks):
+            callbacks.append(MomentumQueueCallback(self.default_momentum))
+        kwargs.setdefault("shuffle", False)  # datasets arrive shuffled
+        return super().fit(*args, callbacks=callbacks, **kwargs)
