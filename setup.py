@@ -14,6 +14,7 @@ setup(
     install_requires=[
         "tensorflow==2.21.*",
         "keras==3.15.*",
+        "tensorboard==2.21.*",  # TensorBoard logs of training runs
         "keras-hub==0.32.*",
         "tensorflow-datasets==4.9.*",
         "importlib_resources==7.*",  # tensorflow-datasets needs it to build, but does not pull it

@@ -21,8 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from tfmm import data  # noqa: E402
-from tfmm.data import schema, world as world_lib  # noqa: E402
-from tfmm.data.synthetic import write_world  # noqa: E402
+from tfmm.data import schema  # noqa: E402
+from tfmm.data.synthetic import ensure_world  # noqa: E402
 from tfmm.keras_compat import keras  # noqa: E402
 from tfmm.ranker import build_ranker  # noqa: E402
 
@@ -53,9 +53,7 @@ def step_rate(data_dir, batch_size, max_history, steps):
 
 def main(argv):
     del argv
-    data_dir = FLAGS.data_dir or f"data/{FLAGS.world}"
-    if not os.path.exists(os.path.join(data_dir, "metadata.json")):
-        write_world(world_lib.generate(world_lib.PRESETS[FLAGS.world]), data_dir)
+    data_dir = ensure_world(FLAGS.data_dir or f"data/{FLAGS.world}", FLAGS.world)
     n, reader = reader_rate(data_dir, FLAGS.batch_size, FLAGS.max_history)
     model = step_rate(data_dir, FLAGS.batch_size, FLAGS.max_history, FLAGS.steps)
     print(f"data {data_dir}: {n} train impressions, batch {FLAGS.batch_size}, "

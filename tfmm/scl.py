@@ -108,11 +108,11 @@ class SCLModel(keras.Model):
                 raise ValueError("SCLModel: MoCo (queue_size > 0) needs `make_key_tower`.")
             self.key_tower = make_key_tower()
             self.key_tower.set_weights(tower.get_weights())
-            self.key_tower.trainable = False
-            # Every float weight follows the EMA: the trainable ones (MoCo) and the
-            # normalisation statistics, which the frozen key tower runs on.
-            self._weight_pairs = [(q, k) for q, k in zip(tower.weights, self.key_tower.weights)
-                                  if "float" in str(q.dtype)]
+            # The optimizer never sees the key tower; it stays "trainable" so that,
+            # as in MoCo, it runs with batch statistics (a frozen Keras BatchNorm
+            # would use its stale moving averages instead).
+            self._weight_pairs = list(zip(tower.trainable_weights,
+                                          self.key_tower.trainable_weights))
             self.queue = MomentumQueue(self, queue_size, self.dim)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.nce_tracker = keras.metrics.Mean(name="info_nce")

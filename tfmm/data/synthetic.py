@@ -1,6 +1,7 @@
 """Writes a generated world (`tfmm.data.world`) as a tfmm data directory."""
 
 import dataclasses
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -92,3 +93,11 @@ def write_world(world, out_dir):
             "side_features": [],
             "train_days": cfg.train_days,
         })
+
+
+def ensure_world(data_dir, preset):
+    """`data_dir`, first generated from the `preset` world if it holds no data yet."""
+    if not os.path.exists(os.path.join(data_dir, "metadata.json")):
+        print(f"generating the {preset} world into {data_dir} ...", flush=True)
+        write_world(world_lib.generate(world_lib.PRESETS[preset]), data_dir)
+    return data_dir
