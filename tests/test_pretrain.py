@@ -41,9 +41,9 @@ def test_cli_trains_exports_and_indexes(tiny_dir, tmp_path):
     # The exported encoder is the tower: same vectors from catalogue images.
     export = runs / "export" / "1"
     assert result["export_path"].endswith(os.path.join("export", "1"))
-    encoder = tf.saved_model.load(str(export))
+    encoder = tf.saved_model.load(str(export)).signatures["serving_default"]
     items = next(iter(data.items(tiny_dir, batch_size=16)))
-    vectors = encoder.serve(items["image"]).numpy()
+    vectors = encoder(image=items["image"])["vector"].numpy()
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-4)
 
     index = SQLiteIndex(runs / "index.db")

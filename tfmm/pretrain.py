@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from tfmm import data, metrics
 from tfmm.data import schema
+from tfmm.export import export_saved_model
 from tfmm.index import SQLiteIndex
 from tfmm.scl import SCLModel
 from tfmm.towers import image_tower, text_tower, vocabulary_of
@@ -187,19 +188,6 @@ def evaluate(config, tower, catalogue, ns=(1, 5)):
     return metrics.acc_at_n(q, p, ns)
 
 
-def next_version(export_dir):
-    versions = [int(v) for v in os.listdir(export_dir) if v.isdigit()] \
-        if os.path.isdir(export_dir) else []
-    return max(versions, default=0) + 1
-
-
-def export_tower(tower, export_dir):
-    """SavedModel under <export_dir>/<next integer version>/; returns its path."""
-    path = os.path.join(export_dir, str(next_version(export_dir)))
-    tower.export(path, format="tf_saved_model", verbose=False)
-    return path
-
-
 def run(config):
     """Trains, evaluates, exports and indexes; returns the metrics dict."""
     config.validate()
@@ -227,7 +215,7 @@ def run(config):
     result.update(history={k: [float(x) for x in v] for k, v in history.items()},
                   train_seconds=time.time() - start, config=dataclasses.asdict(config))
     if config.export_dir:
-        result["export_path"] = export_tower(tower, config.export_dir)
+        result["export_path"] = export_saved_model(tower, config.export_dir, "vector")
     if config.index:
         vectors = embed(tower, catalogue.content(config.modality))
         index = SQLiteIndex(config.index, dim=config.dim)
