@@ -85,3 +85,16 @@ def similarity(target, history, kind):
 def broadcast_history_mask(weights, target_rank):
     """[B, L] mask -> [B, L] or [B, 1, L] to line up with the scores."""
     return weights if target_rank == 2 else weights[:, None, :]
+
+
+def check_embeddings_and_vectors(layer, target_emb, history_emb, target_vec, history_vec):
+    """Checks ID embeddings and multimodal vectors of one target/history pair.
+
+    Returns the target's static shape.
+    """
+    t, h = check_target_history(layer, target_emb, history_emb, "target_emb", "history_emb")
+    tv, hv = check_target_history(layer, target_vec, history_vec, "target_vec", "history_vec")
+    if len(tv) != len(t):
+        raise ValueError(f"{layer}: `target_vec` {tv} must have the rank of `target_emb` {t}.")
+    check_dim(layer, "history_vec", hv, 1, h[1], f"[B, {h[1]}, d]")
+    return t

@@ -49,15 +49,9 @@ class SimScore(keras.layers.Layer):
         self.supports_masking = True
 
     def call(self, target_emb, history_emb, target_vec, history_vec, mask=None):
-        name = "SimScore"
-        t, h = v.check_target_history(name, target_emb, history_emb, "target_emb", "history_emb")
-        tv, hv = v.check_target_history(name, target_vec, history_vec, "target_vec", "history_vec")
-        if len(tv) != len(t):
-            raise ValueError(
-                f"{name}: `target_vec` {tv} must have the rank of `target_emb` {t}."
-            )
-        v.check_dim(name, "history_vec", hv, 1, h[1], f"[B, {h[1]}, d]")
-        weights = v.mask_weights(name, mask, history_vec)
+        t = v.check_embeddings_and_vectors("SimScore", target_emb, history_emb, target_vec,
+                                           history_vec)
+        weights = v.mask_weights("SimScore", mask, history_vec)
         scores = v.similarity(target_vec, history_vec, self.similarity)
         scores *= v.broadcast_history_mask(weights, len(t))
         own = tf.cast(target_vec, tf.float32)

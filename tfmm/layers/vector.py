@@ -55,14 +55,8 @@ class VectorFeature(keras.layers.Layer):
         self.built = True
 
     def call(self, target_emb, history_emb, target_vec, history_vec):
-        name = "VectorFeature"
-        t, h = v.check_target_history(name, target_emb, history_emb, "target_emb", "history_emb")
-        tv, hv = v.check_target_history(name, target_vec, history_vec, "target_vec", "history_vec")
-        if len(tv) != len(t):
-            raise ValueError(
-                f"{name}: `target_vec` {tv} must have the rank of `target_emb` {t}."
-            )
-        v.check_dim(name, "history_vec", hv, 1, h[1], f"[B, {h[1]}, d]")
+        v.check_embeddings_and_vectors("VectorFeature", target_emb, history_emb, target_vec,
+                                       history_vec)
         target_vec = tf.cast(target_vec, target_emb.dtype)
         history_vec = tf.cast(history_vec, history_emb.dtype)
         if self.projection is not None:
