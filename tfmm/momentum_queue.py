@@ -43,13 +43,16 @@ class MomentumQueue:
                              f"{self.size - self.size % batch_size}).")
 
     def enqueue(self, keys, ids):
-        """Writes a batch of keys at the pointer and advances it (wrapping)."""
+        """Writes a batch of keys at the pointer, in place, and advances it (wrapping).
+
+        K is a multiple of the batch size, so a batch never straddles the end.
+        """
         batch = tf.shape(keys, out_type=tf.int64)[0]
-        rows = (self.pointer + tf.range(batch)) % self.size
-        self.keys.assign(tf.tensor_scatter_nd_update(self.keys, rows[:, None],
-                                                     tf.cast(keys, self.keys.dtype)))
-        self.ids.assign(tf.tensor_scatter_nd_update(self.ids, rows[:, None], ids))
-        self.pointer.assign((self.pointer + batch) % self.size)
+        start = tf.convert_to_tensor(self.pointer)
+        # Slices of the underlying tf.Variables assign in place (no copy of the queue).
+        self.keys.value[start:start + batch].assign(tf.cast(keys, self.keys.dtype))
+        self.ids.value[start:start + batch].assign(ids)
+        self.pointer.assign((start + batch) % self.size)
 
     def step(self, weight_pairs, keys, ids):
         """After an optimizer step: EMA of the key tower, then enqueue; no-op when disabled.

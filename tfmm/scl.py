@@ -38,22 +38,27 @@ def info_nce(query, keys, inverse_temperature, extra=None, key_ids=None, extra_i
     Returns:
         per-example loss [B].
     """
-    logits = tf.matmul(query, keys, transpose_b=True)
+    # Scale the [B, d] queries rather than the [B, B + K] logits, mask with
+    # additive penalties, and combine per-part log-sum-exps instead of
+    # concatenating: the queue's [B, K] block is touched as few times as possible.
+    q = query * tf.cast(inverse_temperature, query.dtype)
+    logits = tf.matmul(q, keys, transpose_b=True)
     b = tf.shape(query)[0]
     if key_ids is not None and mask_own_positive:
         same = tf.equal(key_ids[:, None], key_ids[None, :]) & ~tf.eye(b, dtype=tf.bool)
-        logits = tf.where(same, NEG_INF, logits)
+        logits += tf.where(same, NEG_INF, 0.0)
+    positive = tf.linalg.diag_part(logits)
+    lse = tf.reduce_logsumexp(logits, axis=1)
     if extra is not None:
-        more = tf.matmul(query, extra, transpose_b=True)
+        more = tf.matmul(q, extra, transpose_b=True)
         if extra_ids is not None:
-            drop = tf.equal(extra_ids[None, :], -1)
+            penalty = tf.where(tf.equal(extra_ids, -1), NEG_INF, 0.0)[None, :]
             if key_ids is not None and mask_own_positive:
-                drop |= tf.equal(extra_ids[None, :], key_ids[:, None])
-            more = tf.where(drop, NEG_INF, more)
-        logits = tf.concat([logits, more], axis=1)
-    # Masked entries stay at NEG_INF after scaling so they vanish from the softmax.
-    scaled = tf.where(logits <= NEG_INF, NEG_INF, logits * inverse_temperature)
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(tf.range(b), scaled)
+                penalty = penalty + tf.where(tf.equal(extra_ids[None, :], key_ids[:, None]),
+                                             NEG_INF, 0.0)
+            more += penalty
+        lse = tf.experimental.numpy.logaddexp(lse, tf.reduce_logsumexp(more, axis=1))
+    return lse - positive
 
 
 def triplet(query, positive, negative, margin):

@@ -1,0 +1,77 @@
+"""What does the MoCo queue cost? One SCL training step with a K-key queue
+against the same step with a minimal queue, next to the extra logits matmul
+(forward, and its gradient) that K keys require.
+
+    python -m benchmarks.moco_queue --queue_size=196800 --batch_size=64
+"""
+
+import os
+import time
+
+from absl import app, flags
+
+flags.DEFINE_integer("queue_size", 196_800, "K (the paper's).")
+flags.DEFINE_integer("batch_size", 64, "Batch size (K must be a multiple).")
+flags.DEFINE_integer("dim", 128, "Vector dimension.")
+flags.DEFINE_integer("steps", 20, "Timed steps.")
+FLAGS = flags.FLAGS
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tfmm.scl import SCLModel  # noqa: E402
+from tfmm.towers import image_tower  # noqa: E402
+
+
+def step_time(queue_size, batch):
+    model = SCLModel(image_tower(dim=FLAGS.dim), make_key_tower=lambda: image_tower(dim=FLAGS.dim),
+                     queue_size=queue_size, momentum=0.99)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    data = tf.data.Dataset.from_tensors(batch).repeat()
+    model.fit(data, steps_per_epoch=3, verbose=0)  # trace, warm up
+    start = time.perf_counter()
+    model.fit(data, steps_per_epoch=FLAGS.steps, verbose=0)
+    return (time.perf_counter() - start) / FLAGS.steps
+
+
+def matmul_time(batch_size, queue_size, dim):
+    q = tf.random.normal([batch_size, dim])
+    keys = tf.random.normal([queue_size, dim])
+
+    @tf.function
+    def logits_and_grad():
+        with tf.GradientTape() as tape:
+            tape.watch(q)
+            s = tf.reduce_sum(tf.matmul(q, keys, transpose_b=True))
+        return tape.gradient(s, q)
+
+    logits_and_grad()
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+        logits_and_grad().numpy()
+    return (time.perf_counter() - start) / FLAGS.steps
+
+
+def main(argv):
+    del argv
+    b = FLAGS.batch_size
+    rng = np.random.default_rng(0)
+    batch = {k: rng.integers(0, 255, (b, 64, 64, 3)).astype("uint8")
+             for k in ("query", "positive", "negative")}
+    batch["positive_id"] = np.arange(b)
+    small = step_time(b, batch)
+    big = step_time(FLAGS.queue_size, batch)
+    extra = matmul_time(b, FLAGS.queue_size, FLAGS.dim)
+    print(f"batch {b}, d={FLAGS.dim}, {os.cpu_count()} CPUs, TF {tf.__version__}")
+    print(f"SCL step, queue of {b}:           {small * 1e3:8.1f} ms")
+    print(f"SCL step, queue of {FLAGS.queue_size}:       {big * 1e3:8.1f} ms")
+    print(f"queue's extra cost:               {(big - small) * 1e3:8.1f} ms")
+    print(f"extra logits matmul + its grad:   {extra * 1e3:8.1f} ms "
+          f"(queue cost / matmul = {(big - small) / extra:.2f})")
+
+
+if __name__ == "__main__":
+    app.run(main)
