@@ -18,7 +18,7 @@ import math
 import keras
 import tensorflow as tf
 
-from tfmm.momentum_queue import MomentumQueue, MomentumQueueCallback
+from tfmm.momentum_queue import EMPTY, MomentumQueue, MomentumQueueCallback
 
 NEG_INF = -1e9
 
@@ -52,7 +52,7 @@ def info_nce(query, keys, inverse_temperature, extra=None, key_ids=None, extra_i
     if extra is not None:
         more = tf.matmul(q, extra, transpose_b=True)
         if extra_ids is not None:
-            penalty = tf.where(tf.equal(extra_ids, -1), NEG_INF, 0.0)[None, :]
+            penalty = tf.where(tf.equal(extra_ids, EMPTY), NEG_INF, 0.0)[None, :]
             if key_ids is not None and mask_own_positive:
                 penalty = penalty + tf.where(tf.equal(extra_ids[None, :], key_ids[:, None]),
                                              NEG_INF, 0.0)

@@ -299,9 +299,9 @@ def oracle_vectors(category, colour, pattern, config):
     for a perfect encoder, for tests and for upper bounds; models never get
     it unless asked.
     """
-    eye = np.eye
-    vectors = np.concatenate([eye(config.num_categories)[category], eye(config.num_colours)[colour],
-                              eye(config.num_patterns)[pattern]], axis=1)
+    vectors = np.concatenate([np.eye(config.num_categories)[category],
+                              np.eye(config.num_colours)[colour],
+                              np.eye(config.num_patterns)[pattern]], axis=1)
     return (vectors / np.sqrt(3.0)).astype(np.float32)
 
 
