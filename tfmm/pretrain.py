@@ -125,16 +125,16 @@ def training_data(config, catalogue):
     if config.objective == "generic":
         ds = tf.data.Dataset.from_tensor_slices(catalogue.ids).shuffle(
             len(catalogue.ids), seed=config.seed).repeat()
-        ds = ds.batch(config.batch_size, drop_remainder=True)
+        ds = ds.batch(config.batch_size, drop_remainder=True).enumerate()
         views = augment_images(config.seed) if config.modality == "image" else None
 
-        def pair(ids):
+        def pair(step, ids):
             items = tf.gather(content, tf.gather(row, ids))
             if views:
                 query, positive = views(items)
-            else:
-                query, positive = (word_dropout(items, seed=tf.stack([config.seed, k]))
-                                   for k in (1, 2))
+            else:  # a fresh stateless seed per batch and view
+                query, positive = (word_dropout(items, seed=tf.stack(
+                    [tf.constant(config.seed, tf.int64), 2 * step + k])) for k in (1, 2))
             return {"query": query, "positive": positive, "positive_id": ids}
 
         return ds.map(pair, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2), _steps(config)
