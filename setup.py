@@ -20,6 +20,7 @@ setup(
         "importlib_resources==7.*",  # tensorflow-datasets needs it to build, but does not pull it
         "pyarrow==26.*",  # Parquet input of tfmm.data.prepare
         "absl-py==2.*",
+        "matplotlib==3.10.*",  # PNG plots of the paper report (pipelines.paper)
         "numpy>=1.26,<3",
     ],
     extras_require={

@@ -1,7 +1,16 @@
 """tfmm's training entry point.
 
-    python -m tfmm.train --flagfile=configs/pretrain.flags   # SCL pre-training
-    python -m tfmm.train --flagfile=configs/pretrain.flags --world=tiny --epochs=1
+    python -m tfmm.train --flagfile=configs/ctr.flags        # the CTR ranker, end to end
+    python -m tfmm.train --flagfile=configs/ctr.flags --world=tiny --model=id
+    python -m tfmm.train --flagfile=configs/pretrain.flags   # SCL pre-training alone
+
+``--task=ctr`` trains the ranker ``--model`` (paper §4; `tfmm.ctr`): it
+reads item vectors from ``--index``, running the SCL pre-training first
+(the pre-training flags, with ``--pretrain_*`` for its epochs, batch size,
+learning rate and directories) when the index is empty; pre-trains MAKE for
+``--make_epochs`` when the model has it; trains, evaluates after each epoch,
+writes ``<model_dir>/metrics.json`` and exports the ranker under
+``<export_dir>/<version>/``.
 
 ``--task=pretrain`` trains the multimodal encoder (paper §3) on a data
 directory's triplets, writes ``<model_dir>/metrics.json`` (``acc@1``,
@@ -15,7 +24,12 @@ import dataclasses
 import json
 import os
 
-from absl import app, flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+from tfmm import ctr, pretrain as pretraining  # noqa: E402
+from tfmm.ranker import METHODS  # noqa: E402
 
 TASKS = ("pretrain", "ctr")
 FLAGS = flags.FLAGS
@@ -23,9 +37,41 @@ flags.DEFINE_enum("task", "pretrain", TASKS, "What to train.")
 flags.DEFINE_enum("world", "small", ["tiny", "small", "large"],
                   "Synthetic world generated into --data_dir when it does not exist.")
 flags.DEFINE_string("data_dir", None, "tfmm data directory (default data/<world>).")
-flags.DEFINE_string("model_dir", "runs/pretrain", "Checkpoints, TensorBoard logs, metrics.json.")
-flags.DEFINE_string("export_dir", "runs/export/encoder", "SavedModels go to <export_dir>/<version>/.")
-flags.DEFINE_string("index", "runs/index/vectors.db", "Index table file ('' to skip).")
+flags.DEFINE_string("model_dir", None, "Checkpoints, TensorBoard logs, metrics.json "
+                    "(default runs/<task>).")
+flags.DEFINE_string("export_dir", None, "SavedModels go to <export_dir>/<version>/ "
+                    "(default runs/export/encoder or runs/export/ranker; '' to skip).")
+flags.DEFINE_string("index", "runs/index/vectors.db", "Index table file ('' to skip with "
+                    "--task=pretrain).")
+flags.DEFINE_integer("epochs", None, "Training epochs (default 2 for pretrain, 1 for ctr: "
+                     "ID rankers overfit from the second, paper Fig. 3).")
+flags.DEFINE_integer("batch_size", None, "Batch size (default 128 for pretrain, 512 for ctr).")
+flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+
+# --task=ctr
+flags.DEFINE_enum("model", "simtier_make", list(METHODS), "Ranker: the ID baseline or a "
+                  "multimodal method (paper §6.1.3).")
+flags.DEFINE_integer("make_epochs", 3, "Epochs MAKE is pre-trained alone (0: trained jointly).")
+flags.DEFINE_bool("make_trainable", False, "Fine-tune the pre-trained MAKE in the ranker "
+                  "(default: frozen).")
+flags.DEFINE_string("make_dir", "", "MAKE's pre-training directory (default <model_dir>/make); "
+                    "rankers that share one pre-train MAKE once.")
+flags.DEFINE_integer("max_history", 0, "History length L (0: the dataset's).")
+flags.DEFINE_integer("embedding_dim", 16, "ID embedding width.")
+flags.DEFINE_list("attention_units", ["80", "40"], "DIN attention MLP.")
+flags.DEFINE_list("mlp_units", ["200", "80"], "Ranker MLP.")
+flags.DEFINE_list("make_units", ["64", "32", "16", "1"], "MAKE's four MLP layers.")
+flags.DEFINE_integer("num_tiers", 10, "SimTier tiers.")
+flags.DEFINE_enum("optimizer", "adam", list(ctr.OPTIMIZERS), "Ranker optimizer.")
+flags.DEFINE_integer("pretrain_epochs", 2, "Pre-training epochs when --task=ctr finds the "
+                     "index empty.")
+flags.DEFINE_integer("pretrain_batch_size", 128, "Its batch size.")
+flags.DEFINE_float("pretrain_learning_rate", 1e-3, "Its learning rate.")
+flags.DEFINE_string("pretrain_model_dir", "runs/pretrain", "Its model directory.")
+flags.DEFINE_string("encoder_export_dir", "runs/export/encoder", "Where it exports the encoder.")
+
+# --task=pretrain, and the pre-training --task=ctr runs when the index is empty
 flags.DEFINE_enum("modality", "image", ["image", "text"], "Which tower to pre-train.")
 flags.DEFINE_enum("objective", "scl", ["random", "generic", "scl"], "Pre-training objective.")
 flags.DEFINE_integer("queue_size", 4096, "MoCo queue size K (0: in-batch negatives only).")
@@ -37,12 +83,6 @@ flags.DEFINE_bool("mask_own_positive", True, "Leave a query's own item out of it
 flags.DEFINE_integer("dim", 128, "Vector dimension d.")
 flags.DEFINE_string("backbone", "resnet_tiny", "KerasHub backbone config name or preset.")
 flags.DEFINE_integer("image_size", 32, "Backbone input size (images are resized to it).")
-flags.DEFINE_integer("epochs", 2, "Training epochs.")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def data_dir():
@@ -52,31 +92,73 @@ def data_dir():
     return ensure_world(FLAGS.data_dir or os.path.join("data", FLAGS.world), FLAGS.world)
 
 
-def pretrain():
-    from tfmm.pretrain import PretrainConfig, run
-
-    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
-    config = PretrainConfig(
-        **{k: FLAGS[k].value for k in fields if k in FLAGS and k != "data_dir"},
-        data_dir=data_dir(), verbose=1 if os.isatty(1) else 2)
+def _config(cls, names, **fixed):
+    """A config dataclass from the flags of the same names, then `fixed`."""
+    fields = {f.name for f in dataclasses.fields(cls)} & set(names)
+    values = {k: FLAGS[k].value for k in fields if k not in fixed}
+    for k in ("attention_units", "mlp_units", "make_units"):
+        if k in values:
+            try:
+                values[k] = tuple(int(u) for u in values[k])
+            except ValueError:
+                raise app.UsageError(f"--{k}={','.join(values[k])}: want integers.") from None
+    config = cls(**values, **fixed)
     try:
-        config.validate()
-    except ValueError as e:
-        raise app.UsageError(str(e))
-    result = run(config)
+        return config.validate()
+    except ValueError as e:  # bad flag values: a usage error naming the flag, not a trace
+        raise app.UsageError(str(e)) from None
+
+
+def _default(name, default):
+    return default if FLAGS[name].value is None else FLAGS[name].value
+
+
+def _verbose():
+    return 1 if os.isatty(1) else 2
+
+
+def pretrain_config(data_dir, model_dir, export_dir, epochs, batch_size, learning_rate):
+    return _config(pretraining.PretrainConfig, list(FLAGS), data_dir=data_dir,
+                   model_dir=model_dir, export_dir=export_dir, epochs=epochs,
+                   batch_size=batch_size, learning_rate=learning_rate, verbose=_verbose())
+
+
+def run_pretrain():
+    config = pretrain_config(data_dir(), _default("model_dir", "runs/pretrain"),
+                             _default("export_dir", "runs/export/encoder"),
+                             _default("epochs", 2), _default("batch_size", 128),
+                             FLAGS.learning_rate)
+    result = pretraining.run(config)
     summary = {k: v for k, v in result.items() if k not in ("history", "config")}
     print(json.dumps(summary, indent=1))
     print(f"metrics: {os.path.join(config.model_dir, 'metrics.json')}")
 
 
+def run_ctr():
+    path = data_dir()
+    config = _config(ctr.CTRConfig, list(FLAGS), data_dir=path, verbose=_verbose(),
+                     model_dir=_default("model_dir", "runs/ctr"),
+                     export_dir=_default("export_dir", "runs/export/ranker"),
+                     epochs=_default("epochs", 1), batch_size=_default("batch_size", 512))
+    encoder = None if config.model == "id" else pretrain_config(
+        path, FLAGS.pretrain_model_dir, FLAGS.encoder_export_dir, FLAGS.pretrain_epochs,
+        FLAGS.pretrain_batch_size, FLAGS.pretrain_learning_rate)
+    try:
+        result = ctr.run(config, pretrain_config=encoder)
+    except ctr.SettingsError as e:
+        raise app.UsageError(str(e)) from None
+    print(ctr.summary_table(result))
+    print(f"metrics: {os.path.join(config.model_dir, 'metrics.json')}")
+    if config.export_dir:
+        print(f"SavedModel: {result['export_path']}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.task == "pretrain":
-        pretrain()
-    else:
-        raise app.UsageError("--task=ctr is not built yet (it lands with the CTR training "
-                             "issue); --task=pretrain is.")
+    if not FLAGS["verbosity"].present:  # TensorFlow's INFO lines would bury the progress
+        logging.set_verbosity(logging.WARNING)
+    run_pretrain() if FLAGS.task == "pretrain" else run_ctr()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,192 @@
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfmm import ctr, data
+from tfmm.data import schema, world as world_lib
+from tfmm.data.synthetic import write_world
+from tfmm.index import SQLiteIndex
+from tfmm.metrics import auc, gauc, logloss
+
+SMALL_MODEL = dict(embedding_dim=8, attention_units=(8,), mlp_units=(16,),
+                   make_units=(16, 8, 4, 1), batch_size=256)
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ctr") / "tiny"
+    write_world(world_lib.generate(world_lib.PRESETS["tiny"]), out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_dir):
+    meta = schema.read_metadata(tiny_dir)
+    truth = np.load(f"{tiny_dir}/truth.npz")
+    vecs = world_lib.oracle_vectors(truth["category"], truth["colour"], truth["pattern"],
+                                    world_lib.WorldConfig(**meta["world"]))
+    return data.Vectors.from_items(np.arange(len(vecs)) + schema.FIRST_ID, vecs,
+                                   meta["vocab"]["num_items"])
+
+
+def serve_test_set(export_path, tiny_dir, vectors=None):
+    """Labels, users and the SavedModel's click probabilities on the test days."""
+    serve = tf.saved_model.load(export_path).signatures["serving_default"]
+    names = list(serve.structured_input_signature[1])
+    ys, users, ps = [], [], []
+    for f, y in data.impressions(tiny_dir, "test", batch_size=500, vectors=vectors):
+        ps.append(serve(**{k: f[k] for k in names})["probability"].numpy()[:, 0])
+        ys.append(y.numpy())
+        users.append(f["user_id"].numpy())
+    return names, np.concatenate(ys), np.concatenate(users), np.concatenate(ps)
+
+
+def test_id_run_writes_metrics_that_its_savedmodel_reproduces(tiny_dir, tmp_path):
+    config = ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "m"), model="id",
+                           export_dir=str(tmp_path / "export"), epochs=2, **SMALL_MODEL)
+    result = ctr.run(config)
+    on_disk = json.load(open(tmp_path / "m" / "metrics.json"))
+    assert on_disk["auc"] == result["auc"] and on_disk["config"]["model"] == "id"
+
+    # The exported ranker, fed the reader's dense features, gives the reported metrics.
+    names, y, users, p = serve_test_set(result["export_path"], tiny_dir)
+    assert sorted(names) == sorted(["user_id", "item_id", "category_id", "history_item_ids",
+                                    "history_category_ids", "history_mask"])
+    assert result["export_path"] == str(tmp_path / "export" / "1")
+    assert result["impressions"] == len(y)
+    assert result["auc"] == pytest.approx(auc(y, p), abs=1e-5)
+    assert result["gauc"] == pytest.approx(gauc(y, p, users)["gauc"], abs=1e-5)
+    assert result["logloss"] == pytest.approx(logloss(y, p), abs=1e-5)
+    assert result["gauc_unweighted"] != result["gauc"]
+
+    # Per-epoch values: the last epoch's are the final model's.
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2]
+    assert result["epochs"][-1]["auc"] == pytest.approx(result["auc"], abs=1e-9)
+
+    # Frequency groups partition the impressions of items seen in training.
+    groups = result["frequency_groups"]
+    assert [g["group"] for g in groups] == list(range(1, 9))
+    new = result["new_items"]["impressions"]
+    assert 0 < new < len(y)
+    assert sum(g["impressions"] for g in groups) + new == len(y)
+    sizes = [g["items"] for g in groups]
+    assert max(sizes) - min(sizes) <= 1
+    assert "missing_item_vectors" not in result and "make" not in result
+    assert os.listdir(tmp_path / "m" / "logs")  # TensorBoard
+
+
+def test_simtier_make_run_pretrains_make_once_for_rankers_sharing_it(tiny_dir, oracle, tmp_path,
+                                                                     capsys):
+    shared = str(tmp_path / "make")
+    config = ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "m"),
+                           model="simtier_make", index="unused.db", make_epochs=2,
+                           make_dir=shared, export_dir=str(tmp_path / "export"), **SMALL_MODEL)
+    result = ctr.run(config, vectors=oracle)
+    assert result["make"]["pretrain_epochs"] == 2 and not result["make"]["trainable"]
+    assert [e["epoch"] for e in result["make"]["epochs"]] == [1, 2]
+    assert result["missing_item_vectors"] == 0
+    names, y, users, p = serve_test_set(result["export_path"], tiny_dir, oracle)
+    assert {"item_vector", "history_vectors"} <= set(names)
+    assert result["auc"] == pytest.approx(auc(y, p), abs=1e-5)
+    assert "pre-training MAKE for 2 epochs" in capsys.readouterr().out
+
+    # A ranker wanting fewer MAKE epochs reuses the shared directory's epoch-1 weights.
+    fewer = ctr.run(dataclasses.replace(config, model="make", make_epochs=1, export_dir="",
+                                        model_dir=str(tmp_path / "m1")), vectors=oracle)
+    assert "pre-training MAKE" not in capsys.readouterr().out
+    assert fewer["make"]["epochs"] == result["make"]["epochs"][:1]
+    # ... and a different MAKE setting there is refused.
+    with pytest.raises(ctr.SettingsError, match=r"--make_dir=.*other settings \(seed\)"):
+        ctr.run(dataclasses.replace(config, seed=1, model_dir=str(tmp_path / "m2")),
+                vectors=oracle)
+
+
+def test_missing_vectors_fall_back_to_zeros_and_are_counted(tiny_dir, oracle, tmp_path):
+    seen = np.concatenate([f["item_id"].numpy() for f, _ in data.impressions(
+        tiny_dir, "train", features=["item_id"])])
+    present = np.zeros_like(oracle.present)
+    present[seen] = True  # the encoder has not embedded the new items yet
+    table = np.where(present[:, None], oracle.table, 0.0).astype(np.float32)
+    config = ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "m"), model="simtier",
+                           index="unused.db", **SMALL_MODEL)
+    result = ctr.run(config, vectors=data.Vectors(table, present))
+    assert result["missing_item_vectors"] == result["new_items"]["impressions"] > 0
+
+
+def test_settings_errors_name_the_flag(tiny_dir, tmp_path):
+    with pytest.raises(ctr.SettingsError, match="needs item vectors: set --index"):
+        ctr.run(ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path), model="make"))
+    with pytest.raises(ctr.SettingsError, match="--optimizer='rmsprop' is not one of"):
+        ctr.run(ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path), optimizer="rmsprop"))
+    empty = tmp_path / "empty.db"
+    SQLiteIndex(empty, dim=4).close()
+    with pytest.raises(ctr.SettingsError, match="empty.db holds no vectors"):
+        ctr.run(ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "a"),
+                              model="simtier", index=str(empty)))
+    # A model directory keeps one configuration: a different run there is refused.
+    config = ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "b"), model="id",
+                           **SMALL_MODEL)
+    ctr.check_model_dir(config)
+    ctr.check_model_dir(config)  # the same settings may resume
+    with pytest.raises(ctr.SettingsError, match=r"other settings \(embedding_dim\)"):
+        ctr.check_model_dir(ctr.CTRConfig(**{**config.__dict__, "embedding_dim": 4}))
+
+
+def _cli(tiny_dir, runs, *extra):
+    return [sys.executable, "-m", "tfmm.train", "--flagfile=configs/ctr.flags",
+            f"--data_dir={tiny_dir}", f"--model_dir={runs}/ctr", f"--export_dir={runs}/export",
+            f"--index={runs}/index.db", f"--pretrain_model_dir={runs}/pretrain",
+            f"--encoder_export_dir={runs}/encoder", "--embedding_dim=8",
+            "--attention_units=8", "--mlp_units=16", *extra]
+
+
+def test_cli_fills_an_empty_index_then_trains_and_exports(tiny_dir, tmp_path):
+    proc = subprocess.run(
+        _cli(tiny_dir, tmp_path, "--pretrain_epochs=1", "--pretrain_batch_size=32",
+             "--queue_size=128", "--dim=16", "--make_epochs=1", "--make_units=16,8,4,1"),
+        capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is empty: pre-training the encoder first" in proc.stdout
+    assert len(SQLiteIndex(tmp_path / "index.db").ids()) == schema.read_metadata(
+        tiny_dir)["counts"]["items"]
+    result = json.load(open(tmp_path / "ctr" / "metrics.json"))
+    assert result["model"] == "simtier_make" and result["missing_item_vectors"] == 0
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2] == f"metrics: {tmp_path}/ctr/metrics.json"
+    assert lines[-1] == f"SavedModel: {tmp_path}/export/1"
+    assert f"{result['auc']:7.4f}" in lines[-4]  # the summary's "all test impressions" row
+
+
+def test_cli_bad_flags_are_usage_errors(tiny_dir, tmp_path):
+    proc = subprocess.run(_cli(tiny_dir, tmp_path, "--model=id", "--mlp_units=16,x"),
+                          capture_output=True, text=True, env=ENV)
+    assert proc.returncode != 0 and "--mlp_units=16,x: want integers" in proc.stderr
+
+
+def test_killed_run_resumes_from_its_last_epoch(tiny_dir, tmp_path):
+    cmd = _cli(tiny_dir, tmp_path, "--model=id", "--epochs=3", "--batch_size=32")
+    epochs = tmp_path / "ctr" / "epochs.json"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 300
+    while not (epochs.exists() and len(json.load(open(epochs))) == 1):
+        assert proc.poll() is None and time.time() < deadline, "no first epoch"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = json.load(open(epochs))[0]
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Epoch 1/3" not in rerun.stdout and "Epoch 2/3" in rerun.stdout
+    result = json.load(open(tmp_path / "ctr" / "metrics.json"))
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3]
+    assert result["epochs"][0] == first

@@ -1,0 +1,324 @@
+"""CTR training and evaluation (paper §2, §4, §6.3): the ranker job behind ``--task=ctr``.
+
+`run(config)` trains one ranker of `tfmm.ranker.METHODS` on a data
+directory's training days in time order, evaluates it on the test days after
+every epoch, exports it and writes ``<model_dir>/metrics.json``:
+
+- ``auc``, ``logloss``: over all test impressions.
+- ``gauc``: per-user AUC averaged with weights = the user's test impressions,
+  over users with both a click and a non-click; ``gauc_unweighted`` is the
+  plain mean and ``gauc_users`` how many users it averages.
+- ``new_items``: the same on impressions of items never seen in training
+  (cold start), with their count.
+- ``frequency_groups``: 8 groups of the items seen in training, equal in item
+  count, 1 = rarest (paper §6.3.3): items, test impressions, ``auc``,
+  ``logloss``.
+- ``epochs``: ``auc``, ``gauc``, ``gauc_unweighted``, ``logloss`` after each
+  ranker epoch; ``make.epochs`` the same for MAKE alone after each of its
+  pre-training epochs (the multimodal-only model of paper Fig. 3).
+- ``missing_item_vectors``: test impressions whose target item had no vector
+  in the index (its vector is zeros: the defined fallback).
+- ``export_path``, ``train_seconds``, ``config``.
+
+Multimodal methods read item vectors from the index table; an empty or
+missing table is first filled by running the pre-training given as
+``pretrain_config``. MAKE is pre-trained alone for ``make_epochs`` (0: trained
+jointly with the ranker, from scratch), then frozen or, with
+``make_trainable``, fine-tuned. A killed run resumes: MAKE's pre-trained
+weights are kept, and the ranker restarts from its last finished epoch.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import keras
+import numpy as np
+
+from tfmm import data, metrics
+from tfmm.data import schema
+from tfmm.export import export_saved_model
+from tfmm.index import SQLiteIndex
+from tfmm.layers import MAKEBlock
+from tfmm.ranker import METHODS, build_make_pretrainer, build_ranker
+
+OPTIMIZERS = {"adam": keras.optimizers.Adam, "adagrad": keras.optimizers.Adagrad,
+              "sgd": keras.optimizers.SGD}
+NUM_FREQUENCY_GROUPS = 8
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work together (named by their flags)."""
+
+
+@dataclasses.dataclass
+class CTRConfig:
+    data_dir: str
+    model_dir: str
+    export_dir: str = ""
+    index: str = ""
+    model: str = "simtier_make"
+    epochs: int = 1
+    make_epochs: int = 3
+    make_trainable: bool = False
+    make_dir: str = ""  # default <model_dir>/make; rankers may share one
+    max_history: int = 0  # 0: the dataset's own
+    embedding_dim: int = 16
+    attention_units: tuple = (80, 40)
+    mlp_units: tuple = (200, 80)
+    make_units: tuple = (64, 32, 16, 1)
+    num_tiers: int = 10
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    batch_size: int = 512
+    seed: int = 0
+    verbose: int = 2
+
+    def validate(self):
+        if self.model not in METHODS:
+            raise SettingsError(f"--model={self.model!r} is not one of {METHODS}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise SettingsError(f"--optimizer={self.optimizer!r} is not one of {tuple(OPTIMIZERS)}.")
+        for name, low in (("epochs", 1), ("make_epochs", 0), ("batch_size", 1),
+                          ("max_history", 0), ("embedding_dim", 1), ("num_tiers", 1)):
+            if getattr(self, name) < low:
+                raise SettingsError(f"--{name}={getattr(self, name)} must be >= {low}.")
+        if not self.learning_rate > 0:
+            raise SettingsError(f"--learning_rate={self.learning_rate} must be > 0.")
+        if self.model != "id" and not self.index:
+            raise SettingsError(f"--model={self.model} needs item vectors: set --index.")
+        return self
+
+    @property
+    def uses_make(self):
+        return self.model in ("make", "simtier_make")
+
+
+class TestSet:
+    """The test days: reader batches for a model plus the columns the metrics need."""
+
+    def __init__(self, config, meta, vectors):
+        self.config, self.vectors = config, vectors
+        self.length = config.max_history or meta["max_history"]
+        columns = {k: [] for k in ("user_id", "item_id", "is_new_item", "label")}
+        for f, y in self._batches(["user_id", "item_id", "is_new_item"], validate=True):
+            for k in ("user_id", "item_id", "is_new_item"):
+                columns[k].append(f[k].numpy())
+            columns["label"].append(y.numpy())
+        self.columns = {k: np.concatenate(v) for k, v in columns.items()}
+
+    def _batches(self, features, validate=False):
+        return data.impressions(self.config.data_dir, "test", batch_size=4096,
+                                max_history=self.length, vectors=self.vectors,
+                                features=features, validate=validate)
+
+    def predict(self, model):
+        return model.predict(self._batches(list(model.input)), verbose=0)[:, 0]
+
+    def summary(self, p):
+        """The per-epoch metrics of predictions `p`."""
+        y = self.columns["label"]
+        g = metrics.gauc(y, p, self.columns["user_id"])
+        return {"auc": metrics.auc(y, p), "gauc": g["gauc"],
+                "gauc_unweighted": g["gauc_unweighted"], "logloss": metrics.logloss(y, p)}
+
+    def report(self, p, groups):
+        """Everything metrics.json holds about predictions `p`."""
+        y, c = self.columns["label"], self.columns
+        g = metrics.gauc(y, p, c["user_id"])
+        out = {"auc": metrics.auc(y, p), **g, "logloss": metrics.logloss(y, p),
+               "impressions": len(y)}
+        new = c["is_new_item"] == 1
+        out["new_items"] = {"impressions": int(new.sum()), "auc": metrics.auc(y[new], p[new]),
+                            **metrics.gauc(y[new], p[new], c["user_id"][new]),
+                            "logloss": metrics.logloss(y[new], p[new]) if new.any() else None}
+        item_group = groups[c["item_id"]]
+        out["frequency_groups"] = []
+        for k in range(1, NUM_FREQUENCY_GROUPS + 1):
+            rows = item_group == k
+            out["frequency_groups"].append({
+                "group": k, "items": int((groups == k).sum()), "impressions": int(rows.sum()),
+                "auc": metrics.auc(y[rows], p[rows]),
+                "logloss": metrics.logloss(y[rows], p[rows]) if rows.any() else None})
+        if self.vectors is not None:
+            out["missing_item_vectors"] = int((~self.vectors.present[c["item_id"]]).sum())
+        return out
+
+
+class EpochEvaluation(keras.callbacks.Callback):
+    """Evaluates on the test days after each epoch, into a JSON list.
+
+    The list is kept only while `backup` (BackupAndRestore's directory)
+    exists, i.e. when a killed run resumes.
+    """
+
+    def __init__(self, test, path, backup):
+        super().__init__()
+        self.test, self.path = test, path
+        self.values = []
+        if os.path.isdir(backup) and os.path.exists(path):
+            with open(path) as f:
+                self.values = json.load(f)
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = self.test.summary(self.test.predict(self.model))
+        values = {"epoch": epoch + 1, **values}
+        self.values = [v for v in self.values if v["epoch"] < epoch + 1] + [values]
+        _write_json(self.path, self.values)
+        print(f"epoch {epoch + 1} test: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in values.items() if k != "epoch"), flush=True)
+
+
+def _write_json(path, value):
+    """Whole or not at all: a killed run never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def train_counts(config, num_items):
+    """Training impressions per item id."""
+    counts = np.zeros(num_items, np.int64)
+    for f, _ in data.impressions(config.data_dir, "train", batch_size=8192,
+                                 features=["item_id"], validate=False):
+        counts += np.bincount(f["item_id"].numpy(), minlength=num_items)
+    return counts
+
+
+def load_vectors(config, num_items, pretrain_config=None):
+    """The index table's vectors, pre-training the encoder first when it is empty."""
+    empty = not os.path.exists(config.index) or not len(SQLiteIndex(config.index).ids())
+    if empty:
+        if pretrain_config is None:
+            raise SettingsError(f"--index={config.index} holds no vectors; run --task=pretrain "
+                             "first or pass a pre-training config.")
+        from tfmm import pretrain
+
+        print(f"the index {config.index} is empty: pre-training the encoder first ...",
+              flush=True)
+        pretrain.run(dataclasses.replace(pretrain_config, index=config.index))
+    return SQLiteIndex(config.index).snapshot(num_items)
+
+
+def _fit(model, config, train, epochs, test, out, callbacks=()):
+    """Fits with checkpoints (resume), TensorBoard logs and per-epoch test metrics."""
+    backup = os.path.join(out, "backup")
+    evaluation = EpochEvaluation(test, os.path.join(out, "epochs.json"), backup)
+    model.compile(OPTIMIZERS[config.optimizer](config.learning_rate), "binary_crossentropy")
+    callbacks = [keras.callbacks.BackupAndRestore(backup), evaluation,
+                 keras.callbacks.TensorBoard(os.path.join(out, "logs")), *callbacks]
+    model.fit(train, epochs=epochs, shuffle=False, callbacks=callbacks, verbose=config.verbose)
+    return evaluation.values
+
+
+def _settings(config, names=None):
+    values = json.loads(json.dumps(dataclasses.asdict(config)))
+    return {k: v for k, v in values.items() if k != "verbose" and (names is None or k in names)}
+
+
+def check_dir(directory, settings, flag):
+    """Refuses a directory that holds a run with other `settings`; records them otherwise."""
+    path = os.path.join(directory, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            theirs = json.load(f)
+        changed = sorted(k for k in set(settings) | set(theirs)
+                         if settings.get(k) != theirs.get(k))
+        if changed:
+            raise SettingsError(f"--{flag}={directory} holds a run with other settings "
+                                f"({', '.join(changed)}); use a fresh --{flag}.")
+    os.makedirs(directory, exist_ok=True)
+    _write_json(path, settings)
+
+
+def check_model_dir(config):
+    check_dir(config.model_dir, _settings(config), "model_dir")
+
+
+MAKE_SETTINGS = ("data_dir", "index", "make_units", "max_history", "optimizer",
+                 "learning_rate", "batch_size", "seed")
+
+
+def pretrain_make(config, vectors, test, length):
+    """MAKE trained alone on the CTR task (paper eq. 5); frozen unless make_trainable.
+
+    Every epoch's weights stay in the MAKE directory, so rankers sharing it
+    (``make_dir``) pre-train MAKE once, for the most epochs any of them needs.
+    """
+    make = MAKEBlock(mlp_units=config.make_units, return_knowledge=True, name="make")
+    if not config.make_epochs:
+        return make, []
+    out = config.make_dir or os.path.join(config.model_dir, "make")
+    check_dir(out, _settings(config, MAKE_SETTINGS), "make_dir")
+    model = build_make_pretrainer(make, length, vectors.table.shape[1])
+    weights = os.path.join(out, f"epoch{config.make_epochs}.weights.h5")
+    if os.path.exists(weights):
+        with open(os.path.join(out, "epochs.json")) as f:
+            values = json.load(f)[:config.make_epochs]
+    else:
+        print(f"pre-training MAKE for {config.make_epochs} epochs ...", flush=True)
+        train = data.impressions(config.data_dir, "train", batch_size=config.batch_size,
+                                 max_history=length, vectors=vectors, features=list(model.input))
+        keep = keras.callbacks.ModelCheckpoint(os.path.join(out, "epoch{epoch}.weights.h5"),
+                                               save_weights_only=True)
+        values = _fit(model, config, train, config.make_epochs, test, out, [keep])
+    model.load_weights(weights)
+    make.trainable = config.make_trainable
+    return make, values
+
+
+def run(config, vectors=None, pretrain_config=None):
+    """Trains, evaluates and exports one ranker; returns the metrics dict.
+
+    Args:
+        vectors: a `tfmm.data.Vectors` snapshot to use instead of the index.
+        pretrain_config: a `tfmm.pretrain.PretrainConfig` run first when a
+            multimodal model finds the index empty.
+    """
+    config.validate()
+    start = time.time()
+    check_model_dir(config)
+    meta = schema.read_metadata(config.data_dir)
+    vocab, length = meta["vocab"], config.max_history or meta["max_history"]
+    if config.model != "id" and vectors is None:
+        vectors = load_vectors(config, vocab["num_items"], pretrain_config)
+    elif config.model == "id":
+        vectors = None
+    keras.utils.set_random_seed(config.seed)
+    test = TestSet(config, meta, vectors)
+    groups = metrics.frequency_groups(train_counts(config, vocab["num_items"]),
+                                      NUM_FREQUENCY_GROUPS)
+    make, make_epochs = (pretrain_make(config, vectors, test, length)
+                         if config.uses_make else (None, []))
+    model = build_ranker(vocab, length, method=config.model,
+                         vector_dim=None if vectors is None else vectors.table.shape[1],
+                         make=make, embedding_dim=config.embedding_dim,
+                         attention_units=config.attention_units, mlp_units=config.mlp_units,
+                         num_tiers=config.num_tiers)
+    train = data.impressions(config.data_dir, "train", batch_size=config.batch_size,
+                             max_history=length, vectors=vectors, features=list(model.input))
+    print(f"training the {config.model} ranker for {config.epochs} epoch(s) ...", flush=True)
+    epochs = _fit(model, config, train, config.epochs, test, config.model_dir)
+    result = {"model": config.model, **test.report(test.predict(model), groups),
+              "epochs": epochs}
+    if config.uses_make:
+        result["make"] = {"pretrain_epochs": config.make_epochs,
+                          "trainable": config.make_trainable, "epochs": make_epochs}
+    if config.export_dir:
+        result["export_path"] = export_saved_model(model, config.export_dir, "probability")
+    result.update(train_seconds=time.time() - start, config=dataclasses.asdict(config))
+    _write_json(os.path.join(config.model_dir, "metrics.json"), result)
+    return result
+
+
+def summary_table(result):
+    """A few lines for a terminal: the headline metrics of a `run` result."""
+    rows = [("all test impressions", result, result["impressions"]),
+            ("new (cold-start) items", result["new_items"], result["new_items"]["impressions"])]
+    lines = [f"{result['model']} ranker   {'AUC':>7s} {'GAUC':>7s} {'LogLoss':>8s} {'impr.':>8s}"]
+    for name, m, n in rows:
+        g = m.get("gauc", float("nan"))
+        lines.append(f"{name:24s} {m['auc']:7.4f} {g:7.4f} {m['logloss'] or float('nan'):8.4f} "
+                     f"{n:8d}")
+    return "\n".join(lines)
