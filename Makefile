@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.py
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m pipelines.demo
+	$(PY) -m tfmm.train --flagfile=configs/ctr.flags
 
 test: setup
 	$(PY) -m pytest -q tests

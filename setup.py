@@ -28,6 +28,6 @@ setup(
         "tfrs": ["tensorflow-recommenders==0.7.7", "tf-keras==2.21.*"],
         "redis": ["redis==8.*"],
         "serving": ["tensorflow-serving-api==2.21.*"],
-        "bench": [],  # grows with the benchmarks (DeepCTR peer, plots)
+        "bench": ["deepctr==0.9.4", "tf-keras==2.21.*"],  # the DIN peer of benchmarks.ctr_step (runs under tf-keras)
     },
 )

@@ -41,6 +41,7 @@ from tfmm.data import schema
 from tfmm.export import export_saved_model
 from tfmm.index import SQLiteIndex
 from tfmm.layers import MAKEBlock
+from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.ranker import METHODS, build_make_pretrainer, build_ranker
 
 OPTIMIZERS = {"adam": keras.optimizers.Adam, "adagrad": keras.optimizers.Adagrad,
@@ -69,6 +70,8 @@ class CTRConfig:
     mlp_units: tuple = (200, 80)
     make_units: tuple = (64, 32, 16, 1)
     num_tiers: int = 10
+    simtier_output: str = "fraction"  # see tfmm.ranker.build_ranker
+    batch_norm: bool = False
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     batch_size: int = 512
@@ -84,6 +87,9 @@ class CTRConfig:
                           ("max_history", 0), ("embedding_dim", 1), ("num_tiers", 1)):
             if getattr(self, name) < low:
                 raise SettingsError(f"--{name}={getattr(self, name)} must be >= {low}.")
+        if self.simtier_output not in SIMTIER_OUTPUTS:
+            raise SettingsError(f"--simtier_output={self.simtier_output!r} is not one of "
+                                f"{SIMTIER_OUTPUTS}.")
         if not self.learning_rate > 0:
             raise SettingsError(f"--learning_rate={self.learning_rate} must be > 0.")
         if self.model != "id" and not self.index:
@@ -295,7 +301,8 @@ def run(config, vectors=None, pretrain_config=None):
                          vector_dim=None if vectors is None else vectors.table.shape[1],
                          make=make, embedding_dim=config.embedding_dim,
                          attention_units=config.attention_units, mlp_units=config.mlp_units,
-                         num_tiers=config.num_tiers)
+                         num_tiers=config.num_tiers, simtier_output=config.simtier_output,
+                         batch_norm=config.batch_norm)
     train = data.impressions(config.data_dir, "train", batch_size=config.batch_size,
                              max_history=length, vectors=vectors, features=list(model.input))
     print(f"training the {config.model} ranker for {config.epochs} epoch(s) ...", flush=True)

@@ -63,6 +63,11 @@ flags.DEFINE_list("attention_units", ["80", "40"], "DIN attention MLP.")
 flags.DEFINE_list("mlp_units", ["200", "80"], "Ranker MLP.")
 flags.DEFINE_list("make_units", ["64", "32", "16", "1"], "MAKE's four MLP layers.")
 flags.DEFINE_integer("num_tiers", 10, "SimTier tiers.")
+flags.DEFINE_enum("simtier_output", "fraction", ["counts", "log1p", "fraction"],
+                  "SimTier's histogram in the ranker: fractions of the history, log(1 + count) "
+                  "or raw counts (the paper's; they trained worse here).")
+flags.DEFINE_bool("batch_norm", False, "Batch-normalise the ranker's MLP input (as the DIN "
+                  "reference code does).")
 flags.DEFINE_enum("optimizer", "adam", list(ctr.OPTIMIZERS), "Ranker optimizer.")
 flags.DEFINE_integer("pretrain_epochs", 2, "Pre-training epochs when --task=ctr finds the "
                      "index empty.")

@@ -1,0 +1,130 @@
+"""CTR training throughput: tfmm's ID-DIN and SimTier+MAKE rankers next to DeepCTR's DIN.
+
+    pip install -e ".[bench]"        # DeepCTR 0.9.4 (its DIN runs under tf-keras)
+    python -m benchmarks.ctr_step --batch_size=1024 --max_history=50
+
+Every model trains on the same in-memory batches of random ids (the input
+pipeline is measured by benchmarks.input_pipeline), with the same shapes:
+embedding 16 for user, item and category, history of L items and their
+categories, attention MLP 80-40 with sigmoid, MLP 200-80 with ReLU, Adam.
+DeepCTR runs in a subprocess with TF_USE_LEGACY_KERAS=1, since it needs
+Keras 2. Prints examples/s and the ratios DESIGN.md sets goals for.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_integer("batch_size", 1024, "Batch size.")
+flags.DEFINE_integer("max_history", 50, "History length L.")
+flags.DEFINE_integer("steps", 60, "Timed training steps per model.")
+flags.DEFINE_integer("num_items", 4002, "Item vocabulary (the small world's).")
+flags.DEFINE_integer("num_users", 3002, "User vocabulary.")
+flags.DEFINE_integer("num_categories", 10, "Category vocabulary.")
+flags.DEFINE_integer("vector_dim", 128, "Multimodal vector width of SimTier+MAKE.")
+flags.DEFINE_string("only", "", "Internal: run one model ('deepctr') and print its rate.")
+FLAGS = flags.FLAGS
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+
+def random_batch(vector_dim=0):
+    """One batch of reader-like features: ids from 2, histories padded with 0 at the end."""
+    rng = np.random.default_rng(0)
+    b, L = FLAGS.batch_size, FLAGS.max_history
+    lengths = rng.integers(1, L + 1, b)
+    mask = np.arange(L)[None, :] < lengths[:, None]
+    f = {"user_id": rng.integers(2, FLAGS.num_users, b),
+         "item_id": rng.integers(2, FLAGS.num_items, b),
+         "category_id": rng.integers(2, FLAGS.num_categories, b),
+         "history_item_ids": rng.integers(2, FLAGS.num_items, (b, L)) * mask,
+         "history_category_ids": rng.integers(2, FLAGS.num_categories, (b, L)) * mask,
+         "history_mask": mask, "history_length": lengths}
+    if vector_dim:
+        v = rng.normal(size=(b, L + 1, vector_dim)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=-1, keepdims=True)
+        f["item_vector"], f["history_vectors"] = v[:, 0], v[:, 1:] * mask[..., None]
+    return f, rng.integers(0, 2, (b, 1)).astype(np.float32)
+
+
+def rate(model, features, label, keras):
+    """Examples/s of model.fit over one repeated in-memory batch, after a warm-up."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensors((features, label)).repeat()
+    model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
+    model.fit(ds, steps_per_epoch=5, shuffle=False, verbose=0)  # trace and warm up
+    start = time.perf_counter()
+    model.fit(ds, steps_per_epoch=FLAGS.steps, shuffle=False, verbose=0)
+    return FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start)
+
+
+def deepctr_rate():
+    import tensorflow as tf
+    from deepctr.feature_column import SparseFeat, VarLenSparseFeat
+    from deepctr.models import DIN
+
+    L, e = FLAGS.max_history, 16
+    columns = [SparseFeat("user", FLAGS.num_users, embedding_dim=e),
+               SparseFeat("item_id", FLAGS.num_items, embedding_dim=e),
+               SparseFeat("cate_id", FLAGS.num_categories, embedding_dim=e)]
+    columns += [VarLenSparseFeat(SparseFeat(f"hist_{k}", n, embedding_dim=e, embedding_name=k),
+                                 maxlen=L, length_name="seq_length")
+                for k, n in (("item_id", FLAGS.num_items), ("cate_id", FLAGS.num_categories))]
+    model = DIN(columns, ["item_id", "cate_id"], dnn_hidden_units=(200, 80),
+                att_hidden_size=(80, 40), att_activation="sigmoid", l2_reg_embedding=0.0)
+    f, y = random_batch()
+    features = {"user": f["user_id"], "item_id": f["item_id"], "cate_id": f["category_id"],
+                "hist_item_id": f["history_item_ids"], "hist_cate_id": f["history_category_ids"],
+                "seq_length": f["history_length"]}
+    return rate(model, features, y, tf.keras), tf.__version__
+
+
+def tfmm_rate(method):
+    from tfmm.keras_compat import keras
+    from tfmm.layers import MAKEBlock
+    from tfmm.ranker import build_ranker
+
+    vocab = {"num_items": FLAGS.num_items, "num_users": FLAGS.num_users,
+             "num_categories": FLAGS.num_categories}
+    d = 0 if method == "id" else FLAGS.vector_dim
+    make = MAKEBlock(mlp_units=(64, 32, 16, 1), return_knowledge=True, name="make")
+    make.trainable = False  # pre-trained and frozen, as in configs/ctr.flags
+    model = build_ranker(vocab, FLAGS.max_history, method=method, vector_dim=d or None,
+                         make=make if d else None, simtier_output="fraction")
+    f, y = random_batch(d)
+    return rate(model, {k: f[k] for k in model.input}, y, keras)
+
+
+def main(argv):
+    del argv
+    if FLAGS.only == "deepctr":
+        print(json.dumps(deepctr_rate()))
+        return
+    args = [f"--{k}={FLAGS[k].value}" for k in ("batch_size", "max_history", "steps",
+                                                "num_items", "num_users", "num_categories")]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ctr_step", "--only=deepctr", *args],
+                          capture_output=True, text=True,
+                          env=dict(os.environ, TF_USE_LEGACY_KERAS="1"))
+    if proc.returncode:
+        sys.exit(f"DeepCTR run failed (pip install -e '.[bench]'?):\n{proc.stderr[-2000:]}")
+    deepctr, tf_version = json.loads(proc.stdout.strip().splitlines()[-1])
+    ids = tfmm_rate("id")
+    mm = tfmm_rate("simtier_make")
+    print(f"batch {FLAGS.batch_size}, L={FLAGS.max_history}, {FLAGS.steps} steps, "
+          f"{os.cpu_count()} CPUs, TF {tf_version}")
+    print(f"DeepCTR 0.9.4 DIN (tf-keras):        {deepctr:10,.0f} examples/s")
+    print(f"tfmm ID-DIN (Keras 3):               {ids:10,.0f} examples/s  "
+          f"{ids / deepctr:5.2f}x DeepCTR (goal >= 3x)")
+    print(f"tfmm SimTier+MAKE (d={FLAGS.vector_dim}, MAKE frozen): {mm:10,.0f} examples/s  "
+          f"{mm / ids:5.2f}x tfmm ID-DIN (goal >= 0.75x)")
+
+
+if __name__ == "__main__":
+    app.run(main)
