@@ -40,6 +40,7 @@ flags.DEFINE_integer("batch_size", 512, "Ranker batch size.")
 flags.DEFINE_list("methods", ["id", "vector", "simscore", "simtier", "make", "simtier_make",
                                 "simtier_make_ft"], "Table 3's rows (simtier_make_ft: MAKE "
                   "fine-tuned); id and simtier_make are needed for Fig. 6(b).")
+flags.DEFINE_list("control_methods", ["id", "simtier"], "The control's rows (id first).")
 flags.DEFINE_list("sections", ["table3", "fig3", "fig6a", "fig6c", "control"],
                   "What to run (Fig. 6(b) comes with table3).")
 FLAGS = flags.FLAGS
@@ -177,7 +178,7 @@ def line_plot(path, title, xlabel, ylabel, series):
 def main(argv):
     del argv
     start = time.time()
-    unknown = [m for m in FLAGS.methods if m not in NAMES]
+    unknown = [m for m in FLAGS.methods + FLAGS.control_methods if m not in NAMES]
     if unknown or not {"id", "simtier_make"} <= set(FLAGS.methods):
         raise app.UsageError(f"--methods={','.join(FLAGS.methods)}: want some of "
                              f"{list(NAMES)}, id and simtier_make among them.")
@@ -256,7 +257,7 @@ def main(argv):
             config = dataclasses.replace(world_lib.PRESETS[FLAGS.world], visual_weight=0.0)
             write_world(world_lib.generate(config), control_dir)
         rows, summary, _, control_acc = table3(control_dir, seeds, "control",
-                                               ["id", "simtier", "simtier_make"])
+                                               FLAGS.control_methods)
         report["control"] = summary
         parts["control"] = ["## Control: visual_weight=0 (clicks ignore appearance)", "",
                             f"Encoder Acc@1 {control_acc:.4f} on this world.", ""] + rows + [""]

@@ -132,6 +132,14 @@ def test_settings_errors_name_the_flag(tiny_dir, tmp_path):
     with pytest.raises(ctr.SettingsError, match="empty.db holds no vectors"):
         ctr.run(ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "a"),
                               model="simtier", index=str(empty)))
+    # An index built from another catalogue is refused, not silently joined by id.
+    other = tmp_path / "other.db"
+    index = SQLiteIndex(other, dim=4)
+    index.claim("0123456789abcdef")
+    index.put([2, 3], np.eye(2, 4, dtype=np.float32))
+    with pytest.raises(ctr.SettingsError, match="other.db holds vectors of another catalogue"):
+        ctr.run(ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "c"),
+                              model="simtier", index=str(other)))
     # A model directory keeps one configuration: a different run there is refused.
     config = ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "b"), model="id",
                            **SMALL_MODEL)

@@ -74,3 +74,11 @@ def test_concurrent_writers_and_readers_see_whole_puts(tmp_path):
         w.join()
         assert w.exitcode == 0
     assert len(reader.ids()) == 400
+
+
+def test_an_index_belongs_to_one_catalogue(tmp_path):
+    index = SQLiteIndex(tmp_path / "v.db", dim=2)
+    index.claim("abc")
+    index.claim("abc")  # the same catalogue again is fine
+    with pytest.raises(ValueError, match=r"v.db holds vectors of another catalogue \(abc, not xyz\)"):
+        SQLiteIndex(tmp_path / "v.db").claim("xyz")

@@ -194,17 +194,21 @@ def train_counts(config, num_items):
 
 def load_vectors(config, num_items, pretrain_config=None):
     """The index table's vectors, pre-training the encoder first when it is empty."""
-    empty = not os.path.exists(config.index) or not len(SQLiteIndex(config.index).ids())
-    if empty:
+    if not os.path.exists(config.index) or not len(SQLiteIndex(config.index).ids()):
         if pretrain_config is None:
             raise SettingsError(f"--index={config.index} holds no vectors; run --task=pretrain "
-                             "first or pass a pre-training config.")
+                                "first or pass a pre-training config.")
         from tfmm import pretrain
 
         print(f"the index {config.index} is empty: pre-training the encoder first ...",
               flush=True)
         pretrain.run(dataclasses.replace(pretrain_config, index=config.index))
-    return SQLiteIndex(config.index).snapshot(num_items)
+    index = SQLiteIndex(config.index)
+    try:
+        index.claim(schema.catalogue_fingerprint(config.data_dir))
+    except ValueError as e:
+        raise SettingsError(f"--index: {e}") from None
+    return index.snapshot(num_items)
 
 
 def _fit(model, config, train, epochs, test, out, callbacks=()):

@@ -34,6 +34,14 @@ class VectorIndex:
         """(version [n] int64, updated_at [n] float64 seconds); 0 and NaN when missing."""
         raise NotImplementedError
 
+    def claim(self, catalogue):
+        """Marks the index as holding vectors of `catalogue` (a fingerprint).
+
+        Raises ValueError when it already holds another catalogue's vectors:
+        item ids of two datasets are unrelated.
+        """
+        raise NotImplementedError
+
     def snapshot(self, num_items):
         """All vectors as a `tfmm.data.Vectors` table over dense ids [0, num_items)."""
         from tfmm.data import Vectors
@@ -130,6 +138,13 @@ class SQLiteIndex(VectorIndex):
     def ids(self):
         return np.array([r[0] for r in self._db.execute("SELECT id FROM vectors ORDER BY id")],
                         np.int64)
+
+    def claim(self, catalogue):
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('catalogue', ?)", (str(catalogue),))
+        held = self._db.execute("SELECT value FROM meta WHERE key='catalogue'").fetchone()[0]
+        if held != str(catalogue):
+            raise ValueError(f"{self.path} holds vectors of another catalogue ({held}, not "
+                             f"{catalogue}); use another index for this data directory.")
 
     def close(self):
         self._db.close()

@@ -219,6 +219,7 @@ def run(config):
     if config.index:
         vectors = embed(tower, catalogue.content(config.modality))
         index = SQLiteIndex(config.index, dim=config.dim)
+        index.claim(schema.catalogue_fingerprint(config.data_dir))
         result["index_version"] = index.put(catalogue.ids, vectors)
         result["index_items"] = len(catalogue.ids)
     with open(os.path.join(config.model_dir, "metrics.json"), "w") as f:

@@ -38,11 +38,11 @@ flags.DEFINE_enum("world", "small", ["tiny", "small", "large"],
                   "Synthetic world generated into --data_dir when it does not exist.")
 flags.DEFINE_string("data_dir", None, "tfmm data directory (default data/<world>).")
 flags.DEFINE_string("model_dir", None, "Checkpoints, TensorBoard logs, metrics.json "
-                    "(default runs/<task>).")
+                    "(default runs/<dataset>/<task>, <dataset> the data directory's name).")
 flags.DEFINE_string("export_dir", None, "SavedModels go to <export_dir>/<version>/ "
-                    "(default runs/export/encoder or runs/export/ranker; '' to skip).")
-flags.DEFINE_string("index", "runs/index/vectors.db", "Index table file ('' to skip with "
-                    "--task=pretrain).")
+                    "(default runs/<dataset>/export/encoder or .../ranker; '' to skip).")
+flags.DEFINE_string("index", None, "Index table file (default runs/<dataset>/index/vectors.db; "
+                    "'' to skip with --task=pretrain).")
 flags.DEFINE_integer("epochs", None, "Training epochs (default 2 for pretrain, 1 for ctr: "
                      "ID rankers overfit from the second, paper Fig. 3).")
 flags.DEFINE_integer("batch_size", None, "Batch size (default 128 for pretrain, 512 for ctr).")
@@ -73,8 +73,10 @@ flags.DEFINE_integer("pretrain_epochs", 2, "Pre-training epochs when --task=ctr 
                      "index empty.")
 flags.DEFINE_integer("pretrain_batch_size", 128, "Its batch size.")
 flags.DEFINE_float("pretrain_learning_rate", 1e-3, "Its learning rate.")
-flags.DEFINE_string("pretrain_model_dir", "runs/pretrain", "Its model directory.")
-flags.DEFINE_string("encoder_export_dir", "runs/export/encoder", "Where it exports the encoder.")
+flags.DEFINE_string("pretrain_model_dir", None, "Its model directory (default "
+                    "runs/<dataset>/pretrain).")
+flags.DEFINE_string("encoder_export_dir", None, "Where it exports the encoder (default "
+                    "runs/<dataset>/export/encoder).")
 
 # --task=pretrain, and the pre-training --task=ctr runs when the index is empty
 flags.DEFINE_enum("modality", "image", ["image", "text"], "Which tower to pre-train.")
@@ -118,6 +120,11 @@ def _default(name, default):
     return default if FLAGS[name].value is None else FLAGS[name].value
 
 
+def _runs(data_dir, *parts):
+    """Default output paths: runs/<data directory's name>/..., one tree per dataset."""
+    return os.path.join("runs", os.path.basename(os.path.normpath(data_dir)), *parts)
+
+
 def _verbose():
     return 1 if os.isatty(1) else 2
 
@@ -125,12 +132,14 @@ def _verbose():
 def pretrain_config(data_dir, model_dir, export_dir, epochs, batch_size, learning_rate):
     return _config(pretraining.PretrainConfig, list(FLAGS), data_dir=data_dir,
                    model_dir=model_dir, export_dir=export_dir, epochs=epochs,
-                   batch_size=batch_size, learning_rate=learning_rate, verbose=_verbose())
+                   batch_size=batch_size, learning_rate=learning_rate, verbose=_verbose(),
+                   index=_default("index", _runs(data_dir, "index", "vectors.db")))
 
 
 def run_pretrain():
-    config = pretrain_config(data_dir(), _default("model_dir", "runs/pretrain"),
-                             _default("export_dir", "runs/export/encoder"),
+    path = data_dir()
+    config = pretrain_config(path, _default("model_dir", _runs(path, "pretrain")),
+                             _default("export_dir", _runs(path, "export", "encoder")),
                              _default("epochs", 2), _default("batch_size", 128),
                              FLAGS.learning_rate)
     result = pretraining.run(config)
@@ -142,11 +151,13 @@ def run_pretrain():
 def run_ctr():
     path = data_dir()
     config = _config(ctr.CTRConfig, list(FLAGS), data_dir=path, verbose=_verbose(),
-                     model_dir=_default("model_dir", "runs/ctr"),
-                     export_dir=_default("export_dir", "runs/export/ranker"),
+                     model_dir=_default("model_dir", _runs(path, "ctr")),
+                     export_dir=_default("export_dir", _runs(path, "export", "ranker")),
+                     index=_default("index", _runs(path, "index", "vectors.db")),
                      epochs=_default("epochs", 1), batch_size=_default("batch_size", 512))
     encoder = None if config.model == "id" else pretrain_config(
-        path, FLAGS.pretrain_model_dir, FLAGS.encoder_export_dir, FLAGS.pretrain_epochs,
+        path, _default("pretrain_model_dir", _runs(path, "pretrain")),
+        _default("encoder_export_dir", _runs(path, "export", "encoder")), FLAGS.pretrain_epochs,
         FLAGS.pretrain_batch_size, FLAGS.pretrain_learning_rate)
     try:
         result = ctr.run(config, pretrain_config=encoder)

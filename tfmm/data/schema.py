@@ -16,6 +16,7 @@ A data directory holds TFRecords of `tf.train.Example`s and `metadata.json`:
 Ids are dense int64: 0 is padding, 1 is out-of-vocabulary, real ids start at 2.
 """
 
+import hashlib
 import json
 import os
 
@@ -78,6 +79,17 @@ def read_metadata(data_dir):
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}.")
     return meta
+
+
+def catalogue_fingerprint(data_dir):
+    """A short hash of the catalogue (its item records): vectors are functions of it."""
+    meta = read_metadata(data_dir)
+    digest = hashlib.sha256()
+    for path in files(data_dir, meta, "items"):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def files(data_dir, meta, table):
