@@ -58,6 +58,7 @@ from tfmm.data import schema, world as world_lib  # noqa: E402
 from tfmm.data.synthetic import ensure_world, write_world  # noqa: E402
 from tfmm.index import SQLiteIndex  # noqa: E402
 
+RUN_SECONDS = {}  # model directory -> its train_seconds, each run counted once
 NAMES = {"id": "ID (DIN)", "vector": "Vector", "simscore": "SimScore", "simtier": "SimTier",
          "make": "MAKE", "simtier_make": "SimTier+MAKE",
          "simtier_make_ft": "SimTier+MAKE, MAKE fine-tuned"}
@@ -76,7 +77,8 @@ def encoder(data_dir, epochs, tag):
             data_dir=data_dir, model_dir=runs, index=index, epochs=epochs,
             objective="scl" if epochs else "random", momentum=0.99, verbose=0))
     with open(metrics_path) as f:
-        acc = json.load(f)["acc@1"]
+        m = json.load(f)
+    acc, RUN_SECONDS[runs] = m["acc@1"], m["train_seconds"]
     meta = schema.read_metadata(data_dir)
     return SQLiteIndex(index).snapshot(meta["vocab"]["num_items"]), acc, index
 
@@ -97,6 +99,7 @@ def ranker(data_dir, vectors, index, tag, model, seed, make_epochs=None, epochs=
             vectors=None if model == "id" else vectors)
     with open(path) as f:
         result = json.load(f)
+    RUN_SECONDS[model_dir] = result["train_seconds"]
     print(f"[{tag}] {name}: gauc {result['gauc']:.4f} auc {result['auc']:.4f}", flush=True)
     return result
 
@@ -135,39 +138,49 @@ def table3(data_dir, seeds, tag, methods):
 
 
 def fig6b(results, out):
-    """Relative AUC and LogLoss gain per frequency group, SimTier+MAKE over ID."""
-    def per_group(runs, key):
-        return np.array([[g[key] for g in r["frequency_groups"]] for r in runs])
+    """Relative AUC gain and LogLoss reduction per frequency group over ID (mean over seeds)."""
+    def per_group(method, key):
+        return np.array([[g[key] for g in r["frequency_groups"]] for r in results[method]])
 
-    auc_id, auc_mm = per_group(results["id"], "auc"), per_group(results["simtier_make"], "auc")
-    ll_id = per_group(results["id"], "logloss")
-    ll_mm = per_group(results["simtier_make"], "logloss")
-    auc_gain = (100.0 * (auc_mm - auc_id) / auc_id).mean(axis=0)
-    ll_gain = (100.0 * (ll_id - ll_mm) / ll_id).mean(axis=0)
-    groups = np.arange(1, len(auc_gain) + 1)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(groups - 0.2, auc_gain, 0.4, label="AUC gain")
-    ax.bar(groups + 0.2, ll_gain, 0.4, label="LogLoss reduction")
-    ax.axhline(0, color="black", linewidth=0.5)
-    ax.set(xlabel="item frequency group (1 = rarest)", ylabel="relative to ID (%)",
-           title="Fig. 6(b): SimTier+MAKE vs ID by item frequency")
-    ax.legend()
+    auc_id, ll_id = per_group("id", "auc"), per_group("id", "logloss")
+    gains = {}
+    for method in ("simtier_make", "simtier"):
+        if method in results:
+            gains[method] = (
+                (100.0 * (per_group(method, "auc") - auc_id) / auc_id).mean(axis=0),
+                (100.0 * (ll_id - per_group(method, "logloss")) / ll_id).mean(axis=0))
+    groups = np.arange(1, auc_id.shape[1] + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+    for ax, (k, label) in zip(axes, enumerate(("AUC gain", "LogLoss reduction"))):
+        for i, (method, values) in enumerate(gains.items()):
+            ax.bar(groups + (i - 0.5) * 0.4, values[k], 0.4, label=NAMES[method])
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set(xlabel="item frequency group (1 = rarest)", title=label, xticks=groups)
+        ax.legend()
+    axes[0].set_ylabel("relative to ID (%)")
+    fig.suptitle("Fig. 6(b): gains over ID by item training frequency")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "fig6b.png"), dpi=120)
     plt.close(fig)
     impressions = [g["impressions"] for g in results["id"][0]["frequency_groups"]]
-    lines = ["| Group | Test impressions | AUC gain | LogLoss reduction |",
-             "| --- | --- | --- | --- |"]
-    lines += [f"| {g} | {n} | {a:+.2f}% | {ll:+.2f}% |"
-              for g, n, a, ll in zip(groups, impressions, auc_gain, ll_gain)]
-    return lines, {"auc_gain_pct": auc_gain.tolist(), "logloss_reduction_pct": ll_gain.tolist(),
-                   "impressions": impressions}
+    names = [NAMES[m] for m in gains]
+    lines = ["| Group | Test impressions | " + " | ".join(
+        f"{n}: AUC gain | {n}: LogLoss reduction" for n in names) + " |",
+        "| --- | --- |" + " --- | --- |" * len(names)]
+    for j, (g, n) in enumerate(zip(groups, impressions)):
+        lines.append(f"| {g} | {n} | " + " | ".join(
+            f"{a[j]:+.2f}% | {ll[j]:+.2f}%" for a, ll in gains.values()) + " |")
+    return lines, {"impressions": impressions, **{
+        m: {"auc_gain_pct": a.tolist(), "logloss_reduction_pct": ll.tolist()}
+        for m, (a, ll) in gains.items()}}
 
 
 def line_plot(path, title, xlabel, ylabel, series):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, (x, y) in series.items():
         ax.plot(x, y, marker="o", label=label)
+        if all(isinstance(v, int) for v in x):
+            ax.set_xticks(x)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
     fig.tight_layout()
@@ -265,8 +278,10 @@ def main(argv):
     for name in ("table3", "fig3", "fig6a", "fig6c", "control"):
         lines += parts.get(name, [])
     elapsed = time.time() - start
-    lines += [f"{elapsed / 60:.1f} min on {os.cpu_count()} CPUs (runs reused from "
-              f"{FLAGS.runs_dir} are not counted). Command: `python -m pipelines.paper "
+    lines += [f"The {len(RUN_SECONDS)} runs behind this report took "
+              f"{sum(RUN_SECONDS.values()) / 60:.1f} min of training and evaluation on "
+              f"{os.cpu_count()} CPUs (this invocation: {elapsed / 60:.1f} min; finished runs "
+              f"under {FLAGS.runs_dir} are reused). Command: `python -m pipelines.paper "
               f"--world={FLAGS.world} --seeds={','.join(FLAGS.seeds)} --out_dir={out}`"]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -159,7 +159,8 @@ def _cli(tiny_dir, runs, *extra):
 
 def test_cli_fills_an_empty_index_then_trains_and_exports(tiny_dir, tmp_path):
     proc = subprocess.run(
-        _cli(tiny_dir, tmp_path, "--pretrain_epochs=1", "--pretrain_batch_size=32",
+        _cli(tiny_dir, tmp_path, "--model=simtier_make", "--pretrain_epochs=1",
+             "--pretrain_batch_size=32",
              "--queue_size=128", "--dim=16", "--make_epochs=1", "--make_units=16,8,4,1"),
         capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]

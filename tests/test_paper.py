@@ -26,7 +26,7 @@ def test_paper_report_on_tiny(tmp_path):
     assert abs(mm["gauc_rel_pct"] - expected) < 1e-9
     assert len(report["fig3"]["id_gauc"]) == len(report["fig3"]["mm_gauc"]) == 2
     assert report["fig6c"]["make_epochs"] == [0, 1]
-    assert len(report["fig6b"]["auc_gain_pct"]) == 8
+    assert len(report["fig6b"]["simtier_make"]["auc_gain_pct"]) == 8
     for name in ("fig3", "fig6b", "fig6c"):
         assert open(out / f"{name}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     md = open(out / "report.md").read()
