@@ -13,7 +13,7 @@ every epoch, exports it and writes ``<model_dir>/metrics.json``:
 - ``frequency_groups``: 8 groups of the items seen in training, equal in item
   count, 1 = rarest (paper §6.3.3): items, test impressions, ``auc``,
   ``logloss``.
-- ``epochs``: ``auc``, ``gauc``, ``gauc_unweighted``, ``logloss`` after each
+- ``epochs``: ``auc``, ``gauc``, ``gauc_unweighted``, ``gauc_groups``, ``logloss`` after each
   ranker epoch; ``make.epochs`` the same for MAKE alone after each of its
   pre-training epochs (the multimodal-only model of paper Fig. 3).
 - ``missing_item_vectors``: test impressions whose target item had no vector
@@ -124,21 +124,15 @@ class TestSet:
 
     def summary(self, p):
         """The per-epoch metrics of predictions `p`."""
-        y = self.columns["label"]
-        g = metrics.gauc(y, p, self.columns["user_id"])
-        return {"auc": metrics.auc(y, p), "gauc": g["gauc"],
-                "gauc_unweighted": g["gauc_unweighted"], "logloss": metrics.logloss(y, p)}
+        return _ranking_metrics(self.columns["label"], p, self.columns["user_id"])
 
     def report(self, p, groups):
         """Everything metrics.json holds about predictions `p`."""
         y, c = self.columns["label"], self.columns
-        g = metrics.gauc(y, p, c["user_id"])
-        out = {"auc": metrics.auc(y, p), **g, "logloss": metrics.logloss(y, p),
-               "impressions": len(y)}
         new = c["is_new_item"] == 1
-        out["new_items"] = {"impressions": int(new.sum()), "auc": metrics.auc(y[new], p[new]),
-                            **metrics.gauc(y[new], p[new], c["user_id"][new]),
-                            "logloss": metrics.logloss(y[new], p[new]) if new.any() else None}
+        out = {**self.summary(p), "impressions": len(y),
+               "new_items": {"impressions": int(new.sum()),
+                             **_ranking_metrics(y[new], p[new], c["user_id"][new])}}
         item_group = groups[c["item_id"]]
         out["frequency_groups"] = []
         for k in range(1, NUM_FREQUENCY_GROUPS + 1):
@@ -150,6 +144,11 @@ class TestSet:
         if self.vectors is not None:
             out["missing_item_vectors"] = int((~self.vectors.present[c["item_id"]]).sum())
         return out
+
+
+def _ranking_metrics(y, p, users):
+    return {"auc": metrics.auc(y, p), **metrics.gauc(y, p, users),
+            "logloss": metrics.logloss(y, p) if len(y) else None}
 
 
 class EpochEvaluation(keras.callbacks.Callback):
@@ -173,7 +172,8 @@ class EpochEvaluation(keras.callbacks.Callback):
         self.values = [v for v in self.values if v["epoch"] < epoch + 1] + [values]
         _write_json(self.path, self.values)
         print(f"epoch {epoch + 1} test: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in values.items() if k != "epoch"), flush=True)
+            f"{k} {v:.4f}" for k, v in values.items() if k not in ("epoch", "gauc_groups")),
+            flush=True)
 
 
 def _write_json(path, value):
