@@ -10,6 +10,7 @@ setup(
         "ID-based CTR models (CIKM'24, Taobao display advertising)."
     ),
     packages=find_packages(include=["tfmm", "tfmm.*", "pipelines", "pipelines.*"]),
+    package_data={"tfmm.serving": ["*.cc"]},
     python_requires=">=3.11",
     install_requires=[
         "tensorflow==2.21.*",
@@ -22,12 +23,12 @@ setup(
         "absl-py==2.*",
         "matplotlib==3.10.*",  # PNG plots of the paper report (pipelines.paper)
         "numpy>=1.26,<3",
+        "tensorflow-serving-api==2.21.*",  # warmup records; the gRPC predictor client
+        "redis==8.*",  # the Redis index table and new-item streams
     ],
     extras_require={
         "test": ["pytest==9.*", "hypothesis==6.*"],
         "tfrs": ["tensorflow-recommenders==0.7.7", "tf-keras==2.21.*"],
-        "redis": ["redis==8.*"],
-        "serving": ["tensorflow-serving-api==2.21.*"],
         "bench": ["deepctr==0.9.4", "tf-keras==2.21.*"],  # the DIN peer of benchmarks.ctr_step (runs under tf-keras)
     },
 )

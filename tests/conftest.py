@@ -15,3 +15,70 @@ def unit(x):
     """L2-normalises the last axis (as the pre-trained vectors are)."""
     x = np.asarray(x, np.float32)
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port (tests never share the default 6379)."""
+
+    def __init__(self, workdir):
+        import shutil
+        import socket
+
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            # Never a skip: CI installs it (.ci/run, `make redis-server`) so these tests run.
+            pytest.fail("redis-server is not installed; run `make redis-server` "
+                        "(apt-get install redis-server).")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.workdir = str(workdir)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+        self.start()
+
+    def start(self):
+        import subprocess
+        import time
+
+        import redis
+
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.workdir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.025)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self):
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def flush(self):
+        import redis
+
+        redis.Redis(port=self.port).flushall()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """URL of an empty database on the private server (restarted if a test stopped it)."""
+    if redis_server.process is None:
+        redis_server.start()
+    redis_server.flush()
+    return redis_server.url
