@@ -78,3 +78,24 @@ def test_bad_ranker_arguments(kwargs, message):
     vocab = {"num_items": 10, "num_users": 10, "num_categories": 5}
     with pytest.raises(ValueError, match=message):
         build_ranker(vocab, 5, **kwargs)
+
+
+def test_new_items_and_users_score_like_the_padding_id():
+    vocab = {"num_items": 20, "num_users": 7, "num_categories": 4}
+    model = build_ranker(vocab, max_history=3, method="simtier", vector_dim=4, embedding_dim=4,
+                         attention_units=(4,), mlp_units=(8,))
+    rng = np.random.default_rng(0)
+    vectors = {"item_vector": rng.normal(size=(2, 4)).astype("float32"),
+               "history_vectors": rng.normal(size=(2, 3, 4)).astype("float32"),
+               "history_mask": np.array([[True, True, False]] * 2)}
+
+    def score(user, item, category, history):
+        return model({"user_id": np.array([user, user]), "item_id": np.array([item, item]),
+                      "category_id": np.array([category, category]),
+                      "history_item_ids": np.array([history, history]),
+                      "history_category_ids": np.array([[1, 2, 0]] * 2), **vectors}).numpy()
+
+    padding = score(0, 0, 0, [5, 0, 0])
+    np.testing.assert_allclose(score(7, 20, 4, [5, 123, 0]), padding, atol=1e-7)
+    np.testing.assert_allclose(score(-3, 10**9, 99, [5, -1, 0]), padding, atol=1e-7)
+    assert not np.allclose(score(3, 11, 2, [5, 6, 0]), padding, atol=1e-4)

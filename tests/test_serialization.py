@@ -77,3 +77,12 @@ def test_config_round_trip(layer):
     revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
     assert type(revived) is type(layer) and revived.get_config() == config
     assert keras.saving.get_registered_name(type(layer)) == f"tfmm>{type(layer).__name__}"
+
+
+def test_known_ids_round_trip_and_errors():
+    from tfmm.layers import KnownIds
+
+    layer = KnownIds.from_config(KnownIds(5, unknown_id=1).get_config())
+    np.testing.assert_array_equal(layer(np.array([[0, 4, 5, -1]])).numpy(), [[0, 4, 1, 1]])
+    with pytest.raises(ValueError, match="unknown_id < num_ids"):
+        KnownIds(3, unknown_id=3)

@@ -16,7 +16,7 @@ methods also take ``item_vector`` [d] and ``history_vectors`` [L, d].
 """
 
 from tfmm.keras_compat import keras
-from tfmm.layers import DINAttention, MAKEBlock, SimScore, SimTierLayer, VectorFeature
+from tfmm.layers import DINAttention, KnownIds, MAKEBlock, SimScore, SimTierLayer, VectorFeature
 
 METHODS = ("id", "vector", "simscore", "simtier", "make", "simtier_make")
 ID_INPUTS = ("user_id", "item_id", "category_id", "history_item_ids", "history_category_ids",
@@ -66,17 +66,22 @@ def build_ranker(vocab, max_history, method="id", vector_dim=None, make=None,
     category = keras.layers.Embedding(vocab["num_categories"], embedding_dim,
                                       name="category_embedding")
     user = keras.layers.Embedding(vocab["num_users"], embedding_dim, name="user_embedding")
+    # New items and users (created after training) look up the padding row.
+    known_item = KnownIds(vocab["num_items"], name="known_items")
+    known_category = KnownIds(vocab["num_categories"], name="known_categories")
     target = keras.layers.Concatenate(name="target")(
-        [item(inputs["item_id"]), category(inputs["category_id"])])
+        [item(known_item(inputs["item_id"])), category(known_category(inputs["category_id"]))])
     history = keras.layers.Concatenate(name="history")(
-        [item(inputs["history_item_ids"]), category(inputs["history_category_ids"])])
+        [item(known_item(inputs["history_item_ids"])),
+         category(known_category(inputs["history_category_ids"]))])
     vectors = (inputs.get("item_vector"), inputs.get("history_vectors"))
     if method == "vector":
         target, history = VectorFeature(name="vector")(target, history, *vectors)
     elif method == "simscore":
         target, history = SimScore(name="simscore")(target, history, *vectors, mask=mask)
     interest = DINAttention(hidden_units=attention_units, name="din")(target, history, mask=mask)
-    parts = [user(inputs["user_id"]), target, interest]
+    parts = [user(KnownIds(vocab["num_users"], name="known_users")(inputs["user_id"])), target,
+             interest]
     if method in ("simtier", "simtier_make"):
         simtier = SimTierLayer(num_tiers, output=simtier_output, name="simtier")
         parts.append(simtier(*vectors, mask=mask))
