@@ -1,6 +1,10 @@
+import os
+
 import numpy as np
+import pytest
 import tensorflow as tf
 
+from tfmm import export
 from tfmm.export import export_saved_model, next_version
 from tfmm.towers import image_tower, text_tower
 
@@ -31,3 +35,26 @@ def test_versions_increase_and_text_signature(tmp_path):
     texts = np.array(["red mug", "unknown words"])
     np.testing.assert_allclose(serve(text=tf.constant(texts))["vector"].numpy(),
                                tower(texts).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_warmup_inputs_name_the_input_and_leave_no_version(tmp_path):
+    tower = text_tower(["red", "mug"], dim=4)
+    with pytest.raises(ValueError, match=r"warmup_inputs: the signature takes \['text'\]; "
+                                         r"missing \['text'\], unknown \['title'\]"):
+        export_saved_model(tower, str(tmp_path), "vector", warmup_inputs={"title": ["red"]})
+    with pytest.raises(ValueError, match=r"input 'text' has shape \[2, 1\], .* wants \[None\]"):
+        export_saved_model(tower, str(tmp_path), "vector", warmup_inputs={"text": [["a"], ["b"]]})
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_export_leaves_nothing_and_no_partial_version(tmp_path, monkeypatch):
+    tower = text_tower(["red", "mug"], dim=4)
+    export_saved_model(tower, str(tmp_path), "vector")
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "write_warmup", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_saved_model(tower, str(tmp_path), "vector")
+    assert os.listdir(tmp_path) == ["1"]  # no version 2, no staging directory

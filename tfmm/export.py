@@ -3,12 +3,24 @@
 Keras 3.15's ``model.export()`` traced our towers with batch statistics
 (``training=True``) here; the exported endpoint calls the model with
 ``training=False`` explicitly, so a SavedModel answers exactly like the model.
+
+Each version carries ``assets.extra/tf_serving_warmup_requests``: PredictionLog
+records that TF Serving replays before it serves the version, so the first
+real request does not pay for graph initialisation.
 """
 
 import os
+import shutil
+import uuid
 
 import keras
+import numpy as np
 import tensorflow as tf
+
+SIGNATURE = "serving_default"
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+# Words for string inputs of a signature-built batch.
+_WORDS = np.array(["red", "blue mug", "striped pillow", "lamp"], dtype=object)
 
 
 def next_version(export_dir):
@@ -24,15 +36,112 @@ def input_signature(model):
     return [tf.TensorSpec((None,) + tuple(x.shape[1:]), x.dtype, name=x.name) for x in inputs]
 
 
-def export_saved_model(model, export_dir, output_name):
+def example_inputs(specs, batch_size=4, seed=0):
+    """A small valid batch for a signature: ``{name: array}`` from ``{name: TensorSpec}``.
+
+    Unknown dimensions become `batch_size`; integers are 0 or 1 (padding and
+    out-of-vocabulary ids, valid in every tfmm vocabulary); uint8 is random
+    pixels, floats standard normal, strings a few words.
+    """
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for name, spec in specs.items():
+        if spec.shape.rank is None:
+            raise ValueError(f"example_inputs: input {name!r} has an unknown rank; "
+                             "pass example inputs instead.")
+        shape = tuple(batch_size if d is None else d for d in spec.shape.as_list())
+        dtype = tf.as_dtype(spec.dtype)
+        if dtype == tf.string:
+            value = rng.choice(_WORDS, size=shape)
+        elif dtype == tf.bool:
+            value = rng.random(shape) < 0.5
+        elif dtype == tf.uint8:
+            value = rng.integers(0, 256, shape, dtype=np.uint8)
+        elif dtype.is_integer:
+            value = rng.integers(0, 2, shape).astype(dtype.as_numpy_dtype)
+        elif dtype.is_floating:
+            value = rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
+        else:
+            raise ValueError(f"example_inputs: input {name!r} has dtype {dtype.name}, "
+                             "which has no example; pass example inputs instead.")
+        batch[name] = value
+    return batch
+
+
+def conform_inputs(specs, inputs, what="inputs"):
+    """`inputs` as arrays of the signature's dtypes; raises ValueError naming a bad input."""
+    missing, unknown = sorted(set(specs) - set(inputs)), sorted(set(inputs) - set(specs))
+    if missing or unknown:
+        raise ValueError(f"{what}: the signature takes {sorted(specs)}; missing {missing}, "
+                         f"unknown {unknown}.")
+    batch = {}
+    for name, spec in specs.items():
+        value = np.asarray(inputs[name])
+        dtype = tf.as_dtype(spec.dtype)
+        # Only casts within a kind (never float ids truncated to ints).
+        kinds = ("USO" if dtype == tf.string else "b" if dtype == tf.bool
+                 else "iu" if dtype.is_integer else "fiu")
+        if value.dtype.kind not in kinds:
+            raise ValueError(f"{what}: input {name!r} is {value.dtype}, the signature wants "
+                             f"{dtype.name}.")
+        value = tf.constant(value, dtype=dtype).numpy()
+        if not spec.shape.is_compatible_with(value.shape):
+            raise ValueError(f"{what}: input {name!r} has shape {list(value.shape)}, the "
+                             f"signature wants {spec.shape.as_list()}.")
+        batch[name] = value
+    return batch
+
+
+def write_warmup(version_dir, specs, inputs):
+    """Writes one PredictRequest of `inputs` to ``<version_dir>/assets.extra/``."""
+    # Imported here: only exports need the serving protos.
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name=SIGNATURE))
+    for name, spec in specs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(inputs[name], dtype=spec.dtype))
+    log = prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request))
+    path = os.path.join(version_dir, WARMUP_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        writer.write(log.SerializeToString())
+
+
+def read_warmup(version_dir):
+    """The warmup requests of a version as ``[{name: array}]`` ([] when it has none)."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = os.path.join(version_dir, WARMUP_FILE)
+    if not os.path.exists(path):
+        return []
+    requests = []
+    for record in tf.data.TFRecordDataset(path):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        if log.WhichOneof("log_type") != "predict_log":
+            raise ValueError(f"{path}: a warmup record is a {log.WhichOneof('log_type')}, "
+                             "not a predict_log.")
+        requests.append({k: tf.make_ndarray(v) for k, v in log.predict_log.request.inputs.items()})
+    return requests
+
+
+def export_saved_model(model, export_dir, output_name, warmup_inputs=None):
     """Writes `model` in inference mode as the next version; returns its path.
 
     The ``serving_default`` signature takes the model's named inputs and
-    returns ``{output_name: output}``.
+    returns ``{output_name: output}``. `warmup_inputs` (``{name: array}``, a
+    batch of real requests) becomes the warmup record; without it a small
+    batch is built from the signature (`example_inputs`).
+
+    The version is written under a hidden ``.tmp-*`` directory and renamed
+    into place, so TF Serving (which loads only integer directories) never
+    sees a half-written version.
     """
-    path = os.path.join(export_dir, str(next_version(export_dir)))
     signature = input_signature(model)
-    names = [s.name for s in signature]
+    specs = {s.name: s for s in signature}
+    warmup = (example_inputs(specs) if warmup_inputs is None
+              else conform_inputs(specs, warmup_inputs, "export_saved_model: warmup_inputs"))
+    names = list(specs)
 
     def serve(*args):
         inputs = dict(zip(names, args)) if isinstance(model.input, dict) else args[0]
@@ -41,5 +150,20 @@ def export_saved_model(model, export_dir, output_name):
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(name="serve", fn=serve, input_signature=signature)
-    archive.write_out(path, verbose=False)
-    return path
+    # Not mkdtemp: its 0700 would keep a TF Serving of another user out.
+    staging = os.path.join(export_dir, f".tmp-{uuid.uuid4().hex}")
+    try:
+        archive.write_out(staging, verbose=False)
+        write_warmup(staging, specs, warmup)
+        while True:
+            path = os.path.join(export_dir, str(next_version(export_dir)))
+            try:
+                os.rename(staging, path)
+                return path
+            except OSError:
+                if not os.path.isdir(path):
+                    raise
+                # Another exporter took this version meanwhile: take the next.
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
