@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 from tfmm import ctr, pretrain  # noqa: E402
 from tfmm.data import schema, world as world_lib  # noqa: E402
 from tfmm.data.synthetic import ensure_world, write_world  # noqa: E402
-from tfmm.index import SQLiteIndex  # noqa: E402
+from tfmm.index import open_index  # noqa: E402
 
 RUN_SECONDS = {}  # model directory -> its train_seconds, each run counted once
 NAMES = {"id": "ID (DIN)", "vector": "Vector", "simscore": "SimScore", "simtier": "SimTier",
@@ -80,7 +80,7 @@ def encoder(data_dir, epochs, tag):
         m = json.load(f)
     acc, RUN_SECONDS[runs] = m["acc@1"], m["train_seconds"]
     meta = schema.read_metadata(data_dir)
-    return SQLiteIndex(index).snapshot(meta["vocab"]["num_items"]), acc, index
+    return open_index(index).snapshot(meta["vocab"]["num_items"]), acc, index
 
 
 def ranker(data_dir, vectors, index, tag, model, seed, make_epochs=None, epochs=1, **kw):

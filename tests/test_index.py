@@ -1,27 +1,46 @@
+import json
 import multiprocessing
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+import redis
 
-from tfmm.index import SQLiteIndex
+from tests.conftest import RedisServer
+from tfmm.index import (IndexNotFound, IndexUnavailable, RedisIndex, SQLiteIndex, is_empty,
+                        open_index)
 
 
-def test_put_get_versions_and_missing(tmp_path):
-    index = SQLiteIndex(tmp_path / "index.db", dim=3)
+@pytest.fixture(params=["sqlite", "redis"])
+def spec(request, tmp_path):
+    """Where a new, empty index lives: a SQLite file or a Redis URL (the private server)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "index.db")
+    return request.getfixturevalue("redis_url")
+
+
+def test_put_get_versions_and_missing(spec):
+    index = open_index(spec, dim=3)
     v1 = index.put([5, 7], [[1, 2, 3], [4, 5, 6]])
     v2 = index.put([7, 9], [[0, 0, 1], [1, 1, 1]])
     assert (v1, v2) == (1, 2)
     vectors, found = index.get([9, 5, 8, 7])
     np.testing.assert_array_equal(found, [True, True, False, True])
     np.testing.assert_array_equal(vectors, [[1, 1, 1], [1, 2, 3], [0, 0, 0], [0, 0, 1]])
+    assert vectors.dtype == np.float32 and vectors.flags.writeable
     version, updated = index.versions([5, 7, 8])
     np.testing.assert_array_equal(version, [1, 2, 0])
-    assert updated[0] <= updated[1] and np.isnan(updated[2])
+    assert updated[0] <= updated[1] <= time.time() and np.isnan(updated[2])
     np.testing.assert_array_equal(index.ids(), [5, 7, 9])
+    assert index.count() == 3
+    assert index.get([])[0].shape == (0, 3)
     snap = index.snapshot(num_items=9)  # id 9 is outside this vocabulary
     np.testing.assert_array_equal(np.flatnonzero(snap.present), [5, 7])
     # Reopening finds the dimension and the data.
-    again = SQLiteIndex(tmp_path / "index.db")
+    again = open_index(spec)
     assert again.dim == 3 and again.get([5])[1].all()
 
 
@@ -32,8 +51,8 @@ def test_put_get_versions_and_missing(tmp_path):
     ([1, 2], [[1, 2, 3]], "2 ids but 1 vectors"),
     ([1, 1], [[1, 2, 3], [1, 2, 3]], "duplicate item ids"),
 ])
-def test_bad_vectors_are_rejected_and_nothing_is_written(tmp_path, ids, vectors, message):
-    index = SQLiteIndex(tmp_path / "index.db", dim=3)
+def test_bad_vectors_are_rejected_and_nothing_is_written(spec, ids, vectors, message):
+    index = open_index(spec, dim=3)
     index.put([1], [[9, 9, 9]])
     with pytest.raises(ValueError, match=message):
         index.put(ids, vectors)
@@ -41,29 +60,29 @@ def test_bad_vectors_are_rejected_and_nothing_is_written(tmp_path, ids, vectors,
     np.testing.assert_array_equal(index.get([1])[0], [[9, 9, 9]])
 
 
-def test_dimension_is_fixed(tmp_path):
-    SQLiteIndex(tmp_path / "index.db", dim=3)
+def test_dimension_is_fixed(spec, tmp_path):
+    open_index(spec, dim=3)
     with pytest.raises(ValueError, match="holds 3-d vectors, asked for 4"):
-        SQLiteIndex(tmp_path / "index.db", dim=4)
-    with pytest.raises(ValueError, match="needs `dim`"):
-        SQLiteIndex(tmp_path / "new.db")
+        open_index(spec, dim=4)
+    new = str(tmp_path / "new.db") if spec.endswith(".db") else spec + "?prefix=new"
+    with pytest.raises(IndexNotFound, match="needs `dim`"):
+        open_index(new)
 
 
-def _writer(path, start):
-    index = SQLiteIndex(path)
+def _writer(spec, start):
+    index = open_index(spec)
     for k in range(20):
         ids = np.arange(start + k * 10, start + k * 10 + 10)
         index.put(ids, np.tile(ids[:, None], (1, 4)).astype("float32"))
 
 
-def test_concurrent_writers_and_readers_see_whole_puts(tmp_path):
-    path = str(tmp_path / "index.db")
-    SQLiteIndex(path, dim=4)
+def test_concurrent_writers_and_readers_see_whole_puts(spec):
+    open_index(spec, dim=4)
     ctx = multiprocessing.get_context("spawn")
-    writers = [ctx.Process(target=_writer, args=(path, s)) for s in (0, 10_000)]
+    writers = [ctx.Process(target=_writer, args=(spec, s)) for s in (0, 10_000)]
     for w in writers:
         w.start()
-    reader = SQLiteIndex(path)
+    reader = open_index(spec)
     while any(w.is_alive() for w in writers):
         ids = reader.ids()
         vectors, found = reader.get(ids)
@@ -74,11 +93,105 @@ def test_concurrent_writers_and_readers_see_whole_puts(tmp_path):
         w.join()
         assert w.exitcode == 0
     assert len(reader.ids()) == 400
+    np.testing.assert_array_equal(np.sort(reader.versions(reader.ids())[0])[::10],
+                                  np.arange(1, 41))  # one version per put, none shared
 
 
-def test_an_index_belongs_to_one_catalogue(tmp_path):
-    index = SQLiteIndex(tmp_path / "v.db", dim=2)
+def test_an_index_belongs_to_one_catalogue(spec):
+    index = open_index(spec, dim=2)
     index.claim("abc")
     index.claim("abc")  # the same catalogue again is fine
-    with pytest.raises(ValueError, match=r"v.db holds vectors of another catalogue \(abc, not xyz\)"):
-        SQLiteIndex(tmp_path / "v.db").claim("xyz")
+    with pytest.raises(ValueError, match=r"holds vectors of another catalogue \(abc, not xyz\)"):
+        open_index(spec).claim("xyz")
+
+
+def test_open_index_dispatches_and_is_empty_creates_nothing(tmp_path, redis_url):
+    path = str(tmp_path / "sub" / "v.db")
+    assert is_empty(path) and not os.path.exists(path)
+    assert is_empty(redis_url) and not redis.Redis.from_url(redis_url).keys()
+    assert isinstance(open_index(path, dim=2), SQLiteIndex)
+    assert isinstance(open_index(redis_url, dim=2), RedisIndex)
+    assert is_empty(path) and is_empty(redis_url)  # created, but no vectors yet
+    open_index(redis_url).put([3], [[1, 0]])
+    assert not is_empty(redis_url)
+
+
+def test_prefixes_keep_indexes_apart(redis_url):
+    a = open_index(redis_url + "?prefix=a", dim=2)
+    b = RedisIndex(redis_url, dim=3, prefix="b")
+    a.put([1, 2], [[1, 1], [2, 2]])
+    a.put([2], [[2, 2]])
+    b.put([2], [[3, 3, 3]])
+    a.claim("one")
+    b.claim("two")
+    np.testing.assert_array_equal(a.ids(), [1, 2])
+    np.testing.assert_array_equal(b.get([1, 2])[1], [False, True])
+    assert a.versions([2])[0][0] == 2 and b.versions([2])[0][0] == 1
+    assert "prefix=a" in repr(a) and "prefix=b" in repr(b)
+    assert is_empty(redis_url)  # the default prefix holds nothing
+    assert {k.split(b":")[0] for k in redis.Redis.from_url(redis_url).keys()} == {b"a", b"b"}
+
+
+def test_a_blob_of_the_wrong_size_names_its_key(redis_url):
+    index = open_index(redis_url + "?prefix=p", dim=4)
+    redis.Redis.from_url(redis_url).set("p:v:7", b"\0" * 12)  # a 3-d vector, or another app's
+    with pytest.raises(ValueError, match=r"key p:v:7 holds 12 bytes, not a 4-d float32 vector"):
+        index.get([1, 7])
+
+
+def test_password_and_address_from_the_environment(tmp_path, monkeypatch):
+    server = RedisServer(tmp_path)
+    try:
+        redis.Redis(port=server.port).config_set("requirepass", "s3cret")
+        monkeypatch.delenv("TFMM_REDIS_PASSWORD", raising=False)
+        with pytest.raises(IndexUnavailable, match=f"127.0.0.1:{server.port} refused the "
+                           "credentials .*TFMM_REDIS_PASSWORD"):
+            open_index(server.url, dim=2)
+        monkeypatch.setenv("TFMM_REDIS_PASSWORD", "s3cret")
+        index = open_index(server.url, dim=2)
+        index.put([1], [[1, 2]])
+        assert "s3cret" not in repr(index)
+        assert open_index(f"redis://:s3cret@127.0.0.1:{server.port}/0").count() == 1
+        monkeypatch.setenv("TFMM_REDIS_URL", server.url)
+        assert RedisIndex().count() == 1  # no URL: $TFMM_REDIS_URL
+    finally:
+        server.stop()
+
+
+def test_a_dead_redis_is_named_quickly_and_the_same_object_recovers(redis_server, redis_url):
+    index = open_index(redis_url, dim=2)
+    index.put([1, 2], [[1, 1], [2, 2]])
+    redis_server.stop()
+    where = f"Redis index at 127.0.0.1:{redis_server.port} is unreachable"
+    for call in (lambda: index.get([1]), lambda: index.put([3], [[3, 3]]), index.ids,
+                 lambda: open_index(redis_url)):
+        start = time.perf_counter()
+        with pytest.raises(IndexUnavailable, match=where):
+            call()
+        assert time.perf_counter() - start < 1.0  # a short, bounded retry
+    # Restarted without persistence: the data is gone, and the old object says so.
+    redis_server.start()
+    vectors, found = index.get([1, 2])
+    assert not found.any() and not vectors.any()
+    assert index.put([3], [[3, 3]]) == 1
+    assert open_index(redis_url).dim == 2  # a put records the dimension again
+    np.testing.assert_array_equal(index.ids(), [3])
+
+
+def test_cli_trains_a_ranker_on_a_redis_index(redis_url, tmp_path):
+    """--index=redis://...: the encoder fills it when empty, the ranker reads it."""
+    runs = tmp_path / "runs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfmm.train", "--flagfile=configs/ctr.flags", "--world=tiny",
+         f"--data_dir={tmp_path}/tiny", f"--model_dir={runs}/ctr", "--export_dir=",
+         f"--index={redis_url}?prefix=tiny", f"--pretrain_model_dir={runs}/pretrain",
+         "--encoder_export_dir=", "--model=simscore", "--objective=random",
+         "--pretrain_epochs=0", "--queue_size=0", "--dim=8", "--embedding_dim=8",
+         "--attention_units=8", "--mlp_units=16"],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is empty: pre-training the encoder first" in proc.stdout
+    index = open_index(redis_url + "?prefix=tiny")
+    meta = json.load(open(tmp_path / "tiny" / "metadata.json"))
+    assert index.dim == 8 and index.count() == meta["counts"]["items"]
+    assert json.load(open(runs / "ctr" / "metrics.json"))["missing_item_vectors"] == 0

@@ -39,7 +39,7 @@ import numpy as np
 from tfmm import data, metrics
 from tfmm.data import schema
 from tfmm.export import export_saved_model
-from tfmm.index import SQLiteIndex
+from tfmm.index import is_empty, open_index
 from tfmm.layers import MAKEBlock
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.ranker import METHODS, build_make_pretrainer, build_ranker
@@ -194,7 +194,7 @@ def train_counts(config, num_items):
 
 def load_vectors(config, num_items, pretrain_config=None):
     """The index table's vectors, pre-training the encoder first when it is empty."""
-    if not os.path.exists(config.index) or not len(SQLiteIndex(config.index).ids()):
+    if is_empty(config.index):
         if pretrain_config is None:
             raise SettingsError(f"--index={config.index} holds no vectors; run --task=pretrain "
                                 "first or pass a pre-training config.")
@@ -203,7 +203,7 @@ def load_vectors(config, num_items, pretrain_config=None):
         print(f"the index {config.index} is empty: pre-training the encoder first ...",
               flush=True)
         pretrain.run(dataclasses.replace(pretrain_config, index=config.index))
-    index = SQLiteIndex(config.index)
+    index = open_index(config.index)
     try:
         index.claim(schema.catalogue_fingerprint(config.data_dir))
     except ValueError as e:

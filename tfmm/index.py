@@ -2,15 +2,30 @@
 
 The embedded default, `SQLiteIndex`, needs no server: one SQLite file (stdlib
 `sqlite3`) in WAL mode, so writes are atomic and crash-safe and many
-processes can read while one writes. Vectors are float32 bytes. A Redis
-backend implements the same `VectorIndex` interface for many writers.
+processes can read while one writes. `RedisIndex` implements the same
+`VectorIndex` interface on a Redis server for many readers and writers.
+Vectors are float32 bytes in both. `open_index` picks the backend from a
+file path or a ``redis://`` URL.
 """
 
+import contextlib
 import os
 import sqlite3
 import time
+import urllib.parse
 
 import numpy as np
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+
+class IndexNotFound(ValueError):
+    """Opening an index that does not exist yet without the `dim` to create it."""
+
+
+class IndexUnavailable(ConnectionError):
+    """The index's server cannot be reached (after the client's retries)."""
 
 
 class VectorIndex:
@@ -28,6 +43,10 @@ class VectorIndex:
 
     def ids(self):
         """All item ids in the index, sorted."""
+        raise NotImplementedError
+
+    def count(self):
+        """How many items the index holds."""
         raise NotImplementedError
 
     def versions(self, ids):
@@ -84,7 +103,7 @@ class SQLiteIndex(VectorIndex):
         row = self._db.execute("SELECT value FROM meta WHERE key='dim'").fetchone()
         if row is None:
             if dim is None:
-                raise ValueError(f"{self.path}: a new index needs `dim`.")
+                raise IndexNotFound(f"{self.path}: a new index needs `dim`.")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('dim', ?)", (str(int(dim)),))
             row = self._db.execute("SELECT value FROM meta WHERE key='dim'").fetchone()
         self.dim = int(row[0])
@@ -139,6 +158,9 @@ class SQLiteIndex(VectorIndex):
         return np.array([r[0] for r in self._db.execute("SELECT id FROM vectors ORDER BY id")],
                         np.int64)
 
+    def count(self):
+        return int(self._db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0])
+
     def claim(self, catalogue):
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('catalogue', ?)", (str(catalogue),))
         held = self._db.execute("SELECT value FROM meta WHERE key='catalogue'").fetchone()[0]
@@ -148,3 +170,218 @@ class SQLiteIndex(VectorIndex):
 
     def close(self):
         self._db.close()
+
+
+def redis_url(url=None):
+    """`url`, else ``$TFMM_REDIS_URL``, else the local default server."""
+    return url or os.environ.get("TFMM_REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+
+def redis_client(url=None, retries=3, backoff=0.01, connect_timeout=0.5, timeout=5.0):
+    """A redis-py client for `url` and the server's "host:port" (for errors and logs).
+
+    Args:
+      url: ``redis://[[user]:password@]host:port/db`` (also ``rediss://``);
+        default `redis_url()`. Without a password in the URL,
+        ``$TFMM_REDIS_PASSWORD`` is used, so it need not be on a command line.
+      retries, backoff: a failed command is retried `retries` times after
+        exponential sleeps of ``backoff * 2**k`` seconds (k = 1, 2, ...; 0.14 s
+        in all by default). Each retry opens a fresh connection, so a client
+        works again, without any step, once a restarted server is back.
+      connect_timeout, timeout: socket timeouts in seconds for connecting and
+        for a command's reply (``?socket_connect_timeout=`` and
+        ``?socket_timeout=`` in the URL win). A hung server costs
+        ``retries + 1`` timeouts: an online predictor wants a far smaller
+        `timeout` than the default, which leaves room for bulk writes.
+    """
+    client = redis.Redis.from_url(
+        redis_url(url), password=os.environ.get("TFMM_REDIS_PASSWORD"),  # the URL's wins
+        retry=Retry(ExponentialBackoff(cap=1.0, base=backoff), retries),
+        socket_connect_timeout=connect_timeout, socket_timeout=timeout)
+    options = client.connection_pool.connection_kwargs
+    return client, f"{options.get('host')}:{options.get('port')}"
+
+
+# One atomic script: the version comes from INCR and is stamped on every item in
+# commit order (as SQLite's MAX + 1 in its transaction), with no WATCH retry loop
+# that a stream of small puts could starve a bulk put with. It also records `dim`
+# again, so an index emptied by a Redis restart describes itself once written.
+# KEYS: version counter, id set, meta hash, then (vector key, stamp key) per item.
+# ARGV: the time, dim, then (id, vector bytes) per item.
+_PUT = """
+redis.call('HSETNX', KEYS[3], 'dim', ARGV[2])
+local dim = redis.call('HGET', KEYS[3], 'dim')
+if dim ~= ARGV[2] then
+  return redis.error_reply('DIM the index now holds ' .. dim .. '-d vectors')
+end
+local version = redis.call('INCR', KEYS[1])
+local stamp = version .. ' ' .. ARGV[1]
+for i = 3, #ARGV, 2 do
+  redis.call('SET', KEYS[i + 1], ARGV[i + 1])
+  redis.call('SET', KEYS[i + 2], stamp)
+  redis.call('SADD', KEYS[2], ARGV[i])
+end
+return version
+"""
+
+
+class RedisIndex(VectorIndex):
+    """Index on a Redis server, under keys starting with ``<prefix>:``.
+
+    Layout: ``<prefix>:v:<id>`` the float32 bytes of one vector (`get` is one
+    MGET), ``<prefix>:t:<id>`` "<version> <updated_at>", ``<prefix>:ids`` the
+    set of ids, ``<prefix>:version`` the put counter, ``<prefix>:meta`` a hash
+    with ``dim`` and ``catalogue``. Several indexes share a database with
+    different prefixes.
+
+    Args:
+      url: as `redis_client`'s, plus an optional ``?prefix=name`` query.
+      dim: vector width; needed when the index is new.
+      prefix: key prefix (default "tfmm"; the URL's ``prefix`` wins).
+      **client: `redis_client`'s retries, backoff and timeouts. When they are
+        spent, methods raise `IndexUnavailable` naming host:port; the same
+        object works again once the server is back.
+    """
+
+    CHUNK = 10_000  # keys per MGET: long reads never block other clients for long
+
+    def __init__(self, url=None, dim=None, prefix="tfmm", **client):
+        parts = urllib.parse.urlsplit(redis_url(url))
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        self.prefix = query.pop("prefix", prefix)  # ours, not a redis-py option
+        self._redis, self.address = redis_client(
+            parts._replace(query=urllib.parse.urlencode(query)).geturl(), **client)
+        db = self._redis.connection_pool.connection_kwargs.get("db", 0)
+        # Never the password: this names the index in errors and logs.
+        self.location = f"{parts.scheme}://{self.address}/{db} prefix={self.prefix}"
+        self._put = self._redis.register_script(_PUT)
+        held = self._meta("dim", None if dim is None else int(dim))
+        if held is None:
+            raise IndexNotFound(f"{self.location}: a new index needs `dim`.")
+        self.dim = int(held)
+        if dim is not None and int(dim) != self.dim:
+            raise ValueError(f"{self.location}: the index holds {self.dim}-d vectors, "
+                             f"asked for {dim}.")
+
+    def __repr__(self):
+        return f"RedisIndex({self.location}, dim={self.dim})"
+
+    def _key(self, *parts):
+        return ":".join((self.prefix, *map(str, parts)))
+
+    def _meta(self, field, value=None):
+        """A field of the meta hash (bytes or None), first set to `value` if unset.
+
+        The first writer wins (HSETNX); set and read are one MULTI/EXEC round trip.
+        """
+        pipe = self._redis.pipeline()
+        if value is not None:
+            pipe.hsetnx(self._key("meta"), field, value)
+        pipe.hget(self._key("meta"), field)
+        with self._reachable():
+            return pipe.execute()[-1]
+
+    @contextlib.contextmanager
+    def _reachable(self):
+        """Raises the client's connection and login errors (retries spent) as IndexUnavailable."""
+        try:
+            yield
+        except redis.AuthenticationError as e:
+            raise IndexUnavailable(f"Redis index at {self.address} refused the credentials ({e}); "
+                                   "give the password in the URL or $TFMM_REDIS_PASSWORD.") from e
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise IndexUnavailable(f"Redis index at {self.address} is unreachable: {e}") from e
+
+    def _mget(self, kind, ids):
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        keys = [f"{self.prefix}:{kind}:{i}" for i in ids.tolist()]
+        with self._reachable():
+            if len(keys) <= self.CHUNK:
+                return ids, keys, self._redis.mget(keys) if keys else []
+            pipe = self._redis.pipeline(transaction=False)
+            for start in range(0, len(keys), self.CHUNK):
+                pipe.mget(keys[start:start + self.CHUNK])
+            return ids, keys, [value for chunk in pipe.execute() for value in chunk]
+
+    def put(self, ids, vectors):
+        """Writes all items or none, in one atomic script.
+
+        A connection lost before the reply is retried, so a put that had
+        already run may run twice: the same vectors under the next version.
+        """
+        ids, vectors = self.check(ids, vectors)
+        keys = [self._key("version"), self._key("ids"), self._key("meta")]
+        args = [repr(time.time()), self.dim]
+        for i, v in zip(ids.tolist(), vectors):
+            keys += [self._key("v", i), self._key("t", i)]
+            args += [i, v.tobytes()]
+        with self._reachable():
+            try:
+                return int(self._put(keys=keys, args=args))
+            except redis.ResponseError as e:
+                if not str(e).startswith("DIM "):
+                    raise
+                raise ValueError(f"{self}: {str(e)[4:]} (recreated since this object opened "
+                                 "it); nothing was written.") from None
+
+    def get(self, ids):
+        ids, keys, blobs = self._mget("v", ids)
+        size = 4 * self.dim
+        missing = bytes(size)
+        for key, blob in zip(keys, blobs):
+            if blob is not None and len(blob) != size:
+                raise ValueError(f"{self}: key {key} holds {len(blob)} bytes, not a "
+                                 f"{self.dim}-d float32 vector ({size} bytes); it was not "
+                                 "written by this index.")
+        present = np.array([blob is not None for blob in blobs], bool)
+        joined = bytearray(b"".join(missing if blob is None else blob for blob in blobs))
+        return np.frombuffer(joined, np.float32).reshape(len(ids), self.dim), present
+
+    def versions(self, ids):
+        ids, _, stamps = self._mget("t", ids)
+        stamps = [(0, np.nan) if s is None else s.split() for s in stamps]
+        return (np.array([int(s[0]) for s in stamps], np.int64),
+                np.array([float(s[1]) for s in stamps], np.float64))
+
+    def ids(self):
+        with self._reachable():
+            members = self._redis.smembers(self._key("ids"))
+        return np.array(sorted(int(m) for m in members), np.int64)
+
+    def count(self):
+        with self._reachable():
+            return int(self._redis.scard(self._key("ids")))
+
+    def claim(self, catalogue):
+        held = self._meta("catalogue", str(catalogue)).decode()
+        if held != str(catalogue):
+            raise ValueError(f"{self.location} holds vectors of another catalogue ({held}, not "
+                             f"{catalogue}); use another index (or prefix) for this data "
+                             "directory.")
+
+    def close(self):
+        self._redis.close()
+
+
+def is_redis(spec):
+    """Whether an index spec is a Redis URL (else a SQLite file path)."""
+    return str(spec).startswith(("redis://", "rediss://"))
+
+
+def open_index(spec, dim=None):
+    """The index at `spec`: a ``redis://`` URL (`RedisIndex`) or a file path (`SQLiteIndex`).
+
+    `dim` is needed to create a new index and checked against an existing one.
+    """
+    return RedisIndex(spec, dim=dim) if is_redis(spec) else SQLiteIndex(spec, dim=dim)
+
+
+def is_empty(spec):
+    """Whether the index at `spec` does not exist yet or holds no vectors; creates nothing."""
+    if not is_redis(spec) and not os.path.exists(spec):
+        return True  # opening would create the file
+    try:
+        with contextlib.closing(open_index(spec)) as index:
+            return index.count() == 0
+    except IndexNotFound:
+        return True

@@ -26,7 +26,7 @@ import tensorflow as tf
 from tfmm import data, metrics
 from tfmm.data import schema
 from tfmm.export import export_saved_model
-from tfmm.index import SQLiteIndex
+from tfmm.index import open_index
 from tfmm.scl import SCLModel
 from tfmm.towers import image_tower, text_tower, vocabulary_of
 
@@ -218,7 +218,7 @@ def run(config):
         result["export_path"] = export_saved_model(tower, config.export_dir, "vector")
     if config.index:
         vectors = embed(tower, catalogue.content(config.modality))
-        index = SQLiteIndex(config.index, dim=config.dim)
+        index = open_index(config.index, dim=config.dim)
         index.claim(schema.catalogue_fingerprint(config.data_dir))
         result["index_version"] = index.put(catalogue.ids, vectors)
         result["index_items"] = len(catalogue.ids)

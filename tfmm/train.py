@@ -41,7 +41,10 @@ flags.DEFINE_string("model_dir", None, "Checkpoints, TensorBoard logs, metrics.j
                     "(default runs/<dataset>/<task>, <dataset> the data directory's name).")
 flags.DEFINE_string("export_dir", None, "SavedModels go to <export_dir>/<version>/ "
                     "(default runs/<dataset>/export/encoder or .../ranker; '' to skip).")
-flags.DEFINE_string("index", None, "Index table file (default runs/<dataset>/index/vectors.db; "
+flags.DEFINE_string("index", None, "Index table: a SQLite file (default "
+                    "runs/<dataset>/index/vectors.db) or a Redis URL "
+                    "redis://host:port/db[?prefix=name] (password from $TFMM_REDIS_PASSWORD, "
+                    "keeping it out of the command line and metrics.json); "
                     "'' to skip with --task=pretrain).")
 flags.DEFINE_integer("epochs", None, "Training epochs (default 2 for pretrain, 1 for ctr: "
                      "ID rankers overfit from the second, paper Fig. 3).")
