@@ -1,0 +1,144 @@
+"""Online predictor latency: one user x 200 candidates, history 100, in-process SavedModel.
+
+    python -m benchmarks.predictor_latency --models=id,simtier
+    python -m benchmarks.predictor_latency --export_dir=runs/small/export/ranker
+
+Exports untrained rankers of the small world's shapes (latency does not
+depend on the weights) or takes an existing export, fills a SQLite and a
+Redis index (a private redis-server unless --redis_url) with every item's
+vector, and times `Predictor.predict` alone and from --threads client
+threads at once (DESIGN.md: p99 <= 10 ms in-process on CPU; index look-up
+p99 <= 3 ms on Redis). Then the split of a request: the index `get`, the
+whole input assembly (which includes it) and the model call.
+"""
+
+import os
+import tempfile
+import threading
+import time
+
+from absl import app, flags
+
+flags.DEFINE_list("models", ["id", "simtier"], "Rankers to export and time (tfmm.ranker.METHODS).")
+flags.DEFINE_string("export_dir", "", "Time this ranker export instead of --models.")
+flags.DEFINE_integer("num_items", 4002, "Item vocabulary (the small world's).")
+flags.DEFINE_integer("num_users", 3002, "User vocabulary.")
+flags.DEFINE_integer("num_categories", 10, "Category vocabulary.")
+flags.DEFINE_integer("vector_dim", 128, "Multimodal vector width d.")
+flags.DEFINE_integer("max_history", 100, "History length L of the exported rankers.")
+flags.DEFINE_integer("candidates", 200, "Candidates per request.")
+flags.DEFINE_integer("requests", 300, "Timed requests per row.")
+flags.DEFINE_integer("threads", 8, "Concurrent client threads of the loaded rows.")
+flags.DEFINE_string("redis_url", "", "An existing Redis (keys under tfmm-bench-predictor: are "
+                    "overwritten); default: a private redis-server.")
+FLAGS = flags.FLAGS
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from tfmm.export import export_saved_model  # noqa: E402
+from tfmm.index import RedisIndex, SQLiteIndex  # noqa: E402
+from tfmm.ranker import build_ranker  # noqa: E402
+from tfmm.serving.predictor import Predictor, Request, SavedModel  # noqa: E402
+
+
+def make_requests(length, distinct=20, seed=0):
+    """--requests requests cycling through `distinct` ones (their inputs are ~10 MB each)."""
+    rng = np.random.default_rng(seed)
+    items = np.arange(2, FLAGS.num_items)
+    requests = [Request(int(rng.integers(2, FLAGS.num_users)), rng.choice(items, length),
+                        rng.choice(items, FLAGS.candidates, replace=False))
+                for _ in range(distinct)]
+    return [requests[i % distinct] for i in range(FLAGS.requests)]
+
+
+def latencies(fn, requests, threads=1):
+    """Milliseconds per call of fn(request), each of `threads` clients calling in turn."""
+    for r in requests[:20]:  # warm-up
+        fn(r)
+    times = [[] for _ in range(threads)]
+
+    def client(k):
+        for r in requests[k::threads]:
+            start = time.perf_counter()
+            fn(r)
+            times[k].append(time.perf_counter() - start)
+
+    workers = [threading.Thread(target=client, args=(k,)) for k in range(threads)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - start
+    return 1e3 * np.concatenate(times), len(requests) / wall
+
+
+def row(label, ms, rate=None):
+    rate = "" if rate is None else f"{rate:8.0f}"
+    print(f"{label:<46} {np.percentile(ms, 50):7.2f} {np.percentile(ms, 99):7.2f} {rate}")
+
+
+def main(argv):
+    del argv
+    workdir = tempfile.mkdtemp(prefix="predictor_latency-")
+    vocab = {"num_items": FLAGS.num_items, "num_users": FLAGS.num_users,
+             "num_categories": FLAGS.num_categories}
+    if FLAGS.export_dir:
+        models = {FLAGS.export_dir: SavedModel(FLAGS.export_dir)}
+    else:
+        models = {}
+        for method in FLAGS.models:
+            model = build_ranker(vocab, FLAGS.max_history, method,
+                                 None if method == "id" else FLAGS.vector_dim)
+            models[method] = SavedModel(export_saved_model(
+                model, os.path.join(workdir, method), "probability"))
+    dims = {m.inputs["item_vector"].shape[-1] for m in models.values() if "item_vector" in m.inputs}
+    server = None
+    indexes = {}
+    if dims:
+        dim = dims.pop()
+        rng = np.random.default_rng(0)
+        vectors = rng.normal(size=(FLAGS.num_items - 2, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        url = FLAGS.redis_url
+        if not url:
+            from tests.conftest import RedisServer  # the tests' private server
+
+            server = RedisServer(workdir)
+            url = server.url
+        indexes = {"SQLite": SQLiteIndex(os.path.join(workdir, "vectors.db"), dim=dim),
+                   "Redis": RedisIndex(url, dim=dim, prefix="tfmm-bench-predictor")}
+        for index in indexes.values():
+            index.put(np.arange(2, FLAGS.num_items), vectors)
+    try:
+        print(f"{FLAGS.requests} requests per row: 1 user x {FLAGS.candidates} candidates, "
+              f"history {FLAGS.max_history}, {os.cpu_count()} CPUs")
+        print(f"{'':<46} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>8}")
+        for name, model in models.items():
+            length = model.inputs["history_item_ids"].shape[1]
+            requests = make_requests(length)
+            takes_vectors = "item_vector" in model.inputs
+            for index_name, index in (indexes.items() if takes_vectors else [("-", None)]):
+                predictor = Predictor(model, index)
+                label = f"{name}, index {index_name}"
+                row(f"{label}: predict, 1 thread", *latencies(predictor.predict, requests))
+                row(f"{label}: predict, {FLAGS.threads} threads",
+                    *latencies(predictor.predict, requests, FLAGS.threads))
+                assembled = {id(r): predictor.assemble(r)[0] for r in requests}
+                features = [assembled[id(r)] for r in requests]
+                if index is not None:
+                    keys = [np.unique(np.concatenate([r.history_item_ids, r.candidate_item_ids]))
+                            for r in requests]
+                    row(f"{label}:   index get ({len(keys[0])} ids)",
+                        latencies(index.get, keys)[0])
+                row(f"{label}:   assemble inputs", latencies(predictor.assemble, requests)[0])
+                row(f"{label}:   model call", latencies(model, features)[0])
+    finally:
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,276 @@
+"""The online predictor: request assembly, the three backends, errors, concurrency."""
+
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from tests.fake_tf_serving import FakeTFServing
+from tfmm.data import schema, world as world_lib
+from tfmm.data.synthetic import write_world
+from tfmm.export import export_saved_model
+from tfmm.index import RedisIndex, SQLiteIndex
+from tfmm.keras_compat import keras
+from tfmm.ranker import build_ranker
+from tfmm.serving.predictor import GrpcModel, Predictor, Request, RestModel, ServingError
+
+VOCAB = {"num_items": 30, "num_users": 10, "num_categories": 5}
+L, D = 5, 8
+MISSING = 29  # an item the index has no vector for
+CATEGORIES = np.random.default_rng(0).integers(2, VOCAB["num_categories"], VOCAB["num_items"])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two rankers (ID, SimTier) exported, their Keras models, an index and a fake TF Serving."""
+    root = tmp_path_factory.mktemp("predictor")
+    keras.utils.set_random_seed(0)
+    models, dirs = {}, {}
+    for method in ("id", "simtier"):
+        model = build_ranker(VOCAB, L, method, vector_dim=None if method == "id" else D,
+                             embedding_dim=4, attention_units=(8,), mlp_units=(8,))
+        dirs[method] = str(root / method)
+        export_saved_model(model, dirs[method], "probability")
+        models[method] = model
+    vectors = np.random.default_rng(1).normal(size=(VOCAB["num_items"], D)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = SQLiteIndex(root / "index.db", dim=D)
+    index.put(np.arange(2, MISSING), vectors[2:MISSING])
+    server = FakeTFServing(dirs)
+    yield {"models": models, "dirs": dirs, "vectors": vectors, "index": index, "server": server}
+    server.stop()
+
+
+def category(item):
+    return CATEGORIES[item] if 0 < item < len(CATEGORIES) else 0
+
+
+def expected(world, method, request):
+    """The Keras model on inputs assembled by hand, as the training reader would."""
+    history = list(request.history_item_ids)[-L:]
+    history = history + [0] * (L - len(history))
+    n = len(request.candidate_item_ids)
+    rows = {"user_id": [request.user_id] * n, "item_id": list(request.candidate_item_ids),
+            "category_id": [category(i) for i in request.candidate_item_ids],
+            "history_item_ids": [history] * n,
+            "history_category_ids": [[category(i) for i in history]] * n,
+            "history_mask": [[i != 0 for i in history]] * n}
+    inputs = {k: np.array(v, bool if k == "history_mask" else np.int64) for k, v in rows.items()}
+    if method != "id":
+        vector = lambda i: world["vectors"][i] if 2 <= i < MISSING else np.zeros(D)  # noqa: E731
+        inputs["item_vector"] = np.array([vector(i) for i in request.candidate_item_ids],
+                                         np.float32)
+        inputs["history_vectors"] = np.array([[vector(i) for i in history]] * n, np.float32)
+    return world["models"][method](inputs, training=False).numpy()[:, 0]
+
+
+def predictor(world, method, backend):
+    model = {"in_process": world["dirs"][method], "rest": world["server"].rest(method),
+             "grpc": world["server"].grpc(method)}[backend]
+    return Predictor(model, None if method == "id" else world["index"],
+                     item_categories=CATEGORIES)
+
+
+REQUESTS = [
+    # History longer than L (the most recent 5 count); a candidate without a vector.
+    Request(3, [4, 9, 11, 2, 7, 5, 20, 14], [6, MISSING, 12, 4, 25]),
+    Request(7, [], [8, 3]),  # empty history
+    Request(1, [13, 13, 28], [13]),  # repeated items, candidate also in the history
+    # A new user and a new item (ids outside the vocabulary, no vector, no category).
+    Request(12, [4, 1000], [1000, 5]),
+]
+
+
+@pytest.mark.parametrize("backend", ["in_process", "rest", "grpc"])
+@pytest.mark.parametrize("method", ["id", "simtier"])
+def test_backends_score_like_the_keras_model(world, method, backend):
+    p = predictor(world, method, backend)
+    assert (p.max_history, p.vector_dim) == (L, None if method == "id" else D)
+    for request in REQUESTS:
+        got = p.predict(request)
+        assert got.dtype == np.float32 and got.shape == (len(request.candidate_item_ids),)
+        np.testing.assert_allclose(got, expected(world, method, request), rtol=0, atol=1e-5)
+    missing = 0 if method == "id" else 2  # MISSING and 1000
+    assert p.stats == {"requests": 4, "candidates": 10, "missing_vectors": missing}
+
+
+def test_a_redis_index_serves_the_vectors(world, redis_url):
+    index = RedisIndex(redis_url, dim=D)
+    index.put(np.arange(2, MISSING), world["vectors"][2:MISSING])
+    p = Predictor(world["dirs"]["simtier"], index, item_categories=CATEGORIES)
+    for request in REQUESTS:
+        np.testing.assert_allclose(p.predict(request), expected(world, "simtier", request),
+                                   atol=1e-5)
+    assert p.stats["missing_vectors"] == 2
+
+
+def test_history_keeps_the_most_recent_items_and_missing_vectors_are_zeros(world):
+    p = predictor(world, "simtier", "in_process")
+    features, missing = p.assemble(Request(3, list(range(2, 10)), [MISSING, 2]))
+    np.testing.assert_array_equal(features["history_item_ids"], [[5, 6, 7, 8, 9]] * 2)
+    np.testing.assert_array_equal(features["history_category_ids"][0], CATEGORIES[5:10])
+    assert features["history_mask"].all()
+    np.testing.assert_array_equal(missing, [MISSING])
+    np.testing.assert_array_equal(features["item_vector"][0], np.zeros(D))
+    np.testing.assert_array_equal(features["item_vector"][1], world["vectors"][2])
+    np.testing.assert_array_equal(features["history_vectors"][1, 0], world["vectors"][5])
+
+    features, missing = p.assemble(Request(3, [], [4]))
+    assert not features["history_mask"].any() and not features["history_item_ids"].any()
+    assert not features["history_vectors"].any() and len(missing) == 0
+
+
+def test_request_categories_override_the_catalogue_and_unknown_ids_get_zero(world):
+    p = predictor(world, "id", "in_process")
+    features, _ = p.assemble(Request(3, [4, 99], [5, 6], history_category_ids=[1, 2],
+                                     candidate_category_ids=[3, 4]))
+    np.testing.assert_array_equal(features["category_id"], [3, 4])
+    np.testing.assert_array_equal(features["history_category_ids"][0], [1, 2, 0, 0, 0])
+    features, _ = p.assemble(Request(3, [4, 99], [5, 123]))  # 99, 123: not in the table
+    np.testing.assert_array_equal(features["category_id"], [CATEGORIES[5], 0])
+    np.testing.assert_array_equal(features["history_category_ids"][0], [CATEGORIES[4], 0, 0, 0, 0])
+    mapping = Predictor(world["dirs"]["id"], item_categories={5: 2})
+    np.testing.assert_array_equal(mapping.assemble(Request(3, [], [5, 6]))[0]["category_id"],
+                                  [2, 0])
+    assert len(p.predict(Request(3, [4], []))) == 0
+
+
+def test_bad_requests_and_settings_are_refused(world):
+    p = predictor(world, "id", "in_process")
+    with pytest.raises(ValueError, match="candidate_category_ids: 1 category ids for 2 items"):
+        p.assemble(Request(3, [], [5, 6], candidate_category_ids=[1]))
+    with pytest.raises(ValueError, match="history_item_ids: want integer ids"):
+        p.assemble(Request(3, [1.5], [5]))
+    with pytest.raises(ValueError, match="takes 8-d item vectors: pass the index"):
+        Predictor(world["dirs"]["simtier"])
+    with pytest.raises(ValueError, match="holds 3-d vectors"):
+        Predictor(world["dirs"]["simtier"], SQLiteIndex(world["index"].path + "3", dim=3))
+
+
+def test_base_dir_loads_the_highest_version(world, tmp_path):
+    model = build_ranker(VOCAB, L, "id", embedding_dim=4, attention_units=(8,), mlp_units=(8,))
+    export_saved_model(world["models"]["id"], str(tmp_path), "probability")
+    export_saved_model(model, str(tmp_path), "probability")
+    p = Predictor(str(tmp_path), item_categories=CATEGORIES)
+    assert str(p.model).startswith(str(tmp_path / "2"))
+    request = REQUESTS[0]
+    np.testing.assert_allclose(p.predict(request), model(
+        p.assemble(request)[0], training=False).numpy()[:, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["in_process", "rest", "grpc"])
+def test_eight_threads_get_their_own_answers(world, backend):
+    p = predictor(world, "simtier", backend)
+    rng = np.random.default_rng(2)
+    requests = [Request(int(rng.integers(2, 10)), rng.integers(2, 30, rng.integers(0, 9)),
+                        rng.integers(2, 30, rng.integers(1, 7))) for _ in range(24)]
+    want = [expected(world, "simtier", r) for r in requests]
+    errors = []
+
+    def client(k):
+        try:
+            for _ in range(4):
+                for i in range(k, len(requests), 8):
+                    np.testing.assert_allclose(p.predict(requests[i]), want[i], atol=1e-5)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert p.stats["requests"] == 4 * len(requests)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_clear_errors_from_servers(world):
+    port = free_port()  # nothing listens there
+    with pytest.raises(ServingError, match=f"http://127.0.0.1:{port}/v1/models/ranker.*refused"):
+        RestModel("127.0.0.1", port, "ranker", timeout=2)
+    with pytest.raises(ServingError, match=f"grpc://127.0.0.1:{port}/ranker: UNAVAILABLE"):
+        GrpcModel(f"127.0.0.1:{port}", "ranker", timeout=2)
+
+    server = world["server"]
+    with pytest.raises(ServingError, match=r"/v1/models/nope: HTTP 404: Servable not found "
+                                           r"for request: Latest\(nope\)"):
+        RestModel("127.0.0.1", server.rest_port, "nope")
+    with pytest.raises(ServingError, match=r"/nope/versions/9: NOT_FOUND: .*Specific\(nope, 9\)"):
+        GrpcModel(f"127.0.0.1:{server.grpc_port}", "nope", version=9)
+
+    rest = RestModel("127.0.0.1", server.rest_port, "id")
+    features = predictor(world, "id", "in_process").assemble(REQUESTS[0])[0]
+    with pytest.raises(ServingError, match="HTTP 400: .*user_id.* not of expected type: int64"):
+        rest({**features, "user_id": features["user_id"] + 0.5})
+    grpc_model = GrpcModel(f"127.0.0.1:{server.grpc_port}", "id")
+    with pytest.raises(ServingError, match="INVALID_ARGUMENT: Expects arg.* int64 but float"):
+        grpc_model({**features, "user_id": features["user_id"].astype(np.float32)})
+
+
+def test_closed_keep_alive_connections_are_reopened_and_a_dead_server_is_named(world):
+    with FakeTFServing({"id": world["dirs"]["id"]}) as server:
+        rest = Predictor(server.rest("id"), item_categories=CATEGORIES)
+        grpc_predictor = Predictor(server.grpc("id"), item_categories=CATEGORIES)
+        want = rest.predict(REQUESTS[0])  # opens the keep-alive connection
+        server.drop_connections()
+        np.testing.assert_array_equal(rest.predict(REQUESTS[0]), want)
+    with pytest.raises(ServingError, match=f"127.0.0.1:{server.rest_port}/v1/models/id"):
+        rest.predict(REQUESTS[0])
+    with pytest.raises(ServingError, match=f"127.0.0.1:{server.grpc_port}/id: UNAVAILABLE"):
+        grpc_predictor.predict(REQUESTS[0])
+
+
+def test_rest_row_format_and_metadata_as_tf_serving_prints_it(world):
+    import http.client
+    import json
+
+    server = world["server"]
+    conn = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=5)
+    conn.request("GET", "/v1/models/id/metadata")
+    meta = json.loads(conn.getresponse().read())
+    user = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"][
+        "user_id"]
+    assert user["dtype"] == "DT_INT64" and user["tensor_shape"]["dim"][0]["size"] == "-1"
+    features = predictor(world, "id", "in_process").assemble(REQUESTS[1])[0]
+    rows = [{k: v[i].tolist() for k, v in features.items()} for i in range(2)]
+    conn.request("POST", "/v1/models/id:predict", json.dumps({"instances": rows}))
+    got = np.array(json.loads(conn.getresponse().read())["predictions"])[:, 0]
+    np.testing.assert_allclose(got, expected(world, "id", REQUESTS[1]), atol=1e-5)
+
+
+def test_cli_ranks_candidates_with_the_default_paths(tmp_path):
+    """python -m tfmm.serving.predict in a directory laid out as tfmm.train leaves it."""
+    data_dir = tmp_path / "data" / "tiny"
+    write_world(world_lib.generate(world_lib.PRESETS["tiny"]), data_dir)
+    meta = schema.read_metadata(data_dir)
+    model = build_ranker(meta["vocab"], meta["max_history"], "simtier", vector_dim=D,
+                         embedding_dim=4, attention_units=(8,), mlp_units=(8,))
+    export_saved_model(model, str(tmp_path / "runs" / "tiny" / "export" / "ranker"), "probability")
+    index = SQLiteIndex(tmp_path / "runs" / "tiny" / "index" / "vectors.db", dim=D)
+    items = np.arange(schema.FIRST_ID, meta["vocab"]["num_items"] - 1)  # the last has none
+    index.put(items, np.random.default_rng(0).normal(size=(len(items), D)))
+
+    def run(*flags):
+        out = subprocess.run([sys.executable, "-m", "tfmm.serving.predict", "--world=tiny",
+                              *flags], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.splitlines()
+
+    lines = run("--top_k=3")
+    assert len(lines) <= 10, lines
+    assert "(test impression 0)" in lines[1] and "200 candidates" in lines[1]
+    assert "items without a vector: " in lines[2]
+    top = [float(line.split()[-1]) for line in lines[4:7]]
+    assert top == sorted(top, reverse=True)
+    assert lines[-1].startswith("the impression's item")
+    lines = run("--user_id=3", "--history=5,6,7", f"--candidates=5,{items[-1] + 1}", "--top_k=2")
+    assert "items without a vector: 1" in lines[2] and len(lines) == 6
