@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test redis-server
+.PHONY: setup demo test system-packages
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,17 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m tfmm.train --flagfile=configs/ctr.flags
 
-# The Redis index and stream tests start their own redis-server on a free port
-# (tests/conftest.py); this installs Debian's when it is not on PATH.
-redis-server:
-	@command -v redis-server >/dev/null || { \
+# Debian packages the tests need, installed when missing: redis-server (the
+# Redis index and stream tests start their own on a free port,
+# tests/conftest.py) and g++ (the TF Serving loader check, tfmm.serving.check).
+system-packages:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v g++ >/dev/null || missing="$$missing g++"; \
+	[ -z "$$missing" ] || { \
 	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  install="$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server"; \
+	  install="$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing"; \
 	  $$install || { $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update && $$install; }; }
 
-test: setup redis-server
+test: setup system-packages
 	$(PY) -m pytest -q tests

@@ -26,8 +26,8 @@ class RedisServer:
 
         self.binary = shutil.which("redis-server")
         if self.binary is None:
-            # Never a skip: CI installs it (.ci/run, `make redis-server`) so these tests run.
-            pytest.fail("redis-server is not installed; run `make redis-server` "
+            # Never a skip: CI installs it (.ci/run, `make system-packages`) so these tests run.
+            pytest.fail("redis-server is not installed; run `make system-packages` "
                         "(apt-get install redis-server).")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
