@@ -28,7 +28,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from tfmm.serving.predictor import saved_model_dir
+from tfmm.export import latest_version
 
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 400}
 
@@ -46,7 +46,7 @@ class Servable:
 
     def __init__(self, name, base_dir):
         self.name = name
-        self.path = saved_model_dir(base_dir)
+        self.path = latest_version(base_dir)
         self.version = int(os.path.basename(self.path))
         self.loaded = tf.saved_model.load(self.path)
         proto = saved_model_pb2.SavedModel()

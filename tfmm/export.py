@@ -30,6 +30,26 @@ def next_version(export_dir):
     return max(versions, default=0) + 1
 
 
+def latest_version(path):
+    """The SavedModel TF Serving would serve from `path`: `path` itself when it
+    holds one, else its highest integer version (FileNotFoundError if none)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory.")
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    versions = [int(v) for v in os.listdir(path)
+                if v.isdigit() and os.path.isdir(os.path.join(path, v))]
+    if not versions:
+        raise FileNotFoundError(f"{path}: no SavedModel (no saved_model.pb in it, no integer "
+                                "version directory under it).")
+    version = os.path.join(path, str(max(versions)))
+    # TF Serving serves the highest version, whatever it holds.
+    if not os.path.isfile(os.path.join(version, "saved_model.pb")):
+        raise FileNotFoundError(f"{version}: the highest version has no saved_model.pb; TF "
+                                "Serving would try to load it and fail.")
+    return version
+
+
 def input_signature(model):
     """Dense TensorSpecs named like the model's inputs (a dict model gives several)."""
     inputs = model.inputs

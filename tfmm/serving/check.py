@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import named_tensor_pb2
 
-from tfmm.export import SIGNATURE, conform_inputs, example_inputs, read_warmup
+from tfmm.export import SIGNATURE, conform_inputs, example_inputs, latest_version, read_warmup
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("signature", SIGNATURE, "The signature to run.")
@@ -89,21 +89,10 @@ def binary():
 
 def resolve_export_dir(export_dir):
     """The version directory to check: `export_dir` itself or its highest integer version."""
-    if not os.path.isdir(export_dir):
-        raise ServingCheckError(f"{export_dir}: no such directory.")
-    if os.path.isfile(os.path.join(export_dir, "saved_model.pb")):
-        return export_dir
-    versions = [int(v) for v in os.listdir(export_dir)
-                if v.isdigit() and os.path.isdir(os.path.join(export_dir, v))]
-    if not versions:
-        raise ServingCheckError(f"{export_dir}: no SavedModel (no saved_model.pb in it, no "
-                                "integer version directory under it).")
-    path = os.path.join(export_dir, str(max(versions)))
-    # TF Serving serves the highest version, whatever it holds.
-    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        raise ServingCheckError(f"{path}: the highest version has no saved_model.pb; TF Serving "
-                                "would try to load it and fail.")
-    return path
+    try:
+        return latest_version(export_dir)
+    except FileNotFoundError as e:
+        raise ServingCheckError(str(e)) from None
 
 
 def _run_binary(exe, path, signature, inputs, specs):

@@ -36,7 +36,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2,
                                      prediction_service_pb2_grpc)
 
 from tfmm.data import schema
-from tfmm.export import SIGNATURE, next_version
+from tfmm.export import SIGNATURE, latest_version
 from tfmm.ranker import ID_INPUTS
 
 VECTOR_INPUTS = ("item_vector", "history_vectors")
@@ -65,17 +65,6 @@ class Request:
     candidate_item_ids: Sequence[int]
     history_category_ids: Optional[Sequence[int]] = None
     candidate_category_ids: Optional[Sequence[int]] = None
-
-
-def saved_model_dir(path):
-    """`path` when it holds a SavedModel, else its highest ``<integer version>/``."""
-    if os.path.exists(os.path.join(path, "saved_model.pb")):
-        return path
-    version = next_version(path) - 1
-    if not version:
-        raise FileNotFoundError(f"{path}: neither a SavedModel nor a directory of "
-                                "<integer version>/ SavedModels (tfmm.export).")
-    return os.path.join(path, str(version))
 
 
 def _output_name(outputs, output, where):
@@ -113,7 +102,7 @@ class SavedModel(Model):
     """
 
     def __init__(self, path, output=None):
-        self.path = saved_model_dir(path)
+        self.path = latest_version(path)
         # Held so the signature's variables live as long as this object.
         self._loaded = tf.saved_model.load(self.path)
         if SIGNATURE not in self._loaded.signatures:
