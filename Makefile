@@ -14,8 +14,10 @@ $(VENV)/.installed: setup.py
 
 setup: $(VENV)/.installed
 
+# Train, evaluate and export; then serve one request from the export.
 demo: setup
 	$(PY) -m tfmm.train --flagfile=configs/ctr.flags
+	$(PY) -m tfmm.serving.predict --world=small
 
 # Debian packages the tests need, installed when missing: redis-server (the
 # Redis index and stream tests start their own on a free port,

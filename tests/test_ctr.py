@@ -122,6 +122,54 @@ def test_missing_vectors_fall_back_to_zeros_and_are_counted(tiny_dir, oracle, tm
     assert result["missing_item_vectors"] == result["new_items"]["impressions"] > 0
 
 
+def test_live_vectors_reach_an_existing_dataset_after_a_refresh(tiny_dir, oracle):
+    half = oracle.present & (np.arange(len(oracle.present)) % 2 == 0)
+    live = data.Vectors(np.where(half[:, None], oracle.table, 0).astype(np.float32), half).live()
+    ds = data.impressions(tiny_dir, "test", batch_size=4096, vectors=live,
+                          features=["item_id", "item_vector", "item_vector_missing"])
+
+    def first_batch():
+        f, _ = next(iter(ds))
+        return f["item_id"].numpy(), f["item_vector"].numpy(), f["item_vector_missing"].numpy()
+
+    ids, vectors, missing = first_batch()
+    np.testing.assert_array_equal(missing, ~half[ids])
+    live.refresh(oracle)  # the same dataset object, a new epoch's iterator
+    ids, vectors, missing = first_batch()
+    assert not missing.any()
+    np.testing.assert_array_equal(vectors, oracle.table[ids])
+    with pytest.raises(TypeError, match=r"only a `live\(\)` table"):
+        oracle.refresh(oracle)
+
+
+def test_refresh_vectors_trains_on_vectors_written_between_epochs(tiny_dir, oracle, tmp_path,
+                                                                  monkeypatch):
+    ids = np.flatnonzero(oracle.present)
+    index = SQLiteIndex(tmp_path / "v.db", dim=oracle.table.shape[1])
+    index.claim(schema.catalogue_fingerprint(tiny_dir))
+    index.put(ids[::2], oracle.table[ids[::2]])
+    begin = ctr.RefreshVectors.on_epoch_begin
+
+    def encoder_writes_the_rest_during_epoch_1(self, epoch, logs=None):
+        if epoch == 1:
+            index.put(ids[1::2], oracle.table[ids[1::2]])
+        begin(self, epoch, logs)
+
+    monkeypatch.setattr(ctr.RefreshVectors, "on_epoch_begin",
+                        encoder_writes_the_rest_during_epoch_1)
+    config = ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "m"), model="simtier",
+                           index=str(tmp_path / "v.db"), epochs=2, refresh_vectors=True,
+                           **SMALL_MODEL)
+    result = ctr.run(config)
+    assert result["vector_refreshes"] == [
+        {"epoch": 1, "items_with_vectors": len(ids[::2])},
+        {"epoch": 2, "items_with_vectors": len(ids)}]
+    assert result["missing_item_vectors"] == 0  # evaluated with the refreshed table
+    with pytest.raises(ctr.SettingsError, match="--refresh_vectors needs a multimodal"):
+        ctr.CTRConfig(data_dir=tiny_dir, model_dir="m", refresh_vectors=True,
+                      model="id").validate()
+
+
 def test_settings_errors_name_the_flag(tiny_dir, tmp_path):
     with pytest.raises(ctr.SettingsError, match="needs item vectors: set --index"):
         ctr.run(ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path), model="make"))

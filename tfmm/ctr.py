@@ -18,6 +18,8 @@ every epoch, exports it and writes ``<model_dir>/metrics.json``:
   pre-training epochs (the multimodal-only model of paper Fig. 3).
 - ``missing_item_vectors``: test impressions whose target item had no vector
   in the index (its vector is zeros: the defined fallback).
+- ``vector_refreshes``: with ``refresh_vectors``, the items with a vector at
+  the start of each epoch (near-line training, paper §5).
 - ``export_path``, ``train_seconds``, ``config``.
 
 Multimodal methods read item vectors from the index table; an empty or
@@ -26,6 +28,11 @@ missing table is first filled by running the pre-training given as
 jointly with the ranker, from scratch), then frozen or, with
 ``make_trainable``, fine-tuned. A killed run resumes: MAKE's pre-trained
 weights are kept, and the ranker restarts from its last finished epoch.
+
+The vectors are a snapshot of the index taken at the start; with
+``refresh_vectors`` the snapshot is taken again at every epoch (of MAKE's
+pre-training and of the ranker), so vectors the encoder service wrote
+meanwhile, e.g. of new items, join training and evaluation without a restart.
 """
 
 import dataclasses
@@ -72,6 +79,7 @@ class CTRConfig:
     num_tiers: int = 10
     simtier_output: str = "fraction"  # see tfmm.ranker.build_ranker
     batch_norm: bool = False
+    refresh_vectors: bool = False  # re-read the index at every epoch (near-line)
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     batch_size: int = 512
@@ -94,6 +102,9 @@ class CTRConfig:
             raise SettingsError(f"--learning_rate={self.learning_rate} must be > 0.")
         if self.model != "id" and not self.index:
             raise SettingsError(f"--model={self.model} needs item vectors: set --index.")
+        if self.refresh_vectors and self.model == "id":
+            raise SettingsError("--refresh_vectors needs a multimodal --model; id reads no "
+                                "vectors.")
         return self
 
     @property
@@ -142,7 +153,8 @@ class TestSet:
                 "auc": metrics.auc(y[rows], p[rows]),
                 "logloss": metrics.logloss(y[rows], p[rows]) if rows.any() else None})
         if self.vectors is not None:
-            out["missing_item_vectors"] = int((~self.vectors.present[c["item_id"]]).sum())
+            present = np.asarray(self.vectors.present)  # a live table is a tf.Variable
+            out["missing_item_vectors"] = int((~present[c["item_id"]]).sum())
         return out
 
 
@@ -174,6 +186,27 @@ class EpochEvaluation(keras.callbacks.Callback):
         print(f"epoch {epoch + 1} test: " + ", ".join(
             f"{k} {v:.4f}" for k, v in values.items() if k not in ("epoch", "gauc_groups")),
             flush=True)
+
+
+class RefreshVectors(keras.callbacks.Callback):
+    """Copies a new snapshot of the index into the live vectors before each epoch.
+
+    Datasets joined with `live` (`tfmm.data.Vectors.live`) read it when an
+    epoch's iterator starts, which Keras does after ``on_epoch_begin``.
+    """
+
+    def __init__(self, index, live):
+        super().__init__()
+        self.index, self.live = index, live
+        self.values = []
+
+    def on_train_begin(self, logs=None):
+        self.values = []  # MAKE's pre-training and the ranker each report their own
+
+    def on_epoch_begin(self, epoch, logs=None):
+        snapshot = self.index.snapshot(self.live.table.shape[0])
+        self.live.refresh(snapshot)
+        self.values.append({"epoch": epoch + 1, "items_with_vectors": int(snapshot.present.sum())})
 
 
 def _write_json(path, value):
@@ -250,7 +283,7 @@ MAKE_SETTINGS = ("data_dir", "index", "make_units", "max_history", "optimizer",
                  "learning_rate", "batch_size", "seed")
 
 
-def pretrain_make(config, vectors, test, length):
+def pretrain_make(config, vectors, test, length, refresh=()):
     """MAKE trained alone on the CTR task (paper eq. 5); frozen unless make_trainable.
 
     Every epoch's weights stay in the MAKE directory, so rankers sharing it
@@ -272,7 +305,7 @@ def pretrain_make(config, vectors, test, length):
                                  max_history=length, vectors=vectors, features=list(model.input))
         keep = keras.callbacks.ModelCheckpoint(os.path.join(out, "epoch{epoch}.weights.h5"),
                                                save_weights_only=True)
-        values = _fit(model, config, train, config.make_epochs, test, out, [keep])
+        values = _fit(model, config, train, config.make_epochs, test, out, [keep, *refresh])
     model.load_weights(weights)
     make.trainable = config.make_trainable
     return make, values
@@ -295,11 +328,15 @@ def run(config, vectors=None, pretrain_config=None):
         vectors = load_vectors(config, vocab["num_items"], pretrain_config)
     elif config.model == "id":
         vectors = None
+    refresh = []
+    if config.refresh_vectors and vectors is not None:
+        vectors = vectors.live()
+        refresh = [RefreshVectors(open_index(config.index), vectors)]
     keras.utils.set_random_seed(config.seed)
     test = TestSet(config, meta, vectors)
     groups = metrics.frequency_groups(train_counts(config, vocab["num_items"]),
                                       NUM_FREQUENCY_GROUPS)
-    make, make_epochs = (pretrain_make(config, vectors, test, length)
+    make, make_epochs = (pretrain_make(config, vectors, test, length, refresh)
                          if config.uses_make else (None, []))
     model = build_ranker(vocab, length, method=config.model,
                          vector_dim=None if vectors is None else vectors.table.shape[1],
@@ -310,12 +347,14 @@ def run(config, vectors=None, pretrain_config=None):
     train = data.impressions(config.data_dir, "train", batch_size=config.batch_size,
                              max_history=length, vectors=vectors, features=list(model.input))
     print(f"training the {config.model} ranker for {config.epochs} epoch(s) ...", flush=True)
-    epochs = _fit(model, config, train, config.epochs, test, config.model_dir)
+    epochs = _fit(model, config, train, config.epochs, test, config.model_dir, refresh)
     result = {"model": config.model, **test.report(test.predict(model), groups),
               "epochs": epochs}
     if config.uses_make:
         result["make"] = {"pretrain_epochs": config.make_epochs,
                           "trainable": config.make_trainable, "epochs": make_epochs}
+    if refresh:
+        result["vector_refreshes"] = refresh[0].values
     if config.export_dir:
         result["export_path"] = export_saved_model(model, config.export_dir, "probability")
     result.update(train_seconds=time.time() - start, config=dataclasses.asdict(config))

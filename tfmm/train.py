@@ -71,6 +71,8 @@ flags.DEFINE_enum("simtier_output", "fraction", ["counts", "log1p", "fraction"],
                   "or raw counts (the paper's; they trained worse here).")
 flags.DEFINE_bool("batch_norm", False, "Batch-normalise the ranker's MLP input (as the DIN "
                   "reference code does).")
+flags.DEFINE_bool("refresh_vectors", False, "Re-read the index table at every epoch, so "
+                  "vectors the encoder service writes meanwhile join training (near-line).")
 flags.DEFINE_enum("optimizer", "adam", list(ctr.OPTIMIZERS), "Ranker optimizer.")
 flags.DEFINE_integer("pretrain_epochs", 2, "Pre-training epochs when --task=ctr finds the "
                      "index empty.")

@@ -34,6 +34,19 @@ class Vectors:
     table: np.ndarray
     present: np.ndarray
 
+    def live(self):
+        """This snapshot in (non-trainable) tf.Variables: datasets joined with it
+        see every later `refresh`, without being rebuilt (near-line training)."""
+        return Vectors(tf.Variable(self.table, trainable=False, name="vectors"),
+                       tf.Variable(self.present, trainable=False, name="vectors_present"))
+
+    def refresh(self, snapshot):
+        """Copies a newer `snapshot` of the same shape into this live table."""
+        if not isinstance(self.table, tf.Variable):
+            raise TypeError("Vectors.refresh: only a `live()` table can be refreshed.")
+        self.table.assign(snapshot.table)
+        self.present.assign(snapshot.present)
+
     @classmethod
     def from_items(cls, item_ids, vectors, num_items):
         """Scatters `vectors` [n, d] of dense `item_ids` [n] into a snapshot."""
@@ -115,8 +128,9 @@ def _parse_impressions(max_history, side_features):
 
 
 def _join_vectors(vectors):
-    table = tf.constant(vectors.table)
-    present = tf.constant(vectors.present)
+    table, present = vectors.table, vectors.present
+    if not isinstance(table, tf.Variable):
+        table, present = tf.constant(table), tf.constant(present)
 
     def join(features, label):
         features = dict(features)
