@@ -107,12 +107,22 @@ def process(encoder, events, index, consumer, batch_size=64, block=0.5):
 
 
 def serve(encoder, events, index, consumer, batch_size=64, block=0.5, max_events=0,
-          idle_exit=0.0):
-    """Runs `process` until `max_events` were handled or `idle_exit` seconds pass idle."""
+          idle_exit=0.0, retry_after=0.5):
+    """Runs `process` until `max_events` were handled or `idle_exit` seconds pass idle.
+
+    An unreachable index or queue (a Redis restart) is logged and retried every
+    `retry_after` seconds; the batch in hand was not acknowledged, so it is
+    delivered again.
+    """
     handled = bad = 0
     last_event = time.monotonic()
     while not max_events or handled + bad < max_events:
-        n, b = process(encoder, events, index, consumer, batch_size, block)
+        try:
+            n, b = process(encoder, events, index, consumer, batch_size, block)
+        except ConnectionError as e:  # IndexUnavailable, EventsUnavailable
+            log.warning("retrying in %.1f s: %s", retry_after, e)
+            time.sleep(retry_after)
+            continue
         handled, bad = handled + n, bad + b
         if n or b:
             last_event = time.monotonic()

@@ -22,6 +22,7 @@ Example:
 >>> events.ack([event_id])
 """
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -31,6 +32,10 @@ FIELDS = ("item_id", "image", "title", "category_id")
 
 class BadEvent(ValueError):
     """An event that can never be embedded (missing field, undecodable content)."""
+
+
+class EventsUnavailable(ConnectionError):
+    """The event queue's server cannot be reached (after the client's retries)."""
 
 
 def check_event(event):
@@ -157,6 +162,26 @@ class RedisEvents(ItemEvents):
     def __repr__(self):
         return f"RedisEvents({self.address}, stream={self.stream}, group={self.group})"
 
+    @contextlib.contextmanager
+    def _reachable(self):
+        """Connection errors (after the client's retries) as EventsUnavailable; a
+        stream lost with a restarted server gets its group again on the next call."""
+        import redis
+
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            self._group_ready = False
+            raise EventsUnavailable(f"Redis events at {self.address} are unreachable: "
+                                    f"{e}") from e
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            self._group_ready = False
+            raise EventsUnavailable(f"Redis events at {self.address}: the consumer group "
+                                    f"{self.group} is gone (a restarted server?); it is "
+                                    "created again on the next read.") from e
+
     def _ensure_group(self):
         import redis
 
@@ -172,8 +197,9 @@ class RedisEvents(ItemEvents):
         rows = [check_event(e) for e in events]
         pipe = self.client.pipeline(transaction=True)
         for r in rows:
-            pipe.xadd(self.stream, {k: v for k, v in r.items()})
-        return [i.decode() for i in pipe.execute()]
+            pipe.xadd(self.stream, r)
+        with self._reachable():
+            return [i.decode() for i in pipe.execute()]
 
     @staticmethod
     def _decode(fields):
@@ -184,16 +210,17 @@ class RedisEvents(ItemEvents):
                 "created_at": float(f.get("created_at", 0.0))}
 
     def read(self, consumer, count=64, block=1.0):
-        self._ensure_group()
-        # Work a dead consumer left pending comes first (at-least-once).
-        _, claimed, _ = self.client.xautoclaim(self.stream, self.group, consumer,
-                                               min_idle_time=int(self.reclaim_after * 1000),
-                                               start_id="0-0", count=count)
-        entries = [(i, f) for i, f in claimed if f]
-        if not entries:
-            reply = self.client.xreadgroup(self.group, consumer, {self.stream: ">"}, count=count,
-                                           block=max(1, int(block * 1000)))
-            entries = reply[0][1] if reply else []
+        with self._reachable():
+            self._ensure_group()
+            # Work a dead consumer left pending comes first (at-least-once).
+            _, claimed, _ = self.client.xautoclaim(self.stream, self.group, consumer,
+                                                   min_idle_time=int(self.reclaim_after * 1000),
+                                                   start_id="0-0", count=count)
+            entries = [(i, f) for i, f in claimed if f]
+            if not entries:
+                reply = self.client.xreadgroup(self.group, consumer, {self.stream: ">"},
+                                               count=count, block=max(1, int(block * 1000)))
+                entries = reply[0][1] if reply else []
         return [(i.decode(), self._decode(f)) for i, f in entries]
 
     def ack(self, event_ids):
@@ -201,11 +228,12 @@ class RedisEvents(ItemEvents):
             pipe = self.client.pipeline(transaction=True)
             pipe.xack(self.stream, self.group, *event_ids)
             pipe.xdel(self.stream, *event_ids)
-            pipe.execute()
+            with self._reachable():
+                pipe.execute()
 
     def pending(self):
-        self._ensure_group()
-        return self.client.xlen(self.stream)
+        with self._reachable():
+            return self.client.xlen(self.stream)
 
 
 def open_events(spec, **kwargs):
