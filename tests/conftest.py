@@ -82,3 +82,12 @@ def redis_url(redis_server):
         redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_spec(request, tmp_path):
+    """Where a new, empty index or event queue lives, on each backend: a SQLite
+    file, or an empty database of the private Redis server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "store.db")
+    return request.getfixturevalue("redis_url")

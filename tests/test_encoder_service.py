@@ -31,11 +31,10 @@ def new_items(ids, size=16, seed=0):
     return events, images
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def events_spec(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "events.db")
-    return request.getfixturevalue("redis_url")
+@pytest.fixture
+def events_spec(store_spec):
+    """A new, empty event queue on each backend (tests/conftest.py)."""
+    return store_spec
 
 
 def test_events_are_delivered_until_acknowledged_and_reclaimed_from_dead_consumers(events_spec):

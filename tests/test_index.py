@@ -14,12 +14,10 @@ from tfmm.index import (IndexNotFound, IndexUnavailable, RedisIndex, SQLiteIndex
                         open_index)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def spec(request, tmp_path):
-    """Where a new, empty index lives: a SQLite file or a Redis URL (the private server)."""
-    if request.param == "sqlite":
-        return str(tmp_path / "index.db")
-    return request.getfixturevalue("redis_url")
+@pytest.fixture
+def spec(store_spec):
+    """Where a new, empty index lives, on each backend (tests/conftest.py)."""
+    return store_spec
 
 
 def test_put_get_versions_and_missing(spec):
