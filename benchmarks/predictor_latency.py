@@ -1,6 +1,6 @@
 """Online predictor latency: one user x 200 candidates, history 100, in-process SavedModel.
 
-    python -m benchmarks.predictor_latency --models=id,simtier
+    python -m benchmarks.predictor_latency --models=id,simtier,simtier_make
     python -m benchmarks.predictor_latency --export_dir=runs/small/export/ranker
 
 Exports untrained rankers of the small world's shapes (latency does not
@@ -8,8 +8,11 @@ depend on the weights) or takes an existing export, fills a SQLite and a
 Redis index (a private redis-server unless --redis_url) with every item's
 vector, and times `Predictor.predict` alone and from --threads client
 threads at once (DESIGN.md: p99 <= 10 ms in-process on CPU; index look-up
-p99 <= 3 ms on Redis). Then the split of a request: the index `get`, the
-whole input assembly (which includes it) and the model call.
+p99 <= 3 ms on Redis), through each of --signatures: ``rank`` (one row per
+user: the history once, the 200 candidates on a second axis) and
+``serving_default`` (one row per candidate, each repeating the history).
+Then the split of a request: the index `get`, the whole input assembly
+(which includes it) and the model call.
 """
 
 import os
@@ -19,7 +22,10 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_list("models", ["id", "simtier"], "Rankers to export and time (tfmm.ranker.METHODS).")
+flags.DEFINE_list("models", ["id", "simtier", "simtier_make"],
+                  "Rankers to export and time (tfmm.ranker.METHODS).")
+flags.DEFINE_list("signatures", ["rank", "serving_default"], "Signatures to time.")
+flags.DEFINE_list("indexes", ["SQLite", "Redis"], "Index backends to time (vector rankers).")
 flags.DEFINE_string("export_dir", "", "Time this ranker export instead of --models.")
 flags.DEFINE_integer("num_items", 4002, "Item vocabulary (the small world's).")
 flags.DEFINE_integer("num_users", 3002, "User vocabulary.")
@@ -77,7 +83,8 @@ def latencies(fn, requests, threads=1):
 
 def row(label, ms, rate=None):
     rate = "" if rate is None else f"{rate:8.0f}"
-    print(f"{label:<46} {np.percentile(ms, 50):7.2f} {np.percentile(ms, 99):7.2f} {rate}")
+    print(f"{label:<56} {np.percentile(ms, 50):7.2f} {np.percentile(ms, 99):7.2f} {rate}",
+          flush=True)
 
 
 def main(argv):
@@ -86,14 +93,16 @@ def main(argv):
     vocab = {"num_items": FLAGS.num_items, "num_users": FLAGS.num_users,
              "num_categories": FLAGS.num_categories}
     if FLAGS.export_dir:
-        models = {FLAGS.export_dir: SavedModel(FLAGS.export_dir)}
+        paths = {FLAGS.export_dir: FLAGS.export_dir}
     else:
-        models = {}
+        paths = {}
         for method in FLAGS.models:
             model = build_ranker(vocab, FLAGS.max_history, method,
                                  None if method == "id" else FLAGS.vector_dim)
-            models[method] = SavedModel(export_saved_model(
-                model, os.path.join(workdir, method), "probability"))
+            paths[method] = export_saved_model(model, os.path.join(workdir, method),
+                                               "probability")
+    models = {f"{name} [{signature}]": SavedModel(path, signature=signature)
+              for name, path in paths.items() for signature in FLAGS.signatures}
     dims = {m.inputs["item_vector"].shape[-1] for m in models.values() if "item_vector" in m.inputs}
     server = None
     indexes = {}
@@ -103,19 +112,21 @@ def main(argv):
         vectors = rng.normal(size=(FLAGS.num_items - 2, dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         url = FLAGS.redis_url
-        if not url:
+        if not url and "Redis" in FLAGS.indexes:
             from tests.conftest import RedisServer  # the tests' private server
 
             server = RedisServer(workdir)
             url = server.url
-        indexes = {"SQLite": SQLiteIndex(os.path.join(workdir, "vectors.db"), dim=dim),
-                   "Redis": RedisIndex(url, dim=dim, prefix="tfmm-bench-predictor")}
+        indexes = {"SQLite": lambda: SQLiteIndex(os.path.join(workdir, "vectors.db"), dim=dim),
+                   "Redis": lambda: RedisIndex(url, dim=dim, prefix="tfmm-bench-predictor")}
+        indexes = {k: indexes[k]() for k in FLAGS.indexes}
         for index in indexes.values():
             index.put(np.arange(2, FLAGS.num_items), vectors)
     try:
         print(f"{FLAGS.requests} requests per row: 1 user x {FLAGS.candidates} candidates, "
-              f"history {FLAGS.max_history}, {os.cpu_count()} CPUs")
-        print(f"{'':<46} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>8}")
+              f"history {FLAGS.max_history}, {os.cpu_count()} CPUs, load average "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start")
+        print(f"{'':<56} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>8}")
         for name, model in models.items():
             length = model.inputs["history_item_ids"].shape[1]
             requests = make_requests(length)

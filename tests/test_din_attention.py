@@ -116,12 +116,20 @@ def test_dice_standalone_formula():
     np.testing.assert_allclose(dice(x).numpy(), want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "dice"])
 @pytest.mark.parametrize("normalization", [None, "softmax"])
-def test_candidates_equal_separate_calls(rng, inputs, normalization):
+def test_candidates_equal_separate_calls(rng, inputs, normalization, activation):
     _, k, mask = inputs
     q = rng.normal(size=(k.shape[0], 3, k.shape[-1])).astype(np.float32)
-    din = DINAttention(hidden_units=(8, 4), normalization=normalization, return_weights=True)
+    din = DINAttention(hidden_units=(8, 4), normalization=normalization, return_weights=True,
+                       activation=activation)
     pooled, weights = din(q, k, mask=mask)
+    if activation == "dice":  # inference statistics unlike the defaults
+        for dice in din.activations:
+            dice.moving_mean.assign(rng.normal(size=dice.moving_mean.shape))
+            dice.moving_variance.assign(rng.uniform(0.5, 2.0, size=dice.moving_variance.shape))
+            dice.alpha.assign(rng.normal(size=dice.alpha.shape))
+        pooled, weights = din(q, k, mask=mask)
     assert pooled.shape == (k.shape[0], 3, k.shape[-1])
     per_candidate_keys = np.repeat(k[:, None], 3, axis=1)
     pooled4, _ = din(q, per_candidate_keys, mask=mask)

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tfmm import export
 from tfmm.export import export_saved_model, next_version
+from tfmm.ranker import CandidateRanker, build_ranker
 from tfmm.towers import image_tower, text_tower
 
 
@@ -58,3 +59,31 @@ def test_a_failed_export_leaves_nothing_and_no_partial_version(tmp_path, monkeyp
     with pytest.raises(OSError, match="disk full"):
         export_saved_model(tower, str(tmp_path), "vector")
     assert os.listdir(tmp_path) == ["1"]  # no version 2, no staging directory
+
+
+def test_rankers_get_a_rank_signature_and_other_models_none(tmp_path):
+    vocab = {"num_items": 10, "num_users": 10, "num_categories": 5}
+    model = build_ranker(vocab, 5, method="vector", vector_dim=4, embedding_dim=4,
+                         attention_units=(4,), mlp_units=(8,))
+    path = export_saved_model(model, str(tmp_path / "ranker"), "probability")
+    rank = tf.saved_model.load(path).signatures["rank"]
+    specs = rank.structured_input_signature[1]
+    assert {k: (v.shape.as_list(), v.dtype.name) for k, v in specs.items()} == {
+        "user_id": ([None], "int64"), "item_id": ([None, None], "int64"),
+        "category_id": ([None, None], "int64"), "history_item_ids": ([None, 5], "int64"),
+        "history_category_ids": ([None, 5], "int64"), "history_mask": ([None, 5], "bool"),
+        "item_vector": ([None, None, 4], "float32"),
+        "history_vectors": ([None, 5, 4], "float32")}
+    (request,) = export.read_warmup(path, "rank")
+    np.testing.assert_allclose(rank(**request)["probability"].numpy(),
+                               CandidateRanker(model)(request).numpy(), atol=1e-6)
+    plain = export_saved_model(model, str(tmp_path / "plain"), "probability",
+                               extra_signatures={})
+    assert "rank" not in tf.saved_model.load(plain).signatures
+    assert len(export.read_warmup(plain)) == 1
+    tower = text_tower(["red", "mug"], dim=4)
+    path = export_saved_model(tower, str(tmp_path / "tower"), "vector")
+    assert "rank" not in tf.saved_model.load(path).signatures
+    with pytest.raises(ValueError, match="may not be named 'serving_default'"):
+        export_saved_model(tower, str(tmp_path / "tower"), "vector",
+                           extra_signatures={"serving_default": (tower, [])})

@@ -14,7 +14,7 @@ from tfmm.data.synthetic import write_world
 from tfmm.export import export_saved_model
 from tfmm.index import RedisIndex, SQLiteIndex
 from tfmm.keras_compat import keras
-from tfmm.ranker import build_ranker
+from tfmm.ranker import CandidateRanker, build_ranker
 from tfmm.serving.predictor import GrpcModel, Predictor, Request, RestModel, ServingError
 
 VOCAB = {"num_items": 30, "num_users": 10, "num_categories": 5}
@@ -67,11 +67,11 @@ def expected(world, method, request):
     return world["models"][method](inputs, training=False).numpy()[:, 0]
 
 
-def predictor(world, method, backend):
+def predictor(world, method, backend, signature=None):
     model = {"in_process": world["dirs"][method], "rest": world["server"].rest(method),
              "grpc": world["server"].grpc(method)}[backend]
     return Predictor(model, None if method == "id" else world["index"],
-                     item_categories=CATEGORIES)
+                     item_categories=CATEGORIES, signature=signature)
 
 
 REQUESTS = [
@@ -84,10 +84,13 @@ REQUESTS = [
 ]
 
 
+@pytest.mark.parametrize("signature", ["rank", "serving_default"])
 @pytest.mark.parametrize("backend", ["in_process", "rest", "grpc"])
 @pytest.mark.parametrize("method", ["id", "simtier"])
-def test_backends_score_like_the_keras_model(world, method, backend):
-    p = predictor(world, method, backend)
+def test_backends_score_like_the_keras_model(world, method, backend, signature):
+    # rank is the default where the model has it (tfmm exports rankers with it).
+    p = predictor(world, method, backend, None if signature == "rank" else signature)
+    assert p.model.signature == signature and p.per_user == (signature == "rank")
     assert (p.max_history, p.vector_dim) == (L, None if method == "id" else D)
     for request in REQUESTS:
         got = p.predict(request)
@@ -107,16 +110,26 @@ def test_a_redis_index_serves_the_vectors(world, redis_url):
     assert p.stats["missing_vectors"] == 2
 
 
-def test_history_keeps_the_most_recent_items_and_missing_vectors_are_zeros(world):
-    p = predictor(world, "simtier", "in_process")
+@pytest.mark.parametrize("signature", ["rank", "serving_default"])
+def test_history_keeps_the_most_recent_items_and_missing_vectors_are_zeros(world, signature):
+    p = predictor(world, "simtier", "in_process", signature)
     features, missing = p.assemble(Request(3, list(range(2, 10)), [MISSING, 2]))
-    np.testing.assert_array_equal(features["history_item_ids"], [[5, 6, 7, 8, 9]] * 2)
+    rows = 1 if signature == "rank" else 2  # one row per user, or per candidate
+    assert {k: v.shape for k, v in features.items()} == (
+        {"user_id": (1,), "item_id": (1, 2), "category_id": (1, 2), "history_item_ids": (1, L),
+         "history_category_ids": (1, L), "history_mask": (1, L), "item_vector": (1, 2, D),
+         "history_vectors": (1, L, D)} if rows == 1 else
+        {"user_id": (2,), "item_id": (2,), "category_id": (2,), "history_item_ids": (2, L),
+         "history_category_ids": (2, L), "history_mask": (2, L), "item_vector": (2, D),
+         "history_vectors": (2, L, D)})
+    candidate_vectors = features["item_vector"].reshape(2, D)
+    np.testing.assert_array_equal(features["history_item_ids"], [[5, 6, 7, 8, 9]] * rows)
     np.testing.assert_array_equal(features["history_category_ids"][0], CATEGORIES[5:10])
     assert features["history_mask"].all()
     np.testing.assert_array_equal(missing, [MISSING])
-    np.testing.assert_array_equal(features["item_vector"][0], np.zeros(D))
-    np.testing.assert_array_equal(features["item_vector"][1], world["vectors"][2])
-    np.testing.assert_array_equal(features["history_vectors"][1, 0], world["vectors"][5])
+    np.testing.assert_array_equal(candidate_vectors[0], np.zeros(D))
+    np.testing.assert_array_equal(candidate_vectors[1], world["vectors"][2])
+    np.testing.assert_array_equal(features["history_vectors"][-1, 0], world["vectors"][5])
 
     features, missing = p.assemble(Request(3, [], [4]))
     assert not features["history_mask"].any() and not features["history_item_ids"].any()
@@ -127,14 +140,14 @@ def test_request_categories_override_the_catalogue_and_unknown_ids_get_zero(worl
     p = predictor(world, "id", "in_process")
     features, _ = p.assemble(Request(3, [4, 99], [5, 6], history_category_ids=[1, 2],
                                      candidate_category_ids=[3, 4]))
-    np.testing.assert_array_equal(features["category_id"], [3, 4])
+    np.testing.assert_array_equal(features["category_id"], [[3, 4]])
     np.testing.assert_array_equal(features["history_category_ids"][0], [1, 2, 0, 0, 0])
     features, _ = p.assemble(Request(3, [4, 99], [5, 123]))  # 99, 123: not in the table
-    np.testing.assert_array_equal(features["category_id"], [CATEGORIES[5], 0])
+    np.testing.assert_array_equal(features["category_id"], [[CATEGORIES[5], 0]])
     np.testing.assert_array_equal(features["history_category_ids"][0], [CATEGORIES[4], 0, 0, 0, 0])
     mapping = Predictor(world["dirs"]["id"], item_categories={5: 2})
     np.testing.assert_array_equal(mapping.assemble(Request(3, [], [5, 6]))[0]["category_id"],
-                                  [2, 0])
+                                  [[2, 0]])
     assert len(p.predict(Request(3, [4], []))) == 0
 
 
@@ -157,8 +170,8 @@ def test_base_dir_loads_the_highest_version(world, tmp_path):
     p = Predictor(str(tmp_path), item_categories=CATEGORIES)
     assert str(p.model).startswith(str(tmp_path / "2"))
     request = REQUESTS[0]
-    np.testing.assert_allclose(p.predict(request), model(
-        p.assemble(request)[0], training=False).numpy()[:, 0], atol=1e-6)
+    np.testing.assert_allclose(p.predict(request), CandidateRanker(model)(
+        p.assemble(request)[0]).numpy()[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["in_process", "rest", "grpc"])
@@ -240,7 +253,7 @@ def test_rest_row_format_and_metadata_as_tf_serving_prints_it(world):
     user = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"][
         "user_id"]
     assert user["dtype"] == "DT_INT64" and user["tensor_shape"]["dim"][0]["size"] == "-1"
-    features = predictor(world, "id", "in_process").assemble(REQUESTS[1])[0]
+    features = predictor(world, "id", "in_process", "serving_default").assemble(REQUESTS[1])[0]
     rows = [{k: v[i].tolist() for k, v in features.items()} for i in range(2)]
     conn.request("POST", "/v1/models/id:predict", json.dumps({"instances": rows}))
     got = np.array(json.loads(conn.getresponse().read())["predictions"])[:, 0]
@@ -274,3 +287,12 @@ def test_cli_ranks_candidates_with_the_default_paths(tmp_path):
     assert lines[-1].startswith("the impression's item")
     lines = run("--user_id=3", "--history=5,6,7", f"--candidates=5,{items[-1] + 1}", "--top_k=2")
     assert "items without a vector: 1" in lines[2] and len(lines) == 6
+
+
+def test_signature_choice_and_a_missing_one_is_named(world):
+    server = world["server"]
+    for spec in (world["dirs"]["id"], server.rest("id"), server.grpc("id")):
+        assert Predictor(spec, item_categories=CATEGORIES).model.signature == "rank"
+        with pytest.raises((ValueError, ServingError),
+                           match=r"no 'nope' signature \(it has .*'rank', 'serve', "):
+            Predictor(spec, signature="nope")

@@ -7,7 +7,7 @@ from tfmm.data.synthetic import write_world
 from tfmm.keras_compat import keras
 from tfmm.metrics import auc
 from tfmm.layers import MAKEBlock
-from tfmm.ranker import build_make_pretrainer, build_ranker
+from tfmm.ranker import CandidateRanker, build_make_pretrainer, build_ranker, is_ranker
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,41 @@ def test_new_items_and_users_score_like_the_padding_id():
     np.testing.assert_allclose(score(7, 20, 4, [5, 123, 0]), padding, atol=1e-7)
     np.testing.assert_allclose(score(-3, 10**9, 99, [5, -1, 0]), padding, atol=1e-7)
     assert not np.allclose(score(3, 11, 2, [5, 6, 0]), padding, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["id", "vector", "simscore", "simtier", "make", "simtier_make"])
+def test_candidate_ranker_scores_like_the_model_on_repeated_rows(method):
+    """One row per user with C candidates == C rows repeating the user's history."""
+    vocab = {"num_items": 30, "num_users": 10, "num_categories": 5}
+    b, c, length, d = 3, 7, 6, 4
+    make = (MAKEBlock(din={"hidden_units": (4,)}, mlp_units=(8, 4, 2, 1), return_knowledge=True)
+            if "make" in method else None)
+    model = build_ranker(vocab, length, method, vector_dim=None if method == "id" else d,
+                         make=make, embedding_dim=4, attention_units=(8, 4), mlp_units=(8,),
+                         batch_norm=method == "simtier")
+    rng = np.random.default_rng(0)
+    mask = rng.random((b, length)) < 0.7
+    mask[0] = False  # an empty history
+    x = {"user_id": rng.integers(0, 12, b), "item_id": rng.integers(0, 32, (b, c)),
+         "category_id": rng.integers(0, 6, (b, c)),
+         "history_item_ids": rng.integers(0, 32, (b, length)),
+         "history_category_ids": rng.integers(0, 6, (b, length)), "history_mask": mask}
+    if method != "id":
+        x["item_vector"] = rng.normal(size=(b, c, d)).astype("float32")
+        x["history_vectors"] = rng.normal(size=(b, length, d)).astype("float32")
+    ranker = CandidateRanker(model)
+    assert [s.name for s in ranker.input_signature] == list(x)
+    got = ranker(x).numpy()
+    rows = {k: np.repeat(v, c, axis=0) if k == "user_id" or k.startswith("history")
+            else v.reshape((b * c,) + v.shape[2:]) for k, v in x.items()}
+    want = model(rows, training=False).numpy().reshape(b, c)
+    assert got.shape == (b, c)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_candidate_ranker_refuses_other_models():
+    inputs = {"x": keras.Input((3,), name="x")}
+    other = keras.Model(inputs, keras.layers.Dense(1)(inputs["x"]))
+    assert not is_ranker(other)
+    with pytest.raises(ValueError, match="is not a model of tfmm.ranker.build_ranker"):
+        CandidateRanker(other)

@@ -73,10 +73,24 @@ def test_rankers_of_every_method_pass(tmp_path, method):
             if "make" in method else None)
     model = build_ranker(vocab, 5, method=method, vector_dim=None if method == "id" else 4,
                          make=make, embedding_dim=4, attention_units=(4,), mlp_units=(8,))
-    export_saved_model(model, str(tmp_path), "probability")
+    path = export_saved_model(model, str(tmp_path), "probability")
     report = check_saved_model(str(tmp_path), keras_model=model)
     assert report["inputs"]["history_mask"]["dtype"] == "bool"
     assert report["outputs"]["probability"]["shape"] == [4, 1]  # the warmup batch
+    # The rank signature: 4 users x 4 candidates of its warmup request, under the C++ loader.
+    report = check_saved_model(str(tmp_path), keras_model=model, signature="rank")
+    assert report["inputs_from"] == "warmup"
+    assert report["inputs"]["item_id"]["shape"] == [4, 4]
+    assert report["outputs"]["probability"]["shape"] == [4, 4]
+    # The same request as one row per candidate through serving_default: same probabilities.
+    loaded = tf.saved_model.load(path)
+    (request,) = read_warmup(path, "rank")
+    b, c = request["item_id"].shape
+    rows = {k: np.repeat(v, c, axis=0) if k == "user_id" or k.startswith("history")
+            else v.reshape((b * c,) + v.shape[2:]) for k, v in request.items()}
+    ranked = loaded.signatures["rank"](**request)["probability"].numpy()
+    per_example = loaded.signatures["serving_default"](**rows)["probability"].numpy()
+    assert np.abs(ranked - per_example.reshape(b, c)).max() <= 1e-5
 
 
 def test_signature_built_inputs_when_there_is_no_warmup(tmp_path):
@@ -144,14 +158,16 @@ def test_warmup_records_match_the_signature_and_replay(tmp_path):
     specs = serve.structured_input_signature[1]
     records = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
                for r in tf.data.TFRecordDataset(os.path.join(path, WARMUP_FILE))]
-    assert len(records) == 1
+    assert len(records) == 2  # serving_default, then rank
+    assert records[1].predict_log.request.model_spec.signature_name == "rank"
     request = records[0].predict_log.request
     assert request.model_spec.signature_name == "serving_default"
     assert set(request.inputs) == set(specs) == set(model.input)
     for name, spec in specs.items():
         assert request.inputs[name].dtype == spec.dtype.as_datatype_enum, name
         assert spec.shape.is_compatible_with(tf.make_ndarray(request.inputs[name]).shape), name
-    (replayed,) = read_warmup(path)
+    replayed, _ = read_warmup(path)
+    assert read_warmup(path, "serving_default")[0].keys() == replayed.keys()
     probability = serve(**replayed)["probability"].numpy()
     np.testing.assert_allclose(probability, model(replayed, training=False).numpy(), atol=1e-6)
     assert ((probability > 0) & (probability < 1)).all()
@@ -170,7 +186,17 @@ def _cli(*dirs):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_cli(tmp_path, text_export, py_function_export):
+@pytest.fixture(scope="module")
+def ranker_export(tmp_path_factory):
+    vocab = {"num_items": 10, "num_users": 10, "num_categories": 5}
+    model = build_ranker(vocab, 5, method="simtier", vector_dim=4, embedding_dim=4,
+                         attention_units=(4,), mlp_units=(8,))
+    base = tmp_path_factory.mktemp("ranker")
+    export_saved_model(model, str(base), "probability")
+    return str(base)
+
+
+def test_cli(tmp_path, text_export, py_function_export, ranker_export):
     _, path = text_export
     ok = _cli(os.path.dirname(path))
     assert ok.returncode == 0, ok.stderr[-3000:]
@@ -180,5 +206,8 @@ def test_cli(tmp_path, text_export, py_function_export):
     assert f"FAIL {py_function_export}/1: TF Serving's loader" in bad.stderr
     assert "No OpKernel was registered to support Op 'EagerPyFunc'" in bad.stderr
     assert f"FAIL {tmp_path}: no SavedModel" in bad.stderr
+    ranked = _cli("--signature=rank", ranker_export)
+    assert ranked.returncode == 0, ranked.stderr[-3000:]
+    assert f"OK {ranker_export}/1 (rank, inputs from warmup): probability [4, 4]" in ranked.stdout
     usage = _cli()
     assert usage.returncode != 0 and "usage: python -m tfmm.serving.check" in usage.stderr

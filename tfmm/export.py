@@ -1,12 +1,18 @@
 """SavedModels for TF Serving: ``<export_dir>/<integer version>/`` with ``serving_default``.
 
+A ranker of `tfmm.ranker.build_ranker` also gets a ``rank`` signature: the
+same weights scoring one user per row (``[B]`` user, ``[B, C]`` candidates,
+``[B, L]`` history, ``[B, C, d]`` and ``[B, L, d]`` vectors -> ``[B, C]``),
+so a request of 200 candidates carries its history once, not 200 times
+(`tfmm.ranker.CandidateRanker`).
+
 Keras 3.15's ``model.export()`` traced our towers with batch statistics
 (``training=True``) here; the exported endpoint calls the model with
 ``training=False`` explicitly, so a SavedModel answers exactly like the model.
 
 Each version carries ``assets.extra/tf_serving_warmup_requests``: PredictionLog
-records that TF Serving replays before it serves the version, so the first
-real request does not pay for graph initialisation.
+records (one per signature) that TF Serving replays before it serves the
+version, so the first real request does not pay for graph initialisation.
 """
 
 import os
@@ -112,24 +118,36 @@ def conform_inputs(specs, inputs, what="inputs"):
     return batch
 
 
-def write_warmup(version_dir, specs, inputs):
-    """Writes one PredictRequest of `inputs` to ``<version_dir>/assets.extra/``."""
+def write_warmup(version_dir, requests):
+    """Writes PredictRequests to ``<version_dir>/assets.extra/``.
+
+    Args:
+        requests: ``{signature name: (specs {name: TensorSpec}, inputs {name: array})}``,
+            one record per signature, in this order.
+    """
     # Imported here: only exports need the serving protos.
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name=SIGNATURE))
-    for name, spec in specs.items():
-        request.inputs[name].CopyFrom(tf.make_tensor_proto(inputs[name], dtype=spec.dtype))
-    log = prediction_log_pb2.PredictionLog(
-        predict_log=prediction_log_pb2.PredictLog(request=request))
     path = os.path.join(version_dir, WARMUP_FILE)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tf.io.TFRecordWriter(path) as writer:
-        writer.write(log.SerializeToString())
+        for signature, (specs, inputs) in requests.items():
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(signature_name=signature))
+            for name, spec in specs.items():
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(inputs[name],
+                                                                   dtype=spec.dtype))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
 
 
-def read_warmup(version_dir):
-    """The warmup requests of a version as ``[{name: array}]`` ([] when it has none)."""
+def read_warmup(version_dir, signature=None):
+    """The warmup requests of a version as ``[{name: array}]`` ([] when it has none).
+
+    With `signature`, only the requests for that signature (a request that
+    names none is for ``serving_default``, as in TF Serving).
+    """
     from tensorflow_serving.apis import prediction_log_pb2
 
     path = os.path.join(version_dir, WARMUP_FILE)
@@ -141,17 +159,43 @@ def read_warmup(version_dir):
         if log.WhichOneof("log_type") != "predict_log":
             raise ValueError(f"{path}: a warmup record is a {log.WhichOneof('log_type')}, "
                              "not a predict_log.")
-        requests.append({k: tf.make_ndarray(v) for k, v in log.predict_log.request.inputs.items()})
+        request = log.predict_log.request
+        if signature is not None and (request.model_spec.signature_name or SIGNATURE) != signature:
+            continue
+        requests.append({k: tf.make_ndarray(v) for k, v in request.inputs.items()})
     return requests
 
 
-def export_saved_model(model, export_dir, output_name, warmup_inputs=None):
+def ranker_signatures(model):
+    """``{"rank": (fn, input_signature)}`` for a `build_ranker` model, else ``{}``."""
+    from tfmm.ranker import RANK_SIGNATURE, CandidateRanker, is_ranker
+
+    if not is_ranker(model):
+        return {}
+    ranker = CandidateRanker(model)
+    return {RANK_SIGNATURE: (ranker, ranker.input_signature)}
+
+
+def _endpoint(fn, names, output_name):
+    def endpoint(*args):
+        return {output_name: fn(dict(zip(names, args)))}
+    return endpoint
+
+
+def export_saved_model(model, export_dir, output_name, warmup_inputs=None,
+                       extra_signatures=None):
     """Writes `model` in inference mode as the next version; returns its path.
 
     The ``serving_default`` signature takes the model's named inputs and
     returns ``{output_name: output}``. `warmup_inputs` (``{name: array}``, a
     batch of real requests) becomes the warmup record; without it a small
     batch is built from the signature (`example_inputs`).
+
+    `extra_signatures` adds signatures over the same weights: ``{name: (fn,
+    [TensorSpec])}``, with ``fn({input name: tensor})`` returning the output
+    (``{output_name: fn(...)}``; its warmup record is built from the specs).
+    Default: a ``rank`` signature for a `tfmm.ranker.build_ranker` model
+    (`ranker_signatures`), none for other models; ``{}`` adds none.
 
     The version is written under a hidden ``.tmp-*`` directory and renamed
     into place, so TF Serving (which loads only integer directories) never
@@ -162,6 +206,11 @@ def export_saved_model(model, export_dir, output_name, warmup_inputs=None):
     warmup = (example_inputs(specs) if warmup_inputs is None
               else conform_inputs(specs, warmup_inputs, "export_saved_model: warmup_inputs"))
     names = list(specs)
+    extra = ranker_signatures(model) if extra_signatures is None else dict(extra_signatures)
+    if SIGNATURE in extra or "serve" in extra:
+        raise ValueError(f"export_saved_model: extra_signatures may not be named "
+                         f"{SIGNATURE!r} or 'serve'.")
+    warmups = {SIGNATURE: (specs, warmup)}
 
     def serve(*args):
         inputs = dict(zip(names, args)) if isinstance(model.input, dict) else args[0]
@@ -170,11 +219,16 @@ def export_saved_model(model, export_dir, output_name, warmup_inputs=None):
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(name="serve", fn=serve, input_signature=signature)
+    for name, (fn, extra_signature) in extra.items():
+        extra_specs = {s.name: s for s in extra_signature}
+        archive.add_endpoint(name=name, fn=_endpoint(fn, list(extra_specs), output_name),
+                             input_signature=list(extra_signature))
+        warmups[name] = (extra_specs, example_inputs(extra_specs))
     # Not mkdtemp: its 0700 would keep a TF Serving of another user out.
     staging = os.path.join(export_dir, f".tmp-{uuid.uuid4().hex}")
     try:
         archive.write_out(staging, verbose=False)
-        write_warmup(staging, specs, warmup)
+        write_warmup(staging, warmups)
         while True:
             path = os.path.join(export_dir, str(next_version(export_dir)))
             try:

@@ -13,7 +13,14 @@ of paper §4 and §6.1.3 adds its features to that same ranker:
 
 Inputs are named like `tfmm.data.impressions` features; the multimodal
 methods also take ``item_vector`` [d] and ``history_vectors`` [L, d].
+
+`CandidateRanker` scores the same trained model one *user* per row: C
+candidates against one copy of the history (the SavedModel's ``rank``
+signature, `tfmm.export`), instead of one example per row that repeats the
+history for every candidate.
 """
+
+import tensorflow as tf
 
 from tfmm.keras_compat import keras
 from tfmm.layers import DINAttention, KnownIds, MAKEBlock, SimScore, SimTierLayer, VectorFeature
@@ -21,6 +28,7 @@ from tfmm.layers import DINAttention, KnownIds, MAKEBlock, SimScore, SimTierLaye
 METHODS = ("id", "vector", "simscore", "simtier", "make", "simtier_make")
 ID_INPUTS = ("user_id", "item_id", "category_id", "history_item_ids", "history_category_ids",
              "history_mask")
+RANK_SIGNATURE = "rank"
 
 
 def model_inputs(max_history, vector_dim=None):
@@ -107,3 +115,114 @@ def build_make_pretrainer(make, max_history, vector_dim):
     logit = logit[0] if make.return_knowledge else logit
     out = keras.layers.Activation("sigmoid", name="ctr")(logit)
     return keras.Model(inputs, out, name="make_pretrainer")
+
+
+def rank_input_signature(max_history, vector_dim=None):
+    """TensorSpecs of the ``rank`` signature: one row per user, C candidates each.
+
+    ``user_id`` [B]; ``item_id``, ``category_id`` [B, C] (the candidates);
+    ``history_item_ids``, ``history_category_ids``, ``history_mask`` [B, L];
+    with vectors ``item_vector`` [B, C, d] and ``history_vectors`` [B, L, d].
+    """
+    specs = [tf.TensorSpec([None], tf.int64, name="user_id"),
+             tf.TensorSpec([None, None], tf.int64, name="item_id"),
+             tf.TensorSpec([None, None], tf.int64, name="category_id"),
+             tf.TensorSpec([None, max_history], tf.int64, name="history_item_ids"),
+             tf.TensorSpec([None, max_history], tf.int64, name="history_category_ids"),
+             tf.TensorSpec([None, max_history], tf.bool, name="history_mask")]
+    if vector_dim:
+        specs += [tf.TensorSpec([None, None, vector_dim], tf.float32, name="item_vector"),
+                  tf.TensorSpec([None, max_history, vector_dim], tf.float32,
+                                name="history_vectors")]
+    return specs
+
+
+def is_ranker(model):
+    """Whether `model` looks built by `build_ranker` (what `CandidateRanker` needs)."""
+    names = {layer.name for layer in getattr(model, "layers", ())}
+    return (isinstance(getattr(model, "input", None), dict)
+            and {"item_embedding", "category_embedding", "user_embedding", "known_items",
+                 "known_categories", "known_users", "ctr"} <= names
+            and sum(isinstance(layer, DINAttention) for layer in model.layers) == 1)
+
+
+class CandidateRanker:
+    """A `build_ranker` model, with its own weights, scoring C candidates per user.
+
+    Calling it with the ``rank`` inputs (`rank_input_signature`) gives
+    P(click) [B, C]: the probabilities the model gives the B * C rows that
+    repeat each user's history for each candidate, computed with one copy of
+    the history per user (DIN attends C queries to it at once, SimTier and
+    MAKE likewise; SimScore's keys are per candidate by nature).
+
+    Args:
+        model: a model built by `build_ranker` (trained, or loaded from a
+            ``.keras`` file); its layers are used, not copied.
+
+    Example:
+
+    >>> ranker = build_ranker(vocab, 5)  # doctest: +SKIP
+    >>> CandidateRanker(ranker)({"user_id": [3], "item_id": [[5, 6, 7]], ...})  # doctest: +SKIP
+    <tf.Tensor: shape=(1, 3), dtype=float32, numpy=...>
+    """
+
+    def __init__(self, model):
+        self.model = model
+        if not is_ranker(model):
+            raise ValueError(f"CandidateRanker: {getattr(model, 'name', model)!r} is not a model "
+                             "of tfmm.ranker.build_ranker (its named ID embeddings, KnownIds, "
+                             "one DINAttention and the 'ctr' layer).")
+        self.layers = {layer.name: layer for layer in model.layers}
+
+        def one(cls):
+            found = [layer for layer in model.layers if isinstance(layer, cls)]
+            return found[0] if found else None
+
+        self.din = one(DINAttention)
+        self.vector, self.simscore = one(VectorFeature), one(SimScore)
+        self.simtier, self.make = one(SimTierLayer), one(MAKEBlock)
+        self.batch_norm = self.layers.get("features_bn")
+        self.mlp = [layer for layer in model.layers
+                    if isinstance(layer, keras.layers.Dense) and layer.name != "ctr"]
+        inputs = model.input
+        self.max_history = int(inputs["history_item_ids"].shape[1])
+        self.vector_dim = (int(inputs["item_vector"].shape[-1]) if "item_vector" in inputs
+                           else None)
+        self.input_signature = rank_input_signature(self.max_history, self.vector_dim)
+
+    def __call__(self, inputs, training=False):
+        """P(click) [B, C] of the ``rank`` inputs (a dict of arrays or tensors)."""
+        specs = {s.name: s for s in self.input_signature}
+        x = {k: tf.convert_to_tensor(inputs[k], specs[k].dtype) for k in specs}
+        layers = self.layers
+        mask = x["history_mask"]
+
+        def ids(kind, name):
+            known = layers[f"known_{'categories' if kind == 'category' else kind + 's'}"]
+            return layers[f"{kind}_embedding"](known(x[name]))
+
+        target = tf.concat([ids("item", "item_id"), ids("category", "category_id")], -1)
+        history = tf.concat([ids("item", "history_item_ids"),
+                             ids("category", "history_category_ids")], -1)
+        vectors = (x.get("item_vector"), x.get("history_vectors"))
+        if self.vector is not None:
+            target, history = self.vector(target, history, *vectors)
+        elif self.simscore is not None:
+            target, history = self.simscore(target, history, *vectors, mask=mask)
+        interest = self.din(target, history, mask=mask, training=training)  # [B, C, e]
+        user = ids("user", "user_id")
+        shape = tf.shape(target)
+        parts = [tf.broadcast_to(user[:, None, :], tf.concat([shape[:2], tf.shape(user)[1:]], 0)),
+                 target, interest]
+        if self.simtier is not None:
+            parts.append(self.simtier(*vectors, mask=mask))
+        if self.make is not None:
+            parts.append(self.make(*vectors, mask=mask, training=training)[1])
+        features = tf.concat([tf.cast(p, target.dtype) for p in parts], -1)
+        # The per-example MLP on B * C rows.
+        h = tf.reshape(features, [-1, features.shape[-1]])
+        if self.batch_norm is not None:
+            h = self.batch_norm(h, training=training)
+        for dense in self.mlp:
+            h = dense(h)
+        return tf.reshape(layers["ctr"](h), shape[:2])

@@ -24,7 +24,12 @@ class DINAttention(keras.layers.Layer):
     The first layer's ``[4 * d, h]`` kernel keeps the reference layout but is
     applied term by term, so a ``[B, C, d]`` query against ``[B, L, d]`` keys
     never builds ``[B, C, L, 4 * d]`` inputs or copies the history per
-    candidate.
+    candidate. There (one user's history against C candidates, the ranking
+    signature's case) the first layer is one matmul of the keys and a column
+    of ones ``[B, L, d + 1]`` by a per-candidate kernel ``[B, d + 1, C * h]``,
+    and the rest of the MLP runs on ``[B * L * C, h]`` rows: the same sums as
+    the per-example path, without a ``[B, C, L, h]`` transpose or broadcast
+    additions over it.
 
     Args:
         hidden_units: sizes of the hidden layers of the attention MLP.
@@ -122,28 +127,21 @@ class DINAttention(keras.layers.Layer):
         v.check_dim(name, "keys", k, 0, q[0], f"[{q[0]}, L, {q[-1]}]")
         weights = v.mask_weights(name, mask, keys, dtype=query.dtype)
 
-        w_q, w_k, w_diff, w_prod = tf.split(tf.cast(self.kernel, query.dtype), 4, axis=0)
-        # [q, k, q-k, q*k] @ W == q @ (Wq + Wd) + k @ (Wk - Wd) + (q * k) @ Wp.
-        q_term = tf.matmul(query, w_q + w_diff)
-        k_term = tf.matmul(keys, w_k - w_diff)
-        if len(k) == 4:
-            prod = tf.matmul(query[:, :, None, :] * keys, w_prod)
-            q_term = q_term[:, :, None, :]
-        elif len(q) == 2:
-            prod = tf.einsum("bdh,bld->blh", query[:, :, None] * w_prod, keys)
-            q_term = q_term[:, None, :]
+        if len(q) == 3 and len(k) == 3:
+            scores = self._shared_history_scores(query, keys, training)
         else:
-            prod = tf.einsum("bcdh,bld->bclh", query[..., None] * w_prod, keys)
-            q_term = q_term[:, :, None, :]
-            k_term = k_term[:, None, :, :]
-        hidden = q_term + k_term + prod + tf.cast(self.bias, query.dtype)
-        for act, dense in zip(self.activations, self.dense):
-            if isinstance(act, keras.layers.Layer):
-                hidden = act(hidden, training=training)
+            w_q, w_k, w_diff, w_prod = tf.split(tf.cast(self.kernel, query.dtype), 4, axis=0)
+            # [q, k, q-k, q*k] @ W == q @ (Wq + Wd) + k @ (Wk - Wd) + (q * k) @ Wp.
+            q_term = tf.matmul(query, w_q + w_diff)
+            k_term = tf.matmul(keys, w_k - w_diff)
+            if len(k) == 4:
+                prod = tf.matmul(query[:, :, None, :] * keys, w_prod)
+                q_term = q_term[:, :, None, :]
             else:
-                hidden = act(hidden)
-            hidden = dense(hidden)
-        scores = tf.squeeze(hidden, axis=-1)
+                prod = tf.einsum("bdh,bld->blh", query[:, :, None] * w_prod, keys)
+                q_term = q_term[:, None, :]
+            hidden = q_term + k_term + prod + tf.cast(self.bias, query.dtype)
+            scores = tf.squeeze(self._mlp(hidden, training), axis=-1)
 
         weights = v.broadcast_history_mask(weights, len(q))
         if self.normalization == "softmax":
@@ -162,6 +160,40 @@ class DINAttention(keras.layers.Layer):
         if self.return_weights:
             return pooled, attention
         return pooled
+
+    def _mlp(self, hidden, training):
+        """The activations and layers after the first layer's pre-activations."""
+        for act, dense in zip(self.activations, self.dense):
+            if isinstance(act, keras.layers.Layer):
+                hidden = act(hidden, training=training)
+            else:
+                hidden = act(hidden)
+            hidden = dense(hidden)
+        return hidden
+
+    def _shared_history_scores(self, query, keys, training):
+        """Scores [B, C, L] of C queries [B, C, d] against one history [B, L, d] each.
+
+        Per candidate c the first layer is, over the key's d features,
+        ``k @ (Wk - Wd) + (q_c * k) @ Wp + q_c @ (Wq + Wd) + b
+        = [k, 1] @ [q_c[:, None] * Wp + Wk - Wd ; q_c @ (Wq + Wd) + b]``:
+        one batched matmul [B, L, d + 1] @ [B, d + 1, C * h] for all candidates,
+        whose [B, L, C, h] result the MLP reads as rows.
+        """
+        dtype = query.dtype
+        w_q, w_k, w_diff, w_prod = tf.split(tf.cast(self.kernel, dtype), 4, axis=0)
+        d, h = self.kernel.shape[0] // 4, self.kernel.shape[1]
+        shape, length = tf.shape(query), tf.shape(keys)[1]
+        b, c = shape[0], shape[1]
+        per_candidate = (tf.transpose(query, [0, 2, 1])[..., None] * w_prod[None, :, None, :]
+                         + (w_k - w_diff)[None, :, None, :])  # [B, d, C, h]
+        q_term = tf.matmul(query, w_q + w_diff) + tf.cast(self.bias, dtype)  # [B, C, h]
+        kernel = tf.reshape(tf.concat([per_candidate, q_term[:, None]], axis=1),
+                            tf.stack([b, d + 1, c * h]))
+        keys1 = tf.concat([keys, tf.ones_like(keys[..., :1])], axis=-1)
+        hidden = tf.reshape(tf.matmul(keys1, kernel), [-1, h])  # rows (b, l, c)
+        scores = tf.reshape(self._mlp(hidden, training), tf.stack([b, length, c]))
+        return tf.transpose(scores, [0, 2, 1])
 
     def compute_mask(self, *args, **kwargs):
         return None

@@ -13,8 +13,10 @@ op from a Python-only library) fail only at run time. Its outputs must match
 the SavedModel run in Python (and the Keras model, through the Python API)
 within ``--atol``.
 
-Inputs: the version's first warmup request when it has one, else a small
-batch built from the signature (`tfmm.export.example_inputs`).
+Inputs: the version's first warmup request for the signature when it has
+one, else a small batch built from the signature (`tfmm.export.example_inputs`).
+A ranker's ``rank`` signature (``--signature=rank``) is compared with the Keras
+model through `tfmm.ranker.CandidateRanker`.
 """
 
 import hashlib
@@ -124,9 +126,14 @@ def _run_binary(exe, path, signature, inputs, specs):
         return outputs
 
 
-def _keras_outputs(model, inputs, output_names):
+def _keras_outputs(model, inputs, output_names, signature=SIGNATURE):
     """`model`'s outputs on `inputs`, keyed like the signature's outputs."""
-    if isinstance(model.input, dict):
+    from tfmm.ranker import RANK_SIGNATURE, CandidateRanker, is_ranker
+
+    if signature == RANK_SIGNATURE and is_ranker(model):
+        model = CandidateRanker(model)
+        args = inputs
+    elif isinstance(model.input, dict):
         args = inputs
     else:
         args = [inputs[x.name] for x in model.inputs]
@@ -185,7 +192,7 @@ def check_saved_model(export_dir, inputs=None, keras_model=None, signature=SIGNA
         if inputs is not None:
             inputs_from = "caller"
         else:
-            warmup = read_warmup(path)
+            warmup = read_warmup(path, signature)
             inputs_from = "warmup" if warmup else "signature"
             inputs = warmup[0] if warmup else example_inputs(specs, batch_size)
         inputs = conform_inputs(specs, inputs, f"{path} signature {signature!r}")
@@ -201,7 +208,7 @@ def check_saved_model(export_dir, inputs=None, keras_model=None, signature=SIGNA
                                 f"but failed in Python: {e}") from e
     others = {"python": python}
     if keras_model is not None:
-        others["keras"] = _keras_outputs(keras_model, inputs, list(python))
+        others["keras"] = _keras_outputs(keras_model, inputs, list(python), signature)
     outputs = {}
     for name, value in served.items():
         diffs = {}

@@ -2,12 +2,15 @@
 
 A `Request` names a user, the user's recent behaviour (item ids, oldest
 first) and the candidate items to rank. `Predictor` turns it into the
-ranker's ``serving_default`` inputs exactly as the training reader builds
-them (`tfmm.data.impressions`): one row per candidate; the history cut to the
-most recent L items and padded with 0 after them; category ids from the
-catalogue; multimodal vectors from the index table, zeros where an item has
-none (the training fallback, counted in ``Predictor.stats``). It then calls
-the SavedModel in-process, or TF Serving over REST or gRPC:
+ranker's inputs exactly as the training reader builds them
+(`tfmm.data.impressions`): the history cut to the most recent L items and
+padded with 0 after them; category ids from the catalogue; multimodal
+vectors from the index table, zeros where an item has none (the training
+fallback, counted in ``Predictor.stats``). A SavedModel with the ``rank``
+signature (tfmm exports rankers with it, `tfmm.export`) gets one row for the
+user with all candidates and the history once; otherwise ``serving_default``
+gets one row per candidate, each repeating the history. It then calls the
+SavedModel in-process, or TF Serving over REST or gRPC:
 
     predictor = Predictor.from_data_dir(
         "runs/small/export/ranker",  # or rest://host:8501/ranker, grpc://host:8500/ranker
@@ -15,8 +18,9 @@ the SavedModel in-process, or TF Serving over REST or gRPC:
     p = predictor.predict(Request(user_id=7, history_item_ids=[12, 40, 33],
                                   candidate_item_ids=[5, 81, 102]))   # [3] float32
 
-L, d and which inputs exist are read from the served signature (the model
-metadata API for TF Serving), so an ID-only ranker needs no index.
+L, d, which inputs exist and whether ``rank`` is there are read from the
+served signatures (the model metadata API for TF Serving), so an ID-only
+ranker needs no index.
 """
 
 import collections
@@ -37,7 +41,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2,
 
 from tfmm.data import schema
 from tfmm.export import SIGNATURE, latest_version
-from tfmm.ranker import ID_INPUTS
+from tfmm.ranker import ID_INPUTS, RANK_SIGNATURE
 
 VECTOR_INPUTS = ("item_vector", "history_vectors")
 
@@ -67,6 +71,16 @@ class Request:
     candidate_category_ids: Optional[Sequence[int]] = None
 
 
+def _choose_signature(available, signature, where):
+    """`signature`, or ``rank`` when the model has it, else ``serving_default``."""
+    if signature is None:
+        signature = RANK_SIGNATURE if RANK_SIGNATURE in available else SIGNATURE
+    if signature not in available:
+        raise ServingError(f"{where} has no {signature!r} signature (it has "
+                           f"{sorted(available)}).")
+    return signature
+
+
 def _output_name(outputs, output, where):
     """The signature output to return: `output`, or the only one there is."""
     outputs = sorted(outputs)
@@ -78,13 +92,15 @@ def _output_name(outputs, output, where):
 
 
 class Model:
-    """A served ``serving_default`` signature.
+    """A served signature: ``rank`` when the model has it, else ``serving_default``.
 
-    ``inputs`` maps each input name to a `tf.TensorSpec`; calling the model
-    with a dict of numpy arrays returns the chosen output as a numpy array.
-    Implementations are safe to call from many threads.
+    ``signature`` names it; ``inputs`` maps each input name to a
+    `tf.TensorSpec`; calling the model with a dict of numpy arrays returns
+    the chosen output as a numpy array. Implementations are safe to call
+    from many threads.
     """
 
+    signature: str
     inputs: Mapping[str, tf.TensorSpec]
     output: str
 
@@ -99,39 +115,41 @@ class SavedModel(Model):
         path: a SavedModel directory, or a base directory of
             ``<integer version>/`` SavedModels (the highest is loaded).
         output: the output to return (default: the only one).
+        signature: the signature to call (default: ``rank`` if the
+            SavedModel has it, else ``serving_default``).
     """
 
-    def __init__(self, path, output=None):
+    def __init__(self, path, output=None, signature=None):
         self.path = latest_version(path)
         # Held so the signature's variables live as long as this object.
         self._loaded = tf.saved_model.load(self.path)
-        if SIGNATURE not in self._loaded.signatures:
-            raise ValueError(f"{self.path} has no {SIGNATURE!r} signature "
-                             f"(it has {sorted(self._loaded.signatures)}).")
-        self._fn = self._loaded.signatures[SIGNATURE]
+        try:
+            self.signature = _choose_signature(self._loaded.signatures, signature, self.path)
+        except ServingError as e:
+            raise ValueError(str(e)) from None
+        self._fn = self._loaded.signatures[self.signature]
         self.inputs = dict(self._fn.structured_input_signature[1])
         self.output = _output_name(self._fn.structured_outputs, output, self.path)
 
     def __repr__(self):
-        return f"{self.path} (in-process)"
+        return f"{self.path} (in-process, {self.signature})"
 
     def __call__(self, features):
         return self._fn(**{k: tf.constant(v) for k, v in features.items()})[self.output].numpy()
 
 
-def _signature_inputs(signatures, where):
-    """(inputs {name: TensorSpec}, output names) of ``serving_default`` in a SignatureDefMap."""
-    if SIGNATURE not in signatures.signature_def:
-        raise ServingError(f"{where} has no {SIGNATURE!r} signature "
-                           f"(it has {sorted(signatures.signature_def)}).")
-    signature = signatures.signature_def[SIGNATURE]
+def _signature_inputs(signatures, where, signature=None):
+    """(signature name, inputs {name: TensorSpec}, output names) in a SignatureDefMap:
+    `signature`, or ``rank`` when there is one, else ``serving_default``."""
+    chosen = _choose_signature(signatures.signature_def, signature, where)
+    signature = signatures.signature_def[chosen]
     inputs = {}
     for name, info in signature.inputs.items():
         if info.tensor_shape.unknown_rank:
             raise ServingError(f"{where}: input {name!r} has an unknown rank.")
         shape = [None if d.size < 0 else d.size for d in info.tensor_shape.dim]
         inputs[name] = tf.TensorSpec(shape, tf.as_dtype(info.dtype), name)
-    return inputs, list(signature.outputs)
+    return chosen, inputs, list(signature.outputs)
 
 
 def _model_spec(spec, name, version):
@@ -143,20 +161,24 @@ def _model_spec(spec, name, version):
 class RestModel(Model):
     """A model served by TF Serving's REST API.
 
-    Learns the signature from ``GET /v1/models/NAME[/versions/N]/metadata``
+    Learns the signatures from ``GET /v1/models/NAME[/versions/N]/metadata``
     and predicts with ``POST ...:predict`` in the columnar (``inputs``)
-    format. Each thread keeps one persistent HTTP connection. The history's
-    [L, d] vectors repeat for every candidate, so a request is megabytes of
-    JSON text: prefer gRPC where latency matters.
+    format. Each thread keeps one persistent HTTP connection. Through
+    ``serving_default`` the history's [L, d] vectors repeat for every
+    candidate (megabytes of JSON text for 200 candidates); ``rank`` sends
+    them once.
 
     Args:
         host, port: TF Serving's REST address (``--rest_api_port``).
         name: the model name; version: a version number (default: latest).
         timeout: seconds for connecting and for each reply.
         output: the signature output to return (default: the only one).
+        signature: the signature to call (default: ``rank`` if the model
+            has it, else ``serving_default``).
     """
 
-    def __init__(self, host, port, name, version=None, timeout=10.0, output=None):
+    def __init__(self, host, port, name, version=None, timeout=10.0, output=None,
+                 signature=None):
         self.host, self.port, self.timeout = host, int(port), timeout
         self.path = f"/v1/models/{name}" + ("" if version is None else f"/versions/{version}")
         self.url = f"http://{host}:{self.port}{self.path}"
@@ -169,11 +191,11 @@ class RestModel(Model):
         except (KeyError, TypeError, json_format.ParseError) as e:
             raise ServingError(f"{self.url}/metadata: not TF Serving's model metadata "
                                f"({e!r}).") from None
-        self.inputs, outputs = _signature_inputs(signatures, self.url)
+        self.signature, self.inputs, outputs = _signature_inputs(signatures, self.url, signature)
         self.output = _output_name(outputs, output, self.url)
 
     def __repr__(self):
-        return self.url
+        return f"{self.url} ({self.signature})"
 
     def _connection(self):
         conn = getattr(self._local, "conn", None)
@@ -207,7 +229,7 @@ class RestModel(Model):
 
     def __call__(self, features):
         inputs = ", ".join(f"{json.dumps(k)}: {_json(v)}" for k, v in features.items())
-        body = f'{{"signature_name": "{SIGNATURE}", "inputs": {{{inputs}}}}}'
+        body = f'{{"signature_name": {json.dumps(self.signature)}, "inputs": {{{inputs}}}}}'
         outputs = self._request("POST", self.path + ":predict", body)["outputs"]
         # One named output comes bare; several come as an object (TF Serving's REST API).
         if isinstance(outputs, dict):
@@ -226,7 +248,7 @@ def _json(array):
 class GrpcModel(Model):
     """A model served by TF Serving's gRPC ``PredictionService``.
 
-    Learns the signature with ``GetModelMetadata`` (field ``signature_def``)
+    Learns the signatures with ``GetModelMetadata`` (field ``signature_def``)
     and predicts with ``Predict``. The channel is shared by all threads.
 
     Args:
@@ -234,12 +256,14 @@ class GrpcModel(Model):
         name: the model name; version: a version number (default: latest).
         timeout: seconds per call.
         output: the signature output to return (default: the only one).
+        signature: the signature to call (default: ``rank`` if the model
+            has it, else ``serving_default``).
     """
 
-    def __init__(self, target, name, version=None, timeout=10.0, output=None):
+    def __init__(self, target, name, version=None, timeout=10.0, output=None, signature=None):
         self.name, self.version, self.timeout = name, version, timeout
         self.url = f"grpc://{target}/{name}" + ("" if version is None else f"/versions/{version}")
-        # Requests of 200 candidates x L x d floats exceed gRPC's 4 MB default.
+        # serving_default requests of 200 candidates x L x d floats exceed gRPC's 4 MB default.
         self._channel = grpc.insecure_channel(target, options=[
             ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
@@ -249,11 +273,11 @@ class GrpcModel(Model):
         signatures = get_model_metadata_pb2.SignatureDefMap()
         if not response.metadata["signature_def"].Unpack(signatures):
             raise ServingError(f"{self.url}: GetModelMetadata returned no signature_def.")
-        self.inputs, outputs = _signature_inputs(signatures, self.url)
+        self.signature, self.inputs, outputs = _signature_inputs(signatures, self.url, signature)
         self.output = _output_name(outputs, output, self.url)
 
     def __repr__(self):
-        return self.url
+        return f"{self.url} ({self.signature})"
 
     def _call(self, method, request):
         try:
@@ -264,7 +288,7 @@ class GrpcModel(Model):
     def __call__(self, features):
         request = predict_pb2.PredictRequest()
         _model_spec(request.model_spec, self.name, self.version)
-        request.model_spec.signature_name = SIGNATURE
+        request.model_spec.signature_name = self.signature
         for k, v in features.items():
             request.inputs[k].CopyFrom(tf.make_tensor_proto(v))
         response = self._call(self._stub.Predict, request)
@@ -274,19 +298,24 @@ class GrpcModel(Model):
         self._channel.close()
 
 
-def open_model(spec, timeout=10.0):
-    """A `Model` from ``rest://host:port/NAME[/versions/N]``, ``grpc://...`` or a path."""
+def open_model(spec, timeout=10.0, signature=None):
+    """A `Model` from ``rest://host:port/NAME[/versions/N]``, ``grpc://...`` or a path.
+
+    `signature`: the one to call; default ``rank`` when the model has it,
+    else ``serving_default``.
+    """
     url = urllib.parse.urlsplit(spec)
     if url.scheme not in ("rest", "grpc"):
-        return SavedModel(spec)
+        return SavedModel(spec, signature=signature)
     parts = url.path.strip("/").split("/")
     if not url.hostname or not url.port or not parts[0] or len(parts) not in (1, 3) or (
             len(parts) == 3 and (parts[1] != "versions" or not parts[2].isdigit())):
         raise ValueError(f"{spec!r}: want {url.scheme}://host:port/MODEL_NAME[/versions/N].")
     version = int(parts[2]) if len(parts) == 3 else None
     if url.scheme == "rest":
-        return RestModel(url.hostname, url.port, parts[0], version, timeout)
-    return GrpcModel(f"{url.hostname}:{url.port}", parts[0], version, timeout)
+        return RestModel(url.hostname, url.port, parts[0], version, timeout, signature=signature)
+    return GrpcModel(f"{url.hostname}:{url.port}", parts[0], version, timeout,
+                     signature=signature)
 
 
 def item_categories(data_dir):
@@ -323,6 +352,9 @@ class Predictor:
         index: a `tfmm.index.VectorIndex`; needed when the ranker takes vectors.
         item_categories: item id -> category id, as an array indexed by id
             or a mapping; ids it does not know get category 0 (padding).
+        signature: with a spec, the signature to call (default: ``rank``
+            when the model has it, else ``serving_default``); a `Model`
+            brings its own (``model.signature``).
 
     ``stats`` counts ``requests``, ``candidates`` and ``missing_vectors``
     (distinct items of a request that had no vector in the index and were
@@ -336,9 +368,11 @@ class Predictor:
     array([0.031, 0.12 , 0.008], dtype=float32)
     """
 
-    def __init__(self, model, index=None, item_categories=None):
-        self.model = open_model(os.fspath(model)) if isinstance(model, (str, os.PathLike)) \
-            else model
+    def __init__(self, model, index=None, item_categories=None, signature=None):
+        self.model = (open_model(os.fspath(model), signature=signature)
+                      if isinstance(model, (str, os.PathLike)) else model)
+        # One row per user with C candidates (rank), or one row per candidate.
+        self.per_user = getattr(self.model, "signature", SIGNATURE) == RANK_SIGNATURE
         inputs = self.model.inputs
         unknown = sorted(set(inputs) - set(ID_INPUTS) - set(VECTOR_INPUTS))
         if unknown:
@@ -392,7 +426,12 @@ class Predictor:
         return np.where(known, table[np.where(known, items, 0)], 0).astype(np.int64)
 
     def assemble(self, request):
-        """The signature's inputs for `request` and the item ids that had no vector."""
+        """The signature's inputs for `request` and the item ids that had no vector.
+
+        For ``rank``, one row: ``item_id`` [1, C], ``history_*`` [1, L],
+        vectors [1, C, d] and [1, L, d]; for ``serving_default``, C rows
+        that repeat the history (views of one row, without copies).
+        """
         user = _ids(request.user_id, "user_id")
         if user.ndim != 0:
             raise ValueError(f"Request.user_id: want one id, got shape {user.shape}.")
@@ -410,14 +449,23 @@ class Predictor:
         history = np.pad(history, (0, pad))
         history_categories = np.pad(history_categories, (0, pad))
         mask = history != schema.PAD_ID
+
+        def rows(x):
+            """The user's `x` as the batch: one row, or one row per candidate."""
+            return x[None] if self.per_user else np.broadcast_to(x, (n,) + x.shape)
+
+        def candidate_rows(x):
+            """Per-candidate `x` [C, ...] as the batch: [1, C, ...], or C rows."""
+            return x[None] if self.per_user else x
+
         features = {
-            "user_id": np.full(n, user, np.int64),
-            "item_id": candidates,
-            "category_id": self._category_ids(candidates, request.candidate_category_ids,
-                                              "candidate_category_ids"),
-            "history_item_ids": np.broadcast_to(history, (n, length)),
-            "history_category_ids": np.broadcast_to(history_categories, (n, length)),
-            "history_mask": np.broadcast_to(mask, (n, length)),
+            "user_id": rows(user),
+            "item_id": candidate_rows(candidates),
+            "category_id": candidate_rows(self._category_ids(
+                candidates, request.candidate_category_ids, "candidate_category_ids")),
+            "history_item_ids": rows(history),
+            "history_category_ids": rows(history_categories),
+            "history_mask": rows(mask),
         }
         missing = np.zeros(0, np.int64)
         if self.vector_dim:
@@ -429,12 +477,11 @@ class Predictor:
             # Row 0 of the table is the zero vector of padding.
             table = np.concatenate([np.zeros((1, self.vector_dim), np.float32), vectors])
 
-            def rows(ids):
+            def positions(ids):
                 return np.where(ids == schema.PAD_ID, 0, np.searchsorted(keys, ids) + 1)
 
-            features["item_vector"] = table[rows(candidates)]
-            features["history_vectors"] = np.broadcast_to(table[rows(history)],
-                                                          (n, length, self.vector_dim))
+            features["item_vector"] = candidate_rows(table[positions(candidates)])
+            features["history_vectors"] = rows(table[positions(history)])
         # History rows stay views of one row: tf.constant copies them once, faster than numpy.
         inputs = self.model.inputs
         features = {k: v.astype(inputs[k].dtype.as_numpy_dtype, copy=False)
@@ -444,7 +491,7 @@ class Predictor:
     def predict(self, request):
         """P(click) of each candidate of `request`: float32 [len(candidate_item_ids)]."""
         features, missing = self.assemble(request)
-        n = len(next(iter(features.values())))
+        n = len(request.candidate_item_ids)
         p = np.asarray(self.model(features) if n else [], np.float32).reshape(-1)
         if len(p) != n:
             raise ServingError(f"{self.model}: {len(p)} outputs for {n} candidates.")
