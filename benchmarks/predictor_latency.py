@@ -13,9 +13,19 @@ user: the history once, the 200 candidates on a second axis) and
 ``serving_default`` (one row per candidate, each repeating the history).
 Then the split of a request: the index `get`, the whole input assembly
 (which includes it) and the model call.
+
+With --deepctr (default), the peer DESIGN.md names: DeepCTR 0.9.4's DIN of
+the same shapes (embedding 16, attention 80-40 sigmoid, MLP 200-80), saved
+as a SavedModel under tf-keras in a subprocess (it needs Keras 2) and called
+in-process with the same requests, one row per candidate (it has no
+candidate axis), before and after tfmm's rows; the ratio of tfmm's ID
+ranker's model call to it (goal: at most 0.5).
 """
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -35,6 +45,8 @@ flags.DEFINE_integer("max_history", 100, "History length L of the exported ranke
 flags.DEFINE_integer("candidates", 200, "Candidates per request.")
 flags.DEFINE_integer("requests", 300, "Timed requests per row.")
 flags.DEFINE_integer("threads", 8, "Concurrent client threads of the loaded rows.")
+flags.DEFINE_bool("deepctr", True, "Also time DeepCTR 0.9.4's DIN SavedModel (tf-keras).")
+flags.DEFINE_string("only", "", "Internal: 'deepctr' times DeepCTR alone and prints JSON.")
 flags.DEFINE_string("redis_url", "", "An existing Redis (keys under tfmm-bench-predictor: are "
                     "overwritten); default: a private redis-server.")
 FLAGS = flags.FLAGS
@@ -81,14 +93,73 @@ def latencies(fn, requests, threads=1):
     return 1e3 * np.concatenate(times), len(requests) / wall
 
 
+def deepctr_latencies():
+    """{"1 thread": ms, "N threads": ms}: DeepCTR DIN's SavedModel on the requests, as rows."""
+    import tensorflow as tf
+    from deepctr.feature_column import SparseFeat, VarLenSparseFeat
+    from deepctr.models import DIN
+
+    L, e = FLAGS.max_history, 16
+    columns = [SparseFeat("user", FLAGS.num_users, embedding_dim=e),
+               SparseFeat("item_id", FLAGS.num_items, embedding_dim=e),
+               SparseFeat("cate_id", FLAGS.num_categories, embedding_dim=e)]
+    columns += [VarLenSparseFeat(SparseFeat(f"hist_{k}", n, embedding_dim=e, embedding_name=k),
+                                 maxlen=L, length_name="seq_length")
+                for k, n in (("item_id", FLAGS.num_items), ("cate_id", FLAGS.num_categories))]
+    model = DIN(columns, ["item_id", "cate_id"], dnn_hidden_units=(200, 80),
+                att_hidden_size=(80, 40), att_activation="sigmoid", l2_reg_embedding=0.0)
+    path = tempfile.mkdtemp(prefix="predictor_latency-deepctr-")
+    tf.saved_model.save(model, path)
+    fn = tf.saved_model.load(path).signatures["serving_default"]
+    specs = fn.structured_input_signature[1]
+    categories = np.random.default_rng(1).integers(2, FLAGS.num_categories, FLAGS.num_items)
+
+    def rows(request):
+        """DeepCTR's inputs: one row per candidate, the history repeated (as serving_default)."""
+        n, history = len(request.candidate_item_ids), np.asarray(request.history_item_ids)[-L:]
+        padded = np.pad(history, (0, L - len(history)))
+        return {"user": np.full((n, 1), request.user_id),
+                "item_id": np.asarray(request.candidate_item_ids)[:, None],
+                "cate_id": categories[request.candidate_item_ids][:, None],
+                "hist_item_id": np.broadcast_to(padded, (n, L)),
+                "hist_cate_id": np.broadcast_to(categories[padded] * (padded > 0), (n, L)),
+                "seq_length": np.full((n, 1), len(history))}
+
+    requests = make_requests(L)
+    features = {id(r): rows(r) for r in requests}
+
+    def call(request):
+        return fn(**{k: tf.constant(v, specs[k].dtype) for k, v in features[id(request)].items()})
+
+    return {"1 thread": latencies(call, requests)[0].tolist(),
+            f"{FLAGS.threads} threads": latencies(call, requests, FLAGS.threads)[0].tolist(),
+            "tensorflow": tf.__version__}
+
+
+def run_deepctr():
+    args = [f"--{k}={FLAGS[k].value}" for k in ("max_history", "candidates", "requests",
+                                                "threads", "num_items", "num_users",
+                                                "num_categories")]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.predictor_latency", "--only=deepctr",
+                           *args], capture_output=True, text=True,
+                          env=dict(os.environ, TF_USE_LEGACY_KERAS="1"))
+    if proc.returncode:
+        sys.exit(f"DeepCTR run failed (pip install -e '.[bench]'?):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def row(label, ms, rate=None):
     rate = "" if rate is None else f"{rate:8.0f}"
-    print(f"{label:<56} {np.percentile(ms, 50):7.2f} {np.percentile(ms, 99):7.2f} {rate}",
+    print(f"{label:<64} {np.percentile(ms, 50):7.2f} {np.percentile(ms, 99):7.2f} {rate}",
           flush=True)
 
 
 def main(argv):
     del argv
+    if FLAGS.only == "deepctr":
+        print(json.dumps(deepctr_latencies()))
+        return
+    deepctr = run_deepctr() if FLAGS.deepctr else None
     workdir = tempfile.mkdtemp(prefix="predictor_latency-")
     vocab = {"num_items": FLAGS.num_items, "num_users": FLAGS.num_users,
              "num_categories": FLAGS.num_categories}
@@ -126,7 +197,8 @@ def main(argv):
         print(f"{FLAGS.requests} requests per row: 1 user x {FLAGS.candidates} candidates, "
               f"history {FLAGS.max_history}, {os.cpu_count()} CPUs, load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start")
-        print(f"{'':<56} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>8}")
+        print(f"{'':<64} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>8}")
+        calls = {}
         for name, model in models.items():
             length = model.inputs["history_item_ids"].shape[1]
             requests = make_requests(length)
@@ -145,7 +217,29 @@ def main(argv):
                     row(f"{label}:   index get ({len(keys[0])} ids)",
                         latencies(index.get, keys)[0])
                 row(f"{label}:   assemble inputs", latencies(predictor.assemble, requests)[0])
-                row(f"{label}:   model call", latencies(model, features)[0])
+                calls[name] = latencies(model, features)[0]
+                row(f"{label}:   model call", calls[name])
+                calls[f"{name}, {FLAGS.threads} threads"] = latencies(model, features,
+                                                                      FLAGS.threads)[0]
+                row(f"{label}:   model call, {FLAGS.threads} threads",
+                    calls[f"{name}, {FLAGS.threads} threads"])
+        if deepctr is not None:
+            # Timed before and after tfmm's rows, pooled: the machine's load drifts.
+            later = run_deepctr()
+            deepctr = {k: v + later[k] if isinstance(v, list) else v for k, v in deepctr.items()}
+            print(f"DeepCTR 0.9.4 DIN SavedModel (tf-keras, TF {deepctr.pop('tensorflow')}), "
+                  f"{FLAGS.candidates} rows a request, timed before and after the rows above:")
+            for threads, ms in deepctr.items():
+                row(f"  model call, {threads}", np.array(ms))
+            for name in ("id [rank]", "id [serving_default]"):
+                for threads in ("1 thread", f"{FLAGS.threads} threads"):
+                    key = name if threads == "1 thread" else f"{name}, {threads}"
+                    if key in calls:
+                        ours, peer = calls[key], np.array(deepctr[threads])
+                        print(f"tfmm {name} / DeepCTR model call, {threads}: p50 "
+                              f"{np.percentile(ours, 50) / np.percentile(peer, 50):.2f}x, p99 "
+                              f"{np.percentile(ours, 99) / np.percentile(peer, 99):.2f}x "
+                              "(goal <= 0.5x)")
     finally:
         if server is not None:
             server.stop()
