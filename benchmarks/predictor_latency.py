@@ -16,10 +16,10 @@ Then the split of a request: the index `get`, the whole input assembly
 
 With --deepctr (default), the peer DESIGN.md names: DeepCTR 0.9.4's DIN of
 the same shapes (embedding 16, attention 80-40 sigmoid, MLP 200-80), saved
-as a SavedModel under tf-keras in a subprocess (it needs Keras 2) and called
-in-process with the same requests, one row per candidate (it has no
-candidate axis), before and after tfmm's rows; the ratio of tfmm's ID
-ranker's model call to it (goal: at most 0.5).
+as a SavedModel under tf-keras in a subprocess (it needs Keras 2), loaded
+here and called with the same requests, one row per candidate (it has no
+candidate axis), alternating request by request with tfmm's ID ranker's
+model call; the ratio of the two (goal: at most 0.5).
 """
 
 import json
@@ -46,7 +46,7 @@ flags.DEFINE_integer("candidates", 200, "Candidates per request.")
 flags.DEFINE_integer("requests", 300, "Timed requests per row.")
 flags.DEFINE_integer("threads", 8, "Concurrent client threads of the loaded rows.")
 flags.DEFINE_bool("deepctr", True, "Also time DeepCTR 0.9.4's DIN SavedModel (tf-keras).")
-flags.DEFINE_string("only", "", "Internal: 'deepctr' times DeepCTR alone and prints JSON.")
+flags.DEFINE_string("only", "", "Internal: 'deepctr:PATH' saves DeepCTR's DIN there (tf-keras).")
 flags.DEFINE_string("redis_url", "", "An existing Redis (keys under tfmm-bench-predictor: are "
                     "overwritten); default: a private redis-server.")
 FLAGS = flags.FLAGS
@@ -93,8 +93,8 @@ def latencies(fn, requests, threads=1):
     return 1e3 * np.concatenate(times), len(requests) / wall
 
 
-def deepctr_latencies():
-    """{"1 thread": ms, "N threads": ms}: DeepCTR DIN's SavedModel on the requests, as rows."""
+def export_deepctr(path):
+    """Saves DeepCTR 0.9.4's DIN of the same shapes as a SavedModel (needs tf-keras)."""
     import tensorflow as tf
     from deepctr.feature_column import SparseFeat, VarLenSparseFeat
     from deepctr.models import DIN
@@ -108,14 +108,27 @@ def deepctr_latencies():
                 for k, n in (("item_id", FLAGS.num_items), ("cate_id", FLAGS.num_categories))]
     model = DIN(columns, ["item_id", "cate_id"], dnn_hidden_units=(200, 80),
                 att_hidden_size=(80, 40), att_activation="sigmoid", l2_reg_embedding=0.0)
-    path = tempfile.mkdtemp(prefix="predictor_latency-deepctr-")
     tf.saved_model.save(model, path)
-    fn = tf.saved_model.load(path).signatures["serving_default"]
-    specs = fn.structured_input_signature[1]
-    categories = np.random.default_rng(1).integers(2, FLAGS.num_categories, FLAGS.num_items)
+    return tf.__version__
 
-    def rows(request):
-        """DeepCTR's inputs: one row per candidate, the history repeated (as serving_default)."""
+
+class DeepCTRModel:
+    """DeepCTR DIN's SavedModel (loaded here: no Keras needed) called on a `Request`,
+    one row per candidate with the history repeated (it has no candidate axis)."""
+
+    def __init__(self, path):
+        import tensorflow as tf
+
+        self._tf = tf
+        self._loaded = tf.saved_model.load(path)
+        self._fn = self._loaded.signatures["serving_default"]
+        self._specs = self._fn.structured_input_signature[1]
+        self._categories = np.random.default_rng(1).integers(2, FLAGS.num_categories,
+                                                             FLAGS.num_items)
+        self._rows = {}
+
+    def rows(self, request):
+        L, categories = FLAGS.max_history, self._categories
         n, history = len(request.candidate_item_ids), np.asarray(request.history_item_ids)[-L:]
         padded = np.pad(history, (0, L - len(history)))
         return {"user": np.full((n, 1), request.user_id),
@@ -125,27 +138,49 @@ def deepctr_latencies():
                 "hist_cate_id": np.broadcast_to(categories[padded] * (padded > 0), (n, L)),
                 "seq_length": np.full((n, 1), len(history))}
 
-    requests = make_requests(L)
-    features = {id(r): rows(r) for r in requests}
-
-    def call(request):
-        return fn(**{k: tf.constant(v, specs[k].dtype) for k, v in features[id(request)].items()})
-
-    return {"1 thread": latencies(call, requests)[0].tolist(),
-            f"{FLAGS.threads} threads": latencies(call, requests, FLAGS.threads)[0].tolist(),
-            "tensorflow": tf.__version__}
+    def __call__(self, request):
+        if id(request) not in self._rows:
+            self._rows[id(request)] = self.rows(request)
+        tf = self._tf
+        return self._fn(**{k: tf.constant(v, self._specs[k].dtype)
+                           for k, v in self._rows[id(request)].items()})
 
 
-def run_deepctr():
-    args = [f"--{k}={FLAGS[k].value}" for k in ("max_history", "candidates", "requests",
-                                                "threads", "num_items", "num_users",
+def run_deepctr(workdir):
+    """DeepCTR's SavedModel, exported in a tf-keras subprocess; (model, TF version)."""
+    path = os.path.join(workdir, "deepctr")
+    args = [f"--{k}={FLAGS[k].value}" for k in ("max_history", "num_items", "num_users",
                                                 "num_categories")]
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.predictor_latency", "--only=deepctr",
-                           *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.predictor_latency",
+                           f"--only=deepctr:{path}", *args], capture_output=True, text=True,
                           env=dict(os.environ, TF_USE_LEGACY_KERAS="1"))
     if proc.returncode:
-        sys.exit(f"DeepCTR run failed (pip install -e '.[bench]'?):\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        sys.exit(f"DeepCTR export failed (pip install -e '.[bench]'?):\n{proc.stderr[-2000:]}")
+    return DeepCTRModel(path), json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def paired(fns, requests, threads=1):
+    """Milliseconds per call of each fn(request), called in turn on each request (the order
+    alternating), so that drifting load hits them alike."""
+    for r in requests[:20]:
+        for fn in fns:
+            fn(r)
+    times = [[[] for _ in fns] for _ in range(threads)]
+
+    def client(k):
+        for i, r in enumerate(requests[k::threads]):
+            order = range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))
+            for j in order:
+                start = time.perf_counter()
+                fns[j](r)
+                times[k][j].append(time.perf_counter() - start)
+
+    workers = [threading.Thread(target=client, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return [1e3 * np.concatenate([times[k][j] for k in range(threads)]) for j in range(len(fns))]
 
 
 def row(label, ms, rate=None):
@@ -156,11 +191,11 @@ def row(label, ms, rate=None):
 
 def main(argv):
     del argv
-    if FLAGS.only == "deepctr":
-        print(json.dumps(deepctr_latencies()))
+    if FLAGS.only.startswith("deepctr:"):
+        print(json.dumps(export_deepctr(FLAGS.only.split(":", 1)[1])))
         return
-    deepctr = run_deepctr() if FLAGS.deepctr else None
     workdir = tempfile.mkdtemp(prefix="predictor_latency-")
+    deepctr, deepctr_tf = run_deepctr(workdir) if FLAGS.deepctr else (None, None)
     vocab = {"num_items": FLAGS.num_items, "num_users": FLAGS.num_users,
              "num_categories": FLAGS.num_categories}
     if FLAGS.export_dir:
@@ -198,7 +233,7 @@ def main(argv):
               f"history {FLAGS.max_history}, {os.cpu_count()} CPUs, load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start")
         print(f"{'':<64} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>8}")
-        calls = {}
+        calls, peers = {}, []
         for name, model in models.items():
             length = model.inputs["history_item_ids"].shape[1]
             requests = make_requests(length)
@@ -223,23 +258,21 @@ def main(argv):
                                                                       FLAGS.threads)[0]
                 row(f"{label}:   model call, {FLAGS.threads} threads",
                     calls[f"{name}, {FLAGS.threads} threads"])
-        if deepctr is not None:
-            # Timed before and after tfmm's rows, pooled: the machine's load drifts.
-            later = run_deepctr()
-            deepctr = {k: v + later[k] if isinstance(v, list) else v for k, v in deepctr.items()}
-            print(f"DeepCTR 0.9.4 DIN SavedModel (tf-keras, TF {deepctr.pop('tensorflow')}), "
-                  f"{FLAGS.candidates} rows a request, timed before and after the rows above:")
-            for threads, ms in deepctr.items():
-                row(f"  model call, {threads}", np.array(ms))
-            for name in ("id [rank]", "id [serving_default]"):
-                for threads in ("1 thread", f"{FLAGS.threads} threads"):
-                    key = name if threads == "1 thread" else f"{name}, {threads}"
-                    if key in calls:
-                        ours, peer = calls[key], np.array(deepctr[threads])
-                        print(f"tfmm {name} / DeepCTR model call, {threads}: p50 "
-                              f"{np.percentile(ours, 50) / np.percentile(peer, 50):.2f}x, p99 "
-                              f"{np.percentile(ours, 99) / np.percentile(peer, 99):.2f}x "
-                              "(goal <= 0.5x)")
+                if deepctr is not None and "item_vector" not in model.inputs:
+                    # The same requests, alternating with DeepCTR's DIN (ID features only).
+                    by_request = {id(r): f for r, f in zip(requests, features)}
+                    for threads in (1, FLAGS.threads):
+                        ours, peer = paired([lambda r: model(by_request[id(r)]), deepctr],
+                                            requests, threads)
+                        peers.append((f"{name} vs DeepCTR 0.9.4 DIN SavedModel (tf-keras, TF "
+                                      f"{deepctr_tf}), {threads} thread(s)", ours, peer))
+        for label, ours, peer in peers:
+            print(f"{label}, model calls alternating on each request:")
+            row("  tfmm", ours)
+            row("  DeepCTR (200 rows a request)", peer)
+            ratio = [np.percentile(ours, q) / np.percentile(peer, q) for q in (50, 99)]
+            print(f"  ratio tfmm / DeepCTR: p50 {ratio[0]:.2f}x, p99 {ratio[1]:.2f}x "
+                  "(goal <= 0.5x)")
     finally:
         if server is not None:
             server.stop()

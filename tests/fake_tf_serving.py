@@ -6,7 +6,9 @@ the columnar (``inputs``) and row (``instances``) formats, ``GET
 .../metadata``, errors as ``{"error": ...}`` with TF Serving's status codes.
 gRPC (``--port``): ``PredictionService.Predict`` and ``GetModelMetadata``.
 Each model is the highest version of a base directory, loaded in-process and
-called through its signatures, as TF Serving's default version policy does.
+called through its signatures, as TF Serving's default version policy does:
+any of them by ``signature_name`` (a ranker's ``rank`` as well as
+``serving_default``, the default), all of them listed by the metadata calls.
 
     with FakeTFServing({"ranker": "runs/small/export/ranker"}) as server:
         RestModel("127.0.0.1", server.rest_port, "ranker")
