@@ -156,6 +156,26 @@ def test_password_and_address_from_the_environment(tmp_path, monkeypatch):
         server.stop()
 
 
+@pytest.mark.parametrize("spec, shown", [
+    ("redis://:s3cret@h:6379/0?prefix=p", "redis://:***@h:6379/0?prefix=p"),
+    ("rediss://ann:s3cret@h:6380/1", "rediss://ann:***@h:6380/1"),
+    ("redis://h:6379/0", "redis://h:6379/0"),
+    ("runs/x/index.db", "runs/x/index.db"),
+])
+def test_redact_hides_only_the_password(spec, shown):
+    from tfmm.index import redact
+
+    assert redact(spec) == shown
+
+
+def test_a_password_in_the_index_url_stays_out_of_settings_files():
+    from tfmm import ctr
+
+    config = ctr.CTRConfig(data_dir="d", model_dir="m", index="redis://:s3cret@h:1/0")
+    assert ctr.config_json(config)["index"] == "redis://:***@h:1/0"
+    assert "s3cret" not in json.dumps(ctr._settings(config))
+
+
 def test_a_dead_redis_is_named_quickly_and_the_same_object_recovers(redis_server, redis_url):
     index = open_index(redis_url, dim=2)
     index.put([1, 2], [[1, 1], [2, 2]])

@@ -46,7 +46,7 @@ import numpy as np
 from tfmm import data, metrics
 from tfmm.data import schema
 from tfmm.export import export_saved_model
-from tfmm.index import is_empty, open_index
+from tfmm.index import is_empty, open_index, redact
 from tfmm.layers import MAKEBlock
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.ranker import METHODS, build_make_pretrainer, build_ranker
@@ -255,8 +255,13 @@ def _fit(model, config, train, epochs, test, out, callbacks=()):
     return evaluation.values
 
 
+def config_json(config):
+    """Every setting, JSON-ready, with no index password (metrics.json, config.json)."""
+    return json.loads(json.dumps(dict(dataclasses.asdict(config), index=redact(config.index))))
+
+
 def _settings(config, names=None):
-    values = json.loads(json.dumps(dataclasses.asdict(config)))
+    values = config_json(config)
     return {k: v for k, v in values.items() if k != "verbose" and (names is None or k in names)}
 
 
@@ -357,7 +362,7 @@ def run(config, vectors=None, pretrain_config=None):
         result["vector_refreshes"] = refresh[0].values
     if config.export_dir:
         result["export_path"] = export_saved_model(model, config.export_dir, "probability")
-    result.update(train_seconds=time.time() - start, config=dataclasses.asdict(config))
+    result.update(train_seconds=time.time() - start, config=config_json(config))
     _write_json(os.path.join(config.model_dir, "metrics.json"), result)
     return result
 

@@ -172,6 +172,16 @@ class SQLiteIndex(VectorIndex):
         self._db.close()
 
 
+def redact(spec):
+    """`spec` with a URL's password replaced by ``***``: safe for logs and metrics files."""
+    parts = urllib.parse.urlsplit(str(spec))
+    if not is_redis(spec) or parts.password is None:
+        return spec
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}***@{host}").geturl()
+
+
 def redis_url(url=None):
     """`url`, else ``$TFMM_REDIS_URL``, else the local default server."""
     return url or os.environ.get("TFMM_REDIS_URL") or "redis://127.0.0.1:6379/0"

@@ -26,7 +26,7 @@ import tensorflow as tf
 from tfmm import data, metrics
 from tfmm.data import schema
 from tfmm.export import export_saved_model
-from tfmm.index import open_index
+from tfmm.index import open_index, redact
 from tfmm.scl import SCLModel
 from tfmm.towers import image_tower, text_tower, vocabulary_of
 
@@ -213,7 +213,7 @@ def run(config):
                             callbacks=callbacks, verbose=config.verbose).history
     result = evaluate(config, tower, catalogue)
     result.update(history={k: [float(x) for x in v] for k, v in history.items()},
-                  train_seconds=time.time() - start, config=dataclasses.asdict(config))
+                  train_seconds=time.time() - start, config=dict(dataclasses.asdict(config), index=redact(config.index)))
     if config.export_dir:
         result["export_path"] = export_saved_model(tower, config.export_dir, "vector")
     if config.index:
