@@ -73,18 +73,11 @@ def rate(model, features, label, keras):
 
 def deepctr_rate():
     import tensorflow as tf
-    from deepctr.feature_column import SparseFeat, VarLenSparseFeat
-    from deepctr.models import DIN
 
-    L, e = FLAGS.max_history, 16
-    columns = [SparseFeat("user", FLAGS.num_users, embedding_dim=e),
-               SparseFeat("item_id", FLAGS.num_items, embedding_dim=e),
-               SparseFeat("cate_id", FLAGS.num_categories, embedding_dim=e)]
-    columns += [VarLenSparseFeat(SparseFeat(f"hist_{k}", n, embedding_dim=e, embedding_name=k),
-                                 maxlen=L, length_name="seq_length")
-                for k, n in (("item_id", FLAGS.num_items), ("cate_id", FLAGS.num_categories))]
-    model = DIN(columns, ["item_id", "cate_id"], dnn_hidden_units=(200, 80),
-                att_hidden_size=(80, 40), att_activation="sigmoid", l2_reg_embedding=0.0)
+    from benchmarks.deepctr_din import deepctr_din
+
+    model = deepctr_din(FLAGS.max_history, FLAGS.num_users, FLAGS.num_items,
+                        FLAGS.num_categories)
     f, y = random_batch()
     features = {"user": f["user_id"], "item_id": f["item_id"], "cate_id": f["category_id"],
                 "hist_item_id": f["history_item_ids"], "hist_cate_id": f["history_category_ids"],

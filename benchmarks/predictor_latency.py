@@ -96,18 +96,11 @@ def latencies(fn, requests, threads=1):
 def export_deepctr(path):
     """Saves DeepCTR 0.9.4's DIN of the same shapes as a SavedModel (needs tf-keras)."""
     import tensorflow as tf
-    from deepctr.feature_column import SparseFeat, VarLenSparseFeat
-    from deepctr.models import DIN
 
-    L, e = FLAGS.max_history, 16
-    columns = [SparseFeat("user", FLAGS.num_users, embedding_dim=e),
-               SparseFeat("item_id", FLAGS.num_items, embedding_dim=e),
-               SparseFeat("cate_id", FLAGS.num_categories, embedding_dim=e)]
-    columns += [VarLenSparseFeat(SparseFeat(f"hist_{k}", n, embedding_dim=e, embedding_name=k),
-                                 maxlen=L, length_name="seq_length")
-                for k, n in (("item_id", FLAGS.num_items), ("cate_id", FLAGS.num_categories))]
-    model = DIN(columns, ["item_id", "cate_id"], dnn_hidden_units=(200, 80),
-                att_hidden_size=(80, 40), att_activation="sigmoid", l2_reg_embedding=0.0)
+    from benchmarks.deepctr_din import deepctr_din
+
+    model = deepctr_din(FLAGS.max_history, FLAGS.num_users, FLAGS.num_items,
+                        FLAGS.num_categories)
     tf.saved_model.save(model, path)
     return tf.__version__
 
