@@ -22,9 +22,11 @@ class DINAttention(keras.layers.Layer):
     (DeepCTR, FuxiCTR) the raw scores are the weights.
 
     The first layer's ``[4 * d, h]`` kernel keeps the reference layout but is
-    applied term by term, so a ``[B, C, d]`` query against ``[B, L, d]`` keys
-    never builds ``[B, C, L, 4 * d]`` inputs or copies the history per
-    candidate. There (one user's history against C candidates, the ranking
+    applied term by term, so no ``[..., L, 4 * d]`` input is built. With a
+    ``[B, d]`` query (training) the MLP runs on the real history positions
+    only, so padding costs nothing and does not enter Dice's batch
+    statistics. A ``[B, C, d]`` query against ``[B, L, d]`` keys never
+    copies the history per candidate. There (one user's history against C candidates, the ranking
     signature's case) the first layer is one matmul of the keys and a column
     of ones ``[B, L, d + 1]`` by a per-candidate kernel ``[B, d + 1, C * h]``,
     and the rest of the MLP runs on ``[B * L * C, h]`` rows: the same sums as
@@ -127,20 +129,18 @@ class DINAttention(keras.layers.Layer):
         v.check_dim(name, "keys", k, 0, q[0], f"[{q[0]}, L, {q[-1]}]")
         weights = v.mask_weights(name, mask, keys, dtype=query.dtype)
 
-        if len(q) == 3 and len(k) == 3:
+        if len(q) == 2:
+            scores = self._per_example_scores(query, keys, None if mask is None else weights,
+                                              training)
+        elif len(k) == 3:
             scores = self._shared_history_scores(query, keys, training)
         else:
             w_q, w_k, w_diff, w_prod = tf.split(tf.cast(self.kernel, query.dtype), 4, axis=0)
             # [q, k, q-k, q*k] @ W == q @ (Wq + Wd) + k @ (Wk - Wd) + (q * k) @ Wp.
-            q_term = tf.matmul(query, w_q + w_diff)
-            k_term = tf.matmul(keys, w_k - w_diff)
-            if len(k) == 4:
-                prod = tf.matmul(query[:, :, None, :] * keys, w_prod)
-                q_term = q_term[:, :, None, :]
-            else:
-                prod = tf.einsum("bdh,bld->blh", query[:, :, None] * w_prod, keys)
-                q_term = q_term[:, None, :]
-            hidden = q_term + k_term + prod + tf.cast(self.bias, query.dtype)
+            q_term = tf.matmul(query, w_q + w_diff)[:, :, None, :]
+            hidden = (q_term + tf.matmul(keys, w_k - w_diff)
+                      + tf.matmul(query[:, :, None, :] * keys, w_prod)
+                      + tf.cast(self.bias, query.dtype))
             scores = tf.squeeze(self._mlp(hidden, training), axis=-1)
 
         weights = v.broadcast_history_mask(weights, len(q))
@@ -154,7 +154,8 @@ class DINAttention(keras.layers.Layer):
         if len(k) == 4:
             pooled = tf.einsum("bcl,bcld->bcd", attention, keys)
         elif len(q) == 2:
-            pooled = tf.einsum("bl,bld->bd", attention, keys)
+            # Not einsum: its batch of [1, L] @ [L, d] products is slow on CPU, backwards too.
+            pooled = tf.reduce_sum(attention[..., None] * keys, axis=1)
         else:
             pooled = tf.einsum("bcl,bld->bcd", attention, keys)
         if self.return_weights:
@@ -170,6 +171,34 @@ class DINAttention(keras.layers.Layer):
                 hidden = act(hidden)
             hidden = dense(hidden)
         return hidden
+
+    def _per_example_scores(self, query, keys, weights, training):
+        """Scores [B, L] of queries [B, d] against histories [B, L, d] (weights: 0/1 mask).
+
+        The MLP runs only on the real positions' rows (gathered, then
+        scattered back as 0 for padding): histories are mostly padding in
+        logs, so this skips up to half the work, and Dice's batch statistics
+        are those of the real items. The first layer is one matmul of
+        ``[k, q * k]`` rows by ``[Wk - Wd ; Wp]`` plus the per-example
+        ``q @ (Wq + Wd) + b``, not a batch of small per-example matmuls.
+        """
+        dtype = query.dtype
+        w_q, w_k, w_diff, w_prod = tf.split(tf.cast(self.kernel, dtype), 4, axis=0)
+        q_term = tf.matmul(query, w_q + w_diff) + tf.cast(self.bias, dtype)  # [B, h]
+        shape = tf.shape(keys)[:2]
+        if weights is None:
+            rows = tf.repeat(tf.range(shape[0]), shape[1])
+            k = tf.reshape(keys, [-1, keys.shape[-1]])
+        else:
+            real = tf.cast(tf.where(weights > 0), tf.int32)  # [N, 2]: (b, l) of real items
+            rows, k = real[:, 0], tf.gather_nd(keys, real)
+        q = tf.gather(query, rows)
+        hidden = (tf.matmul(tf.concat([k, q * k], -1), tf.concat([w_k - w_diff, w_prod], 0))
+                  + tf.gather(q_term, rows))
+        scores = self._mlp(hidden, training)[:, 0]
+        if weights is None:
+            return tf.reshape(scores, shape)
+        return tf.scatter_nd(real, scores, shape)
 
     def _shared_history_scores(self, query, keys, training):
         """Scores [B, C, L] of C queries [B, C, d] against one history [B, L, d] each.
