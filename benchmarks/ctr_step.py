@@ -7,8 +7,11 @@ Every model trains on the same in-memory batches of random ids (the input
 pipeline is measured by benchmarks.input_pipeline), with the same shapes:
 embedding 16 for user, item and category, history of L items and their
 categories, attention MLP 80-40 with sigmoid, MLP 200-80 with ReLU, Adam.
-DeepCTR runs in a subprocess with TF_USE_LEGACY_KERAS=1, since it needs
-Keras 2. Prints examples/s and the ratios DESIGN.md sets goals for.
+Each model runs in its own subprocess (DeepCTR with TF_USE_LEGACY_KERAS=1,
+since it needs Keras 2), in --rounds rounds that alternate the three, so
+that this VM's drifting speed (up to 2x between runs) hits them alike.
+Prints every run, the median of each model over the rounds and the ratios
+DESIGN.md sets goals for.
 """
 
 import json
@@ -27,7 +30,9 @@ flags.DEFINE_integer("num_items", 4002, "Item vocabulary (the small world's).")
 flags.DEFINE_integer("num_users", 3002, "User vocabulary.")
 flags.DEFINE_integer("num_categories", 10, "Category vocabulary.")
 flags.DEFINE_integer("vector_dim", 128, "Multimodal vector width of SimTier+MAKE.")
-flags.DEFINE_string("only", "", "Internal: run one model ('deepctr') and print its rate.")
+flags.DEFINE_integer("rounds", 3, "Rounds of the three models, each in a fresh process.")
+flags.DEFINE_string("only", "", "Internal: run one model (deepctr, id or simtier_make) and "
+                    "print its rate.")
 FLAGS = flags.FLAGS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -98,32 +103,47 @@ def tfmm_rate(method):
     model = build_ranker(vocab, FLAGS.max_history, method=method, vector_dim=d or None,
                          make=make if d else None, simtier_output="fraction")
     f, y = random_batch(d)
-    return rate(model, {k: f[k] for k in model.input}, y, keras)
+    import tensorflow as tf
+
+    return rate(model, {k: f[k] for k in model.input}, y, keras), tf.__version__
+
+
+def run(model):
+    """Examples/s of `model` (and the TF version) from a fresh subprocess."""
+    args = [f"--{k}={FLAGS[k].value}" for k in ("batch_size", "max_history", "steps", "repeats",
+                                                "num_items", "num_users", "num_categories",
+                                                "vector_dim")]
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1") if model == "deepctr" else os.environ
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ctr_step", f"--only={model}", *args],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode:
+        hint = " (pip install -e '.[bench]'?)" if model == "deepctr" else ""
+        sys.exit(f"{model} run failed{hint}:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv):
     del argv
-    if FLAGS.only == "deepctr":
-        print(json.dumps(deepctr_rate()))
+    if FLAGS.only:
+        print(json.dumps(deepctr_rate() if FLAGS.only == "deepctr" else tfmm_rate(FLAGS.only)))
         return
-    args = [f"--{k}={FLAGS[k].value}" for k in ("batch_size", "max_history", "steps", "repeats",
-                                                "num_items", "num_users", "num_categories")]
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.ctr_step", "--only=deepctr", *args],
-                          capture_output=True, text=True,
-                          env=dict(os.environ, TF_USE_LEGACY_KERAS="1"))
-    if proc.returncode:
-        sys.exit(f"DeepCTR run failed (pip install -e '.[bench]'?):\n{proc.stderr[-2000:]}")
-    deepctr, tf_version = json.loads(proc.stdout.strip().splitlines()[-1])
-    ids = tfmm_rate("id")
-    mm = tfmm_rate("simtier_make")
+    names = {"deepctr": "DeepCTR 0.9.4 DIN (tf-keras)", "id": "tfmm ID-DIN (Keras 3)",
+             "simtier_make": f"tfmm SimTier+MAKE (d={FLAGS.vector_dim}, MAKE frozen)"}
+    rates = {m: [] for m in names}
     print(f"batch {FLAGS.batch_size}, L={FLAGS.max_history}, best of {FLAGS.repeats} x "
-          f"{FLAGS.steps} steps, "
-          f"{os.cpu_count()} CPUs, TF {tf_version}")
-    print(f"DeepCTR 0.9.4 DIN (tf-keras):        {deepctr:10,.0f} examples/s")
-    print(f"tfmm ID-DIN (Keras 3):               {ids:10,.0f} examples/s  "
-          f"{ids / deepctr:5.2f}x DeepCTR (goal >= 3x)")
-    print(f"tfmm SimTier+MAKE (d={FLAGS.vector_dim}, MAKE frozen): {mm:10,.0f} examples/s  "
-          f"{mm / ids:5.2f}x tfmm ID-DIN (goal >= 0.75x)")
+          f"{FLAGS.steps} steps per run, {FLAGS.rounds} rounds, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f} at the start", flush=True)
+    for r in range(FLAGS.rounds):
+        for m in names if r % 2 == 0 else reversed(names):
+            rate, tf_version = run(m)
+            rates[m].append(rate)
+            print(f"  round {r + 1}: {names[m]:<42} {rate:10,.0f} examples/s", flush=True)
+    med = {m: float(np.median(v)) for m, v in rates.items()}
+    print(f"TF {tf_version}; medians over the rounds:")
+    for m, label in names.items():
+        print(f"{label:<44} {med[m]:10,.0f} examples/s")
+    print(f"tfmm ID-DIN / DeepCTR:        {med['id'] / med['deepctr']:5.2f}x (goal >= 3x)")
+    print(f"tfmm SimTier+MAKE / ID-DIN:   {med['simtier_make'] / med['id']:5.2f}x (goal >= 0.75x)")
 
 
 if __name__ == "__main__":
