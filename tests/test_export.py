@@ -1,4 +1,8 @@
 import os
+import socket
+import subprocess
+import sys
+import uuid
 
 import numpy as np
 import pytest
@@ -59,6 +63,21 @@ def test_a_failed_export_leaves_nothing_and_no_partial_version(tmp_path, monkeyp
     with pytest.raises(OSError, match="disk full"):
         export_saved_model(tower, str(tmp_path), "vector")
     assert os.listdir(tmp_path) == ["1"]  # no version 2, no staging directory
+
+
+def test_staging_left_by_a_killed_exporter_is_removed_by_the_next_export(tmp_path):
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid no longer runs
+    names = {"dead": f".tmp-{host}-{dead.pid}-{uuid.uuid4().hex}",
+             "running": f".tmp-{host}-{os.getpid()}-{uuid.uuid4().hex}",
+             "other host": f".tmp-{host}x-{dead.pid}-{uuid.uuid4().hex}",
+             "not ours": ".tmp-notes"}
+    for name in names.values():
+        os.makedirs(tmp_path / name / "variables")
+    export_saved_model(text_tower(["red", "mug"], dim=4), str(tmp_path), "vector")
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["1"] + [names[k] for k in ("running", "other host", "not ours")])
 
 
 def test_rankers_get_a_rank_signature_and_other_models_none(tmp_path):

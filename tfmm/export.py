@@ -16,7 +16,9 @@ version, so the first real request does not pay for graph initialisation.
 """
 
 import os
+import re
 import shutil
+import socket
 import uuid
 
 import keras
@@ -182,6 +184,35 @@ def _endpoint(fn, names, output_name):
     return endpoint
 
 
+def remove_abandoned_staging(export_dir):
+    """Removes the staging directories in `export_dir` of dead exporters on this host.
+
+    A killed export leaves its hidden ``.tmp-<host>-<pid>-<uuid>`` behind;
+    one whose process no longer runs here is removed. Those of other hosts
+    (a shared file system) and of running exporters are left alone.
+    Returns the removed paths.
+    """
+    if not os.path.isdir(export_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(export_dir)):
+        match = re.fullmatch(r"\.tmp-(.+)-(\d+)-[0-9a-f]{32}", name)
+        if match and match[1] == socket.gethostname() and not _running(int(match[2])):
+            shutil.rmtree(os.path.join(export_dir, name), ignore_errors=True)
+            removed.append(os.path.join(export_dir, name))
+    return removed
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def export_saved_model(model, export_dir, output_name, warmup_inputs=None,
                        extra_signatures=None):
     """Writes `model` in inference mode as the next version; returns its path.
@@ -197,9 +228,10 @@ def export_saved_model(model, export_dir, output_name, warmup_inputs=None,
     Default: a ``rank`` signature for a `tfmm.ranker.build_ranker` model
     (`ranker_signatures`), none for other models; ``{}`` adds none.
 
-    The version is written under a hidden ``.tmp-*`` directory and renamed
-    into place, so TF Serving (which loads only integer directories) never
-    sees a half-written version.
+    The version is written under a hidden ``.tmp-<host>-<pid>-*`` directory
+    and renamed into place, so TF Serving (which loads only integer
+    directories) never sees a half-written version; those of exporters that
+    were killed are removed (`remove_abandoned_staging`).
     """
     signature = input_signature(model)
     specs = {s.name: s for s in signature}
@@ -224,8 +256,10 @@ def export_saved_model(model, export_dir, output_name, warmup_inputs=None,
         archive.add_endpoint(name=name, fn=_endpoint(fn, list(extra_specs), output_name),
                              input_signature=list(extra_signature))
         warmups[name] = (extra_specs, example_inputs(extra_specs))
+    remove_abandoned_staging(export_dir)
     # Not mkdtemp: its 0700 would keep a TF Serving of another user out.
-    staging = os.path.join(export_dir, f".tmp-{uuid.uuid4().hex}")
+    staging = os.path.join(export_dir, f".tmp-{socket.gethostname()}-{os.getpid()}-"
+                                       f"{uuid.uuid4().hex}")
     try:
         archive.write_out(staging, verbose=False)
         write_warmup(staging, warmups)
