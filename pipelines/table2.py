@@ -23,6 +23,9 @@ flags.DEFINE_integer("epochs", 1, "Epochs per trained row.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("queue_size", 4096, "MoCo queue size of the MoCo rows.")
 flags.DEFINE_float("momentum", 0.99, "Key-tower momentum of the MoCo rows.")
+flags.DEFINE_enum("positive_tower", "momentum", ["momentum", "query"], "Tower that encodes "
+                  "the batch's positives in the MoCo rows (tfmm.scl.SCLModel).")
+flags.DEFINE_list("rows", ["1", "2", "3", "4", "5"], "Rows to run (1-5, in the table's order).")
 flags.DEFINE_enum("modality", "image", ["image", "text"], "Tower.")
 flags.DEFINE_string("runs_dir", "runs/table2", "Model directories.")
 flags.DEFINE_string("out", "results/table2.md", "Markdown results (a .json is written beside).")
@@ -50,9 +53,9 @@ def main(argv):
     start = time.time()
     data_dir = ensure_world(FLAGS.data_dir or os.path.join("data", FLAGS.world), FLAGS.world)
     results = {}
-    for name, row in ROWS:
+    for name, row in [ROWS[int(i) - 1] for i in FLAGS.rows]:
         for seed in map(int, FLAGS.seeds):
-            row = {"queue_size": FLAGS.queue_size, **row}
+            row = {"queue_size": FLAGS.queue_size, "positive_tower": FLAGS.positive_tower, **row}
             config = PretrainConfig(
                 data_dir=data_dir, model_dir=os.path.join(FLAGS.runs_dir, f"{name}-{seed}"),
                 modality=FLAGS.modality, momentum=FLAGS.momentum, epochs=FLAGS.epochs,
@@ -73,7 +76,8 @@ def main(argv):
         a5 = np.array([r["acc@5"] for r in runs])
         lines.append(f"| {name} | {a1.mean():.4f} ± {a1.std():.4f} | {a5.mean():.4f} ± {a5.std():.4f} |")
     lines += ["", "Command: `python -m pipelines.table2 --world=" + FLAGS.world +
-              f" --seeds={','.join(FLAGS.seeds)} --epochs={FLAGS.epochs}`"]
+              f" --seeds={','.join(FLAGS.seeds)} --epochs={FLAGS.epochs} "
+              f"--positive_tower={FLAGS.positive_tower}`"]
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
         f.write("\n".join(lines) + "\n")

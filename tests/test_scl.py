@@ -160,3 +160,45 @@ def test_callback_needs_a_queue_model():
         model.fit(np.zeros((4, 3)), np.zeros((4, 1)), callbacks=[MomentumQueueCallback()], verbose=0)
     with pytest.raises(ValueError, match="--momentum=1.0"):
         MomentumQueueCallback(1.0)
+
+
+@pytest.mark.parametrize("positive_tower", ["momentum", "query"])
+def test_positive_tower_encodes_the_loss_side_and_the_key_tower_the_queue(positive_tower):
+    model = moco(queue_size=16, positive_tower=positive_tower, triplet_weight=1.0)
+    for w in model.key_tower.trainable_weights:  # make the two towers differ
+        w.assign(w * 0.5 + 0.1)
+    batch = next(iter(batches()))
+    with tf.GradientTape() as tape:
+        nce, trip, enqueue, _ = model.compute_losses(batch, training=False)
+        loss = nce + trip
+    grads = tape.gradient(loss, model.tower.trainable_weights)
+    query = model.tower(batch["query"]).numpy()
+    loss_tower = model.tower if positive_tower == "query" else model.key_tower
+    positive = loss_tower(batch["positive"]).numpy()
+    negative = loss_tower(batch["negative"]).numpy()
+    inv_t = float(model.inverse_temperature())
+    ids = batch["positive_id"].numpy()
+    queue_keys, queue_ids = model.queue.keys.numpy(), model.queue.ids.numpy()
+    want = reference_info_nce(query, positive, inv_t, queue_keys, ids, queue_ids).mean()
+    np.testing.assert_allclose(float(nce), want, rtol=1e-5)
+    want_trip = np.maximum(0.2 - (query * positive).sum(-1) + (query * negative).sum(-1), 0)
+    np.testing.assert_allclose(float(trip), want_trip.mean(), rtol=1e-5, atol=1e-7)
+    # The queue always gets the key tower's encodings.
+    np.testing.assert_allclose(enqueue.numpy(), model.key_tower(batch["positive"]).numpy(),
+                               rtol=1e-6)
+    # The gradient reaches the tower through the positives only with positive_tower="query".
+    with tf.GradientTape() as tape:
+        pos = model.tower(batch["positive"])
+        pos = pos if positive_tower == "query" else tf.stop_gradient(loss_tower(batch["positive"]))
+        neg = model.tower(batch["negative"])
+        neg = neg if positive_tower == "query" else tf.stop_gradient(loss_tower(batch["negative"]))
+        q = model.tower(batch["query"])
+        want_loss = (tf.reduce_mean(info_nce(q, pos, inv_t, model.queue.keys, ids, queue_ids))
+                     + tf.reduce_mean(triplet(q, pos, neg, 0.2)))
+    for got, want in zip(grads, tape.gradient(want_loss, model.tower.trainable_weights)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_positive_tower_is_checked():
+    with pytest.raises(ValueError, match=r"--positive_tower='key' is not one of"):
+        moco(positive_tower="key")

@@ -27,7 +27,7 @@ from tfmm import data, metrics
 from tfmm.data import schema
 from tfmm.export import export_saved_model
 from tfmm.index import open_index, redact
-from tfmm.scl import SCLModel
+from tfmm.scl import POSITIVE_TOWERS, SCLModel
 from tfmm.towers import image_tower, text_tower, vocabulary_of
 
 OBJECTIVES = ("random", "generic", "scl")
@@ -48,6 +48,7 @@ class PretrainConfig:
     margin: float = 0.2
     temperature: float = 0.07
     mask_own_positive: bool = True
+    positive_tower: str = "momentum"
     dim: int = 128
     backbone: str = "resnet_tiny"
     image_size: int = 32
@@ -68,6 +69,9 @@ class PretrainConfig:
         if self.queue_size and self.queue_size % self.batch_size:
             raise ValueError(f"--queue_size={self.queue_size} must be a multiple of "
                              f"--batch_size={self.batch_size}.")
+        if self.positive_tower not in POSITIVE_TOWERS:
+            raise ValueError(f"--positive_tower={self.positive_tower!r} is not one of "
+                             f"{POSITIVE_TOWERS}.")
         if self.objective == "generic" and self.triplet_weight:
             raise ValueError("--objective=generic has no hard negatives: set --triplet_weight=0.")
         return self
@@ -202,7 +206,8 @@ def run(config):
         model = SCLModel(tower, make_key_tower=make_tower, queue_size=config.queue_size,
                          momentum=config.momentum, triplet_weight=config.triplet_weight,
                          margin=config.margin, temperature=config.temperature,
-                         mask_own_positive=config.mask_own_positive)
+                         mask_own_positive=config.mask_own_positive,
+                         positive_tower=config.positive_tower)
         model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
         ds, steps = training_data(config, catalogue)
         callbacks = [

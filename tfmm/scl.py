@@ -23,6 +23,9 @@ from tfmm.momentum_queue import EMPTY, MomentumQueue, MomentumQueueCallback
 NEG_INF = -1e9
 
 
+POSITIVE_TOWERS = ("momentum", "query")
+
+
 def info_nce(query, keys, inverse_temperature, extra=None, key_ids=None, extra_ids=None,
              mask_own_positive=True):
     """InfoNCE of eq. 1 with the positive of row i at keys[i].
@@ -85,12 +88,21 @@ class SCLModel(keras.Model):
         temperature: initial tau; 1/tau is learned in log space, clamped at
             `max_inverse_temperature`.
         mask_own_positive: leave a query's own positive item out of its negatives.
+        positive_tower: with MoCo, the tower that encodes the batch's
+            positives (and hard negatives) for the loss: ``"momentum"`` (MoCo:
+            the key tower, no gradient) or ``"query"`` (the query tower, with
+            gradient, as without MoCo; the key tower then only fills the queue,
+            at the cost of one more forward pass).
     """
 
     def __init__(self, tower, make_key_tower=None, queue_size=0, momentum=0.999,
                  triplet_weight=1.0, margin=0.2, temperature=0.07,
-                 max_inverse_temperature=100.0, mask_own_positive=True, **kwargs):
+                 max_inverse_temperature=100.0, mask_own_positive=True,
+                 positive_tower="momentum", **kwargs):
         super().__init__(**kwargs)
+        if positive_tower not in POSITIVE_TOWERS:
+            raise ValueError(f"--positive_tower={positive_tower!r} is not one of "
+                             f"{POSITIVE_TOWERS}.")
         if temperature <= 0 or 1.0 / temperature > max_inverse_temperature:
             raise ValueError(f"--temperature={temperature} must be > 0 with 1/temperature <= "
                              f"{max_inverse_temperature}.")
@@ -102,6 +114,7 @@ class SCLModel(keras.Model):
         self.margin = float(margin)
         self.max_inverse_temperature = float(max_inverse_temperature)
         self.mask_own_positive = mask_own_positive
+        self.positive_tower = positive_tower
         self.default_momentum = momentum
         self.log_inverse_temperature = self.add_weight(
             name="log_inverse_temperature", shape=(),
@@ -134,14 +147,18 @@ class SCLModel(keras.Model):
     def call(self, inputs, training=False):
         return self.tower(inputs, training=training)
 
-    def _keys(self, x, training):
-        if self.key_tower is None:
+    def _keys(self, x, training, tower=None):
+        if (tower or self.positive_tower) == "query" or self.key_tower is None:
             return self.tower(x, training=training)
         return tf.stop_gradient(self.key_tower(x, training=training))
 
     def compute_losses(self, batch, training=False):
+        """(InfoNCE, triplet, the keys to enqueue, their ids)."""
         query = self.tower(batch["query"], training=training)
         positive = self._keys(batch["positive"], training)
+        enqueue = positive
+        if self.queue is not None and self.positive_tower == "query":
+            enqueue = self._keys(batch["positive"], training, tower="momentum")
         ids = tf.cast(batch["positive_id"], tf.int64)
         extra = extra_ids = None
         if self.queue is not None:
@@ -152,7 +169,7 @@ class SCLModel(keras.Model):
         if self.triplet_weight:
             negative = self._keys(batch["negative"], training)
             trip = tf.reduce_mean(triplet(query, positive, negative, self.margin))
-        return nce, trip, positive, ids
+        return nce, trip, tf.stop_gradient(enqueue), ids
 
     def train_step(self, batch):
         if self.queue is not None:

@@ -92,6 +92,9 @@ flags.DEFINE_float("triplet_weight", 1.0, "Weight of the hard-negative triplet l
 flags.DEFINE_float("margin", 0.2, "Triplet margin.")
 flags.DEFINE_float("temperature", 0.07, "Initial InfoNCE temperature (learned).")
 flags.DEFINE_bool("mask_own_positive", True, "Leave a query's own item out of its negatives.")
+flags.DEFINE_enum("positive_tower", "momentum", ["momentum", "query"], "With MoCo, the tower "
+                  "that encodes the batch's positives: the key tower (MoCo) or the query "
+                  "tower, with gradient (the key tower then only fills the queue).")
 flags.DEFINE_integer("dim", 128, "Vector dimension d.")
 flags.DEFINE_string("backbone", "resnet_tiny", "KerasHub backbone config name or preset.")
 flags.DEFINE_integer("image_size", 32, "Backbone input size (images are resized to it).")
