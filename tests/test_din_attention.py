@@ -185,17 +185,3 @@ def test_bad_shapes_name_the_argument(query, keys, mask, message):
 def test_bad_arguments_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DINAttention(**kwargs)
-
-
-@pytest.mark.parametrize("length", [20, 45, 60])
-def test_long_histories_are_scored_in_chunks_like_one_piece(rng, length):
-    # The shared-history path splits histories longer than SERVING_CHUNK at inference.
-    b, c, d = 2, 7, 5
-    q = rng.normal(size=(b, c, d)).astype(np.float32)
-    k = rng.normal(size=(b, length, d)).astype(np.float32)
-    mask = rng.random((b, length)) < 0.8
-    din = DINAttention(hidden_units=(8, 4), return_weights=True)
-    pooled, weights = din(q, k, mask=mask)
-    want, want_w = zip(*(reference_din(q[:, i], k, mask, *mlp_params(din)) for i in range(c)))
-    np.testing.assert_allclose(pooled.numpy(), np.stack(want, 1), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(weights.numpy(), np.stack(want_w, 1), rtol=1e-4, atol=1e-5)
