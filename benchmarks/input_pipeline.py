@@ -28,9 +28,12 @@ from tfmm.ranker import build_ranker  # noqa: E402
 
 
 def reader_rate(data_dir, batch_size, max_history):
+    """Examples/s of the reader as training uses it: the ID ranker's features only."""
+    model = build_ranker(schema.read_metadata(data_dir)["vocab"], max_history)
     n, start = 0, time.perf_counter()
     for _, label in data.impressions(data_dir, "train", batch_size=batch_size,
-                                     max_history=max_history, validate=False):
+                                     max_history=max_history, features=list(model.input),
+                                     validate=False):
         n += int(label.shape[0])
     return n, n / (time.perf_counter() - start)
 

@@ -37,9 +37,10 @@ def test_same_seed_gives_byte_identical_output(tiny, tmp_path):
                            tmp_path / "other" / "impressions-train.tfrecord", shallow=False)
 
 
-def _read_all(data_dir, split, max_history=None):
+def _read_all(data_dir, split, max_history=None, wanted=None):
     features, labels = [], []
-    for f, y in data.impressions(data_dir, split, batch_size=512, max_history=max_history):
+    for f, y in data.impressions(data_dir, split, batch_size=512, max_history=max_history,
+                                 features=wanted):
         features.append({k: v.numpy() for k, v in f.items()})
         labels.append(y.numpy())
     return {k: np.concatenate([f[k] for f in features]) for k in features[0]}, np.concatenate(labels)
@@ -83,6 +84,23 @@ def test_short_max_history_keeps_the_most_recent(tiny):
         np.testing.assert_array_equal(short["history_item_ids"][i],
                                       full["history_item_ids"][i, length - 3:length])
         assert short["history_mask"][i].all()
+
+
+@pytest.mark.parametrize("wanted", [["history_category_ids", "item_id"],
+                                    ["history_mask", "history_length", "label_free_user"]])
+def test_a_feature_subset_reads_the_same_values(tiny, wanted):
+    # Lists that no wanted feature needs are not parsed; the others are unchanged.
+    _, path = tiny
+    full, labels = _read_all(path, "train", max_history=5)
+    if "label_free_user" in wanted:
+        with pytest.raises(ValueError, match=r"features \['label_free_user'\] are not in"):
+            _read_all(path, "train", max_history=5, wanted=wanted)
+        wanted = wanted[:-1]
+    subset, subset_labels = _read_all(path, "train", max_history=5, wanted=wanted)
+    assert sorted(subset) == sorted(wanted)
+    for k in wanted:
+        np.testing.assert_array_equal(subset[k], full[k])
+    np.testing.assert_array_equal(subset_labels, labels)
 
 
 def test_items_and_triplets(tiny):

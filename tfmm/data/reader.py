@@ -105,24 +105,29 @@ def _records_until_error(path):
             return
 
 
-def _dense_history(sparse, length):
-    ragged = tf.RaggedTensor.from_sparse(sparse)[:, -length:]
-    return ragged.to_tensor(default_value=0, shape=[None, length])
+def _parse_impressions(max_history, side_features, features=None):
+    """Parses a batch of records; the category and timestamp lists only if `features` has them.
 
-
-def _parse_impressions(max_history, side_features):
+    (The item ids are always parsed: the mask, the length and the vectors come from them.)
+    """
     spec = schema.impression_spec(side_features)
+    lists = [k for k in schema.HISTORY_LISTS
+             if features is None or k in features or k == "history_item_ids"]
+    # Ragged, not VarLen: no sparse -> ragged conversion on the way to [B, L].
+    spec.update({k: tf.io.RaggedFeature(tf.int64) for k in schema.HISTORY_LISTS})
+    spec = {k: v for k, v in spec.items() if k not in schema.HISTORY_LISTS or k in lists}
 
     def parse(serialized):
         raw = tf.io.parse_example(serialized, spec)
-        features = {k: raw[k] for k in schema.IMPRESSION_SCALARS + tuple(side_features)
-                    if k != "label"}
-        for k in schema.HISTORY_LISTS:
-            features[k] = _dense_history(raw[k], max_history)
-        mask = features["history_item_ids"] != schema.PAD_ID
-        features["history_mask"] = mask
-        features["history_length"] = tf.reduce_sum(tf.cast(mask, tf.int64), axis=1)
-        return features, tf.cast(raw["label"], tf.float32)
+        parsed = {k: raw[k] for k in schema.IMPRESSION_SCALARS + tuple(side_features)
+                  if k != "label"}
+        for k in lists:  # the most recent L items, padded at the end
+            parsed[k] = raw[k][:, -max_history:].to_tensor(default_value=0,
+                                                            shape=[None, max_history])
+        mask = parsed["history_item_ids"] != schema.PAD_ID
+        parsed["history_mask"] = mask
+        parsed["history_length"] = tf.reduce_sum(tf.cast(mask, tf.int64), axis=1)
+        return parsed, tf.cast(raw["label"], tf.float32)
 
     return parse
 
@@ -176,7 +181,7 @@ def impressions(data_dir, split="train", batch_size=256, max_history=None, shuff
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(_parse_impressions(length, side), num_parallel_calls=AUTOTUNE,
+    ds = ds.map(_parse_impressions(length, side, features), num_parallel_calls=AUTOTUNE,
                 deterministic=deterministic)
     if vectors is not None:
         ds = ds.map(_join_vectors(vectors), num_parallel_calls=AUTOTUNE,
