@@ -42,6 +42,8 @@ flags.DEFINE_integer("num_users", 3002, "User vocabulary.")
 flags.DEFINE_integer("num_categories", 10, "Category vocabulary.")
 flags.DEFINE_integer("vector_dim", 128, "Multimodal vector width d.")
 flags.DEFINE_integer("max_history", 100, "History length L of the exported rankers.")
+flags.DEFINE_list("attention_units", ["80", "40"], "DIN attention MLP of the exported rankers "
+                  "(DeepCTR's peer keeps 80-40).")
 flags.DEFINE_integer("candidates", 200, "Candidates per request.")
 flags.DEFINE_integer("requests", 300, "Timed requests per row.")
 flags.DEFINE_integer("threads", 8, "Concurrent client threads of the loaded rows.")
@@ -197,7 +199,8 @@ def main(argv):
         paths = {}
         for method in FLAGS.models:
             model = build_ranker(vocab, FLAGS.max_history, method,
-                                 None if method == "id" else FLAGS.vector_dim)
+                                 None if method == "id" else FLAGS.vector_dim,
+                                 attention_units=[int(u) for u in FLAGS.attention_units])
             paths[method] = export_saved_model(model, os.path.join(workdir, method),
                                                "probability")
     models = {f"{name} [{signature}]": SavedModel(path, signature=signature)
