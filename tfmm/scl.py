@@ -21,8 +21,6 @@ import tensorflow as tf
 from tfmm.momentum_queue import EMPTY, MomentumQueue, MomentumQueueCallback
 
 NEG_INF = -1e9
-
-
 POSITIVE_TOWERS = ("momentum", "query")
 
 

@@ -26,8 +26,8 @@ class DINAttention(keras.layers.Layer):
     ``[B, d]`` query (training) the MLP runs on the real history positions
     only, so padding costs nothing and does not enter Dice's batch
     statistics. A ``[B, C, d]`` query against ``[B, L, d]`` keys never
-    copies the history per candidate. There (one user's history against C candidates, the ranking
-    signature's case) the first layer is one matmul of the keys and a column
+    copies the history per candidate: there (one user's history against C
+    candidates, the ranking signature's case) the first layer is one matmul of the keys and a column
     of ones ``[B, L, d + 1]`` by a per-candidate kernel ``[B, d + 1, C * h]``,
     and the rest of the MLP runs on ``[B * L * C, h]`` rows: the same sums as
     the per-example path, without a ``[B, C, L, h]`` transpose or broadcast
@@ -176,9 +176,9 @@ class DINAttention(keras.layers.Layer):
         """Scores [B, L] of queries [B, d] against histories [B, L, d] (weights: 0/1 mask).
 
         The MLP runs only on the real positions' rows (gathered, then
-        scattered back as 0 for padding): histories are mostly padding in
-        logs, so this skips up to half the work, and Dice's batch statistics
-        are those of the real items. The first layer is two matmuls of all the
+        scattered back as 0 for padding): padding, often most of a logged
+        history, costs nothing, and Dice's batch statistics are those of the
+        real items. The first layer is two matmuls of all the
         rows, ``k @ (Wk - Wd) + (q * k) @ Wp``, plus the per-example
         ``q @ (Wq + Wd) + b``, not a batch of small per-example matmuls.
         """
