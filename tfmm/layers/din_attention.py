@@ -27,11 +27,11 @@ class DINAttention(keras.layers.Layer):
     only, so padding costs nothing and does not enter Dice's batch
     statistics. A ``[B, C, d]`` query against ``[B, L, d]`` keys never
     copies the history per candidate: there (one user's history against C
-    candidates, the ranking signature's case) the first layer is one matmul of the keys and a column
-    of ones ``[B, L, d + 1]`` by a per-candidate kernel ``[B, d + 1, C * h]``,
-    and the rest of the MLP runs on ``[B * L * C, h]`` rows: the same sums as
-    the per-example path, without a ``[B, C, L, h]`` transpose or broadcast
-    additions over it.
+    candidates, the ranking signature's case) the first layer is one matmul
+    of the keys and a column of ones ``[B, L, d + 1]`` by a per-candidate
+    kernel ``[B, d + 1, C * h]``, and the rest of the MLP runs on
+    ``[B * L * C, h]`` rows: the same sums as the per-example path, without
+    a ``[B, C, L, h]`` transpose or broadcast additions over it.
 
     Args:
         hidden_units: sizes of the hidden layers of the attention MLP.
