@@ -19,7 +19,6 @@ alike; p50 and p99 in ms.
 """
 
 import os
-import time
 
 from absl import app, flags
 
@@ -36,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from benchmarks.timing import paired  # noqa: E402
 from tfmm.keras_compat import keras  # noqa: E402
 from tfmm.layers import DINAttention  # noqa: E402
 
@@ -54,18 +54,9 @@ def reference(din):
     return call
 
 
-def timed(fns, calls):
-    """ms per call of each fn(), alternating; returns one array per fn."""
-    for fn in fns:
-        for _ in range(5):
-            fn()
-    times = [[] for _ in fns]
-    for i in range(calls):
-        for j in (range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))):
-            start = time.perf_counter()
-            fns[j]()
-            times[j].append(time.perf_counter() - start)
-    return [1e3 * np.array(t) for t in times]
+def alternating(fns):
+    """ms per call of each fn(), --calls times each, in turn (benchmarks.timing.paired)."""
+    return paired([lambda _, fn=fn: fn() for fn in fns], range(FLAGS.calls), warmup=5)
 
 
 def row(label, ms):
@@ -91,8 +82,8 @@ def training(din, rng):
         return lambda: [g.numpy() for g in run(query, keys)]
 
     weights = tf.cast(mask, tf.float32)
-    ours, theirs = timed([step(lambda q, k: din(q, k, mask=mask, training=True)),
-                          step(lambda q, k: ref(q, k, weights))], FLAGS.calls)
+    ours, theirs = alternating([step(lambda q, k: din(q, k, mask=mask, training=True)),
+                                step(lambda q, k: ref(q, k, weights))])
     print(f"training, forward + backward: B={b}, L={L} (mean length {lengths.mean():.1f}), "
           f"d={d}, attention {UNITS}")
     row("DINAttention (real positions only)", ours)
@@ -121,8 +112,8 @@ def serving(din, rng):
         x = tf.sigmoid(tf.reshape(tf.matmul(keys1, kernel), [-1, h1]))
         return tf.reshape(tf.matmul(tf.sigmoid(tf.matmul(x, w2)), w3), [1, L, c])
 
-    results = timed([lambda: layer().numpy(), lambda: per_row().numpy(),
-                     lambda: floor().numpy()], FLAGS.calls)
+    results = alternating([lambda: layer().numpy(), lambda: per_row().numpy(),
+                           lambda: floor().numpy()])
     print(f"serving, forward: 1 user x C={c} candidates, history {L}, d={d}")
     row("DINAttention (history once, candidates on an axis)", results[0])
     row("reference layout (C rows repeating the history)", results[1])

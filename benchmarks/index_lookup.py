@@ -27,6 +27,7 @@ FLAGS = flags.FLAGS
 import numpy as np  # noqa: E402
 import redis  # noqa: E402
 
+from benchmarks.timing import latencies  # noqa: E402
 from tfmm.index import RedisIndex, SQLiteIndex  # noqa: E402
 
 
@@ -36,18 +37,6 @@ def fill(index, vectors, chunk=10_000):
     for s in range(0, len(vectors), chunk):
         index.put(np.arange(s, min(s + chunk, len(vectors))), vectors[s:s + chunk])
     return time.perf_counter() - start
-
-
-def latencies(fn, requests):
-    """Milliseconds per call of fn(ids) over the request id lists (after a warm-up)."""
-    for ids in requests[:50]:
-        fn(ids)
-    times = []
-    for ids in requests:
-        start = time.perf_counter()
-        fn(ids)
-        times.append(time.perf_counter() - start)
-    return 1e3 * np.array(times)
 
 
 def main(argv):
@@ -81,7 +70,7 @@ def main(argv):
             requests = [rng.choice(FLAGS.items, size, replace=False)
                         for _ in range(FLAGS.requests)]
             for name, fn in calls.items():
-                ms = latencies(fn, requests)
+                ms = latencies(fn, requests, warmup=50)[0]
                 print(f"{size:>4}  {name:<22} {np.percentile(ms, 50):7.3f} "
                       f"{np.percentile(ms, 99):7.3f} {ms.mean():8.3f}")
     finally:

@@ -27,8 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 
 from absl import app, flags
 
@@ -57,6 +55,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from benchmarks.timing import latencies, paired  # noqa: E402
 from tfmm.export import export_saved_model  # noqa: E402
 from tfmm.index import RedisIndex, SQLiteIndex  # noqa: E402
 from tfmm.ranker import build_ranker  # noqa: E402
@@ -71,28 +70,6 @@ def make_requests(length, distinct=20, seed=0):
                         rng.choice(items, FLAGS.candidates, replace=False))
                 for _ in range(distinct)]
     return [requests[i % distinct] for i in range(FLAGS.requests)]
-
-
-def latencies(fn, requests, threads=1):
-    """Milliseconds per call of fn(request), each of `threads` clients calling in turn."""
-    for r in requests[:20]:  # warm-up
-        fn(r)
-    times = [[] for _ in range(threads)]
-
-    def client(k):
-        for r in requests[k::threads]:
-            start = time.perf_counter()
-            fn(r)
-            times[k].append(time.perf_counter() - start)
-
-    workers = [threading.Thread(target=client, args=(k,)) for k in range(threads)]
-    start = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    wall = time.perf_counter() - start
-    return 1e3 * np.concatenate(times), len(requests) / wall
 
 
 def export_deepctr(path):
@@ -152,30 +129,6 @@ def run_deepctr(workdir):
     if proc.returncode:
         sys.exit(f"DeepCTR export failed (pip install -e '.[bench]'?):\n{proc.stderr[-2000:]}")
     return DeepCTRModel(path), json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def paired(fns, requests, threads=1):
-    """Milliseconds per call of each fn(request), called in turn on each request (the order
-    alternating), so that drifting load hits them alike."""
-    for r in requests[:20]:
-        for fn in fns:
-            fn(r)
-    times = [[[] for _ in fns] for _ in range(threads)]
-
-    def client(k):
-        for i, r in enumerate(requests[k::threads]):
-            order = range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))
-            for j in order:
-                start = time.perf_counter()
-                fns[j](r)
-                times[k][j].append(time.perf_counter() - start)
-
-    workers = [threading.Thread(target=client, args=(k,)) for k in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return [1e3 * np.concatenate([times[k][j] for k in range(threads)]) for j in range(len(fns))]
 
 
 def row(label, ms, rate=None):
