@@ -169,8 +169,9 @@ def test_positive_tower_encodes_the_loss_side_and_the_key_tower_the_queue(positi
         w.assign(w * 0.5 + 0.1)
     batch = next(iter(batches()))
     with tf.GradientTape() as tape:
-        nce, trip, enqueue, _ = model.compute_losses(batch, training=False)
+        nce, trip, positive_out, _ = model.compute_losses(batch, training=False)
         loss = nce + trip
+    enqueue = model.queue_keys(batch, positive_out, training=False)
     grads = tape.gradient(loss, model.tower.trainable_weights)
     query = model.tower(batch["query"]).numpy()
     loss_tower = model.tower if positive_tower == "query" else model.key_tower

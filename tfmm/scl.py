@@ -150,13 +150,16 @@ class SCLModel(keras.Model):
             return self.tower(x, training=training)
         return tf.stop_gradient(self.key_tower(x, training=training))
 
+    def queue_keys(self, batch, positive, training):
+        """The keys to enqueue: the key tower's, reusing `positive` when it encoded them."""
+        if self.positive_tower == "momentum":
+            return tf.stop_gradient(positive)
+        return self._keys(batch["positive"], training, tower="momentum")
+
     def compute_losses(self, batch, training=False):
-        """(InfoNCE, triplet, the keys to enqueue, their ids)."""
+        """(InfoNCE, triplet, the batch's encoded positives, their ids)."""
         query = self.tower(batch["query"], training=training)
         positive = self._keys(batch["positive"], training)
-        enqueue = positive
-        if self.queue is not None and self.positive_tower == "query":
-            enqueue = self._keys(batch["positive"], training, tower="momentum")
         ids = tf.cast(batch["positive_id"], tf.int64)
         extra = extra_ids = None
         if self.queue is not None:
@@ -167,18 +170,18 @@ class SCLModel(keras.Model):
         if self.triplet_weight:
             negative = self._keys(batch["negative"], training)
             trip = tf.reduce_mean(triplet(query, positive, negative, self.margin))
-        return nce, trip, tf.stop_gradient(enqueue), ids
+        return nce, trip, positive, ids
 
     def train_step(self, batch):
         if self.queue is not None:
             self.queue.check_batch(batch["positive_id"].shape[0])
         trainable = self.tower.trainable_weights + [self.log_inverse_temperature]
         with tf.GradientTape() as tape:
-            nce, trip, keys, ids = self.compute_losses(batch, training=True)
+            nce, trip, positive, ids = self.compute_losses(batch, training=True)
             loss = nce + self.triplet_weight * trip
         self.optimizer.apply(tape.gradient(loss, trainable), trainable)
         if self.queue is not None:
-            self.queue.step(self._weight_pairs, keys, ids)
+            self.queue.step(self._weight_pairs, self.queue_keys(batch, positive, True), ids)
         return self._track(loss, nce, trip)
 
     def test_step(self, batch):

@@ -110,12 +110,12 @@ def _parse_impressions(max_history, side_features, features=None):
 
     (The item ids are always parsed: the mask, the length and the vectors come from them.)
     """
-    spec = schema.impression_spec(side_features)
     lists = [k for k in schema.HISTORY_LISTS
              if features is None or k in features or k == "history_item_ids"]
+    spec = {k: v for k, v in schema.impression_spec(side_features).items()
+            if k not in schema.HISTORY_LISTS}
     # Ragged, not VarLen: no sparse -> ragged conversion on the way to [B, L].
-    spec.update({k: tf.io.RaggedFeature(tf.int64) for k in schema.HISTORY_LISTS})
-    spec = {k: v for k, v in spec.items() if k not in schema.HISTORY_LISTS or k in lists}
+    spec.update({k: tf.io.RaggedFeature(tf.int64) for k in lists})
 
     def parse(serialized):
         raw = tf.io.parse_example(serialized, spec)
