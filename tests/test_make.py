@@ -6,18 +6,23 @@ from tfmm.keras_compat import keras
 from tfmm.layers import DINAttention, MAKEBlock
 
 
-def test_logit_and_knowledge_are_din_then_mlp(rng):
+@pytest.mark.parametrize("target_in_mlp", [False, True])
+def test_logit_and_knowledge_are_din_then_mlp(rng, target_in_mlp):
     b, l, d = 3, 5, 6
     target = unit(rng.normal(size=(b, d)))
     history = unit(rng.normal(size=(b, l, d)))
     mask = rng.random((b, l)) < 0.7
-    make = MAKEBlock(din={"hidden_units": (8, 4)}, mlp_units=(16, 8, 4, 1), return_knowledge=True)
+    make = MAKEBlock(din={"hidden_units": (8, 4)}, mlp_units=(16, 8, 4, 1), return_knowledge=True,
+                     target_in_mlp=target_in_mlp)
     logit, knowledge = make(target, history, mask=mask)
     assert logit.shape == (b, 1)
+    # The knowledge is v_MAKE and the hidden outputs either way, never the target itself.
     assert knowledge.shape == (b, d + 16 + 8 + 4) == (b, make.knowledge_dim)
+    assert make.mlp[0].kernel.shape == ((2 if target_in_mlp else 1) * d, 16)
 
     v_make = make.din(target, history, mask=mask).numpy()
-    x, parts = v_make, [v_make]
+    x = np.concatenate([v_make, target], -1) if target_in_mlp else v_make
+    parts = [v_make]
     for dense in make.mlp:
         x = x @ dense.kernel.numpy() + dense.bias.numpy()
         if dense is not make.mlp[-1]:
@@ -27,10 +32,12 @@ def test_logit_and_knowledge_are_din_then_mlp(rng):
     np.testing.assert_allclose(knowledge.numpy(), np.concatenate(parts, -1), rtol=1e-5, atol=1e-6)
 
 
-def test_candidates_shape_and_consistency(rng):
+@pytest.mark.parametrize("target_in_mlp", [False, True])
+def test_candidates_shape_and_consistency(rng, target_in_mlp):
     target = unit(rng.normal(size=(2, 4, 6)))
     history = unit(rng.normal(size=(2, 5, 6)))
-    make = MAKEBlock(din={"hidden_units": (8,)}, mlp_units=(8, 8, 8, 1))
+    make = MAKEBlock(din={"hidden_units": (8,)}, mlp_units=(8, 8, 8, 1),
+                     target_in_mlp=target_in_mlp)
     logits = make(target, history).numpy()
     assert logits.shape == (2, 4, 1)
     np.testing.assert_allclose(logits[:, 2], make(target[:, 2], history).numpy(), rtol=1e-5, atol=1e-6)

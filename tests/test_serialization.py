@@ -21,7 +21,8 @@ def all_layers_model(l=6, e=4, d=8):
     tiers = SimTierLayer(num_tiers=6, output="log1p")(vec_t, vec_h, mask=mask)
     logit_make, knowledge = MAKEBlock(din={"hidden_units": (6,), "activation": "dice"},
                                       mlp_units=(8, 6, 4, 1), dropout=0.1,
-                                      return_knowledge=True)(vec_t, vec_h, mask=mask)
+                                      return_knowledge=True, target_in_mlp=True)(
+        vec_t, vec_h, mask=mask)
     x = keras.layers.Concatenate()([pooled_v, pooled_s, tiers, knowledge, et])
     x = Dice()(keras.layers.Dense(8)(x))
     out = keras.layers.Dense(1, activation="sigmoid")(x)
@@ -64,7 +65,7 @@ def test_keras_file_round_trip_gives_identical_outputs(rng, tmp_path):
         DINAttention(activation="dice"),
         Dice(epsilon=1e-6, momentum=0.9),
         MAKEBlock(din=DINAttention(hidden_units=(4, 2)), mlp_units=(9, 7, 5, 1),
-                  mlp_activation="tanh", dropout=0.3, return_knowledge=True),
+                  mlp_activation="tanh", dropout=0.3, return_knowledge=True, target_in_mlp=True),
         VectorFeature(projection_dim=7),
         SimScore(similarity="cosine"),
     ],

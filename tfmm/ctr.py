@@ -76,6 +76,7 @@ class CTRConfig:
     attention_units: tuple = (80, 40)
     mlp_units: tuple = (200, 80)
     make_units: tuple = (64, 32, 16, 1)
+    make_target_in_mlp: bool = True  # see MAKE_TARGET_IN_MLP below
     num_tiers: int = 10
     simtier_output: str = "fraction"  # see tfmm.ranker.build_ranker
     batch_norm: bool = False
@@ -284,8 +285,8 @@ def check_model_dir(config):
     check_dir(config.model_dir, _settings(config), "model_dir")
 
 
-MAKE_SETTINGS = ("data_dir", "index", "make_units", "max_history", "optimizer",
-                 "learning_rate", "batch_size", "seed")
+MAKE_SETTINGS = ("data_dir", "index", "make_units", "make_target_in_mlp", "max_history",
+                 "optimizer", "learning_rate", "batch_size", "seed")
 
 
 def pretrain_make(config, vectors, test, length, refresh=()):
@@ -294,7 +295,8 @@ def pretrain_make(config, vectors, test, length, refresh=()):
     Every epoch's weights stay in the MAKE directory, so rankers sharing it
     (``make_dir``) pre-train MAKE once, for the most epochs any of them needs.
     """
-    make = MAKEBlock(mlp_units=config.make_units, return_knowledge=True, name="make")
+    make = MAKEBlock(mlp_units=config.make_units, target_in_mlp=config.make_target_in_mlp,
+                     return_knowledge=True, name="make")
     if not config.make_epochs:
         return make, []
     out = config.make_dir or os.path.join(config.model_dir, "make")

@@ -65,6 +65,9 @@ flags.DEFINE_integer("embedding_dim", 16, "ID embedding width.")
 flags.DEFINE_list("attention_units", ["80", "40"], "DIN attention MLP.")
 flags.DEFINE_list("mlp_units", ["200", "80"], "Ranker MLP.")
 flags.DEFINE_list("make_units", ["64", "32", "16", "1"], "MAKE's four MLP layers.")
+flags.DEFINE_bool("make_target_in_mlp", True, "MAKE's MLP reads concat(v_MAKE, target vector), "
+                  "as DIN's own head does; false: v_MAKE alone (paper eq. 4), which cannot "
+                  "tell which target it scores except through the attention weights.")
 flags.DEFINE_integer("num_tiers", 10, "SimTier tiers.")
 flags.DEFINE_enum("simtier_output", "fraction", ["counts", "log1p", "fraction"],
                   "SimTier's histogram in the ranker: fractions of the history, log(1 + count) "

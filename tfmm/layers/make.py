@@ -26,6 +26,8 @@ class MAKEBlock(keras.layers.Layer):
         mlp_activation: activation of the MLP's hidden layers.
         dropout: dropout rate after each hidden layer.
         return_knowledge: return ``(logit, knowledge)`` instead of the logit.
+        target_in_mlp: feed ``concat(v_MAKE, v_c)`` to the MLP, as DIN's own
+            head does, instead of ``v_MAKE`` alone (eq. 4).
 
     Call arguments:
         target: multimodal vector of the target, ``[B, d]`` or ``[B, C, d]``.
@@ -49,7 +51,7 @@ class MAKEBlock(keras.layers.Layer):
     """
 
     def __init__(self, din=None, mlp_units=(256, 128, 64, 1), mlp_activation="relu",
-                 dropout=0.0, return_knowledge=False, **kwargs):
+                 dropout=0.0, return_knowledge=False, target_in_mlp=False, **kwargs):
         super().__init__(**kwargs)
         mlp_units = tuple(int(u) for u in mlp_units)
         if len(mlp_units) != 4 or mlp_units[-1] != 1 or min(mlp_units) < 1:
@@ -75,6 +77,7 @@ class MAKEBlock(keras.layers.Layer):
         self.mlp_activation = keras.activations.serialize(keras.activations.get(mlp_activation))
         self.dropout = dropout
         self.return_knowledge = return_knowledge
+        self.target_in_mlp = bool(target_in_mlp)
         self.mlp = [
             keras.layers.Dense(
                 u, activation=None if i == 3 else mlp_activation, name=f"mlp_{i + 1}"
@@ -87,7 +90,7 @@ class MAKEBlock(keras.layers.Layer):
     def build(self, target_shape, history_shape=None):
         target_shape = tuple(target_shape)
         self.din.build(target_shape)
-        width = target_shape[-1]
+        width = target_shape[-1] * (2 if self.target_in_mlp else 1)
         for dense in self.mlp:
             dense.build((None, width))
             width = dense.units
@@ -98,7 +101,8 @@ class MAKEBlock(keras.layers.Layer):
         if not self.trainable:
             training = False
         v_make = self.din(target, history, mask=mask, training=training)
-        x, knowledge = v_make, [v_make]
+        x = tf.concat([v_make, target], axis=-1) if self.target_in_mlp else v_make
+        knowledge = [v_make]
         for dense in self.mlp[:-1]:
             x = self.drop(dense(x), training=training)
             knowledge.append(x)
@@ -125,5 +129,6 @@ class MAKEBlock(keras.layers.Layer):
             mlp_activation=self.mlp_activation,
             dropout=self.dropout,
             return_knowledge=self.return_knowledge,
+            target_in_mlp=self.target_in_mlp,
         )
         return config
