@@ -34,6 +34,9 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Ranker seeds of Table 3, Fig. 6(b) 
 flags.DEFINE_integer("pretrain_epochs", 2, "SCL epochs of the encoder behind Table 3.")
 flags.DEFINE_list("encoder_epochs", ["0", "1", "2", "4"], "SCL epochs of Fig. 6(a)'s encoders.")
 flags.DEFINE_integer("make_epochs", 3, "MAKE pre-training epochs in Table 3.")
+flags.DEFINE_bool("make_target_in_mlp", True, "MAKE's MLP also reads the target vector "
+                  "(tfmm.ctr.CTRConfig); false: v_MAKE alone (paper eq. 4). Runs of each "
+                  "setting are kept apart under --runs_dir.")
 flags.DEFINE_list("make_sweep", ["0", "1", "2", "3", "4"], "MAKE epochs of Fig. 6(c).")
 flags.DEFINE_integer("fig3_epochs", 4, "Epochs of Fig. 3's models.")
 flags.DEFINE_integer("batch_size", 512, "Ranker batch size.")
@@ -88,6 +91,8 @@ def ranker(data_dir, vectors, index, tag, model, seed, make_epochs=None, epochs=
     make_epochs = FLAGS.make_epochs if make_epochs is None else make_epochs
     name = f"{model}-s{seed}-e{epochs}" + (f"-make{make_epochs}" if "make" in model else "")
     name += "-ft" if kw.get("make_trainable") else ""
+    eq4 = "make" in model and not FLAGS.make_target_in_mlp
+    name += "-eq4" if eq4 else ""
     model_dir = os.path.join(FLAGS.runs_dir, tag, name)
     path = os.path.join(model_dir, "metrics.json")
     if not os.path.exists(path):
@@ -95,7 +100,8 @@ def ranker(data_dir, vectors, index, tag, model, seed, make_epochs=None, epochs=
         ctr.run(ctr.CTRConfig(
             data_dir=data_dir, model_dir=model_dir, index=index, model=model, seed=seed,
             epochs=epochs, make_epochs=make_epochs, batch_size=FLAGS.batch_size,
-            make_dir=os.path.join(FLAGS.runs_dir, tag, f"make-s{seed}"), verbose=0, **kw),
+            make_dir=os.path.join(FLAGS.runs_dir, tag, f"make-s{seed}" + ("-eq4" if eq4 else "")),
+            make_target_in_mlp=FLAGS.make_target_in_mlp, verbose=0, **kw),
             vectors=None if model == "id" else vectors)
     with open(path) as f:
         result = json.load(f)
@@ -175,6 +181,18 @@ def fig6b(results, out):
         for m, (a, ll) in gains.items()}}
 
 
+def command_flags():
+    """The flags that reproduce this report: the world, seeds and output, and any non-default."""
+    names = ["world", "seeds", "out_dir"] + [
+        k for k in ("data_dir", "pretrain_epochs", "make_epochs", "make_target_in_mlp", "methods",
+                    "sections", "make_sweep", "fig3_epochs", "batch_size")
+        if FLAGS[k].value != FLAGS[k].default]
+    def text(v):
+        return ",".join(v) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else v
+
+    return " ".join(f"--{k}={text(FLAGS[k].value)}" for k in names)
+
+
 def line_plot(path, title, xlabel, ylabel, series):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, (x, y) in series.items():
@@ -204,7 +222,8 @@ def main(argv):
         f"# The paper's CTR results on the `{FLAGS.world}` world", "",
         f"Image encoder: SCL, {FLAGS.pretrain_epochs} epochs, Acc@1 {acc:.4f}. Rankers: one "
         f"epoch, batch {FLAGS.batch_size}; MAKE pre-trained {FLAGS.make_epochs} epochs and "
-        "frozen unless noted. Relative columns: mean ± std over seeds of each seed's change "
+        "frozen unless noted, its MLP reading "
+        f"{'v_MAKE and the target vector' if FLAGS.make_target_in_mlp else 'v_MAKE alone (eq. 4)'}. Relative columns: mean ± std over seeds of each seed's change "
         "against the ID ranker of the same seed.", ""]
 
     parts = {}  # computed longest-MAKE first (its epoch weights serve the shorter runs)
@@ -282,7 +301,7 @@ def main(argv):
               f"{sum(RUN_SECONDS.values()) / 60:.1f} min of training and evaluation on "
               f"{os.cpu_count()} CPUs (this invocation: {elapsed / 60:.1f} min; finished runs "
               f"under {FLAGS.runs_dir} are reused). Command: `python -m pipelines.paper "
-              f"--world={FLAGS.world} --seeds={','.join(FLAGS.seeds)} --out_dir={out}`"]
+              f"{command_flags()}`"]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "report.json"), "w") as f:
