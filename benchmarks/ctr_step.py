@@ -6,9 +6,11 @@
 Every model trains on the same in-memory batches of random ids (the input
 pipeline is measured by benchmarks.input_pipeline), with the same shapes:
 embedding 16 for user, item and category, history of L items and their
-categories, attention MLP 80-40 with sigmoid, MLP 200-80 with ReLU, Adam.
-Each model runs in its own subprocess (DeepCTR with TF_USE_LEGACY_KERAS=1,
-since it needs Keras 2), in --rounds rounds that alternate the three, so
+categories, attention MLP 80-40 with sigmoid, MLP 200-80 with ReLU, Adam
+(tfmm's ID-DIN also with `tfmm.optimizers.DenseGradientAdam`, the CTR job's
+``--optimizer=dense_adam``). Each model runs in its own subprocess (DeepCTR
+with TF_USE_LEGACY_KERAS=1, since it needs Keras 2), in --rounds rounds that
+alternate the models, so
 that this VM's drifting speed (up to 2x between runs) hits them alike.
 Prints every run, the median of each model over the rounds and the ratios
 DESIGN.md sets goals for.
@@ -30,9 +32,9 @@ flags.DEFINE_integer("num_items", 4002, "Item vocabulary (the small world's).")
 flags.DEFINE_integer("num_users", 3002, "User vocabulary.")
 flags.DEFINE_integer("num_categories", 10, "Category vocabulary.")
 flags.DEFINE_integer("vector_dim", 128, "Multimodal vector width of SimTier+MAKE.")
-flags.DEFINE_integer("rounds", 3, "Rounds of the three models, each in a fresh process.")
-flags.DEFINE_string("only", "", "Internal: run one model (deepctr, id or simtier_make) and "
-                    "print its rate.")
+flags.DEFINE_integer("rounds", 3, "Rounds of the models, each in a fresh process.")
+flags.DEFINE_string("only", "", "Internal: run one model (deepctr, id, id_dense_adam or "
+                    "simtier_make) and print its rate.")
 FLAGS = flags.FLAGS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -59,14 +61,14 @@ def random_batch(vector_dim=0):
     return f, rng.integers(0, 2, (b, 1)).astype(np.float32)
 
 
-def rate(model, features, label, keras):
+def rate(model, features, label, optimizer):
     """Examples/s of model.fit over one repeated in-memory batch: the best of
     --repeats timed runs after a warm-up (the first model in a process pays
     for thread pools and kernel selection)."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensors((features, label)).repeat()
-    model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
+    model.compile(optimizer, "binary_crossentropy")
     model.fit(ds, steps_per_epoch=10, shuffle=False, verbose=0)  # trace and warm up
     best = 0.0
     for _ in range(FLAGS.repeats):
@@ -87,25 +89,29 @@ def deepctr_rate():
     features = {"user": f["user_id"], "item_id": f["item_id"], "cate_id": f["category_id"],
                 "hist_item_id": f["history_item_ids"], "hist_cate_id": f["history_category_ids"],
                 "seq_length": f["history_length"]}
-    return rate(model, features, y, tf.keras), tf.__version__
+    return rate(model, features, y, tf.keras.optimizers.Adam(1e-3)), tf.__version__
 
 
-def tfmm_rate(method):
+def tfmm_rate(name):
     from tfmm.keras_compat import keras
     from tfmm.layers import MAKEBlock
+    from tfmm.optimizers import DenseGradientAdam
     from tfmm.ranker import build_ranker
 
     vocab = {"num_items": FLAGS.num_items, "num_users": FLAGS.num_users,
              "num_categories": FLAGS.num_categories}
+    method = "id" if name.startswith("id") else name
     d = 0 if method == "id" else FLAGS.vector_dim
-    make = MAKEBlock(mlp_units=(64, 32, 16, 1), return_knowledge=True, name="make")
+    make = MAKEBlock(mlp_units=(64, 32, 16, 1), return_knowledge=True, target_in_mlp=True,
+                     name="make")
     make.trainable = False  # pre-trained and frozen, as in configs/ctr.flags
     model = build_ranker(vocab, FLAGS.max_history, method=method, vector_dim=d or None,
                          make=make if d else None, simtier_output="fraction")
     f, y = random_batch(d)
     import tensorflow as tf
 
-    return rate(model, {k: f[k] for k in model.input}, y, keras), tf.__version__
+    optimizer = DenseGradientAdam if name == "id_dense_adam" else keras.optimizers.Adam
+    return rate(model, {k: f[k] for k in model.input}, y, optimizer(1e-3)), tf.__version__
 
 
 def run(model):
@@ -128,6 +134,7 @@ def main(argv):
         print(json.dumps(deepctr_rate() if FLAGS.only == "deepctr" else tfmm_rate(FLAGS.only)))
         return
     names = {"deepctr": "DeepCTR 0.9.4 DIN (tf-keras)", "id": "tfmm ID-DIN (Keras 3)",
+             "id_dense_adam": "tfmm ID-DIN, DenseGradientAdam",
              "simtier_make": f"tfmm SimTier+MAKE (d={FLAGS.vector_dim}, MAKE frozen)"}
     rates = {m: [] for m in names}
     print(f"batch {FLAGS.batch_size}, L={FLAGS.max_history}, best of {FLAGS.repeats} x "
@@ -143,6 +150,7 @@ def main(argv):
     for m, label in names.items():
         print(f"{label:<44} {med[m]:10,.0f} examples/s")
     print(f"tfmm ID-DIN / DeepCTR:        {med['id'] / med['deepctr']:5.2f}x (goal >= 3x)")
+    print(f"  with DenseGradientAdam:     {med['id_dense_adam'] / med['deepctr']:5.2f}x")
     print(f"tfmm SimTier+MAKE / ID-DIN:   {med['simtier_make'] / med['id']:5.2f}x (goal >= 0.75x)")
 
 

@@ -187,6 +187,7 @@ def command_flags():
         k for k in ("data_dir", "pretrain_epochs", "make_epochs", "make_target_in_mlp", "methods",
                     "sections", "make_sweep", "fig3_epochs", "batch_size")
         if FLAGS[k].value != FLAGS[k].default]
+
     def text(v):
         return ",".join(v) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else v
 

@@ -108,6 +108,11 @@ def test_simtier_make_run_pretrains_make_once_for_rankers_sharing_it(tiny_dir, o
     with pytest.raises(ctr.SettingsError, match=r"--make_dir=.*other settings \(seed\)"):
         ctr.run(dataclasses.replace(config, seed=1, model_dir=str(tmp_path / "m2")),
                 vectors=oracle)
+    # MAKE's MLP input is one of them: eq. 4's weights do not fit a target-reading MLP.
+    with pytest.raises(ctr.SettingsError,
+                       match=r"--make_dir=.*other settings \(make_target_in_mlp\)"):
+        ctr.run(dataclasses.replace(config, make_target_in_mlp=False,
+                                    model_dir=str(tmp_path / "m3")), vectors=oracle)
 
 
 def test_missing_vectors_fall_back_to_zeros_and_are_counted(tiny_dir, oracle, tmp_path):

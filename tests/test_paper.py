@@ -31,6 +31,8 @@ def test_paper_report_on_tiny(tmp_path):
         assert open(out / f"{name}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     md = open(out / "report.md").read()
     assert "| SimTier+MAKE |" in md and "![fig3](fig3.png)" in md
+    # The report names the flags that reproduce it, the non-default ones included.
+    assert "--methods=id,simtier_make --sections=table3,fig3,fig6c" in md
 
     # A second run reuses every finished run: nothing is trained again.
     again = subprocess.run(cmd, capture_output=True, text=True,

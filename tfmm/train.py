@@ -76,7 +76,10 @@ flags.DEFINE_bool("batch_norm", False, "Batch-normalise the ranker's MLP input (
                   "reference code does).")
 flags.DEFINE_bool("refresh_vectors", False, "Re-read the index table at every epoch, so "
                   "vectors the encoder service writes meanwhile join training (near-line).")
-flags.DEFINE_enum("optimizer", "adam", list(ctr.OPTIMIZERS), "Ranker optimizer.")
+flags.DEFINE_enum("optimizer", "adam", list(ctr.OPTIMIZERS), "Ranker optimizer: adam is "
+                 "Keras 3's, whose second moment of an embedding row looked up n times in a "
+                 "batch sums n squares instead of squaring the sum; dense_adam is Adam's "
+                 "(as tf-keras'), and faster.")
 flags.DEFINE_integer("pretrain_epochs", 2, "Pre-training epochs when --task=ctr finds the "
                      "index empty.")
 flags.DEFINE_integer("pretrain_batch_size", 128, "Its batch size.")
