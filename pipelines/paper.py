@@ -91,8 +91,8 @@ def ranker(data_dir, vectors, index, tag, model, seed, make_epochs=None, epochs=
     make_epochs = FLAGS.make_epochs if make_epochs is None else make_epochs
     name = f"{model}-s{seed}-e{epochs}" + (f"-make{make_epochs}" if "make" in model else "")
     name += "-ft" if kw.get("make_trainable") else ""
-    eq4 = "make" in model and not FLAGS.make_target_in_mlp
-    name += "-eq4" if eq4 else ""
+    eq4 = "-eq4" if "make" in model and not FLAGS.make_target_in_mlp else ""
+    name += eq4
     model_dir = os.path.join(FLAGS.runs_dir, tag, name)
     path = os.path.join(model_dir, "metrics.json")
     if not os.path.exists(path):
@@ -100,7 +100,7 @@ def ranker(data_dir, vectors, index, tag, model, seed, make_epochs=None, epochs=
         ctr.run(ctr.CTRConfig(
             data_dir=data_dir, model_dir=model_dir, index=index, model=model, seed=seed,
             epochs=epochs, make_epochs=make_epochs, batch_size=FLAGS.batch_size,
-            make_dir=os.path.join(FLAGS.runs_dir, tag, f"make-s{seed}" + ("-eq4" if eq4 else "")),
+            make_dir=os.path.join(FLAGS.runs_dir, tag, f"make-s{seed}{eq4}"),
             make_target_in_mlp=FLAGS.make_target_in_mlp, verbose=0, **kw),
             vectors=None if model == "id" else vectors)
     with open(path) as f:
@@ -219,13 +219,14 @@ def main(argv):
     seeds = [int(s) for s in FLAGS.seeds]
     data_dir = ensure_world(FLAGS.data_dir or os.path.join("data", FLAGS.world), FLAGS.world)
     vectors, acc, index = encoder(data_dir, FLAGS.pretrain_epochs, "main")
+    make_input = ("v_MAKE and the target vector" if FLAGS.make_target_in_mlp
+                  else "v_MAKE alone (eq. 4)")
     report, lines = {"world": FLAGS.world, "seeds": seeds}, [
         f"# The paper's CTR results on the `{FLAGS.world}` world", "",
         f"Image encoder: SCL, {FLAGS.pretrain_epochs} epochs, Acc@1 {acc:.4f}. Rankers: one "
         f"epoch, batch {FLAGS.batch_size}; MAKE pre-trained {FLAGS.make_epochs} epochs and "
-        "frozen unless noted, its MLP reading "
-        f"{'v_MAKE and the target vector' if FLAGS.make_target_in_mlp else 'v_MAKE alone (eq. 4)'}. Relative columns: mean ± std over seeds of each seed's change "
-        "against the ID ranker of the same seed.", ""]
+        f"frozen unless noted, its MLP reading {make_input}. Relative columns: mean ± std "
+        "over seeds of each seed's change against the ID ranker of the same seed.", ""]
 
     parts = {}  # computed longest-MAKE first (its epoch weights serve the shorter runs)
     if "fig3" in FLAGS.sections:
