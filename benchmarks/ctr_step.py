@@ -37,8 +37,6 @@ flags.DEFINE_string("only", "", "Internal: run one model (deepctr, id, id_dense_
                     "simtier_make) and print its rate.")
 FLAGS = flags.FLAGS
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np  # noqa: E402
 
 

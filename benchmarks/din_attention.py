@@ -30,8 +30,6 @@ flags.DEFINE_integer("dim", 32, "Query/key width d (item + category embeddings o
 flags.DEFINE_integer("calls", 100, "Timed calls per variant.")
 FLAGS = flags.FLAGS
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

@@ -36,8 +36,6 @@ flags.DEFINE_string("redis_url", "", "An existing Redis (keys under tfmm-fresh a
                     "default: a private redis-server.")
 FLAGS = flags.FLAGS
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

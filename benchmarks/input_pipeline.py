@@ -16,8 +16,6 @@ flags.DEFINE_integer("max_history", 50, "History length L.")
 flags.DEFINE_integer("steps", 100, "Training steps to time.")
 FLAGS = flags.FLAGS
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import tensorflow as tf  # noqa: E402
 
 from tfmm import data  # noqa: E402

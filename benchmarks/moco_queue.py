@@ -16,8 +16,6 @@ flags.DEFINE_integer("dim", 128, "Vector dimension.")
 flags.DEFINE_integer("steps", 20, "Timed steps.")
 FLAGS = flags.FLAGS
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -51,8 +51,6 @@ flags.DEFINE_string("redis_url", "", "An existing Redis (keys under tfmm-bench-p
                     "overwritten); default: a private redis-server.")
 FLAGS = flags.FLAGS
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np  # noqa: E402
 
 from benchmarks.timing import latencies, paired  # noqa: E402

@@ -18,8 +18,6 @@ flags.DEFINE_integer("chunk_size", 4096, "Queries per chunk.")
 flags.DEFINE_integer("repeats", 2, "Timed repetitions (best kept).")
 FLAGS = flags.FLAGS
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

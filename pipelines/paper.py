@@ -48,8 +48,6 @@ flags.DEFINE_list("sections", ["table3", "fig3", "fig6a", "fig6c", "control"],
                   "What to run (Fig. 6(b) comes with table3).")
 FLAGS = flags.FLAGS
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")

@@ -31,8 +31,6 @@ flags.DEFINE_string("runs_dir", "runs/table2", "Model directories.")
 flags.DEFINE_string("out", "results/table2.md", "Markdown results (a .json is written beside).")
 FLAGS = flags.FLAGS
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np  # noqa: E402
 
 from tfmm.data.synthetic import ensure_world  # noqa: E402

@@ -24,8 +24,6 @@ import dataclasses
 import json
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 from absl import app, flags, logging  # noqa: E402
 
 from tfmm import ctr, pretrain as pretraining  # noqa: E402

@@ -8,7 +8,6 @@ overrides it. The generating model is described in `tfmm.data.world`.
 """
 
 import dataclasses
-import os
 import time
 
 from absl import app, flags
@@ -21,8 +20,6 @@ flags.DEFINE_string("out_dir", None, "Directory to write (replaced atomically)."
 for _field in dataclasses.fields(world_lib.WorldConfig):
     _define = flags.DEFINE_integer if _field.type in ("int", int) else flags.DEFINE_float
     _define(_field.name, None, "World knob (default: the preset's). See tfmm.data.world.")
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tfmm.data import schema  # noqa: E402
 from tfmm.data.synthetic import config_from_flags, write_world  # noqa: E402

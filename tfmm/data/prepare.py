@@ -35,8 +35,6 @@ flags.DEFINE_integer("split_timestamp", None, "Impressions at or after it are te
 flags.DEFINE_enum("unknown_items", "error", ["error", "oov"],
                   "An impression's item missing from --items: fail, or map to id 1.")
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

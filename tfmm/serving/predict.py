@@ -37,8 +37,6 @@ flags.DEFINE_integer("num_candidates", 200, "Catalogue items drawn when --candid
 flags.DEFINE_integer("top_k", 5, "Candidates printed.")
 flags.DEFINE_integer("seed", 0, "Seed of the drawn candidates.")
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

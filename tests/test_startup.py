@@ -1,0 +1,41 @@
+"""Our command-line tools start quietly: TensorFlow's C++ start-up lines only on request."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tfmm import _startup
+
+NOISE = ("I0000", "oneDNN", "cuInit", "absl::InitializeLog")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["python", "-m", "tfmm.train", "--task=ctr"], True),
+    (["python", "-u", "-m", "tfmm.data.generate"], True),
+    (["python", "-m", "pipelines.paper"], True),
+    (["python", "-m", "pytest", "-m", "tfmm.x"], False),  # a marker expression, not a tool
+    (["python", "-m", "pytest", "tests"], False),
+    (["python", "script.py"], False),
+    (["python", "-m"], False),
+])
+def test_running_cli(argv, expected):
+    assert _startup.running_cli(argv) is expected
+
+
+def _generate(tmp_path, *extra):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    run = subprocess.run([sys.executable, "-m", "tfmm.data.generate", "--world=tiny",
+                          "--num_users=30", f"--out_dir={tmp_path / 'w'}", *extra],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    return run.stdout + run.stderr
+
+
+def test_cli_is_quiet_by_default_and_verbose_on_request(tmp_path):
+    quiet = _generate(tmp_path)
+    assert "wrote" in quiet
+    assert not [line for line in quiet.splitlines() if any(n in line for n in NOISE)], quiet
+    # The same lines that the quiet run hid (TensorFlow on x86 Linux always notes oneDNN).
+    assert "I0000" in _generate(tmp_path, "--verbose")

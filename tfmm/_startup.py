@@ -1,0 +1,53 @@
+"""Quiet TensorFlow start-up for tfmm's command-line tools.
+
+``python -m tfmm.<tool>`` (and the repo's ``pipelines.*`` and ``benchmarks.*``)
+print no TensorFlow C++ INFO lines, oneDNN notice or failed ``cuInit`` by
+default; ``--verbose`` shows them, and so does any ``TF_CPP_MIN_LOG_LEVEL``
+the user set. Importing tfmm as a library changes nothing.
+"""
+
+import os
+import sys
+
+# Our command-line tools; tfmm/__init__ runs before any of them imports TensorFlow.
+CLI_PACKAGES = ("tfmm.", "pipelines.", "benchmarks.")
+
+
+def running_cli(argv=None):
+    """Whether this process is ``python [options] -m <one of our tools>``."""
+    argv = sys.orig_argv if argv is None else argv
+    if "-m" not in argv:
+        return False
+    i = argv.index("-m")
+    return i + 1 < len(argv) and argv[i + 1].startswith(CLI_PACKAGES)
+
+
+def quiet_tensorflow(argv=None):
+    """Imports TensorFlow with its start-up lines hidden, unless asked for them.
+
+    Also defines the ``--verbose`` flag every tool accepts.
+    """
+    from absl import flags
+
+    if "verbose" not in flags.FLAGS:
+        flags.DEFINE_bool("verbose", False, "Show TensorFlow's C++ log lines (start-up notices, "
+                          "INFO, failed cuInit), hidden by default.")
+    argv = sys.argv if argv is None else argv
+    if ("tensorflow" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ
+            or any(a in ("--verbose", "--verbose=true") for a in argv)):
+        return
+    # 3, not 2: a machine without a GPU logs cuInit's failure as an ERROR.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    # The start-up notices are written by absl before its logging is initialised,
+    # which no log level reaches, so stderr is parked while TensorFlow loads.
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+        # TensorFlow has read the level; tools this one starts choose their own.
+        del os.environ["TF_CPP_MIN_LOG_LEVEL"]
