@@ -94,7 +94,7 @@ def tfmm_rate(name):
     from tfmm.keras_compat import keras
     from tfmm.layers import MAKEBlock
     from tfmm.optimizers import DenseGradientAdam
-    from tfmm.ranker import build_ranker
+    from tfmm.ranker import DINRanker
 
     vocab = {"num_items": FLAGS.num_items, "num_users": FLAGS.num_users,
              "num_categories": FLAGS.num_categories}
@@ -103,7 +103,7 @@ def tfmm_rate(name):
     make = MAKEBlock(mlp_units=(64, 32, 16, 1), return_knowledge=True, target_in_mlp=True,
                      name="make")
     make.trainable = False  # pre-trained and frozen, as in configs/ctr.flags
-    model = build_ranker(vocab, FLAGS.max_history, method=method, vector_dim=d or None,
+    model = DINRanker(vocab, FLAGS.max_history, method=method, vector_dim=d or None,
                          make=make if d else None, simtier_output="fraction")
     f, y = random_batch(d)
     import tensorflow as tf

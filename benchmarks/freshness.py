@@ -41,7 +41,7 @@ import tensorflow as tf  # noqa: E402
 
 from tfmm.export import export_saved_model  # noqa: E402
 from tfmm.index import open_index  # noqa: E402
-from tfmm.ranker import build_ranker  # noqa: E402
+from tfmm.ranker import DINRanker  # noqa: E402
 from tfmm.serving.events import open_events  # noqa: E402
 from tfmm.serving.predictor import Predictor, Request  # noqa: E402
 from tfmm.towers import image_tower  # noqa: E402
@@ -55,7 +55,7 @@ def exports(workdir):
     encoder = FLAGS.encoder or export_saved_model(image_tower(dim=DIM), f"{workdir}/encoder",
                                                   "vector")
     ranker = FLAGS.ranker or export_saved_model(
-        build_ranker({"num_items": 4002, "num_users": 3002, "num_categories": 10}, 100,
+        DINRanker({"num_items": 4002, "num_users": 3002, "num_categories": 10}, 100,
                      "simtier", vector_dim=DIM), f"{workdir}/ranker", "probability")
     return encoder, ranker
 

@@ -22,12 +22,12 @@ from tfmm import data  # noqa: E402
 from tfmm.data import schema  # noqa: E402
 from tfmm.data.synthetic import ensure_world  # noqa: E402
 from tfmm.keras_compat import keras  # noqa: E402
-from tfmm.ranker import build_ranker  # noqa: E402
+from tfmm.ranker import DINRanker  # noqa: E402
 
 
 def reader_rate(data_dir, batch_size, max_history):
     """Examples/s of the reader as training uses it: the ID ranker's features only."""
-    model = build_ranker(schema.read_metadata(data_dir)["vocab"], max_history)
+    model = DINRanker(schema.read_metadata(data_dir)["vocab"], max_history)
     n, start = 0, time.perf_counter()
     for _, label in data.impressions(data_dir, "train", batch_size=batch_size,
                                      max_history=max_history, features=list(model.input),
@@ -38,7 +38,7 @@ def reader_rate(data_dir, batch_size, max_history):
 
 def step_rate(data_dir, batch_size, max_history, steps):
     meta = schema.read_metadata(data_dir)
-    model = build_ranker(meta["vocab"], max_history)
+    model = DINRanker(meta["vocab"], max_history)
     model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
     batches = data.impressions(data_dir, "train", batch_size=batch_size,
                                max_history=max_history, drop_remainder=True,

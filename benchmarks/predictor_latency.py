@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 from benchmarks.timing import latencies, paired  # noqa: E402
 from tfmm.export import export_saved_model  # noqa: E402
 from tfmm.index import RedisIndex, SQLiteIndex  # noqa: E402
-from tfmm.ranker import build_ranker  # noqa: E402
+from tfmm.ranker import DINRanker  # noqa: E402
 from tfmm.serving.predictor import Predictor, Request, SavedModel  # noqa: E402
 
 
@@ -149,7 +149,7 @@ def main(argv):
     else:
         paths = {}
         for method in FLAGS.models:
-            model = build_ranker(vocab, FLAGS.max_history, method,
+            model = DINRanker(vocab, FLAGS.max_history, method,
                                  None if method == "id" else FLAGS.vector_dim,
                                  attention_units=[int(u) for u in FLAGS.attention_units])
             paths[method] = export_saved_model(model, os.path.join(workdir, method),

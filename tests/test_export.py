@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tfmm import export
 from tfmm.export import export_saved_model, next_version
-from tfmm.ranker import CandidateRanker, build_ranker
+from tfmm.ranker import DINRanker
 from tfmm.towers import image_tower, text_tower
 
 
@@ -82,7 +82,7 @@ def test_staging_left_by_a_killed_exporter_is_removed_by_the_next_export(tmp_pat
 
 def test_rankers_get_a_rank_signature_and_other_models_none(tmp_path):
     vocab = {"num_items": 10, "num_users": 10, "num_categories": 5}
-    model = build_ranker(vocab, 5, method="vector", vector_dim=4, embedding_dim=4,
+    model = DINRanker(vocab, 5, method="vector", vector_dim=4, embedding_dim=4,
                          attention_units=(4,), mlp_units=(8,))
     path = export_saved_model(model, str(tmp_path / "ranker"), "probability")
     rank = tf.saved_model.load(path).signatures["rank"]
@@ -95,7 +95,7 @@ def test_rankers_get_a_rank_signature_and_other_models_none(tmp_path):
         "history_vectors": ([None, 5, 4], "float32")}
     (request,) = export.read_warmup(path, "rank")
     np.testing.assert_allclose(rank(**request)["probability"].numpy(),
-                               CandidateRanker(model)(request).numpy(), atol=1e-6)
+                               model.rank(request).numpy(), atol=1e-6)
     plain = export_saved_model(model, str(tmp_path / "plain"), "probability",
                                extra_signatures={})
     assert "rank" not in tf.saved_model.load(plain).signatures

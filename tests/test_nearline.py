@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from tfmm.export import export_saved_model
 from tfmm.index import IndexUnavailable, RedisIndex
-from tfmm.ranker import build_ranker
+from tfmm.ranker import DINRanker
 from tfmm.serving.encoder import Encoder, serve
 from tfmm.serving.events import open_events
 from tfmm.serving.predictor import Predictor, Request
@@ -22,7 +22,7 @@ DIM, L = 8, 5
 def exports(tmp_path_factory):
     out = tmp_path_factory.mktemp("nearline")
     tower = image_tower(dim=DIM, input_size=16, image_size=16)
-    ranker = build_ranker({"num_items": 50, "num_users": 10, "num_categories": 4}, L, "simtier",
+    ranker = DINRanker({"num_items": 50, "num_users": 10, "num_categories": 4}, L, "simtier",
                           vector_dim=DIM, embedding_dim=4, attention_units=(4,), mlp_units=(8,))
     return (export_saved_model(tower, str(out / "encoder"), "vector"),
             export_saved_model(ranker, str(out / "ranker"), "probability"))

@@ -14,7 +14,7 @@ from tfmm.data.synthetic import write_world
 from tfmm.export import export_saved_model
 from tfmm.index import RedisIndex, SQLiteIndex
 from tfmm.keras_compat import keras
-from tfmm.ranker import CandidateRanker, build_ranker
+from tfmm.ranker import DINRanker
 from tfmm.serving.predictor import GrpcModel, Predictor, Request, RestModel, ServingError
 
 VOCAB = {"num_items": 30, "num_users": 10, "num_categories": 5}
@@ -30,7 +30,7 @@ def world(tmp_path_factory):
     keras.utils.set_random_seed(0)
     models, dirs = {}, {}
     for method in ("id", "simtier"):
-        model = build_ranker(VOCAB, L, method, vector_dim=None if method == "id" else D,
+        model = DINRanker(VOCAB, L, method, vector_dim=None if method == "id" else D,
                              embedding_dim=4, attention_units=(8,), mlp_units=(8,))
         dirs[method] = str(root / method)
         export_saved_model(model, dirs[method], "probability")
@@ -164,13 +164,13 @@ def test_bad_requests_and_settings_are_refused(world):
 
 
 def test_base_dir_loads_the_highest_version(world, tmp_path):
-    model = build_ranker(VOCAB, L, "id", embedding_dim=4, attention_units=(8,), mlp_units=(8,))
+    model = DINRanker(VOCAB, L, "id", embedding_dim=4, attention_units=(8,), mlp_units=(8,))
     export_saved_model(world["models"]["id"], str(tmp_path), "probability")
     export_saved_model(model, str(tmp_path), "probability")
     p = Predictor(str(tmp_path), item_categories=CATEGORIES)
     assert str(p.model).startswith(str(tmp_path / "2"))
     request = REQUESTS[0]
-    np.testing.assert_allclose(p.predict(request), CandidateRanker(model)(
+    np.testing.assert_allclose(p.predict(request), model.rank(
         p.assemble(request)[0]).numpy()[0], atol=1e-6)
 
 
@@ -265,7 +265,7 @@ def test_cli_ranks_candidates_with_the_default_paths(tmp_path):
     data_dir = tmp_path / "data" / "tiny"
     write_world(world_lib.generate(world_lib.PRESETS["tiny"]), data_dir)
     meta = schema.read_metadata(data_dir)
-    model = build_ranker(meta["vocab"], meta["max_history"], "simtier", vector_dim=D,
+    model = DINRanker(meta["vocab"], meta["max_history"], "simtier", vector_dim=D,
                          embedding_dim=4, attention_units=(8,), mlp_units=(8,))
     export_saved_model(model, str(tmp_path / "runs" / "tiny" / "export" / "ranker"), "probability")
     index = SQLiteIndex(tmp_path / "runs" / "tiny" / "index" / "vectors.db", dim=D)

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -7,7 +9,8 @@ from tfmm.data.synthetic import write_world
 from tfmm.keras_compat import keras
 from tfmm.metrics import auc
 from tfmm.layers import MAKEBlock
-from tfmm.ranker import CandidateRanker, build_make_pretrainer, build_ranker, is_ranker
+from tfmm.export import ranker_signatures
+from tfmm.ranker import DINRanker, build_make_pretrainer
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +22,7 @@ def tiny_dir(tmp_path_factory):
 
 def test_din_ranker_trains_on_reader_batches(tiny_dir):
     meta = schema.read_metadata(tiny_dir)
-    model = build_ranker(meta["vocab"], max_history=10, embedding_dim=8)
+    model = DINRanker(meta["vocab"], max_history=10, embedding_dim=8)
     keras.utils.set_random_seed(0)
     names = list(model.input)
     train = data.impressions(tiny_dir, "train", batch_size=128, max_history=10, features=names)
@@ -47,7 +50,7 @@ def test_multimodal_rankers_train_with_vectors(tiny_dir, method):
     vecs = world_lib.oracle_vectors(truth["category"], truth["colour"], truth["pattern"], cfg)
     snapshot = data.Vectors.from_items(np.arange(len(vecs)) + schema.FIRST_ID, vecs,
                                        meta["vocab"]["num_items"])
-    model = build_ranker(meta["vocab"], max_history=10, method=method, vector_dim=vecs.shape[1],
+    model = DINRanker(meta["vocab"], max_history=10, method=method, vector_dim=vecs.shape[1],
                          embedding_dim=8, attention_units=(8,), mlp_units=(16,))
     train = data.impressions(tiny_dir, "train", batch_size=256, max_history=10, vectors=snapshot,
                              features=list(model.input))
@@ -63,26 +66,26 @@ def test_make_pretrainer_shares_the_block_with_the_ranker(tiny_dir):
     pretrainer = build_make_pretrainer(make, 10, 6)
     assert sorted(pretrainer.input) == ["history_mask", "history_vectors", "item_vector"]
     make.trainable = False
-    ranker = build_ranker(meta["vocab"], 10, method="make", vector_dim=6, make=make)
+    ranker = DINRanker(meta["vocab"], 10, method="make", vector_dim=6, make=make)
     shared = {id(w) for w in make.weights}
     assert shared <= {id(w) for w in ranker.weights}
     assert not shared & {id(w) for w in ranker.trainable_weights}
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"method": "clip"}, r"--model='clip' is not one of"),
-    ({"method": "simtier"}, r"--model=simtier needs multimodal vectors"),
+    ({"method": "clip"}, r"method='clip' is not one of"),
+    ({"method": "simtier"}, r"method='simtier' needs multimodal vectors"),
     ({"method": "make", "vector_dim": 4, "make": MAKEBlock()}, "return_knowledge=True"),
 ])
 def test_bad_ranker_arguments(kwargs, message):
     vocab = {"num_items": 10, "num_users": 10, "num_categories": 5}
     with pytest.raises(ValueError, match=message):
-        build_ranker(vocab, 5, **kwargs)
+        DINRanker(vocab, 5, **kwargs)
 
 
 def test_new_items_and_users_score_like_the_padding_id():
     vocab = {"num_items": 20, "num_users": 7, "num_categories": 4}
-    model = build_ranker(vocab, max_history=3, method="simtier", vector_dim=4, embedding_dim=4,
+    model = DINRanker(vocab, max_history=3, method="simtier", vector_dim=4, embedding_dim=4,
                          attention_units=(4,), mlp_units=(8,))
     rng = np.random.default_rng(0)
     vectors = {"item_vector": rng.normal(size=(2, 4)).astype("float32"),
@@ -102,15 +105,15 @@ def test_new_items_and_users_score_like_the_padding_id():
 
 
 @pytest.mark.parametrize("method", ["id", "vector", "simscore", "simtier", "make", "simtier_make"])
-def test_candidate_ranker_scores_like_the_model_on_repeated_rows(method):
+def test_rank_scores_like_call_on_repeated_rows_and_survives_a_keras_file(method, tmp_path):
     """One row per user with C candidates == C rows repeating the user's history."""
     vocab = {"num_items": 30, "num_users": 10, "num_categories": 5}
     b, c, length, d = 3, 7, 6, 4
     make = (MAKEBlock(din={"hidden_units": (4,)}, mlp_units=(8, 4, 2, 1), return_knowledge=True)
             if "make" in method else None)
-    model = build_ranker(vocab, length, method, vector_dim=None if method == "id" else d,
-                         make=make, embedding_dim=4, attention_units=(8, 4), mlp_units=(8,),
-                         batch_norm=method == "simtier")
+    model = DINRanker(vocab, length, method, vector_dim=None if method == "id" else d,
+                      make=make, embedding_dim=4, attention_units=(8, 4), mlp_units=(8,),
+                      batch_norm=method == "simtier")
     rng = np.random.default_rng(0)
     mask = rng.random((b, length)) < 0.7
     mask[0] = False  # an empty history
@@ -121,19 +124,27 @@ def test_candidate_ranker_scores_like_the_model_on_repeated_rows(method):
     if method != "id":
         x["item_vector"] = rng.normal(size=(b, c, d)).astype("float32")
         x["history_vectors"] = rng.normal(size=(b, length, d)).astype("float32")
-    ranker = CandidateRanker(model)
-    assert [s.name for s in ranker.input_signature] == list(x)
-    got = ranker(x).numpy()
+    assert [s.name for s in model.rank_input_signature] == list(x)
+    got = model.rank(x).numpy()
     rows = {k: np.repeat(v, c, axis=0) if k == "user_id" or k.startswith("history")
             else v.reshape((b * c,) + v.shape[2:]) for k, v in x.items()}
     want = model(rows, training=False).numpy().reshape(b, c)
     assert got.shape == (b, c)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert len({round(float(v), 6) for v in got.ravel()}) > 1  # not a constant
+
+    model.save(tmp_path / "ranker.keras")
+    loaded = keras.saving.load_model(tmp_path / "ranker.keras")
+    assert type(loaded) is DINRanker
+    assert json.dumps(loaded.get_config()) == json.dumps(model.get_config())  # tuples as lists
+    np.testing.assert_allclose(loaded.rank(x).numpy(), got, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(loaded(rows, training=False).numpy().reshape(b, c), want,
+                               rtol=0, atol=1e-7)
 
 
-def test_candidate_ranker_refuses_other_models():
+def test_only_a_din_ranker_gets_a_rank_signature():
+    vocab = {"num_items": 10, "num_users": 10, "num_categories": 5}
+    ranker = DINRanker(vocab, 4, embedding_dim=4, attention_units=(4,), mlp_units=(4,))
+    assert list(ranker_signatures(ranker)) == ["rank"]
     inputs = {"x": keras.Input((3,), name="x")}
-    other = keras.Model(inputs, keras.layers.Dense(1)(inputs["x"]))
-    assert not is_ranker(other)
-    with pytest.raises(ValueError, match="is not a model of tfmm.ranker.build_ranker"):
-        CandidateRanker(other)
+    assert ranker_signatures(keras.Model(inputs, keras.layers.Dense(1)(inputs["x"]))) == {}

@@ -11,7 +11,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from tfmm.export import WARMUP_FILE, export_saved_model, read_warmup
 from tfmm.layers import MAKEBlock
-from tfmm.ranker import METHODS, build_ranker
+from tfmm.ranker import METHODS, DINRanker
 from tfmm.serving.check import ServingCheckError, check_saved_model, resolve_export_dir
 from tfmm.towers import image_tower, text_tower
 
@@ -71,7 +71,7 @@ def test_rankers_of_every_method_pass(tmp_path, method):
     vocab = {"num_items": 10, "num_users": 10, "num_categories": 5}
     make = (MAKEBlock(din={"hidden_units": (4,)}, mlp_units=(8, 4, 2, 1), return_knowledge=True)
             if "make" in method else None)
-    model = build_ranker(vocab, 5, method=method, vector_dim=None if method == "id" else 4,
+    model = DINRanker(vocab, 5, method=method, vector_dim=None if method == "id" else 4,
                          make=make, embedding_dim=4, attention_units=(4,), mlp_units=(8,))
     path = export_saved_model(model, str(tmp_path), "probability")
     report = check_saved_model(str(tmp_path), keras_model=model)
@@ -151,7 +151,7 @@ def test_the_highest_version_is_checked(tmp_path):
 
 def test_warmup_records_match_the_signature_and_replay(tmp_path):
     vocab = {"num_items": 10, "num_users": 10, "num_categories": 5}
-    model = build_ranker(vocab, 5, method="simtier", vector_dim=4, embedding_dim=4,
+    model = DINRanker(vocab, 5, method="simtier", vector_dim=4, embedding_dim=4,
                          attention_units=(4,), mlp_units=(8,))
     path = export_saved_model(model, str(tmp_path), "probability")
     serve = tf.saved_model.load(path).signatures["serving_default"]
@@ -189,7 +189,7 @@ def _cli(*dirs):
 @pytest.fixture(scope="module")
 def ranker_export(tmp_path_factory):
     vocab = {"num_items": 10, "num_users": 10, "num_categories": 5}
-    model = build_ranker(vocab, 5, method="simtier", vector_dim=4, embedding_dim=4,
+    model = DINRanker(vocab, 5, method="simtier", vector_dim=4, embedding_dim=4,
                          attention_units=(4,), mlp_units=(8,))
     base = tmp_path_factory.mktemp("ranker")
     export_saved_model(model, str(base), "probability")

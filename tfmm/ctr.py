@@ -50,7 +50,7 @@ from tfmm.index import is_empty, open_index, redact
 from tfmm.layers import MAKEBlock
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.optimizers import DenseGradientAdam
-from tfmm.ranker import METHODS, build_make_pretrainer, build_ranker
+from tfmm.ranker import METHODS, DINRanker, build_make_pretrainer
 
 # "adam" is Keras 3's, whose update for an embedding table's sparse gradient is
 # not Adam's (see DenseGradientAdam); "dense_adam" is Adam's, and faster. The
@@ -84,7 +84,7 @@ class CTRConfig:
     # reached test GAUC 0.6463 after 3 epochs against 0.5907 (small world, seed 0).
     make_target_in_mlp: bool = True
     num_tiers: int = 10
-    simtier_output: str = "fraction"  # see tfmm.ranker.build_ranker
+    simtier_output: str = "fraction"  # see tfmm.ranker.DINRanker
     batch_norm: bool = False
     refresh_vectors: bool = False  # re-read the index at every epoch (near-line)
     optimizer: str = "adam"
@@ -351,7 +351,7 @@ def run(config, vectors=None, pretrain_config=None):
                                       NUM_FREQUENCY_GROUPS)
     make, make_epochs = (pretrain_make(config, vectors, test, length, refresh)
                          if config.uses_make else (None, []))
-    model = build_ranker(vocab, length, method=config.model,
+    model = DINRanker(vocab, length, method=config.model,
                          vector_dim=None if vectors is None else vectors.table.shape[1],
                          make=make, embedding_dim=config.embedding_dim,
                          attention_units=config.attention_units, mlp_units=config.mlp_units,

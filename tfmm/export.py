@@ -1,10 +1,10 @@
 """SavedModels for TF Serving: ``<export_dir>/<integer version>/`` with ``serving_default``.
 
-A ranker of `tfmm.ranker.build_ranker` also gets a ``rank`` signature: the
+A `tfmm.ranker.DINRanker` also gets a ``rank`` signature: the
 same weights scoring one user per row (``[B]`` user, ``[B, C]`` candidates,
 ``[B, L]`` history, ``[B, C, d]`` and ``[B, L, d]`` vectors -> ``[B, C]``),
 so a request of 200 candidates carries its history once, not 200 times
-(`tfmm.ranker.CandidateRanker`).
+(`tfmm.ranker.DINRanker.rank`).
 
 Keras 3.15's ``model.export()`` traced our towers with batch statistics
 (``training=True``) here; the exported endpoint calls the model with
@@ -169,13 +169,12 @@ def read_warmup(version_dir, signature=None):
 
 
 def ranker_signatures(model):
-    """``{"rank": (fn, input_signature)}`` for a `build_ranker` model, else ``{}``."""
-    from tfmm.ranker import RANK_SIGNATURE, CandidateRanker, is_ranker
+    """``{"rank": (fn, input_signature)}`` for a `DINRanker`, else ``{}``."""
+    from tfmm.ranker import RANK_SIGNATURE, DINRanker
 
-    if not is_ranker(model):
+    if not isinstance(model, DINRanker):
         return {}
-    ranker = CandidateRanker(model)
-    return {RANK_SIGNATURE: (ranker, ranker.input_signature)}
+    return {RANK_SIGNATURE: (model.rank, model.rank_input_signature)}
 
 
 def _endpoint(fn, names, output_name):
@@ -225,7 +224,7 @@ def export_saved_model(model, export_dir, output_name, warmup_inputs=None,
     `extra_signatures` adds signatures over the same weights: ``{name: (fn,
     [TensorSpec])}``, with ``fn({input name: tensor})`` returning the output
     (``{output_name: fn(...)}``; its warmup record is built from the specs).
-    Default: a ``rank`` signature for a `tfmm.ranker.build_ranker` model
+    Default: a ``rank`` signature for a `tfmm.ranker.DINRanker`
     (`ranker_signatures`), none for other models; ``{}`` adds none.
 
     The version is written under a hidden ``.tmp-<host>-<pid>-*`` directory

@@ -14,15 +14,16 @@ of paper §4 and §6.1.3 adds its features to that same ranker:
 Inputs are named like `tfmm.data.impressions` features; the multimodal
 methods also take ``item_vector`` [d] and ``history_vectors`` [L, d].
 
-`CandidateRanker` scores the same trained model one *user* per row: C
+`DINRanker.rank` scores the same trained model one *user* per row: C
 candidates against one copy of the history (the SavedModel's ``rank``
 signature, `tfmm.export`), instead of one example per row that repeats the
 history for every candidate.
 """
 
 import tensorflow as tf
+from keras import ops
 
-from tfmm.keras_compat import keras
+from tfmm.keras_compat import keras, register
 from tfmm.layers import DINAttention, KnownIds, MAKEBlock, SimScore, SimTierLayer, VectorFeature
 
 METHODS = ("id", "vector", "simscore", "simtier", "make", "simtier_make")
@@ -42,69 +43,161 @@ def model_inputs(max_history, vector_dim=None):
     return inputs
 
 
-def build_ranker(vocab, max_history, method="id", vector_dim=None, make=None,
-                 embedding_dim=16, attention_units=(80, 40), mlp_units=(200, 80),
-                 activation="relu", num_tiers=10, simtier_output="fraction", batch_norm=False):
-    """A Keras model from reader features to P(click) [B, 1].
+@register
+class DINRanker(keras.Model):
+    """The DIN ranker from reader features to P(click) [B, 1], with any method.
+
+    A functional model whose layers are built once, as attributes: calling it
+    scores one example per row, and `rank` scores C candidates per user
+    against one copy of the history with the same layers and the same
+    forward pass (`_forward` serves both), so the two cannot drift apart.
 
     Args:
         vocab: sizes ``num_items``, ``num_users``, ``num_categories`` (metadata.json).
+        max_history: history length L of the inputs.
         method: one of METHODS.
         vector_dim: width of the multimodal vectors (all methods but ``id``).
-        num_tiers, simtier_output: SimTier's tiers and output (`SimTierLayer`).
-            Fractions of the history, not the paper's raw counts: counts of up
-            to L beside small ID embeddings trained the MLP worse (small
-            world, seed 0: GAUC 0.6743 with counts, 0.6815 log1p, 0.6853
-            fractions; random vectors' counts even cost 2.5% against ID).
-        batch_norm: batch-normalise the concatenated features before the MLP,
-            as the DIN reference code does. Off by default: on time-ordered
-            batches it raised the ID ranker's GAUC (0.6713 -> 0.6781) but
-            cost AUC (0.7129 -> 0.6935), small world, seed 0.
         make: for ``make``/``simtier_make``, a MAKEBlock built with
             ``return_knowledge=True``, usually pre-trained with
             `build_make_pretrainer` and frozen; None trains a fresh one jointly.
+        embedding_dim: width of the user, item and category ID embeddings.
+        attention_units: DIN's attention MLP.
+        mlp_units: the ranker's MLP, before its one-unit sigmoid output.
+        activation: the MLP's activation.
+        num_tiers, simtier_output: SimTier's tiers and output (`SimTierLayer`).
+            Fractions of the history by default, not the paper's raw counts:
+            counts of up to L beside small ID embeddings trained the MLP worse
+            (BUILD.md, "CTR training").
+        batch_norm: batch-normalise the concatenated features before the MLP,
+            as the DIN reference code does (off: it cost AUC on time-ordered
+            batches here).
+
+    Example:
+
+    >>> vocab = {"num_items": 100, "num_users": 10, "num_categories": 5}
+    >>> ranker = DINRanker(vocab, max_history=4, method="simtier", vector_dim=8)
+    >>> import numpy as np
+    >>> x = {"user_id": np.array([3]), "item_id": np.array([[5, 6, 7]]),
+    ...      "category_id": np.array([[1, 2, 1]]),
+    ...      "history_item_ids": np.array([[8, 9, 0, 0]]),
+    ...      "history_category_ids": np.array([[1, 1, 0, 0]]),
+    ...      "history_mask": np.array([[True, True, False, False]]),
+    ...      "item_vector": np.ones((1, 3, 8), "float32"),
+    ...      "history_vectors": np.ones((1, 4, 8), "float32")}
+    >>> tuple(ranker.rank(x).shape)  # one user, three candidates
+    (1, 3)
     """
-    if method not in METHODS:
-        raise ValueError(f"build_ranker: --model={method!r} is not one of {METHODS}.")
-    if method != "id" and not vector_dim:
-        raise ValueError(f"build_ranker: --model={method} needs multimodal vectors (vector_dim).")
-    inputs = model_inputs(max_history, None if method == "id" else vector_dim)
-    mask = inputs["history_mask"]
-    item = keras.layers.Embedding(vocab["num_items"], embedding_dim, name="item_embedding")
-    category = keras.layers.Embedding(vocab["num_categories"], embedding_dim,
-                                      name="category_embedding")
-    user = keras.layers.Embedding(vocab["num_users"], embedding_dim, name="user_embedding")
-    # New items and users (created after training) look up the padding row.
-    known_item = KnownIds(vocab["num_items"], name="known_items")
-    known_category = KnownIds(vocab["num_categories"], name="known_categories")
-    target = keras.layers.Concatenate(name="target")(
-        [item(known_item(inputs["item_id"])), category(known_category(inputs["category_id"]))])
-    history = keras.layers.Concatenate(name="history")(
-        [item(known_item(inputs["history_item_ids"])),
-         category(known_category(inputs["history_category_ids"]))])
-    vectors = (inputs.get("item_vector"), inputs.get("history_vectors"))
-    if method == "vector":
-        target, history = VectorFeature(name="vector")(target, history, *vectors)
-    elif method == "simscore":
-        target, history = SimScore(name="simscore")(target, history, *vectors, mask=mask)
-    interest = DINAttention(hidden_units=attention_units, name="din")(target, history, mask=mask)
-    parts = [user(KnownIds(vocab["num_users"], name="known_users")(inputs["user_id"])), target,
-             interest]
-    if method in ("simtier", "simtier_make"):
-        simtier = SimTierLayer(num_tiers, output=simtier_output, name="simtier")
-        parts.append(simtier(*vectors, mask=mask))
-    if method in ("make", "simtier_make"):
-        make = make or MAKEBlock(return_knowledge=True, name="make")
-        if not make.return_knowledge:
-            raise ValueError("build_ranker: `make` must be built with return_knowledge=True.")
-        parts.append(make(*vectors, mask=mask)[1])
-    x = keras.layers.Concatenate(name="features")(parts)
-    if batch_norm:
-        x = keras.layers.BatchNormalization(name="features_bn")(x)
-    for units in mlp_units:
-        x = keras.layers.Dense(units, activation=activation)(x)
-    out = keras.layers.Dense(1, activation="sigmoid", name="ctr")(x)
-    return keras.Model(inputs, out, name=f"din_{method}")
+
+    def __init__(self, vocab, max_history, method="id", vector_dim=None, make=None,
+                 embedding_dim=16, attention_units=(80, 40), mlp_units=(200, 80),
+                 activation="relu", num_tiers=10, simtier_output="fraction", batch_norm=False,
+                 **kwargs):
+        if method not in METHODS:
+            raise ValueError(f"DINRanker: method={method!r} is not one of {METHODS}.")
+        if method != "id" and not vector_dim:
+            raise ValueError(f"DINRanker: method={method!r} needs multimodal vectors "
+                             "(vector_dim).")
+        uses_make = method in ("make", "simtier_make")
+        if uses_make and make is not None and not make.return_knowledge:
+            raise ValueError("DINRanker: `make` must be built with return_knowledge=True.")
+        # === Layers ===
+        self.item_embedding = keras.layers.Embedding(vocab["num_items"], embedding_dim,
+                                                     name="item_embedding")
+        self.category_embedding = keras.layers.Embedding(vocab["num_categories"], embedding_dim,
+                                                         name="category_embedding")
+        self.user_embedding = keras.layers.Embedding(vocab["num_users"], embedding_dim,
+                                                     name="user_embedding")
+        # New items and users (created after training) look up the padding row.
+        self.known_items = KnownIds(vocab["num_items"], name="known_items")
+        self.known_categories = KnownIds(vocab["num_categories"], name="known_categories")
+        self.known_users = KnownIds(vocab["num_users"], name="known_users")
+        self.vector = VectorFeature(name="vector") if method == "vector" else None
+        self.simscore = SimScore(name="simscore") if method == "simscore" else None
+        self.din = DINAttention(hidden_units=attention_units, name="din")
+        self.simtier = (SimTierLayer(num_tiers, output=simtier_output, name="simtier")
+                        if method in ("simtier", "simtier_make") else None)
+        self.make = (make or MAKEBlock(return_knowledge=True, name="make")) if uses_make else None
+        self.features_bn = (keras.layers.BatchNormalization(name="features_bn")
+                            if batch_norm else None)
+        self.mlp = [keras.layers.Dense(units, activation=activation) for units in mlp_units]
+        self.ctr = keras.layers.Dense(1, activation="sigmoid", name="ctr")
+        # === Functional model ===
+        inputs = model_inputs(max_history, None if method == "id" else vector_dim)
+        kwargs.setdefault("name", f"din_{method}")
+        super().__init__(inputs=inputs, outputs=self._forward(inputs), **kwargs)
+        # === Config ===
+        self.vocab = {k: int(vocab[k]) for k in ("num_items", "num_users", "num_categories")}
+        self.max_history, self.method = int(max_history), method
+        self.vector_dim = None if method == "id" else int(vector_dim)
+        self.embedding_dim, self.activation = embedding_dim, activation
+        self.attention_units, self.mlp_units = tuple(attention_units), tuple(mlp_units)
+        self.num_tiers, self.simtier_output, self.batch_norm = num_tiers, simtier_output, batch_norm
+        self.rank_input_signature = rank_input_signature(self.max_history, self.vector_dim)
+
+    def _forward(self, x, training=None):
+        """P(click) [B, 1] of reader features, or [B, C, 1] of the ``rank`` inputs."""
+        mask = x["history_mask"]
+        target = ops.concatenate([self.item_embedding(self.known_items(x["item_id"])),
+                                  self.category_embedding(
+                                      self.known_categories(x["category_id"]))], -1)
+        history = ops.concatenate([self.item_embedding(self.known_items(x["history_item_ids"])),
+                                   self.category_embedding(
+                                       self.known_categories(x["history_category_ids"]))], -1)
+        vectors = (x.get("item_vector"), x.get("history_vectors"))
+        if self.vector is not None:
+            target, history = self.vector(target, history, *vectors)
+        elif self.simscore is not None:
+            target, history = self.simscore(target, history, *vectors, mask=mask)
+        interest = self.din(target, history, mask=mask, training=training)
+        user = self.user_embedding(self.known_users(x["user_id"]))
+        candidates = len(target.shape) == 3
+        if candidates:  # C candidates share their user's row
+            rows = tuple(ops.shape(target)[:2])
+            user = ops.broadcast_to(ops.expand_dims(user, 1), rows + (user.shape[-1],))
+        parts = [user, target, interest]
+        if self.simtier is not None:
+            parts.append(self.simtier(*vectors, mask=mask))
+        if self.make is not None:
+            parts.append(self.make(*vectors, mask=mask, training=training)[1])
+        h = ops.concatenate(parts, -1)
+        if candidates:  # the head scores one row per example, as it was built
+            h = ops.reshape(h, (-1, h.shape[-1]))
+        if self.features_bn is not None:
+            h = self.features_bn(h, training=training)
+        for dense in self.mlp:
+            h = dense(h)
+        h = self.ctr(h)
+        return ops.reshape(h, rows + (1,)) if candidates else h
+
+    def rank(self, inputs, training=False):
+        """P(click) [B, C] for B users with C candidates each (`rank_input_signature`).
+
+        The probabilities `call` gives the B * C rows that repeat each user's
+        history for each candidate, computed with one copy of the history per
+        user (DIN attends C queries to it at once, SimTier and MAKE likewise;
+        SimScore's keys are per candidate by nature).
+        """
+        x = {s.name: tf.convert_to_tensor(inputs[s.name], s.dtype)
+             for s in self.rank_input_signature}
+        return ops.squeeze(self._forward(x, training=training), -1)
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable, "vocab": self.vocab,
+                "max_history": self.max_history, "method": self.method,
+                "vector_dim": self.vector_dim,
+                "make": (None if self.make is None
+                         else keras.saving.serialize_keras_object(self.make)),
+                "embedding_dim": self.embedding_dim,
+                "attention_units": list(self.attention_units), "mlp_units": list(self.mlp_units),
+                "activation": self.activation, "num_tiers": self.num_tiers,
+                "simtier_output": self.simtier_output, "batch_norm": self.batch_norm}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if config.get("make") is not None:
+            config["make"] = keras.saving.deserialize_keras_object(config["make"])
+        return cls(**config)
 
 
 def build_make_pretrainer(make, max_history, vector_dim):
@@ -135,94 +228,3 @@ def rank_input_signature(max_history, vector_dim=None):
                   tf.TensorSpec([None, max_history, vector_dim], tf.float32,
                                 name="history_vectors")]
     return specs
-
-
-def is_ranker(model):
-    """Whether `model` looks built by `build_ranker` (what `CandidateRanker` needs)."""
-    names = {layer.name for layer in getattr(model, "layers", ())}
-    return (isinstance(getattr(model, "input", None), dict)
-            and {"item_embedding", "category_embedding", "user_embedding", "known_items",
-                 "known_categories", "known_users", "ctr"} <= names
-            and sum(isinstance(layer, DINAttention) for layer in model.layers) == 1)
-
-
-class CandidateRanker:
-    """A `build_ranker` model, with its own weights, scoring C candidates per user.
-
-    Calling it with the ``rank`` inputs (`rank_input_signature`) gives
-    P(click) [B, C]: the probabilities the model gives the B * C rows that
-    repeat each user's history for each candidate, computed with one copy of
-    the history per user (DIN attends C queries to it at once, SimTier and
-    MAKE likewise; SimScore's keys are per candidate by nature).
-
-    Args:
-        model: a model built by `build_ranker` (trained, or loaded from a
-            ``.keras`` file); its layers are used, not copied.
-
-    Example:
-
-    >>> ranker = build_ranker(vocab, 5)  # doctest: +SKIP
-    >>> CandidateRanker(ranker)({"user_id": [3], "item_id": [[5, 6, 7]], ...})  # doctest: +SKIP
-    <tf.Tensor: shape=(1, 3), dtype=float32, numpy=...>
-    """
-
-    def __init__(self, model):
-        self.model = model
-        if not is_ranker(model):
-            raise ValueError(f"CandidateRanker: {getattr(model, 'name', model)!r} is not a model "
-                             "of tfmm.ranker.build_ranker (its named ID embeddings, KnownIds, "
-                             "one DINAttention and the 'ctr' layer).")
-        self.layers = {layer.name: layer for layer in model.layers}
-
-        def one(cls):
-            found = [layer for layer in model.layers if isinstance(layer, cls)]
-            return found[0] if found else None
-
-        self.din = one(DINAttention)
-        self.vector, self.simscore = one(VectorFeature), one(SimScore)
-        self.simtier, self.make = one(SimTierLayer), one(MAKEBlock)
-        self.batch_norm = self.layers.get("features_bn")
-        self.mlp = [layer for layer in model.layers
-                    if isinstance(layer, keras.layers.Dense) and layer.name != "ctr"]
-        inputs = model.input
-        self.max_history = int(inputs["history_item_ids"].shape[1])
-        self.vector_dim = (int(inputs["item_vector"].shape[-1]) if "item_vector" in inputs
-                           else None)
-        self.input_signature = rank_input_signature(self.max_history, self.vector_dim)
-
-    def __call__(self, inputs, training=False):
-        """P(click) [B, C] of the ``rank`` inputs (a dict of arrays or tensors)."""
-        specs = {s.name: s for s in self.input_signature}
-        x = {k: tf.convert_to_tensor(inputs[k], specs[k].dtype) for k in specs}
-        layers = self.layers
-        mask = x["history_mask"]
-
-        def ids(kind, name):
-            known = layers[f"known_{'categories' if kind == 'category' else kind + 's'}"]
-            return layers[f"{kind}_embedding"](known(x[name]))
-
-        target = tf.concat([ids("item", "item_id"), ids("category", "category_id")], -1)
-        history = tf.concat([ids("item", "history_item_ids"),
-                             ids("category", "history_category_ids")], -1)
-        vectors = (x.get("item_vector"), x.get("history_vectors"))
-        if self.vector is not None:
-            target, history = self.vector(target, history, *vectors)
-        elif self.simscore is not None:
-            target, history = self.simscore(target, history, *vectors, mask=mask)
-        interest = self.din(target, history, mask=mask, training=training)  # [B, C, e]
-        user = ids("user", "user_id")
-        shape = tf.shape(target)
-        parts = [tf.broadcast_to(user[:, None, :], tf.concat([shape[:2], tf.shape(user)[1:]], 0)),
-                 target, interest]
-        if self.simtier is not None:
-            parts.append(self.simtier(*vectors, mask=mask))
-        if self.make is not None:
-            parts.append(self.make(*vectors, mask=mask, training=training)[1])
-        features = tf.concat([tf.cast(p, target.dtype) for p in parts], -1)
-        # The per-example MLP on B * C rows.
-        h = tf.reshape(features, [-1, features.shape[-1]])
-        if self.batch_norm is not None:
-            h = self.batch_norm(h, training=training)
-        for dense in self.mlp:
-            h = dense(h)
-        return tf.reshape(layers["ctr"](h), shape[:2])

@@ -16,7 +16,7 @@ within ``--atol``.
 Inputs: the version's first warmup request for the signature when it has
 one, else a small batch built from the signature (`tfmm.export.example_inputs`).
 A ranker's ``rank`` signature (``--signature=rank``) is compared with the Keras
-model through `tfmm.ranker.CandidateRanker`.
+model through `tfmm.ranker.DINRanker.rank`.
 """
 
 import hashlib
@@ -128,10 +128,10 @@ def _run_binary(exe, path, signature, inputs, specs):
 
 def _keras_outputs(model, inputs, output_names, signature=SIGNATURE):
     """`model`'s outputs on `inputs`, keyed like the signature's outputs."""
-    from tfmm.ranker import RANK_SIGNATURE, CandidateRanker, is_ranker
+    from tfmm.ranker import RANK_SIGNATURE, DINRanker
 
-    if signature == RANK_SIGNATURE and is_ranker(model):
-        model = CandidateRanker(model)
+    if signature == RANK_SIGNATURE and isinstance(model, DINRanker):
+        model = model.rank
         args = inputs
     elif isinstance(model.input, dict):
         args = inputs
