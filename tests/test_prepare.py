@@ -2,7 +2,10 @@
 
 import csv
 import filecmp
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -31,8 +34,12 @@ ITEMS = [("i1", "mug", "red mug"), ("i2", "mug", "blue mug"), ("i3", "lamp", "ta
          ("i4", "lamp", "short lamp")]
 
 
-def write_csv(path, header, rows):
-    with open(path, "w", newline="") as f:
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TABLES = ("impressions-train.tfrecord", "impressions-test.tfrecord", "items.tfrecord")
+
+
+def write_csv(path, header, rows, encoding="utf-8"):
+    with open(path, "w", newline="", encoding=encoding) as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
@@ -106,13 +113,105 @@ def test_parquet_input_gives_the_same_records(inputs):
                       "device": [r[4] for r in LOG]})
     pq.write_table(table, tmp / "impressions.parquet")
     prepare(str(tmp / "impressions.parquet"), items, str(tmp / "from_parquet"), images_dir=images)
-    for name in ("impressions-train.tfrecord", "impressions-test.tfrecord", "items.tfrecord"):
+    for name in TABLES:
         assert filecmp.cmp(tmp / "from_csv" / name, tmp / "from_parquet" / name, shallow=False)
+
+
+def test_parquet_whole_floats_are_integers_and_nan_is_named_at_its_row(inputs):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    tmp, log, items, images = inputs
+    prepare(log, items, str(tmp / "from_csv"), images_dir=images)
+    # pandas stores an integer column holding a missing value as float64
+    columns = {"user_id": [r[0] for r in LOG], "item_id": [r[1] for r in LOG],
+               "label": [float(r[2]) for r in LOG], "timestamp": [float(r[3]) for r in LOG],
+               "device": [r[4] for r in LOG]}
+    pq.write_table(pa.table(columns), tmp / "floats.parquet")
+    prepare(str(tmp / "floats.parquet"), items, str(tmp / "from_floats"), images_dir=images)
+    for name in TABLES:
+        assert filecmp.cmp(tmp / "from_csv" / name, tmp / "from_floats" / name, shallow=False)
+    columns["label"][6] = float("nan")
+    pq.write_table(pa.table(columns), tmp / "nan.parquet")
+    with pytest.raises(ValueError, match=r"nan.parquet: row 7, column 'label': nan is not an "
+                                         r"integer"):
+        prepare(str(tmp / "nan.parquet"), items, str(tmp / "out"), images_dir=images)
+
+
+def test_timestamps_may_span_all_of_int64(inputs):
+    tmp, log, items, images = inputs
+    prepare(log, items, str(tmp / "original"), images_dir=images)
+    extreme = [("alice", "i1", 1, -2**63, "ios")] + LOG[1:-1] + [("bob", "i4", 0, 2**63 - 1, "web")]
+    log = write_csv(tmp / "extreme.csv", ["user_id", "item_id", "label", "timestamp", "device"],
+                    extreme)
+    prepare(log, items, str(tmp / "extreme"), images_dir=images)
+    for split in ("train", "test"):
+        (original, _), (shifted, _) = (read_split(str(tmp / d), split)
+                                       for d in ("original", "extreme"))
+        np.testing.assert_array_equal(original["history_item_ids"], shifted["history_item_ids"])
+    assert shifted["timestamp"][-1] == 2**63 - 1
+
+
+def test_csv_is_utf8_with_or_without_a_byte_order_mark(inputs):
+    tmp, log, items, images = inputs
+    items_rows = [(i, c, t + " café") for i, c, t in ITEMS]
+    items = write_csv(tmp / "items.csv", ["item_id", "category_id", "title"], items_rows)
+    prepare(log, items, str(tmp / "plain"), images_dir=images)
+    # Excel's "CSV UTF-8" starts every file with a byte order mark
+    bom_log = write_csv(tmp / "bom-log.csv", ["user_id", "item_id", "label", "timestamp",
+                                              "device"], LOG, encoding="utf-8-sig")
+    bom_items = write_csv(tmp / "bom-items.csv", ["item_id", "category_id", "title"],
+                          items_rows, encoding="utf-8-sig")
+    prepare(bom_log, bom_items, str(tmp / "bom"), images_dir=images)
+    for name in TABLES:
+        assert filecmp.cmp(tmp / "plain" / name, tmp / "bom" / name, shallow=False)
+    titles = next(iter(data.items(str(tmp / "bom"), batch_size=10)))["title"].numpy()
+    assert [t.decode() for t in titles] == [t for _, _, t in items_rows]
+
+
+def test_duplicate_impressions_are_counted_and_can_be_dropped(inputs):
+    tmp, log, items, images = inputs
+    meta = prepare(log, items, str(tmp / "original"), images_dir=images)
+    assert meta["duplicates"] == {"impressions": 0, "dropped": False}
+    rows = LOG + [LOG[0], LOG[4], LOG[0], ("alice", "i1", 1, 100, "web")]  # the last differs
+    log = write_csv(tmp / "impressions.csv", ["user_id", "item_id", "label", "timestamp",
+                                              "device"], rows)
+    meta = prepare(log, items, str(tmp / "kept"), images_dir=images)
+    assert meta["duplicates"] == {"impressions": 3, "dropped": False}
+    assert sum(meta["counts"][f"impressions/{s}"] for s in ("train", "test")) == len(rows)
+    meta = prepare(log, items, str(tmp / "dropped"), images_dir=images, drop_duplicates=True)
+    assert meta["duplicates"] == {"impressions": 3, "dropped": True}
+    assert sum(meta["counts"][f"impressions/{s}"] for s in ("train", "test")) == len(LOG) + 1
+    with_web = write_csv(tmp / "with_web.csv", ["user_id", "item_id", "label", "timestamp",
+                                                "device"], LOG + rows[-1:])
+    prepare(with_web, items, str(tmp / "expected"), images_dir=images)
+    for name in TABLES:
+        assert filecmp.cmp(tmp / "expected" / name, tmp / "dropped" / name, shallow=False)
+
+
+def test_image_paths_stay_inside_images_dir_unless_absolute_ones_are_allowed(inputs):
+    tmp, log, items, images = inputs
+    prepare(log, items, str(tmp / "by_id"), images_dir=images)
+    header = ["item_id", "category_id", "title", "image"]
+    os.mkdir(os.path.join(images, "sub"))
+    rows = [(i, c, t, f"sub/../{i}.png") for i, c, t in ITEMS]  # ".." that stays inside is fine
+    prepare(log, write_csv(tmp / "relative.csv", header, rows), str(tmp / "relative"),
+            images_dir=images)
+    rows[1] = rows[1][:3] + (os.path.join(images, "i2.png"),)
+    absolute = write_csv(tmp / "absolute.csv", header, rows)
+    with pytest.raises(ValueError, match=r"absolute.csv: row 3, column 'image': image path "
+                                         r"'/.*i2.png' is absolute; pass --absolute_image_paths"):
+        prepare(log, absolute, str(tmp / "absolute"), images_dir=images)
+    prepare(log, absolute, str(tmp / "absolute"), images_dir=images, absolute_image_paths=True)
+    for out in ("relative", "absolute"):
+        assert filecmp.cmp(tmp / "by_id" / "items.tfrecord", tmp / out / "items.tfrecord",
+                           shallow=False)
 
 
 def _bad_inputs(tmp, case):
     log_rows, item_rows = list(LOG), list(ITEMS)
     log_header = ["user_id", "item_id", "label", "timestamp", "device"]
+    item_header, items_encoding = ["item_id", "category_id", "title"], "utf-8"
     if case == "missing column":
         log_header, log_rows = log_header[:2] + log_header[3:], [r[:2] + r[3:] for r in LOG]
     elif case == "wrong type":
@@ -125,8 +224,23 @@ def _bad_inputs(tmp, case):
         item_rows.append(("i2", "mug", "again"))
     elif case == "short row":
         log_rows[2] = ("bob", "i2", 1)
+    elif case == "huge timestamp":
+        log_rows[3] = ("alice", "i3", 1, 2**63, "ios")
+    elif case == "header only":
+        log_rows = []
+    elif case == "latin-1":
+        item_rows[0] = ("i1", "mug", "red\nmug")  # a quoted line break: rows are not lines
+        item_rows[2] = ("i3", "lamp", "tall lampe à pied")
+        items_encoding = "latin-1"
+    elif case in ("image leaves images_dir", "image absolute"):
+        item_header.append("image")
+        item_rows = [r + (f"{r[0]}.png",) for r in item_rows]
+        bad = "../images/../i2.png" if case == "image leaves images_dir" else "/tmp/i2.png"
+        item_rows[1] = item_rows[1][:3] + (bad,)
+    elif case == "item id leaves images_dir":
+        item_rows.append(("../i1", "mug", "sneaky"))
     log = write_csv(tmp / "impressions.csv", log_header, log_rows)
-    items = write_csv(tmp / "items.csv", ["item_id", "category_id", "title"], item_rows)
+    items = write_csv(tmp / "items.csv", item_header, item_rows, encoding=items_encoding)
     return log, items
 
 
@@ -137,6 +251,16 @@ def _bad_inputs(tmp, case):
     ("unknown item", r"impressions.csv: row 7, column 'item_id': 'i9' is not in .*items.csv"),
     ("duplicate id", r"items.csv: row 6: duplicate item_id 'i2' \(first at .*items.csv: row 3\)"),
     ("short row", r"impressions.csv: row 4: 3 fields, the header has 5"),
+    ("huge timestamp", r"impressions.csv: row 5, column 'timestamp': '9223372036854775808' is "
+                       r"outside the int64 range"),
+    ("header only", r"impressions.csv: no data rows"),
+    ("latin-1", r"items.csv: row 4: byte 0xe0 is not UTF-8; save the file as UTF-8"),
+    ("image leaves images_dir", r"items.csv: row 3, column 'image': image path "
+                                r"'../images/../i2.png' leaves --images_dir="),
+    ("image absolute", r"items.csv: row 3, column 'image': image path '/tmp/i2.png' is "
+                       r"absolute; pass --absolute_image_paths"),
+    ("item id leaves images_dir", r"items.csv: row 6: image path '../i1.png' leaves "
+                                  r"--images_dir="),
 ])
 def test_bad_input_names_file_row_and_field_and_keeps_old_output(inputs, case, message):
     tmp, log, items, images = inputs
@@ -170,3 +294,28 @@ def test_unknown_items_can_map_to_oov(inputs):
     assert meta["oov"]["unknown_items"] == 1
     f, _ = read_split(str(tmp / "out"), "train")
     assert (f["item_id"] == schema.OOV_ID).sum() == 1
+
+
+def test_cli_reports_bad_input_in_one_line_and_keeps_old_output(inputs):
+    tmp, log, items, images = inputs
+    out = tmp / "out"
+    cmd = [sys.executable, "-m", "tfmm.data.prepare", f"--impressions={log}", f"--items={items}",
+           f"--images_dir={images}", f"--out_dir={out}"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    write_csv(log, ["user_id", "item_id", "label", "timestamp", "device"], LOG + LOG[:2])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "duplicates {'dropped': False, 'impressions': 2}" in proc.stdout
+    assert "2 impressions repeat an earlier one in every column; kept (--drop_duplicates " \
+           "drops them)." in proc.stdout
+    before = json.loads((out / "metadata.json").read_text())
+    assert before["duplicates"] == {"impressions": 2, "dropped": False}
+
+    write_csv(log, ["user_id", "item_id", "label", "timestamp", "device"],
+              LOG[:5] + [("bob", "i1", 1, 10**30, "web")])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"{log}: row 7, column 'timestamp': '{10**30}' is outside the int64 range.")
+    assert json.loads((out / "metadata.json").read_text()) == before

@@ -23,11 +23,13 @@ def history_ranges(user, timestamp, label, max_history):
     if len(timestamp) == 0:
         empty = np.zeros(0, np.int64)
         return clicks, empty, empty
-    t_min, span = timestamp.min(), int(timestamp.max() - timestamp.min()) + 1
+    # Ranks, not raw times, so that no span of int64 timestamps overflows the keys.
+    t_rank = np.unique(timestamp, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    span = int(t_rank.max()) + 1
     if int(user.max()) + 1 > np.iinfo(np.int64).max // span:
-        raise ValueError("history_ranges: users x time span overflow int64 keys.")
+        raise ValueError("history_ranges: users x distinct timestamps overflow int64 keys.")
     # One sorted (user, time) key; a binary search finds the clicks before each event.
-    click_key = user[clicks] * span + (timestamp[clicks] - t_min)
-    end = np.searchsorted(click_key, user * span + (timestamp - t_min), side="left")
+    click_key = user[clicks] * span + t_rank[clicks]
+    end = np.searchsorted(click_key, user * span + t_rank, side="left")
     user_start = np.searchsorted(user[clicks], user, side="left")
     return clicks, np.maximum(user_start, end - max_history), end

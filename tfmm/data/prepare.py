@@ -7,8 +7,20 @@
 ``item_id``, ``label`` (0 or 1), ``timestamp`` (integer), and optionally more
 columns, each becoming an int64 side feature through its own vocabulary.
 ``--items``: ``item_id`` and optionally ``category_id``, ``title`` and
-``image`` (a path under ``--images_dir``; without the column,
-``<item_id>.png``/``.jpg``/``.jpeg`` is looked up there).
+``image`` (a path relative to ``--images_dir``; without the column,
+``<item_id>.png``/``.jpg``/``.jpeg`` is looked up there). An image path that
+leaves ``--images_dir`` (through ``..``) is refused; an absolute one is
+refused unless ``--absolute_image_paths`` is passed, and then read as it is.
+Symbolic links inside ``--images_dir`` are followed.
+
+CSV files are read as UTF-8 whatever the locale, with or without a byte order
+mark (Excel's "CSV UTF-8"); rows are numbered as in a spreadsheet (the header
+is row 1), Parquet rows from 1. Integer columns take Parquet floats that are
+whole numbers (pandas stores an integer column with a missing value as float).
+
+Exact duplicate impressions (every column equal) are kept, since a log may
+show an item twice at the same second, and counted in the output line and in
+``metadata.json`` (``duplicates``); ``--drop_duplicates`` keeps only the first.
 
 Histories are each user's clicks strictly before the impression. The latest
 ``--test_fraction`` of impressions (or those at or after
@@ -18,7 +30,9 @@ file; anything else is out of vocabulary (id 1). Vocabularies are written to
 ``vocab/*.txt`` (line k is id k + 2).
 """
 
+import codecs
 import csv
+import io
 import os
 
 from absl import app, flags
@@ -34,6 +48,10 @@ flags.DEFINE_integer("split_timestamp", None, "Impressions at or after it are te
                      "(overrides --test_fraction).")
 flags.DEFINE_enum("unknown_items", "error", ["error", "oov"],
                   "An impression's item missing from --items: fail, or map to id 1.")
+flags.DEFINE_bool("drop_duplicates", False, "Drop impressions equal to an earlier one in "
+                  "every column (default: keep and count them).")
+flags.DEFINE_bool("absolute_image_paths", False, "Allow absolute paths in the items' image "
+                  "column; relative ones must stay inside --images_dir.")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -56,12 +74,12 @@ class Table:
         if path.endswith(".parquet"):
             import pyarrow.parquet as pq
 
+            self._values = pq.read_table(path).to_pydict()
             self.columns = {k: [None if v is None else str(v) for v in vals]
-                            for k, vals in pq.read_table(path).to_pydict().items()}
+                            for k, vals in self._values.items()}
             self._first_row = 1
         elif path.endswith(".csv"):
-            with open(path, newline="") as f:
-                rows = list(csv.reader(f))
+            rows = _csv_rows(path)
             if not rows:
                 raise ValueError(f"{path}: empty file, expected a header row.")
             header, body = rows[0], rows[1:]
@@ -70,10 +88,13 @@ class Table:
                     raise ValueError(f"{path}: row {i + 2}: {len(row)} fields, the header has "
                                      f"{len(header)}.")
             self.columns = {name: [row[j] for row in body] for j, name in enumerate(header)}
-            self._first_row = 2  # line numbers, after the header
+            self._values = self.columns
+            self._first_row = 2  # spreadsheet rows: the header is row 1
         else:
             raise ValueError(f"{path}: unknown format, expected .csv or .parquet.")
         self.num_rows = len(next(iter(self.columns.values()), []))
+        if not self.num_rows:
+            raise ValueError(f"{path}: no data rows.")
 
     def row(self, i):
         return f"{self.path}: row {i + self._first_row}"
@@ -86,12 +107,17 @@ class Table:
 
     def ints(self, name):
         out = np.empty(self.num_rows, np.int64)
-        for i, v in enumerate(self.columns[name]):
+        for i, v in enumerate(self._values[name]):
             try:
+                if isinstance(v, float) and not v.is_integer():
+                    raise ValueError  # NaN, inf or a fraction, which int() would truncate
                 out[i] = int(v)
             except (TypeError, ValueError):
                 raise ValueError(f"{self.row(i)}, column {name!r}: {v!r} is not an integer.") \
                     from None
+            except OverflowError:
+                raise ValueError(f"{self.row(i)}, column {name!r}: {v!r} is outside the int64 "
+                                 "range.") from None
         return out
 
     def ids(self, name):
@@ -100,6 +126,26 @@ class Table:
             if v is None or v == "":
                 raise ValueError(f"{self.row(i)}, column {name!r}: empty id.")
         return np.array(values, dtype=object)
+
+
+def _csv_rows(path):
+    """The rows of a UTF-8 CSV file; a leading byte order mark is skipped."""
+    with open(path, "rb") as f:
+        data = f.read().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # The rows before the bad byte, plus the one it is in ("x" starts it if none is open).
+        row = len(list(csv.reader(io.StringIO(data[:e.start].decode("utf-8") + "x", newline=""))))
+        raise ValueError(f"{path}: row {row}: byte 0x{data[e.start]:02x} is not UTF-8; save the "
+                         "file as UTF-8.") from None
+    rows = []
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        rows.extend(reader)
+    except csv.Error as e:
+        raise ValueError(f"{path}: row {len(rows) + 1}: {e}.") from None
+    return rows
 
 
 def vocabulary(values):
@@ -111,12 +157,25 @@ def lookup(vocab, values):
     return np.array([vocab.get(v, schema.OOV_ID) for v in values], np.int64)
 
 
-def _image_bytes(items, images_dir, i, item_id):
+def _image_bytes(items, images_dir, i, item_id, absolute_image_paths):
     if "image" in items.columns:
-        candidates = [os.path.join(images_dir, items.columns["image"][i])]
+        where, names = f"{items.row(i)}, column 'image'", [items.columns["image"][i]]
     else:
-        candidates = [os.path.join(images_dir, f"{item_id}{s}") for s in IMAGE_SUFFIXES]
-    path = next((p for p in candidates if os.path.exists(p)), None)
+        where, names = items.row(i), [f"{item_id}{s}" for s in IMAGE_SUFFIXES]
+    root = os.path.abspath(images_dir)
+    candidates = []
+    for name in names:
+        if not name:
+            raise ValueError(f"{where}: empty image path for item {item_id!r}.")
+        path = os.path.join(images_dir, name)
+        if os.path.isabs(name) and not absolute_image_paths:
+            raise ValueError(f"{where}: image path {name!r} is absolute; pass "
+                             "--absolute_image_paths to read it, or make it relative to "
+                             "--images_dir.")
+        if not os.path.isabs(name) and os.path.commonpath([root, os.path.abspath(path)]) != root:
+            raise ValueError(f"{where}: image path {name!r} leaves --images_dir={images_dir}.")
+        candidates.append(path)
+    path = next((p for p in candidates if os.path.isfile(p)), None)
     if path is None:
         raise ValueError(f"{items.row(i)}: no image for item {item_id!r} (looked for "
                          f"{', '.join(candidates)}).")
@@ -143,17 +202,19 @@ def read_items(path):
     return items, ids
 
 
-def item_records(items, ids, item_vocab, categories, images_dir):
+def item_records(items, ids, item_vocab, categories, images_dir, absolute_image_paths=False):
     titles = items.columns.get("title", [""] * items.num_rows)
     for i, raw in enumerate(ids):
-        image = _image_bytes(items, images_dir, i, raw) if images_dir else b""
+        image = (_image_bytes(items, images_dir, i, raw, absolute_image_paths) if images_dir
+                 else b"")
         yield schema.example(
             ints={"item_id": item_vocab[raw], "category_id": categories[i], "first_day": 0},
             strings={"image": image, "title": (titles[i] or "").encode()})
 
 
 def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=50,
-            test_fraction=0.1, split_timestamp=None, unknown_items="error"):
+            test_fraction=0.1, split_timestamp=None, unknown_items="error",
+            drop_duplicates=False, absolute_image_paths=False):
     """Writes the data directory; returns its metadata."""
     if max_history < 1:
         raise ValueError(f"--max_history={max_history}: must be >= 1.")
@@ -175,13 +236,25 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
     bad = np.flatnonzero((label != 0) & (label != 1))
     if len(bad):
         raise ValueError(f"{log.row(bad[0])}, column 'label': {label[bad[0]]} is not 0 or 1.")
-    item = lookup(item_vocab, log.ids("item_id"))
+    raw_items = log.ids("item_id")
+    item = lookup(item_vocab, raw_items)
     unknown = np.flatnonzero(item == schema.OOV_ID)
     if len(unknown) and unknown_items == "error":
         raise ValueError(f"{log.row(unknown[0])}, column 'item_id': "
                          f"{log.columns['item_id'][unknown[0]]!r} is not in {items_path} "
                          f"({len(unknown)} such rows; --unknown_items=oov maps them to id 1).")
     side = [c for c in log.columns if c not in IMPRESSION_COLUMNS]
+    side_raw = {c: log.ids(c) for c in side}
+
+    seen = set()
+    duplicate = np.zeros(log.num_rows, bool)
+    for i, row in enumerate(zip(users, raw_items, label.tolist(), timestamp.tolist(),
+                                *side_raw.values())):
+        duplicate[i] = row in seen
+        seen.add(row)
+    if drop_duplicates:
+        users, item, label, timestamp = (a[~duplicate] for a in (users, item, label, timestamp))
+        side_raw = {c: v[~duplicate] for c, v in side_raw.items()}
 
     order = np.argsort(timestamp, kind="stable")
     if split_timestamp is None:
@@ -200,8 +273,8 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
     user_id = lookup(user_vocab, users)
     user_index = np.unique(users, return_inverse=True)[1]  # OOV users keep their own history
     clicks, start, end = history_ranges(user_index, timestamp, label, max_history)
-    side_vocab = {c: vocabulary(log.ids(c)[train_rows]) for c in side}
-    side_ids = {c: lookup(side_vocab[c], log.ids(c)) for c in side}
+    side_vocab = {c: vocabulary(side_raw[c][train_rows]) for c in side}
+    side_ids = {c: lookup(side_vocab[c], side_raw[c]) for c in side}
     trained = np.zeros(len(category_of), bool)
     trained[item[train_rows]] = True
 
@@ -219,8 +292,8 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
     with DataDirWriter(out_dir) as w:
         w.write("impressions/train", records(train_rows), len(train_rows))
         w.write("impressions/test", records(test_rows), len(test_rows))
-        w.write("items", item_records(items, item_ids, item_vocab, item_category, images_dir),
-                len(item_ids))
+        w.write("items", item_records(items, item_ids, item_vocab, item_category, images_dir,
+                                      absolute_image_paths), len(item_ids))
         os.makedirs(w.path("vocab"))
         for name, vocab in (("users", user_vocab), ("items", item_vocab),
                             ("categories", category_vocab),
@@ -240,7 +313,8 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
             "side_features": side,
             "split_timestamp": int(cut),
             "oov": {"test_users": int((user_id[test_rows] == schema.OOV_ID).sum()),
-                    "unknown_items": int(len(unknown))},
+                    "unknown_items": int((item == schema.OOV_ID).sum())},
+            "duplicates": {"impressions": int(duplicate.sum()), "dropped": drop_duplicates},
         })
     return schema.read_metadata(out_dir)
 
@@ -251,10 +325,17 @@ def main(argv):
     for name in ("impressions", "items", "out_dir"):
         if not FLAGS[name].value:
             raise app.UsageError(f"--{name} is required.")
-    meta = prepare(FLAGS.impressions, FLAGS.items, FLAGS.out_dir, FLAGS.images_dir,
-                   FLAGS.max_history, FLAGS.test_fraction, FLAGS.split_timestamp,
-                   FLAGS.unknown_items)
-    print(f"wrote {FLAGS.out_dir}: {meta['counts']}, vocab {meta['vocab']}, oov {meta['oov']}")
+    try:
+        meta = prepare(FLAGS.impressions, FLAGS.items, FLAGS.out_dir, FLAGS.images_dir,
+                       FLAGS.max_history, FLAGS.test_fraction, FLAGS.split_timestamp,
+                       FLAGS.unknown_items, FLAGS.drop_duplicates, FLAGS.absolute_image_paths)
+    except (ValueError, OSError) as e:  # bad input: one line naming the file, not a trace
+        raise app.UsageError(str(e)) from None
+    print(f"wrote {FLAGS.out_dir}: {meta['counts']}, vocab {meta['vocab']}, oov {meta['oov']}, "
+          f"duplicates {meta['duplicates']}")
+    if meta["duplicates"]["impressions"] and not FLAGS.drop_duplicates:
+        print(f"{meta['duplicates']['impressions']} impressions repeat an earlier one in every "
+              "column; kept (--drop_duplicates drops them).")
 
 
 if __name__ == "__main__":
