@@ -20,7 +20,7 @@ class MomentumQueue:
 
     def __init__(self, layer, size, dim):
         if size < 0:
-            raise ValueError(f"--queue_size={size} must be >= 0.")
+            raise ValueError(f"MomentumQueue: queue_size={size} must be >= 0.")
         self.size = size
         self.keys = layer.add_weight(name="queue", shape=(max(size, 1), dim), initializer="zeros",
                                      trainable=False)
@@ -38,8 +38,8 @@ class MomentumQueue:
             raise ValueError("The momentum queue needs a static batch size: batch the data with "
                              "drop_remainder=True.")
         if self.size % batch_size:
-            raise ValueError(f"--queue_size={self.size} must be a multiple of the batch size "
-                             f"{batch_size} (drop the remainder: e.g. --queue_size="
+            raise ValueError(f"MomentumQueue: queue_size={self.size} must be a multiple of the "
+                             f"batch size {batch_size} (drop the remainder: e.g. queue_size="
                              f"{self.size - self.size % batch_size}).")
 
     def enqueue(self, keys, ids):
@@ -80,7 +80,7 @@ class MomentumQueueCallback(keras.callbacks.Callback):
     def __init__(self, momentum=0.999):
         super().__init__()
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"--momentum={momentum} must be in [0, 1).")
+            raise ValueError(f"MomentumQueueCallback: momentum={momentum} must be in [0, 1).")
         self.momentum_value = momentum
 
     def on_train_begin(self, logs=None):

@@ -99,13 +99,13 @@ class SCLModel(keras.Model):
                  positive_tower="momentum", **kwargs):
         super().__init__(**kwargs)
         if positive_tower not in POSITIVE_TOWERS:
-            raise ValueError(f"--positive_tower={positive_tower!r} is not one of "
+            raise ValueError(f"SCLModel: positive_tower={positive_tower!r} is not one of "
                              f"{POSITIVE_TOWERS}.")
         if temperature <= 0 or 1.0 / temperature > max_inverse_temperature:
-            raise ValueError(f"--temperature={temperature} must be > 0 with 1/temperature <= "
+            raise ValueError(f"SCLModel: temperature={temperature} must be > 0 with 1/temperature <= "
                              f"{max_inverse_temperature}.")
         if triplet_weight < 0:
-            raise ValueError(f"--triplet_weight={triplet_weight} must be >= 0.")
+            raise ValueError(f"SCLModel: triplet_weight={triplet_weight} must be >= 0.")
         self.tower = tower
         self.dim = int(tower.output_shape[-1])
         self.triplet_weight = float(triplet_weight)

@@ -31,7 +31,7 @@ def vision_backbone(name, image_size):
     try:
         return keras_hub.models.Backbone.from_preset(name)
     except Exception as e:  # presets need their weights: network or a local copy
-        raise ValueError(f"--backbone={name!r} is neither one of {sorted(BACKBONES)} nor a "
+        raise ValueError(f"backbone={name!r} is neither one of {sorted(BACKBONES)} nor a "
                          f"KerasHub preset that can be loaded here ({e}).") from e
 
 
@@ -44,7 +44,7 @@ def _projection(x, dim, name):
 def image_tower(backbone="resnet_tiny", dim=128, input_size=64, image_size=32, name="image_tower"):
     """uint8 images [B, input_size, input_size, 3] -> unit vectors [B, dim]."""
     if dim < 1:
-        raise ValueError(f"image_tower: --dim={dim} must be >= 1.")
+        raise ValueError(f"image_tower: dim={dim} must be >= 1.")
     images = keras.Input((input_size, input_size, 3), dtype="uint8", name="image")
     x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(images)
     if image_size != input_size:
