@@ -9,7 +9,9 @@ setup(
         "Semantic-aware contrastive pre-training, SimTier and MAKE for "
         "ID-based CTR models (CIKM'24, Taobao display advertising)."
     ),
-    packages=find_packages(include=["tfmm", "tfmm.*", "pipelines", "pipelines.*"]),
+    # pipelines/ and benchmarks/ are the repo's jobs, run from a checkout
+    # (python -m pipelines.paper): no top-level `pipelines` in site-packages.
+    packages=find_packages(include=["tfmm", "tfmm.*"]),
     package_data={"tfmm.serving": ["*.cc"]},
     python_requires=">=3.11",
     install_requires=[
