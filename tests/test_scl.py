@@ -1,3 +1,4 @@
+import json
 import math
 
 import keras
@@ -140,6 +141,23 @@ def test_checkpoint_restores_queue_pointer_and_key_tower(tmp_path):
     model.fit(batches(n=8, seed=5), epochs=1, verbose=0)
     resumed.fit(batches(n=8, seed=5), epochs=1, verbose=0)
     np.testing.assert_allclose(resumed.queue.keys.numpy(), model.queue.keys.numpy(), rtol=1e-6)
+
+
+def test_keras_file_round_trip_keeps_towers_queue_and_temperature(tmp_path):
+    model = SCLModel(tiny_tower(), queue_size=16, momentum=0.9, temperature=0.1,
+                     positive_tower="query")  # the key tower: a clone of the tower
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    model.fit(batches(n=24), epochs=1, verbose=0)
+    model.save(tmp_path / "scl.keras")
+    loaded = keras.saving.load_model(tmp_path / "scl.keras")
+    assert type(loaded) is SCLModel
+    assert json.dumps(loaded.get_config()) == json.dumps(model.get_config())  # tuples as lists
+    assert loaded.positive_tower == "query" and loaded.queue.size == 16
+    for a, b in zip(loaded.weights, model.weights):  # towers, temperature, queue, pointer
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert loaded.queue.pointer.numpy() == 8 and (loaded.queue.ids.numpy() != -1).sum() == 16
+    x = next(iter(batches()))["query"]
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
 
 
 def test_in_batch_only_without_queue_trains_one_tower():

@@ -3,8 +3,10 @@
 import keras
 import tensorflow as tf
 
+from tfmm.keras_compat import register
 
-@keras.saving.register_keras_serializable(package="tfmm")
+
+@register
 class DenseGradientAdam(keras.optimizers.Adam):
     """Adam that sums each sparse gradient into a dense one before the update.
 

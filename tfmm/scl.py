@@ -18,6 +18,7 @@ import math
 import keras
 import tensorflow as tf
 
+from tfmm.keras_compat import register
 from tfmm.momentum_queue import EMPTY, MomentumQueue, MomentumQueueCallback
 
 NEG_INF = -1e9
@@ -68,7 +69,7 @@ def triplet(query, positive, negative, margin):
                       + tf.reduce_sum(query * negative, -1))
 
 
-@keras.saving.register_keras_serializable(package="tfmm")
+@register
 class SCLModel(keras.Model):
     """Trains `tower` (the query tower) with SCL; the tower is what gets exported.
 
@@ -78,7 +79,8 @@ class SCLModel(keras.Model):
 
     Args:
         tower: the query tower (a Keras model to unit vectors [B, d]).
-        make_key_tower: callable returning a fresh tower (MoCo only).
+        make_key_tower: callable returning a fresh tower (MoCo only; default:
+            `keras.models.clone_model` of `tower`).
         queue_size: K; 0 means no MoCo (in-batch negatives only).
         momentum: EMA momentum of the key tower (MoCo).
         triplet_weight: weight of the triplet loss; 0 disables it.
@@ -114,15 +116,14 @@ class SCLModel(keras.Model):
         self.mask_own_positive = mask_own_positive
         self.positive_tower = positive_tower
         self.default_momentum = momentum
+        self.temperature = float(temperature)
         self.log_inverse_temperature = self.add_weight(
             name="log_inverse_temperature", shape=(),
             initializer=keras.initializers.Constant(math.log(1.0 / temperature)))
         self.key_tower = None
         self.queue = None
         if queue_size:
-            if make_key_tower is None:
-                raise ValueError("SCLModel: MoCo (queue_size > 0) needs `make_key_tower`.")
-            self.key_tower = make_key_tower()
+            self.key_tower = (make_key_tower or (lambda: keras.models.clone_model(tower)))()
             self.key_tower.set_weights(tower.get_weights())
             # The optimizer never sees the key tower; it stays "trainable" so that,
             # as in MoCo, it runs with batch statistics (a frozen Keras BatchNorm
@@ -134,6 +135,22 @@ class SCLModel(keras.Model):
         self.nce_tracker = keras.metrics.Mean(name="info_nce")
         self.triplet_tracker = keras.metrics.Mean(name="triplet")
         self.built = True  # the towers own every weight already
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable,
+                "tower": keras.saving.serialize_keras_object(self.tower),
+                "queue_size": 0 if self.queue is None else self.queue.size,
+                "momentum": self.default_momentum, "triplet_weight": self.triplet_weight,
+                "margin": self.margin, "temperature": self.temperature,
+                "max_inverse_temperature": self.max_inverse_temperature,
+                "mask_own_positive": self.mask_own_positive,
+                "positive_tower": self.positive_tower}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["tower"] = keras.saving.deserialize_keras_object(config["tower"])
+        return cls(**config)
 
     @property
     def metrics(self):

@@ -1,4 +1,4 @@
-"""Our command-line tools start quietly: TensorFlow's C++ start-up lines only on request."""
+"""The package: quiet command-line start-up, and the public surface users import."""
 
 import os
 import subprocess
@@ -39,3 +39,17 @@ def test_cli_is_quiet_by_default_and_verbose_on_request(tmp_path):
     assert not [line for line in quiet.splitlines() if any(n in line for n in NOISE)], quiet
     # The same lines that the quiet run hid (TensorFlow on x86 Linux always notes oneDNN).
     assert "I0000" in _generate(tmp_path, "--verbose")
+
+
+def test_the_public_surface_resolves_and_stays_lazy():
+    import tfmm
+    from tfmm.ranker import DINRanker
+
+    for name in tfmm.__all__:
+        assert getattr(tfmm, name) is not None, name
+    assert tfmm.DINRanker is DINRanker and tfmm.layers.SimTierLayer.__name__ == "SimTierLayer"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        tfmm.nope  # noqa: B018
+    code = "import sys, tfmm; print('tensorflow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True).stdout.strip() == "False"
