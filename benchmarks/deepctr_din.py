@@ -4,9 +4,10 @@ Needs tf-keras (run with TF_USE_LEGACY_KERAS=1) and the `bench` extra.
 """
 
 
-def deepctr_din(max_history, num_users, num_items, num_categories, embedding_dim=16):
+def deepctr_din(max_history, num_users, num_items, num_categories, embedding_dim=16,
+                attention_units=(80, 40)):
     """DIN over user, item and category, history of `max_history` items and their
-    categories; attention MLP 80-40 with sigmoid, MLP 200-80, as tfmm's ID-DIN.
+    categories; attention MLP `attention_units` with sigmoid, MLP 200-80, as tfmm's ID-DIN.
 
     Its inputs: ``user``, ``item_id``, ``cate_id``, ``hist_item_id``,
     ``hist_cate_id`` and ``seq_length``.
@@ -22,4 +23,4 @@ def deepctr_din(max_history, num_users, num_items, num_categories, embedding_dim
                                  maxlen=max_history, length_name="seq_length")
                 for k, n in (("item_id", num_items), ("cate_id", num_categories))]
     return DIN(columns, ["item_id", "cate_id"], dnn_hidden_units=(200, 80),
-               att_hidden_size=(80, 40), att_activation="sigmoid", l2_reg_embedding=0.0)
+               att_hidden_size=tuple(attention_units), att_activation="sigmoid", l2_reg_embedding=0.0)

@@ -1,0 +1,44 @@
+"""Every benchmark runs end to end on tiny settings and prints its figures.
+
+The figures themselves are for BENCHMARKS.md, on real sizes; these runs keep
+the scripts (and their peers: DeepCTR under tf-keras, a private Redis) working.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+RUNS = {
+    "ctr_step": (["--batch_size=32", "--max_history=5", "--steps=2", "--repeats=1", "--rounds=1",
+                  "--vector_dim=8", "--num_items=50", "--num_users=20", "--num_categories=5"],
+                 ["Adam with Adam", "examples/s"]),
+    "din_attention": (["--batch_size=16", "--max_history=5", "--candidates=4",
+                       "--serving_history=5", "--dim=8", "--calls=2"], ["p50"]),
+    "freshness": (["--rate=5", "--seconds=1", "--candidates=5"], ["p99"]),
+    "index_lookup": (["--items=200", "--requests=5", "--sizes=10", "--dim=8"], ["p99"]),
+    "input_pipeline": (["--world=tiny", "--batch_size=32", "--max_history=5", "--steps=2"],
+                       ["examples/s"]),
+    "moco_queue": (["--queue_size=128", "--batch_size=8", "--dim=8", "--steps=2"], ["ms"]),
+    "predictor_latency": (["--num_items=50", "--num_users=20", "--max_history=5",
+                           "--candidates=4", "--requests=3", "--threads=2", "--vector_dim=8",
+                           "--models=id,simtier", "--attention_units=8,4"],
+                          ["like for like", "NOT like for like", "p99"]),
+    "retrieval": (["--n=100", "--dim=8", "--chunk_size=32", "--repeats=1"], ["s"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_benchmark_smoke_run(name, tmp_path):
+    args, expected = RUNS[name]
+    if name == "input_pipeline":
+        args = args + [f"--data_dir={tmp_path / 'tiny'}"]
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args],
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
+                              os.path.abspath(__file__))), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for text in expected:
+        assert text in proc.stdout, proc.stdout[-3000:]
