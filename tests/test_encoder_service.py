@@ -180,9 +180,9 @@ def test_malformed_rows_are_dead_lettered_on_sqlite(image_encoder, tmp_path):
     events.publish(good[:1])
     with contextlib.closing(sqlite3.connect(tmp_path / "e.db")) as db, db:
         db.executemany("INSERT INTO events (item_id, image, title, category_id, created_at) "
-                       "VALUES (?, ?, ?, ?, 0)", [("abc", None, "x", 0), (102, None, b"\xff\xfe", 0),
-                                                  (-3, None, "x", 0), (105, "zz", None, 0),
-                                                  (106, None, "x", "many")])
+                       "VALUES (?, ?, ?, ?, 0)",
+                       [("abc", None, "x", 0), (102, None, b"\xff\xfe", 0), (-3, None, "x", 0),
+                        (105, "zz", None, 0), (106, None, "x", "many")])
     events.publish(good[1:])
     index = open_index(str(tmp_path / "v.db"), dim=8)
     encoder = Encoder(path)

@@ -58,11 +58,13 @@ class Encoder:
         self._serve = signatures["serving_default"]
         inputs = self._serve.structured_input_signature[1]
         outputs = self._serve.structured_outputs
-        spec, out = next(iter(inputs.values())), next(iter(outputs.values()))
-        image = (spec.dtype == tf.uint8 and spec.shape.rank == 4 and spec.shape[-1] == 3
-                 and None not in spec.shape[1:3])
-        text = spec.dtype == tf.string and spec.shape.rank == 1
-        if (len(inputs), len(outputs)) != (1, 1) or not (image or text) or out.shape.rank != 2:
+        image = text = False
+        if len(inputs) == len(outputs) == 1:
+            (spec,), (out,) = inputs.values(), outputs.values()
+            image = (spec.dtype == tf.uint8 and spec.shape.rank == 4 and spec.shape[-1] == 3
+                     and None not in spec.shape[1:3] and out.shape.rank == 2)
+            text = spec.dtype == tf.string and spec.shape.rank == 1 and out.shape.rank == 2
+        if not (image or text):
             raise ValueError(
                 f"{self.path} is not an encoder export: its serving_default takes "
                 f"{', '.join(sorted(inputs))} and returns {', '.join(sorted(outputs))}; an "
