@@ -181,12 +181,14 @@ def test_malformed_rows_are_dead_lettered_on_sqlite(image_encoder, tmp_path):
     with contextlib.closing(sqlite3.connect(tmp_path / "e.db")) as db, db:
         db.executemany("INSERT INTO events (item_id, image, title, category_id, created_at) "
                        "VALUES (?, ?, ?, ?, 0)",
-                       [("abc", None, "x", 0), (102, None, b"\xff\xfe", 0), (-3, None, "x", 0),
-                        (105, "zz", None, 0), (106, None, "x", "many")])
+                       [("abc", None, "x", 0), (102, None, b"\xff\xfe", 0),
+                        (-3, good[0]["image"], "x", 0), (105, "zz", None, 0),
+                        (106, None, "x", "many")])
     events.publish(good[1:])
     index = open_index(str(tmp_path / "v.db"), dim=8)
     encoder = Encoder(path)
     assert process(encoder, events, index, "w", block=0.1) == (2, 5)
+    np.testing.assert_array_equal(index.ids(), [100, 101])
     np.testing.assert_allclose(index.get([100, 101])[0], tower(images, training=False).numpy(),
                                atol=1e-5)
     assert events.pending() == 0 and events.dead_lettered == 5
