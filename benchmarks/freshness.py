@@ -64,7 +64,7 @@ def run(encoder, ranker, index_spec, events_spec):
     """Freshness in seconds of every item created during the run (NaN: never served)."""
     index = open_index(index_spec, dim=DIM)
     rng = np.random.default_rng(0)
-    index.put(np.arange(1, 4002), rng.normal(size=(4001, DIM)).astype(np.float32))
+    index.put(np.arange(2, 4002), rng.normal(size=(4001, DIM)).astype(np.float32)[1:])
     events = open_events(events_spec)
     log = open(os.path.join(os.path.dirname(encoder.rstrip("/")), "encoder.log"), "a")
     worker = subprocess.Popen(

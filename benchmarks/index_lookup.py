@@ -28,14 +28,14 @@ import numpy as np  # noqa: E402
 import redis  # noqa: E402
 
 from benchmarks.timing import latencies  # noqa: E402
-from tfmm.index import RedisIndex, SQLiteIndex  # noqa: E402
+from tfmm.index import FIRST_ID, RedisIndex, SQLiteIndex  # noqa: E402
 
 
 def fill(index, vectors, chunk=10_000):
     """Seconds to write all vectors, `chunk` items per put."""
     start = time.perf_counter()
     for s in range(0, len(vectors), chunk):
-        index.put(np.arange(s, min(s + chunk, len(vectors))), vectors[s:s + chunk])
+        index.put(FIRST_ID + np.arange(s, min(s + chunk, len(vectors))), vectors[s:s + chunk])
     return time.perf_counter() - start
 
 
@@ -67,7 +67,7 @@ def main(argv):
               f"Redis {client.info('server')['redis_version']} on {url.split('@')[-1]}")
         print(f"{'ids':>4}  {'backend':<22} {'p50 ms':>7} {'p99 ms':>7} {'mean ms':>8}")
         for size in map(int, FLAGS.sizes):
-            requests = [rng.choice(FLAGS.items, size, replace=False)
+            requests = [FIRST_ID + rng.choice(FLAGS.items, size, replace=False)
                         for _ in range(FLAGS.requests)]
             for name, fn in calls.items():
                 ms = latencies(fn, requests, warmup=50)[0]

@@ -1,15 +1,19 @@
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+import redis
 import tensorflow as tf
 
 from tfmm.export import export_saved_model
 from tfmm.index import open_index
+from tfmm.ranker import build_ranker
 from tfmm.serving.encoder import Encoder, process, serve
 from tfmm.serving.events import BadEvent, SQLiteEvents, open_events
 from tfmm.towers import image_tower, text_tower
@@ -39,18 +43,18 @@ def events_spec(store_spec):
 
 def test_events_are_delivered_until_acknowledged_and_reclaimed_from_dead_consumers(events_spec):
     events = open_events(events_spec, reclaim_after=0.2)
-    ids = events.publish([{"item_id": i, "title": f"t{i}"} for i in range(5)])
+    ids = events.publish([{"item_id": i, "title": f"t{i}"} for i in range(2, 7)])
     assert len(ids) == 5 and events.pending() == 5
     first = events.read("a", count=3, block=0.1)
-    assert [e["item_id"] for _, e in first] == [0, 1, 2]
-    assert first[0][1]["title"] == "t0" and first[0][1]["category_id"] == 0
+    assert [e["item_id"] for _, e in first] == [2, 3, 4]
+    assert first[0][1]["title"] == "t2" and first[0][1]["category_id"] == 0
     events.ack([first[0][0]])
-    # "a" dies holding items 1 and 2: "b" gets the rest now, and 1, 2 once they are stale.
-    assert [e["item_id"] for _, e in events.read("b", count=10, block=0.1)] == [3, 4]
+    # "a" dies holding items 3 and 4: "b" gets the rest now, and 3, 4 once they are stale.
+    assert [e["item_id"] for _, e in events.read("b", count=10, block=0.1)] == [5, 6]
     assert events.read("b", count=10, block=0.05) == []
     time.sleep(0.3)
     reclaimed = events.read("b", count=10, block=0.1)
-    assert sorted(e["item_id"] for _, e in reclaimed) == [1, 2, 3, 4]
+    assert sorted(e["item_id"] for _, e in reclaimed) == [3, 4, 5, 6]
     events.ack([i for i, _ in reclaimed])
     assert events.pending() == 0
 
@@ -58,7 +62,7 @@ def test_events_are_delivered_until_acknowledged_and_reclaimed_from_dead_consume
 def test_bad_events_are_rejected_at_publish(tmp_path):
     events = SQLiteEvents(tmp_path / "e.db")
     with pytest.raises(BadEvent, match="missing field 'item_id'"):
-        events.publish([{"item_id": 1, "title": "ok"}, {"title": "no id"}])
+        events.publish([{"item_id": 2, "title": "ok"}, {"title": "no id"}])
     with pytest.raises(BadEvent, match="item 7: needs an `image` or a `title`"):
         events.publish([{"item_id": 7}])
     assert events.pending() == 0  # the batch with a bad event wrote nothing
@@ -76,6 +80,8 @@ def test_encoder_writes_the_models_vectors_and_skips_undecodable_images(image_en
     index = open_index(str(tmp_path / "v.db"), dim=8)
     assert process(encoder, events, index, "w", batch_size=64, block=0.1) == (9, 1)
     assert events.pending() == 0  # the bad event too: it must not block the stream
+    (letter,) = events.dead_letters()
+    assert letter["item_id"] == 103 and "the image does not decode" in letter["reason"]
     vectors, found = index.get(np.arange(100, 110))
     assert found.tolist() == [True] * 3 + [False] + [True] * 6
     keep = np.arange(10) != 3
@@ -87,11 +93,11 @@ def test_text_encoder_and_republished_items(tmp_path):
     tower = text_tower(["red", "mug", "blue", "lamp"], dim=4)
     encoder = Encoder(export_saved_model(tower, str(tmp_path / "enc"), "vector"))
     events = SQLiteEvents(tmp_path / "e.db")
-    events.publish([{"item_id": 1, "title": "red mug"}, {"item_id": 2, "title": "blue lamp"},
-                    {"item_id": 1, "title": "blue mug"}])  # item 1 changed: the latest wins
+    events.publish([{"item_id": 3, "title": "red mug"}, {"item_id": 2, "title": "blue lamp"},
+                    {"item_id": 3, "title": "blue mug"}])  # item 3 changed: the latest wins
     index = open_index(str(tmp_path / "v.db"), dim=4)
     assert serve(encoder, events, index, "w", block=0.05, idle_exit=0.1) == (3, 0)
-    vectors, _ = index.get([1, 2])
+    vectors, _ = index.get([3, 2])
     np.testing.assert_allclose(vectors, tower(np.array(["blue mug", "blue lamp"])).numpy(),
                                atol=1e-6)
 
@@ -123,3 +129,105 @@ def test_an_encoder_killed_mid_stream_loses_no_event(image_encoder, events_spec,
     vectors, found = index.get(ids)
     assert found.all() and events.pending() == 0
     np.testing.assert_allclose(vectors, tower(images, training=False).numpy(), atol=1e-5)
+
+
+def test_poison_entries_are_dead_lettered_and_the_rest_of_the_batch_indexed(image_encoder,
+                                                                            redis_url, tmp_path):
+    """Raw XADDs no `publish` would accept, one of them left pending by a crashed encoder."""
+    path, tower = image_encoder
+    events = open_events(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    client.xgroup_create("tfmm:new_items", "encoder", id="0", mkstream=True)
+    good, images = new_items([100, 101, 103])
+    undecodable = dict(good[0], item_id=104, image=b"not a png")
+    bad = {client.xadd("tfmm:new_items", {"title": "no id here"}).decode():
+           "missing field 'item_id'"}
+    client.xreadgroup("encoder", "crashed", {"tfmm:new_items": ">"}, count=1)  # never acked
+    events.publish(good[:2])
+    bad[client.xadd("tfmm:new_items", {"item_id": "abc", "title": "x"}).decode()] = \
+        "item_id b'abc' is not an integer"
+    bad[client.xadd("tfmm:new_items", {"item_id": "102", "title": b"\xff\xfe"}).decode()] = \
+        "item 102: the title is not UTF-8"
+    bad[client.xadd("tfmm:new_items", {"item_id": "-3", "title": "x"}).decode()] = \
+        "item -3: item ids start at 2"
+    bad[events.publish([undecodable])[0]] = "item 104: the image does not decode"
+    events.publish(good[2:])
+    index_path = str(tmp_path / "v.db")
+    worker = subprocess.run(
+        [sys.executable, "-m", "tfmm.serving.encoder", f"--encoder={path}",
+         f"--events={redis_url}", f"--index={index_path}", "--block=0.1",
+         "--reclaim_after=0.2", "--idle_exit=1"], cwd=ROOT, capture_output=True, text=True,
+        timeout=180)
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    assert "embedded 3 new items; 5 bad events moved to the dead-letter list" in worker.stdout
+    index = open_index(index_path)
+    np.testing.assert_array_equal(index.ids(), [100, 101, 103])
+    np.testing.assert_allclose(index.get([100, 101, 103])[0],
+                               tower(images, training=False).numpy(), atol=1e-5)
+    assert events.pending() == 0
+    letters = events.dead_letters()
+    assert [d["event_id"] for d in letters] == list(bad)
+    for letter in letters:
+        assert bad[letter["event_id"]] in letter["reason"]
+        assert f"event {letter['event_id']} " in worker.stderr  # logged with its id
+    assert letters[2]["title"] == b"\xff\xfe"  # the fields as they were queued
+
+
+def test_malformed_rows_are_dead_lettered_on_sqlite(image_encoder, tmp_path):
+    path, tower = image_encoder
+    events = SQLiteEvents(tmp_path / "e.db")
+    good, images = new_items([100, 101])
+    events.publish(good[:1])
+    with contextlib.closing(sqlite3.connect(tmp_path / "e.db")) as db, db:
+        db.executemany("INSERT INTO events (item_id, image, title, category_id, created_at) "
+                       "VALUES (?, ?, ?, ?, 0)",
+                       [("abc", None, "x", 0), (102, None, b"\xff\xfe", 0),
+                        (-3, good[0]["image"], "x", 0), (105, "zz", None, 0),
+                        (106, None, "x", "many")])
+    events.publish(good[1:])
+    index = open_index(str(tmp_path / "v.db"), dim=8)
+    encoder = Encoder(path)
+    assert process(encoder, events, index, "w", block=0.1) == (2, 5)
+    np.testing.assert_array_equal(index.ids(), [100, 101])
+    np.testing.assert_allclose(index.get([100, 101])[0], tower(images, training=False).numpy(),
+                               atol=1e-5)
+    assert events.pending() == 0 and events.dead_lettered == 5
+    assert process(encoder, events, index, "w", block=0.05) == (0, 0)  # nothing left to block
+    letters = SQLiteEvents(tmp_path / "e.db").dead_letters()  # what an operator sees
+    assert [(d["event_id"], d["item_id"]) for d in letters] == [
+        ("2", "abc"), ("3", 102), ("4", -3), ("5", 105), ("6", 106)]
+    reasons = [d["reason"] for d in letters]
+    for reason, want in zip(reasons, ["item_id 'abc' is not an integer",
+                                      "item 102: the title is not UTF-8",
+                                      "item -3: item ids start at 2",
+                                      "item 105: the image must be bytes, not str",
+                                      "item 106: invalid literal for int()"]):
+        assert want in reason
+
+
+@pytest.mark.parametrize("item_id", [-3, 0, 1])
+def test_padding_and_oov_ids_are_refused_at_publish(events_spec, item_id):
+    events = open_events(events_spec)
+    with pytest.raises(BadEvent, match=f"item {item_id}: item ids start at 2 "
+                       r"\(0 is padding, 1 out-of-vocabulary\)"):
+        events.publish([{"item_id": 5, "title": "ok"}, {"item_id": item_id, "title": "x"}])
+    assert events.pending() == 0
+
+
+def test_a_ranker_export_is_refused_as_an_encoder_in_one_line(tmp_path):
+    ranker = build_ranker({"num_items": 10, "num_users": 10, "num_categories": 5}, 5,
+                          method="vector", vector_dim=4, embedding_dim=4, attention_units=(4,),
+                          mlp_units=(8,))
+    path = export_saved_model(ranker, str(tmp_path / "ranker"), "probability")
+    with pytest.raises(ValueError, match=f"{path} is not an encoder export: its serving_default "
+                       "takes category_id, history_category_ids, .* and returns probability"):
+        Encoder(path)
+    run = subprocess.run([sys.executable, "-m", "tfmm.serving.encoder",
+                          f"--encoder={tmp_path}/ranker", f"--events={tmp_path}/e.db",
+                          f"--index={tmp_path}/v.db"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"--encoder={tmp_path}/ranker: {path} is not an encoder export")
+    assert "Traceback" not in run.stderr
+    assert not os.path.exists(tmp_path / "v.db")  # nothing was created

@@ -51,11 +51,11 @@ def test_put_get_versions_and_missing(spec):
 ])
 def test_bad_vectors_are_rejected_and_nothing_is_written(spec, ids, vectors, message):
     index = open_index(spec, dim=3)
-    index.put([1], [[9, 9, 9]])
+    index.put([4], [[9, 9, 9]])
     with pytest.raises(ValueError, match=message):
         index.put(ids, vectors)
-    np.testing.assert_array_equal(index.ids(), [1])
-    np.testing.assert_array_equal(index.get([1])[0], [[9, 9, 9]])
+    np.testing.assert_array_equal(index.ids(), [4])
+    np.testing.assert_array_equal(index.get([4])[0], [[9, 9, 9]])
 
 
 def test_dimension_is_fixed(spec, tmp_path):
@@ -77,7 +77,7 @@ def _writer(spec, start):
 def test_concurrent_writers_and_readers_see_whole_puts(spec):
     open_index(spec, dim=4)
     ctx = multiprocessing.get_context("spawn")
-    writers = [ctx.Process(target=_writer, args=(spec, s)) for s in (0, 10_000)]
+    writers = [ctx.Process(target=_writer, args=(spec, s)) for s in (10, 10_000)]
     for w in writers:
         w.start()
     reader = open_index(spec)
@@ -117,13 +117,13 @@ def test_open_index_dispatches_and_is_empty_creates_nothing(tmp_path, redis_url)
 def test_prefixes_keep_indexes_apart(redis_url):
     a = open_index(redis_url + "?prefix=a", dim=2)
     b = RedisIndex(redis_url, dim=3, prefix="b")
-    a.put([1, 2], [[1, 1], [2, 2]])
+    a.put([3, 2], [[1, 1], [2, 2]])
     a.put([2], [[2, 2]])
     b.put([2], [[3, 3, 3]])
     a.claim("one")
     b.claim("two")
-    np.testing.assert_array_equal(a.ids(), [1, 2])
-    np.testing.assert_array_equal(b.get([1, 2])[1], [False, True])
+    np.testing.assert_array_equal(a.ids(), [2, 3])
+    np.testing.assert_array_equal(b.get([3, 2])[1], [False, True])
     assert a.versions([2])[0][0] == 2 and b.versions([2])[0][0] == 1
     assert "prefix=a" in repr(a) and "prefix=b" in repr(b)
     assert is_empty(redis_url)  # the default prefix holds nothing
@@ -147,7 +147,7 @@ def test_password_and_address_from_the_environment(tmp_path, monkeypatch):
             open_index(server.url, dim=2)
         monkeypatch.setenv("TFMM_REDIS_PASSWORD", "s3cret")
         index = open_index(server.url, dim=2)
-        index.put([1], [[1, 2]])
+        index.put([2], [[1, 2]])
         assert "s3cret" not in repr(index)
         assert open_index(f"redis://:s3cret@127.0.0.1:{server.port}/0").count() == 1
         monkeypatch.setenv("TFMM_REDIS_URL", server.url)
@@ -178,7 +178,7 @@ def test_a_password_in_the_index_url_stays_out_of_settings_files():
 
 def test_a_dead_redis_is_named_quickly_and_the_same_object_recovers(redis_server, redis_url):
     index = open_index(redis_url, dim=2)
-    index.put([1, 2], [[1, 1], [2, 2]])
+    index.put([2, 4], [[1, 1], [2, 2]])
     redis_server.stop()
     where = f"Redis index at 127.0.0.1:{redis_server.port} is unreachable"
     for call in (lambda: index.get([1]), lambda: index.put([3], [[3, 3]]), index.ids,
@@ -189,7 +189,7 @@ def test_a_dead_redis_is_named_quickly_and_the_same_object_recovers(redis_server
         assert time.perf_counter() - start < 1.0  # a short, bounded retry
     # Restarted without persistence: the data is gone, and the old object says so.
     redis_server.start()
-    vectors, found = index.get([1, 2])
+    vectors, found = index.get([2, 4])
     assert not found.any() and not vectors.any()
     assert index.put([3], [[3, 3]]) == 1
     assert open_index(redis_url).dim == 2  # a put records the dimension again
@@ -213,3 +213,31 @@ def test_cli_trains_a_ranker_on_a_redis_index(redis_url, tmp_path):
     meta = json.load(open(tmp_path / "tiny" / "metadata.json"))
     assert index.dim == 8 and index.count() == meta["counts"]["items"]
     assert json.load(open(runs / "ctr" / "metrics.json"))["missing_item_vectors"] == 0
+
+
+def test_padding_oov_and_negative_ids_are_refused_at_put(spec):
+    index = open_index(spec, dim=2)
+    with pytest.raises(ValueError, match=r"item id -3 is not an item \(3 such ids\): ids start "
+                       "at 2, 0 is padding and 1 out-of-vocabulary; nothing was written"):
+        index.put([5, -3, 0, 1], [[1, 1], [2, 2], [3, 3], [4, 4]])
+    assert index.count() == 0
+    from tfmm.data import schema
+    from tfmm.index import FIRST_ID
+
+    assert FIRST_ID == schema.FIRST_ID  # a copy, so that the index needs no TensorFlow
+
+
+def test_a_snapshot_with_ids_below_2_names_the_index_and_the_ids(tmp_path):
+    """Such rows come from an index written before `put` refused them."""
+    import re
+    import sqlite3
+
+    index = open_index(str(tmp_path / "v.db"), dim=2)
+    index.put([2, 5], [[1, 1], [2, 2]])
+    with sqlite3.connect(tmp_path / "v.db") as db:
+        db.executemany("INSERT INTO vectors VALUES (?, ?, 1, 0)",
+                       [(i, bytes(8)) for i in (-3, 0, 1)])
+    with pytest.raises(ValueError, match=re.escape(
+            f"{index!r}: item ids outside [2, 9): -3, 0, 1 (3 in all); 0 is padding and 1 "
+            "out-of-vocabulary.")):
+        index.snapshot(num_items=9)

@@ -51,7 +51,7 @@ def test_new_items_reach_predictions_and_survive_a_redis_restart(exports, redis_
                                                                   redis_url):
     encoder_path, ranker_path = exports
     index = RedisIndex(redis_url, dim=DIM, timeout=0.5)
-    known = np.arange(1, 11)
+    known = np.arange(2, 12)
     table = np.random.default_rng(0).normal(size=(10, DIM)).astype(np.float32)
     index.put(known, table)
     predictor = Predictor(ranker_path, index)

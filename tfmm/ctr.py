@@ -248,7 +248,11 @@ def load_vectors(config, num_items, pretrain_config=None):
         index.claim(schema.catalogue_fingerprint(config.data_dir))
     except ValueError as e:
         raise SettingsError(f"--index: {e}") from None
-    return index.snapshot(num_items)
+    try:
+        return index.snapshot(num_items)
+    except ValueError as e:  # ids no writer accepts now: written by hand or an old encoder
+        raise SettingsError(f"--index: {e} Rebuild it: --task=pretrain with a fresh "
+                            "--index.") from None
 
 
 def _fit(model, config, train, epochs, test, out, callbacks=()):

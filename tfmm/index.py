@@ -19,6 +19,10 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+# tfmm.data.schema.FIRST_ID (0 is padding, 1 out-of-vocabulary), not imported from
+# there: serving processes that only read or write vectors need no TensorFlow.
+FIRST_ID = 2
+
 
 class IndexNotFound(ValueError):
     """Opening an index that does not exist yet without the `dim` to create it."""
@@ -68,7 +72,7 @@ class VectorIndex:
         ids = self.ids()
         ids = ids[ids < num_items]
         vectors, _ = self.get(ids)
-        return Vectors.from_items(ids, vectors, num_items)
+        return Vectors.from_items(ids, vectors, num_items, source=repr(self))
 
     def check(self, ids, vectors):
         """Validated (ids int64 [n], vectors float32 [n, dim]); errors name the item."""
@@ -84,6 +88,11 @@ class VectorIndex:
                              f"({bad.sum()} such items); nothing was written.")
         if len(np.unique(ids)) != len(ids):
             raise ValueError(f"{self}: duplicate item ids in one put; nothing was written.")
+        low = ids < FIRST_ID
+        if low.any():
+            raise ValueError(f"{self}: item id {ids[low][0]} is not an item ({low.sum()} such "
+                             f"ids): ids start at {FIRST_ID}, 0 is padding and 1 "
+                             "out-of-vocabulary; nothing was written.")
         return ids, vectors
 
 

@@ -48,17 +48,20 @@ class Vectors:
         self.present.assign(snapshot.present)
 
     @classmethod
-    def from_items(cls, item_ids, vectors, num_items):
-        """Scatters `vectors` [n, d] of dense `item_ids` [n] into a snapshot."""
+    def from_items(cls, item_ids, vectors, num_items, source="Vectors"):
+        """Scatters `vectors` [n, d] of dense `item_ids` [n] into a snapshot;
+        errors start with `source` (where the vectors come from)."""
         item_ids = np.asarray(item_ids, np.int64)
         vectors = np.asarray(vectors, np.float32)
         if vectors.ndim != 2 or len(vectors) != len(item_ids):
-            raise ValueError(f"Vectors: want [n, d] vectors for n ids, got {vectors.shape} "
+            raise ValueError(f"{source}: want [n, d] vectors for n ids, got {vectors.shape} "
                              f"for {len(item_ids)} ids.")
-        bad = (item_ids < schema.FIRST_ID) | (item_ids >= num_items)
-        if bad.any():
-            raise ValueError(f"Vectors: item id {item_ids[bad][0]} is outside "
-                             f"[{schema.FIRST_ID}, {num_items}).")
+        bad = item_ids[(item_ids < schema.FIRST_ID) | (item_ids >= num_items)]
+        if len(bad):
+            shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            raise ValueError(f"{source}: item ids outside [{schema.FIRST_ID}, {num_items}): "
+                             f"{shown} ({len(bad)} in all); 0 is padding and 1 "
+                             "out-of-vocabulary.")
         table = np.zeros((num_items, vectors.shape[1]), np.float32)
         present = np.zeros(num_items, bool)
         table[item_ids] = vectors

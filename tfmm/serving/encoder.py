@@ -8,12 +8,14 @@ the SCL encoder's SavedModel (image or text, whichever its signature takes),
 writes the vectors to the index table, and only then acknowledges the
 events: a worker killed at any point loses nothing, since its unacknowledged
 events are delivered again (to itself when restarted, or to another worker
-after ``--reclaim_after`` seconds). An event that can never be embedded (no
-content, an undecodable image) is logged with its item id and acknowledged,
+after ``--reclaim_after`` seconds). An event that can never be embedded (a
+malformed field, no content, an undecodable image) is moved to the queue's
+dead-letter list with the reason, acknowledged and logged with its event id,
 so it cannot block the stream.
 """
 
 import logging
+import sys
 import time
 
 import numpy as np
@@ -49,12 +51,29 @@ class Encoder:
 
     def __init__(self, path):
         self.path = latest_version(path)
-        self._serve = tf.saved_model.load(self.path).signatures["serving_default"]
-        (name, spec), = self._serve.structured_input_signature[1].items()
-        self.input_name = name
-        self.modality = "image" if spec.dtype == tf.uint8 else "text"
-        self.image_size = tuple(spec.shape[1:3]) if self.modality == "image" else None
-        self.dim = int(next(iter(self._serve.structured_outputs.values())).shape[-1])
+        signatures = tf.saved_model.load(self.path).signatures
+        if "serving_default" not in signatures:
+            raise ValueError(f"{self.path} is not an encoder export: it has no serving_default "
+                             "signature.")
+        self._serve = signatures["serving_default"]
+        inputs = self._serve.structured_input_signature[1]
+        outputs = self._serve.structured_outputs
+        image = text = False
+        if len(inputs) == len(outputs) == 1:
+            (spec,), (out,) = inputs.values(), outputs.values()
+            image = (spec.dtype == tf.uint8 and spec.shape.rank == 4 and spec.shape[-1] == 3
+                     and None not in spec.shape[1:3] and out.shape.rank == 2)
+            text = spec.dtype == tf.string and spec.shape.rank == 1 and out.shape.rank == 2
+        if not (image or text):
+            raise ValueError(
+                f"{self.path} is not an encoder export: its serving_default takes "
+                f"{', '.join(sorted(inputs))} and returns {', '.join(sorted(outputs))}; an "
+                "encoder takes one uint8 [n, h, w, 3] image or string [n] text input and "
+                "returns [n, d] vectors.")
+        self.input_name = next(iter(inputs))
+        self.modality = "image" if image else "text"
+        self.image_size = tuple(spec.shape[1:3]) if image else None
+        self.dim = int(out.shape[-1])
 
     def content(self, event):
         """The model input of one event; BadEvent when it has none or it does not decode."""
@@ -68,7 +87,7 @@ class Encoder:
                            "the event has none.")
         try:
             image = tf.io.decode_image(event["image"], channels=3, expand_animations=False)
-        except tf.errors.InvalidArgumentError as e:
+        except tf.errors.OpError as e:  # pure decoding: any failure is the content's
             raise BadEvent(f"item {event['item_id']}: the image does not decode "
                            f"({e.message.splitlines()[0]}).") from None
         if tuple(image.shape[:2]) != self.image_size:
@@ -84,26 +103,25 @@ class Encoder:
 
 
 def process(encoder, events, index, consumer, batch_size=64, block=0.5):
-    """One read-embed-write-ack round; returns (events handled, bad events)."""
-    got = events.read(consumer, count=batch_size, block=block)
-    if not got:
-        return 0, 0
-    ids, contents, done, bad = [], [], [], 0
-    for event_id, event in got:
+    """One read-embed-write-ack round; returns (events embedded, events moved to the
+    dead-letter list: malformed ones by `read`, undecodable ones here)."""
+    dead = events.dead_lettered
+    ids, contents, done, bad = [], [], [], []
+    for event_id, event in events.read(consumer, count=batch_size, block=block):
         try:
             contents.append(encoder.content(event))
             ids.append(event["item_id"])
             done.append(event_id)
         except BadEvent as e:
-            log.error("event %s skipped: %s", event_id, e)
-            bad += 1
+            bad.append((event_id, str(e)))
     if ids:
         # A repeated item in one batch (re-published) keeps its latest event.
         last = {item: k for k, item in enumerate(ids)}
         keep = sorted(last.values())
         index.put([ids[k] for k in keep], encoder([contents[k] for k in keep]))
-    events.ack([event_id for event_id, _ in got])  # after the write: at-least-once
-    return len(done), bad
+    events.ack(done)  # after the write: at-least-once
+    events.reject(bad)
+    return len(done), events.dead_lettered - dead
 
 
 def serve(encoder, events, index, consumer, batch_size=64, block=0.5, max_events=0,
@@ -136,14 +154,18 @@ def main(argv):
     for name in ("encoder", "events", "index"):
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required.")
-    encoder = Encoder(FLAGS.encoder)
+    try:
+        encoder = Encoder(FLAGS.encoder)
+    except (OSError, ValueError) as e:
+        sys.exit(f"--encoder={FLAGS.encoder}: {e}")
     index = open_index(FLAGS.index, dim=encoder.dim)
     events = open_events(FLAGS.events, reclaim_after=FLAGS.reclaim_after)
     print(f"encoder {encoder.path} ({encoder.modality} -> {encoder.dim}-d): {events} -> {index}",
           flush=True)
     handled, bad = serve(encoder, events, index, FLAGS.consumer, FLAGS.max_batch, FLAGS.block,
                          FLAGS.max_events, FLAGS.idle_exit)
-    print(f"embedded {handled} new items, skipped {bad} bad events", flush=True)
+    print(f"embedded {handled} new items; {bad} bad events moved to the dead-letter list",
+          flush=True)
 
 
 if __name__ == "__main__":

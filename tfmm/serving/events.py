@@ -7,11 +7,19 @@ and one that a dead consumer left pending for longer than ``reclaim_after``
 seconds is delivered again to the next consumer that reads. Consumers are
 idempotent (writing an item's vector twice gives the same table).
 
+An event that can never be embedded (a missing or malformed field, an item id
+below 2, a title that is not UTF-8, content the encoder cannot decode) never
+blocks the queue: `read` (or the consumer, through `reject`) moves it to a
+dead-letter list with the reason and its event id, acknowledged in the same
+transaction, and logs it; `dead_letters()` lists them for an operator.
+
 Two backends behind `ItemEvents`, chosen by `open_events(spec)`:
 
-- `SQLiteEvents`, the embedded default: one SQLite file, no server;
+- `SQLiteEvents`, the embedded default: one SQLite file, no server; dead
+  letters in its table ``dead_events``;
 - `RedisEvents`: a Redis Stream with a consumer group (XADD, XREADGROUP,
-  XAUTOCLAIM, XACK), for producers and encoders on many hosts.
+  XAUTOCLAIM, XACK), for producers and encoders on many hosts; dead letters
+  in the stream ``<stream>:dead``.
 
 Example:
 
@@ -23,11 +31,16 @@ Example:
 """
 
 import contextlib
+import logging
 import os
 import sqlite3
 import time
 
+from tfmm.index import FIRST_ID
+
 FIELDS = ("item_id", "image", "title", "category_id")
+
+log = logging.getLogger("tfmm.serving.events")
 
 
 class BadEvent(ValueError):
@@ -39,26 +52,42 @@ class EventsUnavailable(ConnectionError):
 
 
 def check_event(event):
-    """Returns the event with typed fields; BadEvent names the field."""
-    missing = [f for f in ("item_id",) if f not in event]
-    if missing:
-        raise BadEvent(f"new-item event {event!r:.80}: missing field {missing[0]!r}.")
+    """Returns the event with typed fields (from `publish`'s dicts, or the stored
+    fields `read` gets); BadEvent names the item and the field."""
+    if event.get("item_id") is None:
+        raise BadEvent(f"new-item event {event!r:.80}: missing field 'item_id'.")
     try:
         item_id = int(event["item_id"])
-        category = int(event.get("category_id", 0))
+    except (TypeError, ValueError):
+        raise BadEvent(f"new-item event {event!r:.80}: item_id {event['item_id']!r:.40} is "
+                       "not an integer.") from None
+    if item_id < FIRST_ID:
+        raise BadEvent(f"new-item event for item {item_id}: item ids start at {FIRST_ID} "
+                       "(0 is padding, 1 out-of-vocabulary).")
+    where = f"new-item event for item {item_id}"
+    try:
+        category = int(event.get("category_id") or 0)
+        created_at = float(event.get("created_at") or time.time())
     except (TypeError, ValueError) as e:
-        raise BadEvent(f"new-item event for item {event.get('item_id')!r}: {e}") from None
-    image, title = event.get("image", b""), event.get("title", "")
+        raise BadEvent(f"{where}: {e}") from None
+    image, title = event.get("image") or b"", event.get("title") or ""
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise BadEvent(f"{where}: the image must be bytes, not {type(image).__name__}.")
     if isinstance(title, bytes):
-        title = title.decode("utf-8")
+        try:
+            title = title.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadEvent(f"{where}: the title is not UTF-8 ({title!r:.40}).") from None
     if not image and not title:
-        raise BadEvent(f"new-item event for item {item_id}: needs an `image` or a `title`.")
+        raise BadEvent(f"{where}: needs an `image` or a `title`.")
     return {"item_id": item_id, "image": bytes(image), "title": str(title),
-            "category_id": category, "created_at": float(event.get("created_at", time.time()))}
+            "category_id": category, "created_at": created_at}
 
 
 class ItemEvents:
     """The queue interface; a Kafka client could implement it too."""
+
+    dead_lettered = 0  # events this object moved to the dead-letter list
 
     def publish(self, events):
         """Appends new-item events (dicts); returns their event ids."""
@@ -67,7 +96,8 @@ class ItemEvents:
     def read(self, consumer, count=64, block=1.0):
         """Up to `count` (event_id, event) delivered to `consumer`, waiting up to
         `block` seconds for the first. Events left pending by another consumer
-        for longer than ``reclaim_after`` come first."""
+        for longer than ``reclaim_after`` come first. Malformed entries (queued
+        without `publish`'s checks) are not returned but rejected (`reject`)."""
         raise NotImplementedError
 
     def ack(self, event_ids):
@@ -77,6 +107,36 @@ class ItemEvents:
     def pending(self):
         """How many published events are not acknowledged yet."""
         raise NotImplementedError
+
+    def reject(self, rejected):
+        """Moves events that can never be embedded, ``[(event_id, reason)]``, to the
+        dead-letter list; each is acknowledged with the move and logged."""
+        if not rejected:
+            return
+        self._move_dead(rejected)
+        self.dead_lettered += len(rejected)
+        for event_id, reason in rejected:
+            log.error("event %s of %s moved to the dead-letter list: %s", event_id, self, reason)
+
+    def dead_letters(self, count=None):
+        """The oldest `count` (default all) dead letters: dicts of the event's fields
+        as stored, plus its ``event_id`` and the ``reason``."""
+        raise NotImplementedError
+
+    def _move_dead(self, rejected):
+        """Copies the events to the dead-letter list and acknowledges them, atomically."""
+        raise NotImplementedError
+
+    def _checked(self, entries):
+        """`read`'s (event_id, event) of raw entries; the malformed ones are rejected."""
+        good, bad = [], []
+        for event_id, fields in entries:
+            try:
+                good.append((event_id, check_event(fields)))
+            except BadEvent as e:
+                bad.append((event_id, str(e)))
+        self.reject(bad)
+        return good
 
 
 class SQLiteEvents(ItemEvents):
@@ -94,49 +154,67 @@ class SQLiteEvents(ItemEvents):
         self._db.execute("CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, "
                          "item_id INTEGER NOT NULL, image BLOB, title TEXT, category_id INTEGER, "
                          "created_at REAL NOT NULL, consumer TEXT, delivered_at REAL)")
+        # Untyped columns: a dead letter keeps the values exactly as they were queued.
+        self._db.execute("CREATE TABLE IF NOT EXISTS dead_events (id INTEGER PRIMARY KEY, "
+                         "item_id, image, title, category_id, created_at, reason TEXT NOT NULL, "
+                         "dead_at REAL NOT NULL)")
 
     def __repr__(self):
         return f"SQLiteEvents({self.path})"
 
+    @contextlib.contextmanager
+    def _transaction(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
     def publish(self, events):
         rows = [check_event(e) for e in events]
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             ids = [db.execute("INSERT INTO events (item_id, image, title, category_id, created_at) "
                               "VALUES (?, ?, ?, ?, ?)",
                               (r["item_id"], r["image"], r["title"], r["category_id"],
                                r["created_at"])).lastrowid for r in rows]
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return [str(i) for i in ids]
 
     def _claim(self, consumer, count):
-        db = self._db
         now = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             rows = db.execute(
                 "SELECT id, item_id, image, title, category_id, created_at FROM events "
                 "WHERE delivered_at IS NULL OR delivered_at < ? ORDER BY id LIMIT ?",
                 (now - self.reclaim_after, count)).fetchall()
             db.executemany("UPDATE events SET consumer = ?, delivered_at = ? WHERE id = ?",
                            [(consumer, now, r[0]) for r in rows])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return [(str(r[0]), dict(zip(FIELDS + ("created_at",), r[1:]))) for r in rows]
 
     def read(self, consumer, count=64, block=1.0):
         deadline = time.monotonic() + block
         while True:
-            got = self._claim(consumer, count)
+            got = self._checked(self._claim(consumer, count))
             if got or time.monotonic() >= deadline:
                 return got
             time.sleep(self.poll)
+
+    def _move_dead(self, rejected):
+        now = time.time()
+        with self._transaction() as db:
+            for event_id, reason in rejected:
+                db.execute("INSERT OR REPLACE INTO dead_events SELECT id, item_id, image, title, "
+                           "category_id, created_at, ?, ? FROM events WHERE id = ?",
+                           (reason, now, int(event_id)))
+                db.execute("DELETE FROM events WHERE id = ?", (int(event_id),))
+
+    def dead_letters(self, count=None):
+        rows = self._db.execute("SELECT id, reason, item_id, image, title, category_id, "
+                                "created_at FROM dead_events ORDER BY dead_at, id LIMIT ?",
+                                (-1 if count is None else count,))
+        return [dict(zip(("event_id", "reason") + FIELDS + ("created_at",), (str(r[0]), *r[1:])))
+                for r in rows]
 
     def ack(self, event_ids):
         self._db.executemany("DELETE FROM events WHERE id = ?", [(int(i),) for i in event_ids])
@@ -148,6 +226,27 @@ class SQLiteEvents(ItemEvents):
         self._db.close()
 
 
+# One atomic script: each entry's fields are copied to the dead-letter stream with
+# its id and the reason, then acknowledged and deleted. An entry already gone
+# (acknowledged by a consumer that reclaimed it) is only acknowledged.
+# KEYS: the stream, the dead-letter stream. ARGV: the group, then (id, reason) pairs.
+_DEAD = """
+for i = 2, #ARGV, 2 do
+  local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])[1]
+  if entry then
+    local fields = entry[2]
+    table.insert(fields, 'event_id')
+    table.insert(fields, ARGV[i])
+    table.insert(fields, 'reason')
+    table.insert(fields, ARGV[i + 1])
+    redis.call('XADD', KEYS[2], '*', unpack(fields))
+  end
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  redis.call('XDEL', KEYS[1], ARGV[i])
+end
+"""
+
+
 class RedisEvents(ItemEvents):
     """A Redis Stream read by a consumer group (created on first use)."""
 
@@ -156,6 +255,8 @@ class RedisEvents(ItemEvents):
 
         self.client, self.address = redis_client(url)
         self.stream, self.group = stream, group
+        self.dead_stream = f"{stream}:dead"
+        self._dead = self.client.register_script(_DEAD)
         self.reclaim_after = reclaim_after
         self._group_ready = False
 
@@ -203,11 +304,8 @@ class RedisEvents(ItemEvents):
 
     @staticmethod
     def _decode(fields):
-        f = {k.decode(): v for k, v in fields.items()}
-        return {"item_id": int(f["item_id"]), "image": f.get("image", b""),
-                "title": f.get("title", b"").decode("utf-8"),
-                "category_id": int(f.get("category_id", 0)),
-                "created_at": float(f.get("created_at", 0.0))}
+        """Field names as str (values stay bytes: `check_event` parses them)."""
+        return {k.decode("utf-8", "replace"): v for k, v in fields.items()}
 
     def read(self, consumer, count=64, block=1.0):
         with self._reachable():
@@ -221,7 +319,7 @@ class RedisEvents(ItemEvents):
                 reply = self.client.xreadgroup(self.group, consumer, {self.stream: ">"},
                                                count=count, block=max(1, int(block * 1000)))
                 entries = reply[0][1] if reply else []
-        return [(i.decode(), self._decode(f)) for i, f in entries]
+        return self._checked([(i.decode(), self._decode(f)) for i, f in entries])
 
     def ack(self, event_ids):
         if event_ids:
@@ -234,6 +332,22 @@ class RedisEvents(ItemEvents):
     def pending(self):
         with self._reachable():
             return self.client.xlen(self.stream)
+
+    def _move_dead(self, rejected):
+        args = [self.group] + [a for event_id, reason in rejected for a in (event_id, reason)]
+        with self._reachable():
+            self._dead(keys=[self.stream, self.dead_stream], args=args)
+
+    def dead_letters(self, count=None):
+        with self._reachable():
+            entries = self.client.xrange(self.dead_stream, count=count)
+        letters = []
+        for _, fields in entries:
+            letter = self._decode(fields)
+            letter["event_id"], letter["reason"] = (letter[k].decode("utf-8", "replace")
+                                                    for k in ("event_id", "reason"))
+            letters.append(letter)
+        return letters
 
 
 def open_events(spec, **kwargs):
