@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from tfmm.export import export_saved_model
 from tfmm.index import open_index
-from tfmm.ranker import build_ranker
+from tfmm.ranker import DINRanker
 from tfmm.serving.encoder import Encoder, process, serve
 from tfmm.serving.events import BadEvent, SQLiteEvents, open_events
 from tfmm.towers import image_tower, text_tower
@@ -215,7 +215,7 @@ def test_padding_and_oov_ids_are_refused_at_publish(events_spec, item_id):
 
 
 def test_a_ranker_export_is_refused_as_an_encoder_in_one_line(tmp_path):
-    ranker = build_ranker({"num_items": 10, "num_users": 10, "num_categories": 5}, 5,
+    ranker = DINRanker({"num_items": 10, "num_users": 10, "num_categories": 5}, 5,
                           method="vector", vector_dim=4, embedding_dim=4, attention_units=(4,),
                           mlp_units=(8,))
     path = export_saved_model(ranker, str(tmp_path / "ranker"), "probability")
