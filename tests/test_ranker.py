@@ -104,6 +104,14 @@ def test_new_items_and_users_score_like_the_padding_id():
     assert not np.allclose(score(3, 11, 2, [5, 6, 0]), padding, atol=1e-4)
 
 
+def plain_config(model):
+    """The config as JSON has it (tuples as lists), without tf-keras' build record of MAKE."""
+    config = json.loads(json.dumps(model.get_config()))
+    if config["make"] is not None:
+        config["make"].pop("build_config", None)
+    return config
+
+
 @pytest.mark.parametrize("method", ["id", "vector", "simscore", "simtier", "make", "simtier_make"])
 def test_rank_scores_like_call_on_repeated_rows_and_survives_a_keras_file(method, tmp_path):
     """One row per user with C candidates == C rows repeating the user's history."""
@@ -136,7 +144,7 @@ def test_rank_scores_like_call_on_repeated_rows_and_survives_a_keras_file(method
     model.save(tmp_path / "ranker.keras")
     loaded = keras.saving.load_model(tmp_path / "ranker.keras")
     assert type(loaded) is DINRanker
-    assert json.dumps(loaded.get_config()) == json.dumps(model.get_config())  # tuples as lists
+    assert plain_config(loaded) == plain_config(model)
     np.testing.assert_allclose(loaded.rank(x).numpy(), got, rtol=0, atol=1e-7)
     np.testing.assert_allclose(loaded(rows, training=False).numpy().reshape(b, c), want,
                                rtol=0, atol=1e-7)

@@ -20,8 +20,9 @@ signature, `tfmm.export`), instead of one example per row that repeats the
 history for every candidate.
 """
 
+from types import SimpleNamespace
+
 import tensorflow as tf
-from keras import ops
 
 from tfmm.keras_compat import keras, register
 from tfmm.layers import DINAttention, KnownIds, MAKEBlock, SimScore, SimTierLayer, VectorFeature
@@ -51,6 +52,7 @@ class DINRanker(keras.Model):
     scores one example per row, and `rank` scores C candidates per user
     against one copy of the history with the same layers and the same
     forward pass (`_forward` serves both), so the two cannot drift apart.
+    Works in Keras 3 and, with ``TF_USE_LEGACY_KERAS=1``, in tf-keras.
 
     Args:
         vocab: sizes ``num_items``, ``num_users``, ``num_categories`` (metadata.json).
@@ -100,31 +102,41 @@ class DINRanker(keras.Model):
         uses_make = method in ("make", "simtier_make")
         if uses_make and make is not None and not make.return_knowledge:
             raise ValueError("DINRanker: `make` must be built with return_knowledge=True.")
-        # === Layers ===
-        self.item_embedding = keras.layers.Embedding(vocab["num_items"], embedding_dim,
-                                                     name="item_embedding")
-        self.category_embedding = keras.layers.Embedding(vocab["num_categories"], embedding_dim,
-                                                         name="category_embedding")
-        self.user_embedding = keras.layers.Embedding(vocab["num_users"], embedding_dim,
-                                                     name="user_embedding")
-        # New items and users (created after training) look up the padding row.
-        self.known_items = KnownIds(vocab["num_items"], name="known_items")
-        self.known_categories = KnownIds(vocab["num_categories"], name="known_categories")
-        self.known_users = KnownIds(vocab["num_users"], name="known_users")
-        self.vector = VectorFeature(name="vector") if method == "vector" else None
-        self.simscore = SimScore(name="simscore") if method == "simscore" else None
-        self.din = DINAttention(hidden_units=attention_units, name="din")
-        self.simtier = (SimTierLayer(num_tiers, output=simtier_output, name="simtier")
-                        if method in ("simtier", "simtier_make") else None)
-        self.make = (make or MAKEBlock(return_knowledge=True, name="make")) if uses_make else None
-        self.features_bn = (keras.layers.BatchNormalization(name="features_bn")
-                            if batch_norm else None)
-        self.mlp = [keras.layers.Dense(units, activation=activation) for units in mlp_units]
-        self.ctr = keras.layers.Dense(1, activation="sigmoid", name="ctr")
+        # === Layers === (attributes once the functional init has run, as tf-keras
+        # requires; until then `_forward` reads them from a namespace)
+        layers = {
+            "item_embedding": keras.layers.Embedding(vocab["num_items"], embedding_dim,
+                                                     name="item_embedding"),
+            "category_embedding": keras.layers.Embedding(vocab["num_categories"], embedding_dim,
+                                                         name="category_embedding"),
+            "user_embedding": keras.layers.Embedding(vocab["num_users"], embedding_dim,
+                                                     name="user_embedding"),
+            # New items and users (created after training) look up the padding row.
+            "known_items": KnownIds(vocab["num_items"], name="known_items"),
+            "known_categories": KnownIds(vocab["num_categories"], name="known_categories"),
+            "known_users": KnownIds(vocab["num_users"], name="known_users"),
+            "target_concat": keras.layers.Concatenate(name="target"),
+            "history_concat": keras.layers.Concatenate(name="history"),
+            "vector": VectorFeature(name="vector") if method == "vector" else None,
+            "simscore": SimScore(name="simscore") if method == "simscore" else None,
+            "din": DINAttention(hidden_units=attention_units, name="din"),
+            "simtier": (SimTierLayer(num_tiers, output=simtier_output, name="simtier")
+                        if method in ("simtier", "simtier_make") else None),
+            "make": ((make or MAKEBlock(return_knowledge=True, name="make")) if uses_make
+                     else None),
+            "features_concat": keras.layers.Concatenate(name="features"),
+            "features_bn": (keras.layers.BatchNormalization(name="features_bn")
+                            if batch_norm else None),
+            "mlp": [keras.layers.Dense(units, activation=activation) for units in mlp_units],
+            "ctr": keras.layers.Dense(1, activation="sigmoid", name="ctr"),
+        }
         # === Functional model ===
         inputs = model_inputs(max_history, None if method == "id" else vector_dim)
         kwargs.setdefault("name", f"din_{method}")
-        super().__init__(inputs=inputs, outputs=self._forward(inputs), **kwargs)
+        super().__init__(inputs=inputs, outputs=_forward(SimpleNamespace(**layers), inputs),
+                         **kwargs)
+        for name, layer in layers.items():
+            setattr(self, name, layer)
         # === Config ===
         self.vocab = {k: int(vocab[k]) for k in ("num_items", "num_users", "num_categories")}
         self.max_history, self.method = int(max_history), method
@@ -133,41 +145,6 @@ class DINRanker(keras.Model):
         self.attention_units, self.mlp_units = tuple(attention_units), tuple(mlp_units)
         self.num_tiers, self.simtier_output, self.batch_norm = num_tiers, simtier_output, batch_norm
         self.rank_input_signature = rank_input_signature(self.max_history, self.vector_dim)
-
-    def _forward(self, x, training=None):
-        """P(click) [B, 1] of reader features, or [B, C, 1] of the ``rank`` inputs."""
-        mask = x["history_mask"]
-        target = ops.concatenate([self.item_embedding(self.known_items(x["item_id"])),
-                                  self.category_embedding(
-                                      self.known_categories(x["category_id"]))], -1)
-        history = ops.concatenate([self.item_embedding(self.known_items(x["history_item_ids"])),
-                                   self.category_embedding(
-                                       self.known_categories(x["history_category_ids"]))], -1)
-        vectors = (x.get("item_vector"), x.get("history_vectors"))
-        if self.vector is not None:
-            target, history = self.vector(target, history, *vectors)
-        elif self.simscore is not None:
-            target, history = self.simscore(target, history, *vectors, mask=mask)
-        interest = self.din(target, history, mask=mask, training=training)
-        user = self.user_embedding(self.known_users(x["user_id"]))
-        candidates = len(target.shape) == 3
-        if candidates:  # C candidates share their user's row
-            rows = tuple(ops.shape(target)[:2])
-            user = ops.broadcast_to(ops.expand_dims(user, 1), rows + (user.shape[-1],))
-        parts = [user, target, interest]
-        if self.simtier is not None:
-            parts.append(self.simtier(*vectors, mask=mask))
-        if self.make is not None:
-            parts.append(self.make(*vectors, mask=mask, training=training)[1])
-        h = ops.concatenate(parts, -1)
-        if candidates:  # the head scores one row per example, as it was built
-            h = ops.reshape(h, (-1, h.shape[-1]))
-        if self.features_bn is not None:
-            h = self.features_bn(h, training=training)
-        for dense in self.mlp:
-            h = dense(h)
-        h = self.ctr(h)
-        return ops.reshape(h, rows + (1,)) if candidates else h
 
     def rank(self, inputs, training=False):
         """P(click) [B, C] for B users with C candidates each (`rank_input_signature`).
@@ -179,10 +156,10 @@ class DINRanker(keras.Model):
         """
         x = {s.name: tf.convert_to_tensor(inputs[s.name], s.dtype)
              for s in self.rank_input_signature}
-        return ops.squeeze(self._forward(x, training=training), -1)
+        return tf.squeeze(_forward(self, x, training=training), -1)
 
     def get_config(self):
-        return {"name": self.name, "trainable": self.trainable, "vocab": self.vocab,
+        return {"name": self.name, "trainable": self.trainable, "vocab": dict(self.vocab),
                 "max_history": self.max_history, "method": self.method,
                 "vector_dim": self.vector_dim,
                 "make": (None if self.make is None
@@ -228,3 +205,42 @@ def rank_input_signature(max_history, vector_dim=None):
                   tf.TensorSpec([None, max_history, vector_dim], tf.float32,
                                 name="history_vectors")]
     return specs
+
+
+def _forward(n, x, training=None):
+    """P(click) [B, 1] of reader features, or [B, C, 1] of the ``rank`` inputs.
+
+    `n` holds the ranker's layers (`DINRanker`'s attributes): per-example
+    scoring and `DINRanker.rank` share this one forward pass.
+    """
+    mask = x["history_mask"]
+    target = n.target_concat([n.item_embedding(n.known_items(x["item_id"])),
+                              n.category_embedding(n.known_categories(x["category_id"]))])
+    history = n.history_concat([n.item_embedding(n.known_items(x["history_item_ids"])),
+                                n.category_embedding(
+                                    n.known_categories(x["history_category_ids"]))])
+    vectors = (x.get("item_vector"), x.get("history_vectors"))
+    if n.vector is not None:
+        target, history = n.vector(target, history, *vectors)
+    elif n.simscore is not None:
+        target, history = n.simscore(target, history, *vectors, mask=mask)
+    interest = n.din(target, history, mask=mask, training=training)
+    user = n.user_embedding(n.known_users(x["user_id"]))
+    candidates = len(target.shape) == 3  # never in the symbolic (functional) pass
+    if candidates:  # the C candidates share their user's row
+        rows = tf.shape(target)[:2]
+        user = tf.broadcast_to(user[:, None, :], tf.concat([rows, tf.shape(user)[1:]], 0))
+    parts = [user, target, interest]
+    if n.simtier is not None:
+        parts.append(n.simtier(*vectors, mask=mask))
+    if n.make is not None:
+        parts.append(n.make(*vectors, mask=mask, training=training)[1])
+    h = n.features_concat(parts)
+    if candidates:  # the head scores one row per example, as it was built
+        h = tf.reshape(h, [-1, h.shape[-1]])
+    if n.features_bn is not None:
+        h = n.features_bn(h, training=training)
+    for dense in n.mlp:
+        h = dense(h)
+    h = n.ctr(h)
+    return tf.reshape(h, tf.concat([rows, [1]], 0)) if candidates else h
