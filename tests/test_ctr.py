@@ -1,6 +1,8 @@
 import dataclasses
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,10 +198,73 @@ def test_settings_errors_name_the_flag(tiny_dir, tmp_path):
     # A model directory keeps one configuration: a different run there is refused.
     config = ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "b"), model="id",
                            **SMALL_MODEL)
-    ctr.check_model_dir(config)
-    ctr.check_model_dir(config)  # the same settings may resume
+    (directory, settings, flag), = ctr.run_dirs(config)
+    ctr.claim_dir(directory, settings)
+    ctr.check_dir(directory, settings, flag)  # the same settings may resume
+    (_, other, _), = ctr.run_dirs(dataclasses.replace(config, embedding_dim=4))
     with pytest.raises(ctr.SettingsError, match=r"other settings \(embedding_dim\)"):
-        ctr.check_model_dir(ctr.CTRConfig(**{**config.__dict__, "embedding_dim": 4}))
+        ctr.check_dir(directory, other, flag)
+    # Layer sizes are checked with the other settings, naming the flag.
+    for name, units, message in (("mlp_units", (16, 0), "--mlp_units=16,0: layer sizes"),
+                                 ("attention_units", (-1,), "--attention_units=-1: layer"),
+                                 ("make_units", (16, 8, 1), "--make_units=16,8,1: MAKEBlock")):
+        with pytest.raises(ctr.SettingsError, match=message):
+            dataclasses.replace(config, **{name: units}).validate()
+
+
+def test_a_refused_run_writes_nothing(tiny_dir, oracle, tmp_path):
+    other = tmp_path / "other.db"
+    index = SQLiteIndex(other, dim=4)
+    index.claim("0123456789abcdef")
+    index.put([2, 3], np.eye(2, 4, dtype=np.float32))
+    config = ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "m"), model="simtier",
+                           index=str(other), export_dir="", **SMALL_MODEL)
+    with pytest.raises(ctr.SettingsError, match="holds vectors of another catalogue"):
+        ctr.run(config)
+    with pytest.raises(ctr.SettingsError, match="--mlp_units=0: layer sizes must be >= 1"):
+        ctr.run(dataclasses.replace(config, mlp_units=(0,)), vectors=oracle)
+    assert not os.path.exists(tmp_path / "m")
+    # The fixed command runs in the same --model_dir.
+    result = ctr.run(dataclasses.replace(config, index=str(tmp_path / "v.db")), vectors=oracle)
+    assert [e["epoch"] for e in result["epochs"]] == [1]
+
+
+def _truncated_copy(tiny_dir, tmp_path):
+    """A copy of the tiny world whose first training shard lost its last bytes."""
+    out = tmp_path / "data"
+    shutil.copytree(tiny_dir, out)
+    shard = schema.files(str(out), schema.read_metadata(str(out)), "impressions/train")[0]
+    return str(out), shard
+
+
+def _truncate(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 7)
+
+
+def test_a_truncated_record_is_named_by_file_and_number(tiny_dir, tmp_path, monkeypatch):
+    data_dir, shard = _truncated_copy(tiny_dir, tmp_path)
+    _truncate(shard)
+    config = ctr.CTRConfig(data_dir=data_dir, model_dir=str(tmp_path / "m"), model="id",
+                           **SMALL_MODEL)
+    named = rf"--data_dir: {re.escape(shard)}: record \d+ is truncated or corrupt \(\d+ good"
+    with pytest.raises(ctr.SettingsError, match=named):
+        ctr.run(config)
+    assert not os.path.exists(tmp_path / "m")
+
+    # A file that goes bad during the run is named too (TensorFlow names none).
+    data_dir, shard = _truncated_copy(tiny_dir, tmp_path / "later")
+    counts = ctr.train_counts
+
+    def truncated_after_the_check(config, num_items):
+        _truncate(shard)
+        return counts(config, num_items)
+
+    monkeypatch.setattr(ctr, "train_counts", truncated_after_the_check)
+    with pytest.raises(ctr.SettingsError, match=rf"{re.escape(shard)}: record \d+ is truncated"):
+        ctr.run(dataclasses.replace(config, data_dir=data_dir,
+                                    model_dir=str(tmp_path / "m2")))
 
 
 def _cli(tiny_dir, runs, *extra):
@@ -228,23 +293,54 @@ def test_cli_fills_an_empty_index_then_trains_and_exports(tiny_dir, tmp_path):
     assert f"{result['auc']:7.4f}" in lines[-4]  # the summary's "all test impressions" row
 
 
-def test_cli_bad_flags_are_usage_errors(tiny_dir, tmp_path):
-    proc = subprocess.run(_cli(tiny_dir, tmp_path, "--model=id", "--mlp_units=16,x"),
-                          capture_output=True, text=True, env=ENV)
-    assert proc.returncode != 0 and "--mlp_units=16,x: want integers" in proc.stderr
+def _error_line(cmd):
+    """The one line a refused CLI run prints (after TensorFlow's start-up lines)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
 
 
-def test_killed_run_resumes_from_its_last_epoch(tiny_dir, tmp_path):
-    cmd = _cli(tiny_dir, tmp_path, "--model=id", "--epochs=3", "--batch_size=32")
-    epochs = tmp_path / "ctr" / "epochs.json"
+def test_cli_bad_flags_are_one_line_errors(tiny_dir, tmp_path):
+    assert _error_line(_cli(tiny_dir, tmp_path, "--model=id", "--mlp_units=16,x")) == (
+        "--mlp_units=16,x: want integers.")
+    assert _error_line(_cli(tiny_dir, tmp_path, "--model=id", "--mlp_units=0")) == (
+        "--mlp_units=0: layer sizes must be >= 1.")
+    assert not os.path.exists(tmp_path / "ctr")
+    # A --data_dir without data is not filled with a new world unless --world asks for one.
+    typo = tmp_path / "tinyy"
+    assert _error_line(_cli(str(typo), tmp_path, "--model=id")) == (
+        f"--data_dir={typo} does not exist; give --world to generate a synthetic world there.")
+    assert not typo.exists()
+
+
+def _kill_after_backup(cmd, out, epoch):
+    """Runs `cmd` and kills it with SIGKILL as soon as `out`'s backup marks `epoch` done.
+
+    Returns the epochs `out`'s epochs.json lists at the kill.
+    """
+    metadata = out / "backup" / "training_metadata.json"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 300
-    while not (epochs.exists() and len(json.load(open(epochs))) == 1):
-        assert proc.poll() is None and time.time() < deadline, "no first epoch"
-        time.sleep(0.05)
+    while True:
+        try:
+            if json.loads(metadata.read_text())["epoch"] >= epoch:
+                break
+        except (OSError, ValueError):  # not there yet, or being written
+            pass
+        assert proc.poll() is None and time.time() < deadline, f"no backup of epoch {epoch}"
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    first = json.load(open(epochs))[0]
+    # The kill came after the backup and before the run's next epoch ended.
+    assert json.loads(metadata.read_text())["epoch"] == epoch
+    return [e["epoch"] for e in json.load(open(out / "epochs.json"))]
+
+
+def test_killed_run_resumes_from_its_last_epoch_with_every_epochs_metrics(tiny_dir, tmp_path):
+    cmd = _cli(tiny_dir, tmp_path, "--model=id", "--epochs=3", "--batch_size=32")
+    # Killed right after the backup of epoch 1: its test metrics were written before it.
+    assert _kill_after_backup(cmd, tmp_path / "ctr", 1) == [1]
+    first = json.load(open(tmp_path / "ctr" / "epochs.json"))[0]
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -252,3 +348,29 @@ def test_killed_run_resumes_from_its_last_epoch(tiny_dir, tmp_path):
     result = json.load(open(tmp_path / "ctr" / "metrics.json"))
     assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3]
     assert result["epochs"][0] == first
+
+
+def test_killed_make_pretraining_leaves_its_directory_to_one_run(tiny_dir, oracle, tmp_path):
+    index = SQLiteIndex(tmp_path / "index.db", dim=oracle.table.shape[1])
+    index.claim(schema.catalogue_fingerprint(tiny_dir))
+    ids = np.flatnonzero(oracle.present)
+    index.put(ids, oracle.table[ids])
+    index.close()
+    cmd = _cli(tiny_dir, tmp_path, "--model=make", "--make_epochs=3", "--make_units=16,8,4,1",
+               "--batch_size=32", "--export_dir=")
+    make_dir = tmp_path / "ctr" / "make"
+    assert _kill_after_backup(cmd, make_dir, 2) == [1, 2]
+
+    # A ranker sharing the directory uses epochs 1-2 of that run, with their metrics.
+    config = ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "other"), model="make",
+                           index=str(tmp_path / "index.db"), make_epochs=2,
+                           make_dir=str(make_dir), **dict(SMALL_MODEL, batch_size=32))
+    shared = ctr.run(config)
+    assert shared["make"]["epochs"] == json.load(open(make_dir / "epochs.json"))
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Epoch 3/3" in rerun.stdout and "Epoch 2/3" not in rerun.stdout
+    result = json.load(open(tmp_path / "ctr" / "metrics.json"))
+    assert [e["epoch"] for e in result["make"]["epochs"]] == [1, 2, 3]
+    assert result["make"]["epochs"][:2] == shared["make"]["epochs"]

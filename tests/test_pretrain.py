@@ -15,6 +15,7 @@ from tfmm.data.synthetic import write_world
 from tfmm.index import SQLiteIndex
 from tfmm.metrics import acc_at_n
 from tfmm.pretrain import PretrainConfig, run, word_dropout
+from tests.test_ctr import ENV, _kill_after_backup
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,19 @@ def test_bad_flags_are_usage_errors(tiny_dir, tmp_path):
     assert "--queue_size=100 must be a multiple of --batch_size=32" in proc.stderr
 
 
+def test_killed_run_keeps_every_epochs_losses(tiny_dir, tmp_path):
+    cmd = [sys.executable, "-m", "tfmm.train", "--task=pretrain", f"--data_dir={tiny_dir}",
+           f"--model_dir={tmp_path}/m", "--export_dir=", "--index=", "--modality=text",
+           "--queue_size=32", "--dim=8", "--epochs=3", "--batch_size=16"]
+    assert _kill_after_backup(cmd, tmp_path / "m", 1) == [1]
+    first = json.load(open(tmp_path / "m" / "epochs.json"))[0]["loss"]
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Epoch 1/3" not in rerun.stdout and "Epoch 2/3" in rerun.stdout
+    loss = json.load(open(tmp_path / "m" / "metrics.json"))["history"]["loss"]
+    assert len(loss) == 3 and loss[0] == first
+
+
 @pytest.mark.parametrize("objective, modality, queue, triplet", [
     ("random", "image", 0, 0.0), ("generic", "image", 0, 0.0), ("generic", "text", 0, 0.0),
     ("scl", "text", 64, 1.0),
@@ -104,6 +118,8 @@ def test_word_dropout_keeps_words_and_never_empties():
     ({"objective": "clip"}, "--objective='clip'"),
     ({"modality": "audio"}, "--modality='audio'"),
     ({"objective": "generic", "triplet_weight": 1.0}, "no hard negatives"),
+    ({"queue_size": -128}, "--queue_size=-128 is out of range"),
+    ({"learning_rate": 0.0}, "--learning_rate=0.0 must be > 0"),
 ])
 def test_bad_config(tiny_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -27,7 +27,9 @@ missing table is first filled by running the pre-training given as
 ``pretrain_config``. MAKE is pre-trained alone for ``make_epochs`` (0: trained
 jointly with the ranker, from scratch), then frozen or, with
 ``make_trainable``, fine-tuned. A killed run resumes: MAKE's pre-trained
-weights are kept, and the ranker restarts from its last finished epoch.
+weights are kept, and the ranker restarts from its last finished epoch; the
+per-epoch metrics list every epoch once (`tfmm.resume.EpochRecord`). A run
+that is refused (settings, data, index) writes nothing.
 
 The vectors are a snapshot of the index taken at the start; with
 ``refresh_vectors`` the snapshot is taken again at every epoch (of MAKE's
@@ -42,6 +44,7 @@ import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from tfmm import data, metrics
 from tfmm.data import schema
@@ -51,6 +54,7 @@ from tfmm.layers import MAKEBlock
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.optimizers import DenseGradientAdam
 from tfmm.ranker import METHODS, DINRanker, build_make_pretrainer
+from tfmm.resume import EpochRecord, write_json
 
 # "adam" is Keras 3's, whose update for an embedding table's sparse gradient is
 # not Adam's (see DenseGradientAdam); "dense_adam" is Adam's, and faster. The
@@ -61,7 +65,7 @@ NUM_FREQUENCY_GROUPS = 8
 
 
 class SettingsError(ValueError):
-    """Settings that cannot work together (named by their flags)."""
+    """Settings, data or an index the run cannot use (named by their flags)."""
 
 
 @dataclasses.dataclass
@@ -107,6 +111,15 @@ class CTRConfig:
                                 f"{SIMTIER_OUTPUTS}.")
         if not self.learning_rate > 0:
             raise SettingsError(f"--learning_rate={self.learning_rate} must be > 0.")
+        for name in ("attention_units", "mlp_units"):
+            if min(getattr(self, name), default=1) < 1:
+                raise SettingsError(f"--{name}={','.join(map(str, getattr(self, name)))}: "
+                                    "layer sizes must be >= 1.")
+        try:
+            MAKEBlock(mlp_units=self.make_units)
+        except ValueError as e:
+            raise SettingsError(f"--make_units={','.join(map(str, self.make_units))}: "
+                                f"{e}") from None
         if self.model != "id" and not self.index:
             raise SettingsError(f"--model={self.model} needs item vectors: set --index.")
         if self.refresh_vectors and self.model == "id":
@@ -126,16 +139,16 @@ class TestSet:
         self.config, self.vectors = config, vectors
         self.length = config.max_history or meta["max_history"]
         columns = {k: [] for k in ("user_id", "item_id", "is_new_item", "label")}
-        for f, y in self._batches(["user_id", "item_id", "is_new_item"], validate=True):
+        for f, y in self._batches(["user_id", "item_id", "is_new_item"]):
             for k in ("user_id", "item_id", "is_new_item"):
                 columns[k].append(f[k].numpy())
             columns["label"].append(y.numpy())
         self.columns = {k: np.concatenate(v) for k, v in columns.items()}
 
-    def _batches(self, features, validate=False):
+    def _batches(self, features):  # check_data has read every record
         return data.impressions(self.config.data_dir, "test", batch_size=4096,
                                 max_history=self.length, vectors=self.vectors,
-                                features=features, validate=validate)
+                                features=features, validate=False)
 
     def predict(self, model):
         return model.predict(self._batches(list(model.input)), verbose=0)[:, 0]
@@ -170,29 +183,18 @@ def _ranking_metrics(y, p, users):
             "logloss": metrics.logloss(y, p) if len(y) else None}
 
 
-class EpochEvaluation(keras.callbacks.Callback):
-    """Evaluates on the test days after each epoch, into a JSON list.
+class EpochEvaluation(EpochRecord):
+    """Evaluates on the test days after each epoch, into a JSON list (`EpochRecord`)."""
 
-    The list is kept only while `backup` (BackupAndRestore's directory)
-    exists, i.e. when a killed run resumes.
-    """
+    def __init__(self, test, path, backup, weights=None):
+        super().__init__(path, backup, weights)
+        self.test = test
 
-    def __init__(self, test, path, backup):
-        super().__init__()
-        self.test, self.path = test, path
-        self.values = []
-        if os.path.isdir(backup) and os.path.exists(path):
-            with open(path) as f:
-                self.values = json.load(f)
-
-    def on_epoch_end(self, epoch, logs=None):
+    def epoch_values(self, epoch, logs):
         values = self.test.summary(self.test.predict(self.model))
-        values = {"epoch": epoch + 1, **values}
-        self.values = [v for v in self.values if v["epoch"] < epoch + 1] + [values]
-        _write_json(self.path, self.values)
         print(f"epoch {epoch + 1} test: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in values.items() if k not in ("epoch", "gauc_groups")),
-            flush=True)
+            f"{k} {v:.4f}" for k, v in values.items() if k != "gauc_groups"), flush=True)
+        return values
 
 
 class RefreshVectors(keras.callbacks.Callback):
@@ -216,11 +218,19 @@ class RefreshVectors(keras.callbacks.Callback):
         self.values.append({"epoch": epoch + 1, "items_with_vectors": int(snapshot.present.sum())})
 
 
-def _write_json(path, value):
-    """Whole or not at all: a killed run never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
+def check_data(config):
+    """The data directory's metadata, after reading every impression record once.
+
+    A missing, truncated or corrupt file fails here, naming the file and record
+    (TensorFlow's DataLossError names neither), before the run writes anything;
+    later reads skip the check.
+    """
+    try:
+        for split in ("train", "test"):
+            data.impressions(config.data_dir, split, validate=True)
+        return schema.read_metadata(config.data_dir)
+    except (OSError, ValueError, tf.errors.NotFoundError) as e:
+        raise SettingsError(f"--data_dir: {e}") from None
 
 
 def train_counts(config, num_items):
@@ -255,12 +265,14 @@ def load_vectors(config, num_items, pretrain_config=None):
                             "--index.") from None
 
 
-def _fit(model, config, train, epochs, test, out, callbacks=()):
-    """Fits with checkpoints (resume), TensorBoard logs and per-epoch test metrics."""
+def _fit(model, config, train, epochs, test, out, callbacks=(), weights=None):
+    """Fits with checkpoints (resume), TensorBoard logs and per-epoch test metrics
+    (and weights, with `weights`: see `EpochRecord`)."""
     backup = os.path.join(out, "backup")
-    evaluation = EpochEvaluation(test, os.path.join(out, "epochs.json"), backup)
+    evaluation = EpochEvaluation(test, os.path.join(out, "epochs.json"), backup, weights)
     model.compile(OPTIMIZERS[config.optimizer](config.learning_rate), "binary_crossentropy")
-    callbacks = [keras.callbacks.BackupAndRestore(backup), evaluation,
+    # The evaluation first: an epoch's metrics are written before its backup marks it done.
+    callbacks = [evaluation, keras.callbacks.BackupAndRestore(backup),
                  keras.callbacks.TensorBoard(os.path.join(out, "logs")), *callbacks]
     model.fit(train, epochs=epochs, shuffle=False, callbacks=callbacks, verbose=config.verbose)
     return evaluation.values
@@ -277,7 +289,7 @@ def _settings(config, names=None):
 
 
 def check_dir(directory, settings, flag):
-    """Refuses a directory that holds a run with other `settings`; records them otherwise."""
+    """Refuses a directory that holds a run with other `settings` (writes nothing)."""
     path = os.path.join(directory, "config.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -287,16 +299,28 @@ def check_dir(directory, settings, flag):
         if changed:
             raise SettingsError(f"--{flag}={directory} holds a run with other settings "
                                 f"({', '.join(changed)}); use a fresh --{flag}.")
+
+
+def claim_dir(directory, settings):
+    """Records `settings` in `directory`, which `check_dir` then holds to them."""
     os.makedirs(directory, exist_ok=True)
-    _write_json(path, settings)
-
-
-def check_model_dir(config):
-    check_dir(config.model_dir, _settings(config), "model_dir")
+    write_json(os.path.join(directory, "config.json"), settings)
 
 
 MAKE_SETTINGS = ("data_dir", "index", "make_units", "make_target_in_mlp", "max_history",
                  "optimizer", "learning_rate", "batch_size", "seed")
+
+
+def run_dirs(config):
+    """(directory, settings, flag) of each directory the run writes and holds to its settings."""
+    dirs = [(config.model_dir, _settings(config), "model_dir")]
+    if config.uses_make and config.make_epochs:
+        dirs.append((make_dir(config), _settings(config, MAKE_SETTINGS), "make_dir"))
+    return dirs
+
+
+def make_dir(config):
+    return config.make_dir or os.path.join(config.model_dir, "make")
 
 
 def pretrain_make(config, vectors, test, length, refresh=()):
@@ -304,26 +328,28 @@ def pretrain_make(config, vectors, test, length, refresh=()):
 
     Every epoch's weights stay in the MAKE directory, so rankers sharing it
     (``make_dir``) pre-train MAKE once, for the most epochs any of them needs.
+    Its epochs.json lists the epochs whose weights are there, all of one run
+    (`EpochRecord`): a ranker uses them only when it lists epochs 1..make_epochs.
     """
     make = MAKEBlock(mlp_units=config.make_units, target_in_mlp=config.make_target_in_mlp,
                      return_knowledge=True, name="make")
     if not config.make_epochs:
         return make, []
-    out = config.make_dir or os.path.join(config.model_dir, "make")
-    check_dir(out, _settings(config, MAKE_SETTINGS), "make_dir")
+    out = make_dir(config)
     model = build_make_pretrainer(make, length, vectors.table.shape[1])
-    weights = os.path.join(out, f"epoch{config.make_epochs}.weights.h5")
-    if os.path.exists(weights):
-        with open(os.path.join(out, "epochs.json")) as f:
+    record = os.path.join(out, "epochs.json")
+    values = []
+    if os.path.exists(record):
+        with open(record) as f:
             values = json.load(f)[:config.make_epochs]
-    else:
+    if [v["epoch"] for v in values] != list(range(1, config.make_epochs + 1)):
         print(f"pre-training MAKE for {config.make_epochs} epochs ...", flush=True)
         train = data.impressions(config.data_dir, "train", batch_size=config.batch_size,
-                                 max_history=length, vectors=vectors, features=list(model.input))
-        keep = keras.callbacks.ModelCheckpoint(os.path.join(out, "epoch{epoch}.weights.h5"),
-                                               save_weights_only=True)
-        values = _fit(model, config, train, config.make_epochs, test, out, [keep, *refresh])
-    model.load_weights(weights)
+                                 max_history=length, vectors=vectors, features=list(model.input),
+                                 validate=False)
+        values = _fit(model, config, train, config.make_epochs, test, out, refresh,
+                      weights=os.path.join(out, "epoch{epoch}.weights.h5"))
+    model.load_weights(os.path.join(out, f"epoch{config.make_epochs}.weights.h5"))
     make.trainable = config.make_trainable
     return make, values
 
@@ -331,20 +357,35 @@ def pretrain_make(config, vectors, test, length, refresh=()):
 def run(config, vectors=None, pretrain_config=None):
     """Trains, evaluates and exports one ranker; returns the metrics dict.
 
+    Raises `SettingsError` before writing anything when the settings, the
+    data directory or the index cannot be used.
+
     Args:
         vectors: a `tfmm.data.Vectors` snapshot to use instead of the index.
         pretrain_config: a `tfmm.pretrain.PretrainConfig` run first when a
             multimodal model finds the index empty.
     """
+    try:
+        return _run(config, vectors, pretrain_config)
+    except tf.errors.DataLossError:  # a file went bad after check_data: name it
+        check_data(config)
+        raise
+
+
+def _run(config, vectors, pretrain_config):
     config.validate()
     start = time.time()
-    check_model_dir(config)
-    meta = schema.read_metadata(config.data_dir)
+    dirs = run_dirs(config)
+    for directory, settings, flag in dirs:
+        check_dir(directory, settings, flag)
+    meta = check_data(config)
     vocab, length = meta["vocab"], config.max_history or meta["max_history"]
     if config.model != "id" and vectors is None:
         vectors = load_vectors(config, vocab["num_items"], pretrain_config)
     elif config.model == "id":
         vectors = None
+    for directory, settings, _ in dirs:  # the run can start
+        claim_dir(directory, settings)
     refresh = []
     if config.refresh_vectors and vectors is not None:
         vectors = vectors.live()
@@ -362,7 +403,8 @@ def run(config, vectors=None, pretrain_config=None):
                          num_tiers=config.num_tiers, simtier_output=config.simtier_output,
                          batch_norm=config.batch_norm)
     train = data.impressions(config.data_dir, "train", batch_size=config.batch_size,
-                             max_history=length, vectors=vectors, features=list(model.input))
+                             max_history=length, vectors=vectors, features=list(model.input),
+                             validate=False)
     print(f"training the {config.model} ranker for {config.epochs} epoch(s) ...", flush=True)
     epochs = _fit(model, config, train, config.epochs, test, config.model_dir, refresh)
     result = {"model": config.model, **test.report(test.predict(model), groups),
@@ -375,7 +417,7 @@ def run(config, vectors=None, pretrain_config=None):
     if config.export_dir:
         result["export_path"] = export_saved_model(model, config.export_dir, "probability")
     result.update(train_seconds=time.time() - start, config=config_json(config))
-    _write_json(os.path.join(config.model_dir, "metrics.json"), result)
+    write_json(os.path.join(config.model_dir, "metrics.json"), result)
     return result
 
 

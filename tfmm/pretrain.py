@@ -15,7 +15,6 @@ Objectives:
 """
 
 import dataclasses
-import json
 import os
 import time
 
@@ -27,6 +26,7 @@ from tfmm import data, metrics
 from tfmm.data import schema
 from tfmm.export import export_saved_model
 from tfmm.index import open_index, redact
+from tfmm.resume import EpochRecord, write_json
 from tfmm.scl import POSITIVE_TOWERS, SCLModel
 from tfmm.towers import image_tower, text_tower, vocabulary_of
 
@@ -63,9 +63,11 @@ class PretrainConfig:
             raise ValueError(f"--objective={self.objective!r} is not one of {OBJECTIVES}.")
         if self.modality not in MODALITIES:
             raise ValueError(f"--modality={self.modality!r} is not one of {MODALITIES}.")
-        for name in ("epochs", "batch_size", "dim", "image_size"):
-            if getattr(self, name) < (0 if name == "epochs" else 1):
+        for name in ("epochs", "queue_size", "batch_size", "dim", "image_size"):
+            if getattr(self, name) < (0 if name in ("epochs", "queue_size") else 1):
                 raise ValueError(f"--{name}={getattr(self, name)} is out of range.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate={self.learning_rate} must be > 0.")
         if self.queue_size and self.queue_size % self.batch_size:
             raise ValueError(f"--queue_size={self.queue_size} must be a multiple of "
                              f"--batch_size={self.batch_size}.")
@@ -210,14 +212,16 @@ def run(config):
                          positive_tower=config.positive_tower)
         model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
         ds, steps = training_data(config, catalogue)
-        callbacks = [
-            keras.callbacks.BackupAndRestore(os.path.join(config.model_dir, "backup")),
-            keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")),
-        ]
-        history = model.fit(ds, epochs=config.epochs, steps_per_epoch=steps,
-                            callbacks=callbacks, verbose=config.verbose).history
+        backup = os.path.join(config.model_dir, "backup")
+        # Each epoch's losses, kept across a kill (fit's history has only the resumed epochs).
+        record = EpochRecord(os.path.join(config.model_dir, "epochs.json"), backup)
+        callbacks = [record, keras.callbacks.BackupAndRestore(backup),
+                     keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"))]
+        model.fit(ds, epochs=config.epochs, steps_per_epoch=steps, callbacks=callbacks,
+                  verbose=config.verbose)
+        history = {k: [v[k] for v in record.values] for k in record.values[0] if k != "epoch"}
     result = evaluate(config, tower, catalogue)
-    result.update(history={k: [float(x) for x in v] for k, v in history.items()},
+    result.update(history=history,
                   train_seconds=time.time() - start, config=dict(dataclasses.asdict(config), index=redact(config.index)))
     if config.export_dir:
         result["export_path"] = export_saved_model(tower, config.export_dir, "vector")
@@ -227,6 +231,5 @@ def run(config):
         index.claim(schema.catalogue_fingerprint(config.data_dir))
         result["index_version"] = index.put(catalogue.ids, vectors)
         result["index_items"] = len(catalogue.ids)
-    with open(os.path.join(config.model_dir, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(os.path.join(config.model_dir, "metrics.json"), result)
     return result

@@ -156,6 +156,10 @@ class SCLModel(keras.Model):
     def metrics(self):
         return [self.loss_tracker, self.nce_tracker, self.triplet_tracker]
 
+    def trained_weights(self):
+        """What the optimizer updates: the query tower and the temperature, not the key tower."""
+        return self.tower.trainable_weights + [self.log_inverse_temperature]
+
     def inverse_temperature(self):
         return tf.minimum(tf.exp(self.log_inverse_temperature), self.max_inverse_temperature)
 
@@ -192,7 +196,7 @@ class SCLModel(keras.Model):
     def train_step(self, batch):
         if self.queue is not None:
             self.queue.check_batch(batch["positive_id"].shape[0])
-        trainable = self.tower.trainable_weights + [self.log_inverse_temperature]
+        trainable = self.trained_weights()
         with tf.GradientTape() as tape:
             nce, trip, positive, ids = self.compute_losses(batch, training=True)
             loss = nce + self.triplet_weight * trip
@@ -218,4 +222,6 @@ class SCLModel(keras.Model):
                                               for c in callbacks):
             callbacks.append(MomentumQueueCallback(self.default_momentum))
         kwargs.setdefault("shuffle", False)  # datasets arrive shuffled
+        if not self.optimizer.built:  # else BackupAndRestore builds it for other variables
+            self.optimizer.build(self.trained_weights())
         return super().fit(*args, callbacks=callbacks, **kwargs)

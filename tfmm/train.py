@@ -16,13 +16,19 @@ writes ``<model_dir>/metrics.json`` and exports the ranker under
 directory's triplets, writes ``<model_dir>/metrics.json`` (``acc@1``,
 ``acc@5`` on held-out pairs), exports the encoder under
 ``<export_dir>/<version>/`` and writes every item's vector to ``--index``.
-A data directory that does not exist is generated from ``--world`` first.
-Any flag overrides the flagfile.
+
+A data directory without data is generated from ``--world`` first, when it
+is the default ``data/<world>`` or ``--world`` is given (on the command line
+or in a flagfile); another ``--data_dir`` without data is an error, so a
+mistyped path does not train on a new world. Any flag overrides the flagfile.
+A refused run prints one line naming the flag, file or record and writes
+nothing.
 """
 
 import dataclasses
 import json
 import os
+import sys
 
 from absl import app, flags, logging  # noqa: E402
 
@@ -33,7 +39,8 @@ TASKS = ("pretrain", "ctr")
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("task", "pretrain", TASKS, "What to train.")
 flags.DEFINE_enum("world", "small", ["tiny", "small", "large"],
-                  "Synthetic world generated into --data_dir when it does not exist.")
+                  "Synthetic world generated into data/<world>, or into --data_dir when "
+                  "--world is given, when it holds no data.")
 flags.DEFINE_string("data_dir", None, "tfmm data directory (default data/<world>).")
 flags.DEFINE_string("model_dir", None, "Checkpoints, TensorBoard logs, metrics.json "
                     "(default runs/<dataset>/<task>, <dataset> the data directory's name).")
@@ -79,9 +86,11 @@ flags.DEFINE_enum("optimizer", "adam", list(ctr.OPTIMIZERS), "Ranker optimizer: 
                  "batch sums n squares instead of squaring the sum; dense_adam is Adam's "
                  "(as tf-keras'), and faster.")
 flags.DEFINE_integer("pretrain_epochs", 2, "Pre-training epochs when --task=ctr finds the "
-                     "index empty.")
-flags.DEFINE_integer("pretrain_batch_size", 128, "Its batch size.")
+                     "index empty.", lower_bound=0)
+flags.DEFINE_integer("pretrain_batch_size", 128, "Its batch size.", lower_bound=1)
 flags.DEFINE_float("pretrain_learning_rate", 1e-3, "Its learning rate.")
+# Checked when parsed: PretrainConfig's own errors would name --epochs etc.
+flags.register_validator("pretrain_learning_rate", lambda v: v > 0, "must be > 0")
 flags.DEFINE_string("pretrain_model_dir", None, "Its model directory (default "
                     "runs/<dataset>/pretrain).")
 flags.DEFINE_string("encoder_export_dir", None, "Where it exports the encoder (default "
@@ -104,11 +113,23 @@ flags.DEFINE_string("backbone", "resnet_tiny", "KerasHub backbone config name or
 flags.DEFINE_integer("image_size", 32, "Backbone input size (images are resized to it).")
 
 
+def fail(message):
+    """Ends the run with one line on stderr (no traceback, no flag help), exit status 1."""
+    sys.exit(message)
+
+
 def data_dir():
-    """The data directory, generated from --world when missing."""
+    """The data directory; generated from --world when missing, only where asked for."""
     from tfmm.data.synthetic import ensure_world
 
-    return ensure_world(FLAGS.data_dir or os.path.join("data", FLAGS.world), FLAGS.world)
+    default = os.path.join("data", FLAGS.world)
+    path = FLAGS.data_dir or default
+    if (not os.path.exists(os.path.join(path, "metadata.json")) and not FLAGS["world"].present
+            and os.path.normpath(path) != default):
+        fail(f"--data_dir={path} " + ("holds no tfmm data (no metadata.json)"
+                                       if os.path.isdir(path) else "does not exist")
+             + "; give --world to generate a synthetic world there.")
+    return ensure_world(path, FLAGS.world)
 
 
 def _config(cls, names, **fixed):
@@ -120,12 +141,12 @@ def _config(cls, names, **fixed):
             try:
                 values[k] = tuple(int(u) for u in values[k])
             except ValueError:
-                raise app.UsageError(f"--{k}={','.join(values[k])}: want integers.") from None
+                fail(f"--{k}={','.join(values[k])}: want integers.")
     config = cls(**values, **fixed)
     try:
         return config.validate()
-    except ValueError as e:  # bad flag values: a usage error naming the flag, not a trace
-        raise app.UsageError(str(e)) from None
+    except ValueError as e:  # bad flag values: one line naming the flag, not a trace
+        fail(str(e))
 
 
 def _default(name, default):
@@ -174,7 +195,7 @@ def run_ctr():
     try:
         result = ctr.run(config, pretrain_config=encoder)
     except ctr.SettingsError as e:
-        raise app.UsageError(str(e)) from None
+        fail(str(e))
     print(ctr.summary_table(result))
     print(f"metrics: {os.path.join(config.model_dir, 'metrics.json')}")
     if config.export_dir:

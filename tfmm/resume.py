@@ -1,0 +1,69 @@
+"""Per-epoch records that survive a kill, next to Keras' `BackupAndRestore`.
+
+`BackupAndRestore` marks an epoch done when its backup is written; a record
+written after that (test metrics, losses, an epoch's weights) is lost when the
+run is killed between the two, and the resumed run starts at the next epoch.
+`EpochRecord`, listed before the backup callback, writes first: a run killed
+between the two trains that epoch again and replaces its entry, so the record
+lists every epoch exactly once.
+"""
+
+import json
+import os
+
+import keras
+
+
+def write_json(path, value):
+    """Whole or not at all: a killed run never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+class EpochRecord(keras.callbacks.Callback):
+    """A JSON list with one entry per finished epoch, ``{"epoch": k, ...}``.
+
+    Put it before ``keras.callbacks.BackupAndRestore(backup)`` in the
+    callback list. The list is kept while `backup` exists (a killed run
+    resuming); a fresh run empties it before its first epoch, so it never
+    lists another run's epochs.
+
+    Args:
+        path: the JSON file.
+        backup: the `BackupAndRestore` directory.
+        weights: a file pattern with ``{epoch}`` ending in ``.weights.h5``:
+            each epoch's weights are written there, whole, before its entry,
+            so an entry always names weights of the same run.
+    """
+
+    def __init__(self, path, backup, weights=None):
+        super().__init__()
+        self.path, self.backup, self.weights = path, backup, weights
+        self.values = []
+
+    def epoch_values(self, epoch, logs):
+        """The entry of 0-based `epoch` (without "epoch"); by default its logs."""
+        return {k: float(v) for k, v in (logs or {}).items()}
+
+    def on_train_begin(self, logs=None):
+        self.values = []
+        if os.path.isdir(self.backup) and os.path.exists(self.path):
+            with open(self.path) as f:
+                self.values = json.load(f)
+        write_json(self.path, self.values)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        kept = [v for v in self.values if v["epoch"] <= epoch]
+        if kept != self.values:  # killed after its entry, before its backup: trained again
+            self.values = kept
+            write_json(self.path, kept)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.weights:
+            path = self.weights.format(epoch=epoch + 1)
+            partial = path[:-len(".weights.h5")] + ".partial.weights.h5"
+            self.model.save_weights(partial)
+            os.replace(partial, path)
+        self.values.append({"epoch": epoch + 1, **self.epoch_values(epoch, logs)})
+        write_json(self.path, self.values)
