@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from tests.conftest import RedisServer
+from tfmm.data.schema import FIRST_ID
 from tfmm.index import (IndexNotFound, IndexUnavailable, RedisIndex, SQLiteIndex, is_empty,
                         open_index)
 
@@ -72,6 +73,7 @@ def _writer(spec, start):
     for k in range(20):
         ids = np.arange(start + k * 10, start + k * 10 + 10)
         index.put(ids, np.tile(ids[:, None], (1, 4)).astype("float32"))
+        time.sleep(0.01)  # spread the puts over the reader's loop
 
 
 def test_concurrent_writers_and_readers_see_whole_puts(spec):
@@ -81,18 +83,66 @@ def test_concurrent_writers_and_readers_see_whole_puts(spec):
     for w in writers:
         w.start()
     reader = open_index(spec)
+    seen = set()
     while any(w.is_alive() for w in writers):
         ids = reader.ids()
         vectors, found = reader.get(ids)
         assert found.all()
         np.testing.assert_array_equal(vectors[:, 0], ids)  # never a torn row
         assert len(ids) % 10 == 0  # never a partial put
+        seen.add(len(ids))
     for w in writers:
         w.join()
         assert w.exitcode == 0
+    assert len(seen - {0, 400}) >= 5, seen  # reads really ran between the puts
     assert len(reader.ids()) == 400
     np.testing.assert_array_equal(np.sort(reader.versions(reader.ids())[0])[::10],
                                   np.arange(1, 41))  # one version per put, none shared
+
+
+def _rewriter(spec, n, stop):
+    """Puts n items again and again, each put's vectors all equal to its number."""
+    index = open_index(spec)
+    k = 1
+    while not stop.is_set():
+        index.put(np.arange(n) + FIRST_ID, np.full((n, 4), k, np.float32))
+        k += 1
+
+
+def test_reads_of_any_size_see_one_put_while_puts_land(spec):
+    n = 2000  # SQLite once read 900 ids a statement, Redis reads 500-key MGETs here
+    ids = np.arange(n) + FIRST_ID
+    index = open_index(spec, dim=4)
+    index.put(ids, np.zeros((n, 4)))
+    if isinstance(index, RedisIndex):
+        index.CHUNK = 500
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    writer = ctx.Process(target=_rewriter, args=(spec, n, stop))
+    writer.start()
+    changes = {"get": 0, "snapshot": 0}
+    last = dict.fromkeys(changes, 0.0)
+    deadline = time.monotonic() + 120
+    try:
+        while min(changes.values()) < 10 and time.monotonic() < deadline:
+            for how in changes:
+                if how == "get":
+                    vectors, found = index.get(ids)
+                    assert found.all()
+                else:
+                    snap = index.snapshot(n + FIRST_ID)
+                    assert snap.present.sum() == n
+                    vectors = snap.table[snap.present]
+                assert (vectors == vectors[0, 0]).all(), (how, np.unique(vectors))  # one put
+                assert vectors[0, 0] >= last[how]
+                changes[how] += vectors[0, 0] > last[how]
+                last[how] = vectors[0, 0]
+    finally:
+        stop.set()
+        writer.join()
+    # Puts landed between consecutive reads of each kind: the reads overlapped writing.
+    assert min(changes.values()) >= 10, changes
+    assert writer.exitcode == 0
 
 
 def test_an_index_belongs_to_one_catalogue(spec):
