@@ -12,7 +12,7 @@ import redis
 from tests.conftest import RedisServer
 from tfmm.data.schema import FIRST_ID
 from tfmm.index import (IndexNotFound, IndexUnavailable, RedisIndex, SQLiteIndex, is_empty,
-                        open_index)
+                        open_index, redact)
 
 
 @pytest.fixture
@@ -209,12 +209,15 @@ def test_password_and_address_from_the_environment(tmp_path, monkeypatch):
 @pytest.mark.parametrize("spec, shown", [
     ("redis://:s3cret@h:6379/0?prefix=p", "redis://:***@h:6379/0?prefix=p"),
     ("rediss://ann:s3cret@h:6380/1", "rediss://ann:***@h:6380/1"),
+    ("redis://h:6379/0?password=s3cret&prefix=p", "redis://h:6379/0?password=***&prefix=p"),
+    ("unix://:s3cret@/run/redis.sock?db=2", "unix://:***@/run/redis.sock?db=2"),
+    ("unix:///run/redis.sock?password=s3cret", "unix:///run/redis.sock?password=***"),
+    ("redis://ann:p%40ss:w@h:1/0", "redis://ann:***@h:1/0"),
     ("redis://h:6379/0", "redis://h:6379/0"),
+    ("redis://ann@h:6379/0", "redis://ann@h:6379/0"),  # a user name alone
     ("runs/x/index.db", "runs/x/index.db"),
 ])
 def test_redact_hides_only_the_password(spec, shown):
-    from tfmm.index import redact
-
     assert redact(spec) == shown
 
 
@@ -263,3 +266,108 @@ def test_cli_trains_a_ranker_on_a_redis_index(redis_url, tmp_path):
     meta = json.load(open(tmp_path / "tiny" / "metadata.json"))
     assert index.dim == 8 and index.count() == meta["counts"]["items"]
     assert json.load(open(runs / "ctr" / "metrics.json"))["missing_item_vectors"] == 0
+
+
+def test_a_corrupt_sqlite_file_is_named_at_open_and_at_reads(tmp_path):
+    real = SQLiteIndex(tmp_path / "real.db", dim=16)
+    real.put(np.arange(2, 5002), np.ones((5000, 16)))
+    real.close()
+    data = (tmp_path / "real.db").read_bytes()
+    garbage, truncated, damaged = (tmp_path / f"{n}.db" for n in ("garbage", "cut", "damaged"))
+    garbage.write_bytes(b"not an index " * 1000)
+    truncated.write_bytes(data[:len(data) // 2])
+    for path in (garbage, truncated):
+        with pytest.raises(ValueError, match=f"^{path} is not a valid index: the SQLite file "
+                                             "is corrupt or not a database"):
+            open_index(str(path))
+    # A data page overwritten: the file opens, its reads fail.
+    damaged.write_bytes(data[:50 * 4096] + b"\xff" * 4096 + data[51 * 4096:])
+    index = open_index(str(damaged))
+    for read in (index.count, index.ids, lambda: index.get(np.arange(2, 5002)),
+                 lambda: index.snapshot(6000)):
+        with pytest.raises(ValueError, match=f"^{damaged} is not a valid index"):
+            read()
+
+
+SECRET = "pw-Le4k-7f3a"
+
+
+def _secret_urls(server, prefix):
+    """Every way redis-py takes the password: the URL's user info, with or without a user
+    name, ``?password=``, a unix socket URL, and $TFMM_REDIS_PASSWORD (environment)."""
+    host = f"127.0.0.1:{server.port}"
+    return {
+        "userinfo": (f"redis://:{SECRET}@{host}/0?prefix={prefix}", {}),
+        "user": (f"redis://default:{SECRET}@{host}/0?prefix={prefix}", {}),
+        "query": (f"redis://{host}/0?password={SECRET}&prefix={prefix}", {}),
+        "unix": (f"unix://:{SECRET}@{server.socket}?db=0&prefix={prefix}", {}),
+        "environment": (f"redis://{host}/0?prefix={prefix}", {"TFMM_REDIS_PASSWORD": SECRET}),
+    }
+
+
+def _leaks(root, *texts):
+    """Files under `root` (any bytes: TensorBoard events, SavedModels) and texts holding
+    the password."""
+    found = [str(p) for p in root.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    return found + [t[-300:] for t in texts if SECRET in t]
+
+
+@pytest.fixture(scope="module")
+def locked(tmp_path_factory):
+    """A password-protected Redis, and a CTR run (pre-training the encoder into the empty
+    index first) given the password in the URL's ``?password=``."""
+    root = tmp_path_factory.mktemp("locked")
+    server = RedisServer(root, password=SECRET)
+    url, _ = _secret_urls(server, "full")["query"]
+    runs = root / "runs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfmm.train", "--flagfile=configs/ctr.flags", "--world=tiny",
+         f"--data_dir={root}/tiny", f"--model_dir={runs}/ctr", f"--export_dir={runs}/ranker",
+         f"--index={url}", f"--pretrain_model_dir={runs}/pretrain",
+         f"--encoder_export_dir={runs}/encoder", "--model=simtier", "--pretrain_epochs=1",
+         "--pretrain_batch_size=32", "--queue_size=128", "--dim=8", "--embedding_dim=8",
+         "--attention_units=8", "--mlp_units=16", "--batch_size=256"],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    yield server, root, proc
+    server.stop()
+
+
+def test_a_ctr_and_pretraining_run_write_no_password(locked):
+    server, root, proc = locked
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the index redis://127.0.0.1" in proc.stdout and "password=***" in proc.stdout
+    runs = root / "runs"
+    for job in ("ctr", "pretrain"):
+        config = json.load(open(runs / job / "metrics.json"))["config"]
+        assert config["index"].endswith("/0?password=***&prefix=full")
+        assert list((runs / job / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+    assert (runs / "ctr" / "config.json").exists() and list((runs / "ranker").iterdir())
+    assert not _leaks(runs, proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("form", ["userinfo", "user", "query", "unix", "environment"])
+def test_no_url_form_shows_the_password(locked, form, monkeypatch):
+    server, root, _ = locked
+    empty, env = _secret_urls(server, "empty")[form]
+    full, _ = _secret_urls(server, "full")[form]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    index = open_index(full)
+    assert index.count() > 0 and SECRET not in repr(index) + redact(full)
+    # A wrong password is refused without echoing it.
+    wrong = full.replace(SECRET, "Wr0ng-pw") if not env else full + "&password=Wr0ng-pw"
+    with pytest.raises(IndexUnavailable) as refused:
+        open_index(wrong)
+    assert "refused the credentials" in str(refused.value) and "Wr0ng" not in str(refused.value)
+    # The CLI's error for an empty index and its output for a full one.
+    cli = [sys.executable, "-m", "tfmm.serving.predict", f"--data_dir={root}/tiny",
+           f"--export_dir={root}/runs/ranker"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env)
+    failed = subprocess.run(cli + [f"--index={empty}"], capture_output=True, text=True,
+                            env=env)
+    assert failed.returncode != 0 and "holds no vectors" in failed.stderr.splitlines()[-1]
+    ranked = subprocess.run(cli + [f"--index={full}"], capture_output=True, text=True,
+                            env=env)
+    assert ranked.returncode == 0, ranked.stderr[-2000:]
+    assert not _leaks(root / "runs", failed.stdout, failed.stderr, ranked.stdout,
+                      ranked.stderr)
