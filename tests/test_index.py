@@ -371,3 +371,20 @@ def test_no_url_form_shows_the_password(locked, form, monkeypatch):
     assert ranked.returncode == 0, ranked.stderr[-2000:]
     assert not _leaks(root / "runs", failed.stdout, failed.stderr, ranked.stdout,
                       ranked.stderr)
+
+
+def test_the_clis_name_a_corrupt_index_file(locked, tmp_path):
+    """Training and the encoder service (as the predictor, tests/test_predictor.py)."""
+    _, root, _ = locked
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not an index " * 1000)
+    for cli in (["tfmm.train", "--flagfile=configs/ctr.flags", f"--data_dir={root}/tiny",
+                 f"--model_dir={tmp_path}/ctr", f"--pretrain_model_dir={tmp_path}/pretrain"],
+                ["tfmm.serving.encoder", f"--encoder={root}/runs/encoder",
+                 f"--events={tmp_path}/events.db"]):
+        proc = subprocess.run([sys.executable, "-m", *cli, f"--index={garbage}"],
+                              capture_output=True, text=True,
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == (
+            f"--index: {garbage} is not a valid index: the SQLite file is corrupt or not a "
+            "database (file is not a database)."), proc.stderr[-2000:]

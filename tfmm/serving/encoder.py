@@ -137,7 +137,10 @@ def main(argv):
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required.")
     encoder = Encoder(FLAGS.encoder)
-    index = open_index(FLAGS.index, dim=encoder.dim)
+    try:
+        index = open_index(FLAGS.index, dim=encoder.dim)
+    except ValueError as e:  # a corrupt index file, another width
+        raise app.UsageError(f"--index: {e}") from None
     events = open_events(FLAGS.events, reclaim_after=FLAGS.reclaim_after)
     print(f"encoder {encoder.path} ({encoder.modality} -> {encoder.dim}-d): {events} -> {index}",
           flush=True)
