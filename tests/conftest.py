@@ -18,9 +18,10 @@ def unit(x):
 
 
 class RedisServer:
-    """A private redis-server on a free loopback port (tests never share the default 6379)."""
+    """A private redis-server on a free loopback port (tests never share the default 6379),
+    also on the socket ``<workdir>/redis.sock``; with `password`, it requires it."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, password=None):
         import shutil
         import socket
 
@@ -33,6 +34,8 @@ class RedisServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.workdir = str(workdir)
+        self.socket = os.path.join(self.workdir, "redis.sock")
+        self.password = password
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = None
         self.start()
@@ -45,9 +48,10 @@ class RedisServer:
 
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.workdir],
+             "--appendonly", "no", "--dir", self.workdir, "--unixsocket", self.socket,
+             *(("--requirepass", self.password) if self.password else ())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=self.password)
         for _ in range(200):
             try:
                 client.ping()
@@ -65,7 +69,7 @@ class RedisServer:
     def flush(self):
         import redis
 
-        redis.Redis(port=self.port).flushall()
+        redis.Redis(port=self.port, password=self.password).flushall()
 
 
 @pytest.fixture(scope="session")

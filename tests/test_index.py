@@ -10,8 +10,9 @@ import pytest
 import redis
 
 from tests.conftest import RedisServer
+from tfmm.data.schema import FIRST_ID
 from tfmm.index import (IndexNotFound, IndexUnavailable, RedisIndex, SQLiteIndex, is_empty,
-                        open_index)
+                        open_index, redact)
 
 
 @pytest.fixture
@@ -72,6 +73,7 @@ def _writer(spec, start):
     for k in range(20):
         ids = np.arange(start + k * 10, start + k * 10 + 10)
         index.put(ids, np.tile(ids[:, None], (1, 4)).astype("float32"))
+        time.sleep(0.01)  # spread the puts over the reader's loop
 
 
 def test_concurrent_writers_and_readers_see_whole_puts(spec):
@@ -81,18 +83,66 @@ def test_concurrent_writers_and_readers_see_whole_puts(spec):
     for w in writers:
         w.start()
     reader = open_index(spec)
+    seen = set()
     while any(w.is_alive() for w in writers):
         ids = reader.ids()
         vectors, found = reader.get(ids)
         assert found.all()
         np.testing.assert_array_equal(vectors[:, 0], ids)  # never a torn row
         assert len(ids) % 10 == 0  # never a partial put
+        seen.add(len(ids))
     for w in writers:
         w.join()
         assert w.exitcode == 0
+    assert len(seen - {0, 400}) >= 5, seen  # reads really ran between the puts
     assert len(reader.ids()) == 400
     np.testing.assert_array_equal(np.sort(reader.versions(reader.ids())[0])[::10],
                                   np.arange(1, 41))  # one version per put, none shared
+
+
+def _rewriter(spec, n, stop):
+    """Puts n items again and again, each put's vectors all equal to its number."""
+    index = open_index(spec)
+    k = 1
+    while not stop.is_set():
+        index.put(np.arange(n) + FIRST_ID, np.full((n, 4), k, np.float32))
+        k += 1
+
+
+def test_reads_of_any_size_see_one_put_while_puts_land(spec):
+    n = 2000  # SQLite once read 900 ids a statement, Redis reads 500-key MGETs here
+    ids = np.arange(n) + FIRST_ID
+    index = open_index(spec, dim=4)
+    index.put(ids, np.zeros((n, 4)))
+    if isinstance(index, RedisIndex):
+        index.CHUNK = 500
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    writer = ctx.Process(target=_rewriter, args=(spec, n, stop))
+    writer.start()
+    changes = {"get": 0, "snapshot": 0}
+    last = dict.fromkeys(changes, 0.0)
+    deadline = time.monotonic() + 120
+    try:
+        while min(changes.values()) < 10 and time.monotonic() < deadline:
+            for how in changes:
+                if how == "get":
+                    vectors, found = index.get(ids)
+                    assert found.all()
+                else:
+                    snap = index.snapshot(n + FIRST_ID)
+                    assert snap.present.sum() == n
+                    vectors = snap.table[snap.present]
+                assert (vectors == vectors[0, 0]).all(), (how, np.unique(vectors))  # one put
+                assert vectors[0, 0] >= last[how]
+                changes[how] += vectors[0, 0] > last[how]
+                last[how] = vectors[0, 0]
+    finally:
+        stop.set()
+        writer.join()
+    # Puts landed between consecutive reads of each kind: the reads overlapped writing.
+    assert min(changes.values()) >= 10, changes
+    assert writer.exitcode == 0
 
 
 def test_an_index_belongs_to_one_catalogue(spec):
@@ -159,12 +209,15 @@ def test_password_and_address_from_the_environment(tmp_path, monkeypatch):
 @pytest.mark.parametrize("spec, shown", [
     ("redis://:s3cret@h:6379/0?prefix=p", "redis://:***@h:6379/0?prefix=p"),
     ("rediss://ann:s3cret@h:6380/1", "rediss://ann:***@h:6380/1"),
+    ("redis://h:6379/0?password=s3cret&prefix=p", "redis://h:6379/0?password=***&prefix=p"),
+    ("unix://:s3cret@/run/redis.sock?db=2", "unix://:***@/run/redis.sock?db=2"),
+    ("unix:///run/redis.sock?password=s3cret", "unix:///run/redis.sock?password=***"),
+    ("redis://ann:p%40ss:w@h:1/0", "redis://ann:***@h:1/0"),
     ("redis://h:6379/0", "redis://h:6379/0"),
+    ("redis://ann@h:6379/0", "redis://ann@h:6379/0"),  # a user name alone
     ("runs/x/index.db", "runs/x/index.db"),
 ])
 def test_redact_hides_only_the_password(spec, shown):
-    from tfmm.index import redact
-
     assert redact(spec) == shown
 
 
@@ -241,3 +294,125 @@ def test_a_snapshot_with_ids_below_2_names_the_index_and_the_ids(tmp_path):
             f"{index!r}: item ids outside [2, 9): -3, 0, 1 (3 in all); 0 is padding and 1 "
             "out-of-vocabulary.")):
         index.snapshot(num_items=9)
+
+
+def test_a_corrupt_sqlite_file_is_named_at_open_and_at_reads(tmp_path):
+    real = SQLiteIndex(tmp_path / "real.db", dim=16)
+    real.put(np.arange(2, 5002), np.ones((5000, 16)))
+    real.close()
+    data = (tmp_path / "real.db").read_bytes()
+    garbage, truncated, damaged = (tmp_path / f"{n}.db" for n in ("garbage", "cut", "damaged"))
+    garbage.write_bytes(b"not an index " * 1000)
+    truncated.write_bytes(data[:len(data) // 2])
+    for path in (garbage, truncated):
+        with pytest.raises(ValueError, match=f"^{path} is not a valid index: the SQLite file "
+                                             "is corrupt or not a database"):
+            open_index(str(path))
+    # A data page overwritten: the file opens, its reads fail.
+    damaged.write_bytes(data[:50 * 4096] + b"\xff" * 4096 + data[51 * 4096:])
+    index = open_index(str(damaged))
+    for read in (index.count, index.ids, lambda: index.get(np.arange(2, 5002)),
+                 lambda: index.snapshot(6000)):
+        with pytest.raises(ValueError, match=f"^{damaged} is not a valid index"):
+            read()
+
+
+SECRET = "pw-Le4k-7f3a"
+
+
+def _secret_urls(server, prefix):
+    """Every way redis-py takes the password: the URL's user info, with or without a user
+    name, ``?password=``, a unix socket URL, and $TFMM_REDIS_PASSWORD (environment)."""
+    host = f"127.0.0.1:{server.port}"
+    return {
+        "userinfo": (f"redis://:{SECRET}@{host}/0?prefix={prefix}", {}),
+        "user": (f"redis://default:{SECRET}@{host}/0?prefix={prefix}", {}),
+        "query": (f"redis://{host}/0?password={SECRET}&prefix={prefix}", {}),
+        "unix": (f"unix://:{SECRET}@{server.socket}?db=0&prefix={prefix}", {}),
+        "environment": (f"redis://{host}/0?prefix={prefix}", {"TFMM_REDIS_PASSWORD": SECRET}),
+    }
+
+
+def _leaks(root, *texts):
+    """Files under `root` (any bytes: TensorBoard events, SavedModels) and texts holding
+    the password."""
+    found = [str(p) for p in root.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    return found + [t[-300:] for t in texts if SECRET in t]
+
+
+@pytest.fixture(scope="module")
+def locked(tmp_path_factory):
+    """A password-protected Redis, and a CTR run (pre-training the encoder into the empty
+    index first) given the password in the URL's ``?password=``."""
+    root = tmp_path_factory.mktemp("locked")
+    server = RedisServer(root, password=SECRET)
+    url, _ = _secret_urls(server, "full")["query"]
+    runs = root / "runs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfmm.train", "--flagfile=configs/ctr.flags", "--world=tiny",
+         f"--data_dir={root}/tiny", f"--model_dir={runs}/ctr", f"--export_dir={runs}/ranker",
+         f"--index={url}", f"--pretrain_model_dir={runs}/pretrain",
+         f"--encoder_export_dir={runs}/encoder", "--model=simtier", "--pretrain_epochs=1",
+         "--pretrain_batch_size=32", "--queue_size=128", "--dim=8", "--embedding_dim=8",
+         "--attention_units=8", "--mlp_units=16", "--batch_size=256"],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    yield server, root, proc
+    server.stop()
+
+
+def test_a_ctr_and_pretraining_run_write_no_password(locked):
+    server, root, proc = locked
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the index redis://127.0.0.1" in proc.stdout and "password=***" in proc.stdout
+    runs = root / "runs"
+    for job in ("ctr", "pretrain"):
+        config = json.load(open(runs / job / "metrics.json"))["config"]
+        assert config["index"].endswith("/0?password=***&prefix=full")
+        assert list((runs / job / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+    assert (runs / "ctr" / "config.json").exists() and list((runs / "ranker").iterdir())
+    assert not _leaks(runs, proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("form", ["userinfo", "user", "query", "unix", "environment"])
+def test_no_url_form_shows_the_password(locked, form, monkeypatch):
+    server, root, _ = locked
+    empty, env = _secret_urls(server, "empty")[form]
+    full, _ = _secret_urls(server, "full")[form]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    index = open_index(full)
+    assert index.count() > 0 and SECRET not in repr(index) + redact(full)
+    # A wrong password is refused without echoing it.
+    wrong = full.replace(SECRET, "Wr0ng-pw") if not env else full + "&password=Wr0ng-pw"
+    with pytest.raises(IndexUnavailable) as refused:
+        open_index(wrong)
+    assert "refused the credentials" in str(refused.value) and "Wr0ng" not in str(refused.value)
+    # The CLI's error for an empty index and its output for a full one.
+    cli = [sys.executable, "-m", "tfmm.serving.predict", f"--data_dir={root}/tiny",
+           f"--export_dir={root}/runs/ranker"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env)
+    failed = subprocess.run(cli + [f"--index={empty}"], capture_output=True, text=True,
+                            env=env)
+    assert failed.returncode != 0 and "holds no vectors" in failed.stderr.splitlines()[-1]
+    ranked = subprocess.run(cli + [f"--index={full}"], capture_output=True, text=True,
+                            env=env)
+    assert ranked.returncode == 0, ranked.stderr[-2000:]
+    assert not _leaks(root / "runs", failed.stdout, failed.stderr, ranked.stdout,
+                      ranked.stderr)
+
+
+def test_the_clis_name_a_corrupt_index_file(locked, tmp_path):
+    """Training and the encoder service (as the predictor, tests/test_predictor.py)."""
+    _, root, _ = locked
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not an index " * 1000)
+    for cli in (["tfmm.train", "--flagfile=configs/ctr.flags", f"--data_dir={root}/tiny",
+                 f"--model_dir={tmp_path}/ctr", f"--pretrain_model_dir={tmp_path}/pretrain"],
+                ["tfmm.serving.encoder", f"--encoder={root}/runs/encoder",
+                 f"--events={tmp_path}/events.db"]):
+        proc = subprocess.run([sys.executable, "-m", *cli, f"--index={garbage}"],
+                              capture_output=True, text=True,
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == (
+            f"--index: {garbage} is not a valid index: the SQLite file is corrupt or not a "
+            "database (file is not a database)."), proc.stderr[-2000:]

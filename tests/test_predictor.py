@@ -96,8 +96,10 @@ def test_backends_score_like_the_keras_model(world, method, backend, signature):
         got = p.predict(request)
         assert got.dtype == np.float32 and got.shape == (len(request.candidate_item_ids),)
         np.testing.assert_allclose(got, expected(world, method, request), rtol=0, atol=1e-5)
-    missing = 0 if method == "id" else 2  # MISSING and 1000
-    assert p.stats == {"requests": 4, "candidates": 10, "missing_vectors": missing}
+    # Distinct items of the 4 requests: 10 (the recent 5 and 5 candidates), 2, 2 and 3.
+    looked_up, missing = (0, 0) if method == "id" else (17, 2)  # MISSING and 1000
+    assert p.stats == {"requests": 4, "candidates": 10, "vectors_looked_up": looked_up,
+                       "missing_vectors": missing}
 
 
 def test_a_redis_index_serves_the_vectors(world, redis_url):
@@ -108,6 +110,37 @@ def test_a_redis_index_serves_the_vectors(world, redis_url):
         np.testing.assert_allclose(p.predict(request), expected(world, "simtier", request),
                                    atol=1e-5)
     assert p.stats["missing_vectors"] == 2
+
+
+def test_a_redis_index_emptied_under_the_predictor_is_warned_about(world, redis_server,
+                                                                   redis_url, caplog):
+    index = RedisIndex(redis_url, dim=D)
+    index.put(np.arange(2, MISSING), world["vectors"][2:MISSING])
+    p = Predictor(world["dirs"]["simtier"], index, item_categories=CATEGORIES)
+    caplog.set_level("WARNING", logger="tfmm.serving.predictor")
+    p.predict(REQUESTS[0])  # 1 of 10 items without a vector: no warning
+    assert not caplog.records
+    redis_server.flush()  # as a restart without persistence leaves it
+    for _ in range(3):
+        p.predict(REQUESTS[0])
+    assert p.stats == {"requests": 4, "candidates": 20, "vectors_looked_up": 40,
+                       "missing_vectors": 31}
+    [record] = caplog.records  # once, not once a request
+    assert record.getMessage().startswith(
+        f"10 of the 10 items of a request have no vector in {index} and were scored with zeros")
+    assert "'missing_vectors': 11" in record.getMessage()
+
+
+def test_an_index_of_another_catalogue_is_refused(world, tmp_path):
+    index = SQLiteIndex(tmp_path / "other.db", dim=D)
+    index.put([2], world["vectors"][2:3])
+    model = world["dirs"]["simtier"]
+    Predictor(model, index, item_categories=CATEGORIES, catalogue="xyz")  # not claimed yet
+    index.claim("abc")
+    Predictor(model, index, item_categories=CATEGORIES, catalogue="abc")
+    with pytest.raises(ValueError, match=r"other.db, dim=8\) holds vectors of another "
+                                         r"catalogue \(abc, not xyz\)"):
+        Predictor(model, index, item_categories=CATEGORIES, catalogue="xyz")
 
 
 @pytest.mark.parametrize("signature", ["rank", "serving_default"])
@@ -282,11 +315,40 @@ def test_cli_ranks_candidates_with_the_default_paths(tmp_path):
     assert len(lines) <= 10, lines
     assert "(test impression 0)" in lines[1] and "200 candidates" in lines[1]
     assert "items without a vector: " in lines[2]
-    top = [float(line.split()[-1]) for line in lines[4:7]]
+    top = [float(line.split()[-1]) for line in lines[5:8]]
     assert top == sorted(top, reverse=True)
     assert lines[-1].startswith("the impression's item")
     lines = run("--user_id=3", "--history=5,6,7", f"--candidates=5,{items[-1] + 1}", "--top_k=2")
-    assert "items without a vector: 1" in lines[2] and len(lines) == 6
+    assert "items without a vector: 1" in lines[2] and len(lines) == 7
+    assert lines[3] == ("predictor totals: requests 2, candidates 4, vectors_looked_up 8, "
+                        "missing_vectors 2")
+
+    # Bad flags and bad indexes: one line naming the flag or the file.
+    real = tmp_path / "runs" / "tiny" / "index" / "vectors.db"
+    index.close()
+    other = SQLiteIndex(tmp_path / "other.db", dim=D)  # an index claimed by another catalogue
+    other.put(items, np.zeros((len(items), D)))
+    other.claim("0123456789abcdef")
+    (tmp_path / "garbage.db").write_bytes(b"not an index " * 1000)
+    (tmp_path / "cut.db").write_bytes(real.read_bytes()[:real.stat().st_size // 2])
+    fingerprint = schema.catalogue_fingerprint(data_dir)
+    for flags, message in [
+            (["--num_candidates=0"], "--num_candidates=0: want at least 1."),
+            (["--num_candidates=-5"], "--num_candidates=-5: want at least 1."),
+            ([f"--index={tmp_path}/other.db"], f"SQLiteIndex({tmp_path}/other.db, dim=8) holds "
+             f"vectors of another catalogue (0123456789abcdef, not {fingerprint}): its item "
+             "ids name other items."),
+            ([f"--index={tmp_path}/garbage.db"], f"--index: {tmp_path}/garbage.db is not a "
+             "valid index: the SQLite file is corrupt or not a database (file is not a "
+             "database)."),
+            ([f"--index={tmp_path}/cut.db"], f"--index: {tmp_path}/cut.db is not a valid "
+             "index: the SQLite file is corrupt or not a database (database disk image is "
+             "malformed)."),
+    ]:
+        out = subprocess.run([sys.executable, "-m", "tfmm.serving.predict", "--world=tiny",
+                              *flags], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and out.stderr.splitlines()[-1] == message, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
 
 
 def test_signature_choice_and_a_missing_one_is_named(world):

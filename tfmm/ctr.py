@@ -244,13 +244,17 @@ def train_counts(config, num_items):
 
 def load_vectors(config, num_items, pretrain_config=None):
     """The index table's vectors, pre-training the encoder first when it is empty."""
-    if is_empty(config.index):
+    try:
+        empty = is_empty(config.index)
+    except ValueError as e:  # a corrupt index file
+        raise SettingsError(f"--index: {e}") from None
+    if empty:
         if pretrain_config is None:
-            raise SettingsError(f"--index={config.index} holds no vectors; run --task=pretrain "
-                                "first or pass a pre-training config.")
+            raise SettingsError(f"--index={redact(config.index)} holds no vectors; run "
+                                "--task=pretrain first or pass a pre-training config.")
         from tfmm import pretrain
 
-        print(f"the index {config.index} is empty: pre-training the encoder first ...",
+        print(f"the index {redact(config.index)} is empty: pre-training the encoder first ...",
               flush=True)
         pretrain.run(dataclasses.replace(pretrain_config, index=config.index))
     index = open_index(config.index)

@@ -9,6 +9,7 @@ file path or a ``redis://`` URL.
 """
 
 import contextlib
+import json
 import os
 import sqlite3
 import time
@@ -65,14 +66,21 @@ class VectorIndex:
         """
         raise NotImplementedError
 
+    def catalogue(self):
+        """The fingerprint `claim` recorded, or None when no writer claimed the index."""
+        raise NotImplementedError
+
     def snapshot(self, num_items):
-        """All vectors as a `tfmm.data.Vectors` table over dense ids [0, num_items)."""
+        """All vectors as a `tfmm.data.Vectors` table over dense ids [0, num_items),
+        read as of one moment: never part of a put."""
         from tfmm.data import Vectors
 
-        ids = self.ids()
-        ids = ids[ids < num_items]
-        vectors, _ = self.get(ids)
+        ids, vectors = self._items_below(num_items)
         return Vectors.from_items(ids, vectors, num_items, source=repr(self))
+
+    def _items_below(self, num_items):
+        """(ids, vectors) of every item with id < `num_items`, in one consistent read."""
+        raise NotImplementedError
 
     def check(self, ids, vectors):
         """Validated (ids int64 [n], vectors float32 [n, dim]); errors name the item."""
@@ -104,20 +112,35 @@ class SQLiteIndex(VectorIndex):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
                                    check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, "
-                         "vector BLOB NOT NULL, version INTEGER NOT NULL, updated_at REAL NOT NULL)")
-        row = self._db.execute("SELECT value FROM meta WHERE key='dim'").fetchone()
-        if row is None:
-            if dim is None:
-                raise IndexNotFound(f"{self.path}: a new index needs `dim`.")
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('dim', ?)", (str(int(dim)),))
+        with self._valid():
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, "
+                             "vector BLOB NOT NULL, version INTEGER NOT NULL, "
+                             "updated_at REAL NOT NULL)")
             row = self._db.execute("SELECT value FROM meta WHERE key='dim'").fetchone()
+            if row is None:
+                if dim is None:
+                    raise IndexNotFound(f"{self.path}: a new index needs `dim`.")
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('dim', ?)", (str(int(dim)),))
+                row = self._db.execute("SELECT value FROM meta WHERE key='dim'").fetchone()
         self.dim = int(row[0])
         if dim is not None and int(dim) != self.dim:
             raise ValueError(f"{self.path}: the index holds {self.dim}-d vectors, asked for {dim}.")
+
+    @contextlib.contextmanager
+    def _valid(self):
+        """SQLite's "file is not a database" and "malformed" errors as a ValueError naming
+        the file (they name none); they can surface at open or at any later read."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            if getattr(e, "sqlite_errorcode", None) not in (sqlite3.SQLITE_CORRUPT,
+                                                            sqlite3.SQLITE_NOTADB):
+                raise
+            raise ValueError(f"{self.path} is not a valid index: the SQLite file is corrupt "
+                             f"or not a database ({e}).") from None
 
     def __repr__(self):
         return f"SQLiteIndex({self.path}, dim={self.dim})"
@@ -138,12 +161,14 @@ class SQLiteIndex(VectorIndex):
         return version
 
     def _rows(self, ids, columns):
+        """{id: columns} of the `ids` in the index, in one statement: a statement reads one
+        snapshot of the file, so however many ids, never part of a put."""
         ids = np.asarray(ids, np.int64).reshape(-1)
-        found = {}
-        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-            chunk = [int(i) for i in ids[start:start + 900]]
-            query = f"SELECT id, {columns} FROM vectors WHERE id IN ({','.join('?' * len(chunk))})"
-            found.update((row[0], row[1:]) for row in self._db.execute(query, chunk))
+        query = (f"SELECT id, {columns} FROM vectors "
+                 "WHERE id IN (SELECT value FROM json_each(?))")
+        with self._valid():
+            found = {row[0]: row[1:]
+                     for row in self._db.execute(query, (json.dumps(ids.tolist()),))}
         return ids, found
 
     def get(self, ids):
@@ -163,32 +188,59 @@ class SQLiteIndex(VectorIndex):
         updated = np.array([rows.get(int(i), (0, np.nan))[1] for i in ids], np.float64)
         return version, updated
 
+    def _items_below(self, num_items):
+        with self._valid():
+            rows = self._db.execute("SELECT id, vector FROM vectors WHERE id < ? ORDER BY id",
+                                    (int(num_items),)).fetchall()
+        ids = np.array([r[0] for r in rows], np.int64)
+        vectors = np.frombuffer(b"".join(r[1] for r in rows), np.float32)
+        return ids, vectors.reshape(len(ids), self.dim)
+
     def ids(self):
-        return np.array([r[0] for r in self._db.execute("SELECT id FROM vectors ORDER BY id")],
-                        np.int64)
+        with self._valid():
+            rows = self._db.execute("SELECT id FROM vectors ORDER BY id").fetchall()
+        return np.array([r[0] for r in rows], np.int64)
 
     def count(self):
-        return int(self._db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0])
+        with self._valid():
+            return int(self._db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0])
 
     def claim(self, catalogue):
-        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('catalogue', ?)", (str(catalogue),))
-        held = self._db.execute("SELECT value FROM meta WHERE key='catalogue'").fetchone()[0]
+        with self._valid():
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('catalogue', ?)",
+                             (str(catalogue),))
+        held = self.catalogue()
         if held != str(catalogue):
             raise ValueError(f"{self.path} holds vectors of another catalogue ({held}, not "
                              f"{catalogue}); use another index for this data directory.")
+
+    def catalogue(self):
+        with self._valid():
+            row = self._db.execute("SELECT value FROM meta WHERE key='catalogue'").fetchone()
+        return None if row is None else row[0]
 
     def close(self):
         self._db.close()
 
 
 def redact(spec):
-    """`spec` with a URL's password replaced by ``***``: safe for logs and metrics files."""
-    parts = urllib.parse.urlsplit(str(spec))
-    if not is_redis(spec) or parts.password is None:
+    """`spec` with a Redis URL's password (``[user]:password@`` and ``?password=``) as
+    ``***``, the rest kept: safe for logs, metrics files and errors."""
+    if not is_redis(spec):
         return spec
-    user = f"{parts.username}:" if parts.username else ":"
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{user}***@{host}").geturl()
+    parts = urllib.parse.urlsplit(str(spec))
+    netloc, query = parts.netloc, urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if parts.password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:***@{host}"
+    if any(k == "password" for k, _ in query):
+        query = urllib.parse.urlencode([(k, "***" if k == "password" else v) for k, v in query],
+                                       safe="*")
+    else:
+        query = parts.query
+    # Joined by hand: urlunsplit drops the empty host of unix:///path.
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
 def redis_url(url=None):
@@ -197,10 +249,12 @@ def redis_url(url=None):
 
 
 def redis_client(url=None, retries=3, backoff=0.01, connect_timeout=0.5, timeout=5.0):
-    """A redis-py client for `url` and the server's "host:port" (for errors and logs).
+    """A redis-py client for `url` and the server's "host:port" or socket path (for errors
+    and logs: never the password).
 
     Args:
-      url: ``redis://[[user]:password@]host:port/db`` (also ``rediss://``);
+      url: ``redis://[[user]:password@]host:port/db`` (also ``rediss://``,
+        ``unix://[[user]:password@]/socket/path?db=0`` and ``?password=``);
         default `redis_url()`. Without a password in the URL,
         ``$TFMM_REDIS_PASSWORD`` is used, so it need not be on a command line.
       retries, backoff: a failed command is retried `retries` times after
@@ -218,7 +272,7 @@ def redis_client(url=None, retries=3, backoff=0.01, connect_timeout=0.5, timeout
         retry=Retry(ExponentialBackoff(cap=1.0, base=backoff), retries),
         socket_connect_timeout=connect_timeout, socket_timeout=timeout)
     options = client.connection_pool.connection_kwargs
-    return client, f"{options.get('host')}:{options.get('port')}"
+    return client, options.get("path") or f"{options.get('host')}:{options.get('port')}"
 
 
 # One atomic script: the version comes from INCR and is stamped on every item in
@@ -262,7 +316,7 @@ class RedisIndex(VectorIndex):
         object works again once the server is back.
     """
 
-    CHUNK = 10_000  # keys per MGET: long reads never block other clients for long
+    CHUNK = 10_000  # keys per MGET of a longer read (one MULTI/EXEC)
 
     def __init__(self, url=None, dim=None, prefix="tfmm", **client):
         parts = urllib.parse.urlsplit(redis_url(url))
@@ -311,16 +365,24 @@ class RedisIndex(VectorIndex):
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise IndexUnavailable(f"Redis index at {self.address} is unreachable: {e}") from e
 
-    def _mget(self, kind, ids):
+    def _mget(self, kind, ids, members=False):
+        """(ids, keys, values) of `kind` keys, and with `members` the id set, as of one
+        moment: a put between MGET chunks would otherwise show half of it."""
         ids = np.asarray(ids, np.int64).reshape(-1)
         keys = [f"{self.prefix}:{kind}:{i}" for i in ids.tolist()]
         with self._reachable():
-            if len(keys) <= self.CHUNK:
+            if len(keys) <= self.CHUNK and not members:
                 return ids, keys, self._redis.mget(keys) if keys else []
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = self._redis.pipeline(transaction=True)  # MULTI/EXEC
+            if members:
+                pipe.smembers(self._key("ids"))
             for start in range(0, len(keys), self.CHUNK):
                 pipe.mget(keys[start:start + self.CHUNK])
-            return ids, keys, [value for chunk in pipe.execute() for value in chunk]
+            replies = pipe.execute()
+        if not members:
+            return ids, keys, [value for chunk in replies for value in chunk]
+        values = [value for chunk in replies[1:] for value in chunk]
+        return ids, keys, values, np.array(sorted(int(m) for m in replies[0]), np.int64)
 
     def put(self, ids, vectors):
         """Writes all items or none, in one atomic script.
@@ -345,6 +407,9 @@ class RedisIndex(VectorIndex):
 
     def get(self, ids):
         ids, keys, blobs = self._mget("v", ids)
+        return self._vectors(keys, blobs)
+
+    def _vectors(self, keys, blobs):
         size = 4 * self.dim
         missing = bytes(size)
         for key, blob in zip(keys, blobs):
@@ -354,7 +419,21 @@ class RedisIndex(VectorIndex):
                                  "written by this index.")
         present = np.array([blob is not None for blob in blobs], bool)
         joined = bytearray(b"".join(missing if blob is None else blob for blob in blobs))
-        return np.frombuffer(joined, np.float32).reshape(len(ids), self.dim), present
+        return np.frombuffer(joined, np.float32).reshape(len(keys), self.dim), present
+
+    def _items_below(self, num_items):
+        ids = self.ids()
+        while True:
+            ids = ids[ids < num_items]
+            ids, keys, blobs, members = self._mget("v", ids, members=True)
+            members = members[members < num_items]
+            # The id set read in the same MULTI: a put that added ids since `ids` was read
+            # means reading again with them.
+            if np.isin(members, ids).all():
+                break
+            ids = members
+        vectors, present = self._vectors(keys, blobs)
+        return ids[present], vectors[present]
 
     def versions(self, ids):
         ids, _, stamps = self._mget("t", ids)
@@ -378,17 +457,22 @@ class RedisIndex(VectorIndex):
                              f"{catalogue}); use another index (or prefix) for this data "
                              "directory.")
 
+    def catalogue(self):
+        held = self._meta("catalogue")
+        return None if held is None else held.decode()
+
     def close(self):
         self._redis.close()
 
 
 def is_redis(spec):
     """Whether an index spec is a Redis URL (else a SQLite file path)."""
-    return str(spec).startswith(("redis://", "rediss://"))
+    return str(spec).startswith(("redis://", "rediss://", "unix://"))
 
 
 def open_index(spec, dim=None):
-    """The index at `spec`: a ``redis://`` URL (`RedisIndex`) or a file path (`SQLiteIndex`).
+    """The index at `spec`: a ``redis://``, ``rediss://`` or ``unix://`` URL (`RedisIndex`)
+    or a file path (`SQLiteIndex`).
 
     `dim` is needed to create a new index and checked against an existing one.
     """

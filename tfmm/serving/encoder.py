@@ -158,7 +158,10 @@ def main(argv):
         encoder = Encoder(FLAGS.encoder)
     except (OSError, ValueError) as e:
         sys.exit(f"--encoder={FLAGS.encoder}: {e}")
-    index = open_index(FLAGS.index, dim=encoder.dim)
+    try:
+        index = open_index(FLAGS.index, dim=encoder.dim)
+    except ValueError as e:  # a corrupt index file, another width
+        sys.exit(f"--index: {e}")
     events = open_events(FLAGS.events, reclaim_after=FLAGS.reclaim_after)
     print(f"encoder {encoder.path} ({encoder.modality} -> {encoder.dim}-d): {events} -> {index}",
           flush=True)

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfmm.data import schema  # noqa: E402
-from tfmm.index import is_empty, open_index  # noqa: E402
+from tfmm.index import IndexUnavailable, is_empty, open_index, redact  # noqa: E402
 from tfmm.serving.predictor import (Predictor, Request, ServingError, item_categories,  # noqa: E402
                                     open_model)
 
@@ -77,6 +77,8 @@ def main(argv):
                              "give one.")
     if FLAGS.history and FLAGS.user_id is None:
         raise app.UsageError("--history needs --user_id.")
+    if FLAGS.num_candidates < 1 and not FLAGS.candidates:
+        raise app.UsageError(f"--num_candidates={FLAGS.num_candidates}: want at least 1.")
     data_dir = FLAGS.data_dir or os.path.join("data", FLAGS.world)
     runs = os.path.join("runs", os.path.basename(os.path.normpath(data_dir)))
     index_spec = FLAGS.index or os.path.join(runs, "index", "vectors.db")
@@ -91,10 +93,18 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     index = None
     if any(k in model.inputs for k in ("item_vector", "history_vectors")):
-        if is_empty(index_spec):
-            raise app.UsageError(f"--index={index_spec} holds no vectors; {model} needs them.")
-        index = open_index(index_spec)
-    predictor = Predictor(model, index, item_categories=categories)
+        try:
+            if is_empty(index_spec):
+                raise app.UsageError(f"--index={redact(index_spec)} holds no vectors; {model} "
+                                     "needs them.")
+            index = open_index(index_spec)
+        except (ValueError, IndexUnavailable) as e:  # a corrupt file, a server down
+            raise app.UsageError(f"--index: {e}") from None
+    try:
+        predictor = Predictor(model, index, item_categories=categories,
+                              catalogue=schema.catalogue_fingerprint(data_dir))
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
 
     where, shown = "", None
     if FLAGS.user_id is None:
@@ -124,6 +134,7 @@ def main(argv):
     print(f"user {user}{where}: {len(history)} history items "
           f"(the ranker takes the last {predictor.max_history}), {len(candidates)} candidates")
     print(f"{took:.1f} ms a request; items without a vector: {missing} (scored with zeros)")
+    print("predictor totals: " + ", ".join(f"{k} {v}" for k, v in predictor.stats.items()))
     order = np.argsort(-p, kind="stable")
     print(f"{'rank':>4} {'item':>7} {'category':>8} {'P(click)':>9}")
     for rank, i in enumerate(order[:FLAGS.top_k], 1):

@@ -27,8 +27,10 @@ import collections
 import dataclasses
 import http.client
 import json
+import logging
 import os
 import threading
+import time
 import urllib.parse
 from typing import Mapping, Optional, Sequence
 
@@ -44,6 +46,8 @@ from tfmm.export import SIGNATURE, latest_version
 from tfmm.ranker import ID_INPUTS, RANK_SIGNATURE
 
 VECTOR_INPUTS = ("item_vector", "history_vectors")
+
+log = logging.getLogger("tfmm.serving.predictor")
 
 
 class ServingError(RuntimeError):
@@ -355,10 +359,19 @@ class Predictor:
         signature: with a spec, the signature to call (default: ``rank``
             when the model has it, else ``serving_default``); a `Model`
             brings its own (``model.signature``).
+        catalogue: the fingerprint of the catalogue the requests' item ids
+            come from (`tfmm.data.schema.catalogue_fingerprint`); an index
+            that `claim`-ed another catalogue is refused: its ids name other
+            items.
+        missing_warning: a request whose share of items without a vector
+            reaches this logs a warning (at most one a minute): an emptied
+            index (a Redis restarted without persistence) scores everything
+            with zeros and fails no request.
 
-    ``stats`` counts ``requests``, ``candidates`` and ``missing_vectors``
-    (distinct items of a request that had no vector in the index and were
-    scored with zeros). Safe to call from many threads.
+    ``stats`` counts ``requests``, ``candidates``, ``vectors_looked_up``
+    (distinct items of a request, history and candidates) and
+    ``missing_vectors`` (those with no vector in the index, scored with
+    zeros). Safe to call from many threads.
 
     Example:
 
@@ -368,7 +381,10 @@ class Predictor:
     array([0.031, 0.12 , 0.008], dtype=float32)
     """
 
-    def __init__(self, model, index=None, item_categories=None, signature=None):
+    WARN_EVERY = 60.0  # seconds between missing-vector warnings
+
+    def __init__(self, model, index=None, item_categories=None, signature=None, catalogue=None,
+                 missing_warning=0.5):
         self.model = (open_model(os.fspath(model), signature=signature)
                       if isinstance(model, (str, os.PathLike)) else model)
         # One row per user with C candidates (rank), or one row per candidate.
@@ -394,15 +410,24 @@ class Predictor:
             if index.dim != self.vector_dim:
                 raise ValueError(f"{index} holds {index.dim}-d vectors but {self.model} "
                                  f"takes {self.vector_dim}-d ones.")
+            held = None if catalogue is None else index.catalogue()
+            if held not in (None, catalogue):
+                raise ValueError(f"{index} holds vectors of another catalogue ({held}, not "
+                                 f"{catalogue}): its item ids name other items.")
         self.index = index
+        self.missing_warning = missing_warning
         self._categories = item_categories
         self._lock = threading.Lock()
-        self._stats = collections.Counter(requests=0, candidates=0, missing_vectors=0)
+        self._stats = collections.Counter(requests=0, candidates=0, vectors_looked_up=0,
+                                          missing_vectors=0)
+        self._next_warning = 0.0
 
     @classmethod
-    def from_data_dir(cls, model, data_dir, index=None):
-        """A predictor with the category ids of `data_dir`'s catalogue."""
-        return cls(model, index, item_categories=item_categories(data_dir))
+    def from_data_dir(cls, model, data_dir, index=None, **kwargs):
+        """A predictor with the category ids of `data_dir`'s catalogue, refusing an index
+        of another catalogue."""
+        return cls(model, index, item_categories=item_categories(data_dir),
+                   catalogue=schema.catalogue_fingerprint(data_dir), **kwargs)
 
     @property
     def stats(self):
@@ -432,6 +457,11 @@ class Predictor:
         vectors [1, C, d] and [1, L, d]; for ``serving_default``, C rows
         that repeat the history (views of one row, without copies).
         """
+        features, missing, _ = self._assemble(request)
+        return features, missing
+
+    def _assemble(self, request):
+        """`assemble`'s, and how many distinct items' vectors were looked up."""
         user = _ids(request.user_id, "user_id")
         if user.ndim != 0:
             raise ValueError(f"Request.user_id: want one id, got shape {user.shape}.")
@@ -467,7 +497,7 @@ class Predictor:
             "history_category_ids": rows(history_categories),
             "history_mask": rows(mask),
         }
-        missing = np.zeros(0, np.int64)
+        missing, keys = np.zeros(0, np.int64), ()
         if self.vector_dim:
             # One index round trip for the history and the candidates together.
             keys = np.unique(np.concatenate([history[mask], candidates]))
@@ -486,15 +516,26 @@ class Predictor:
         inputs = self.model.inputs
         features = {k: v.astype(inputs[k].dtype.as_numpy_dtype, copy=False)
                     for k, v in features.items() if k in inputs}
-        return features, missing
+        return features, missing, len(keys)
 
     def predict(self, request):
         """P(click) of each candidate of `request`: float32 [len(candidate_item_ids)]."""
-        features, missing = self.assemble(request)
+        features, missing, looked_up = self._assemble(request)
         n = len(request.candidate_item_ids)
         p = np.asarray(self.model(features) if n else [], np.float32).reshape(-1)
         if len(p) != n:
             raise ServingError(f"{self.model}: {len(p)} outputs for {n} candidates.")
+        now = time.monotonic()
         with self._lock:
-            self._stats.update(requests=1, candidates=n, missing_vectors=len(missing))
+            self._stats.update(requests=1, candidates=n, vectors_looked_up=looked_up,
+                               missing_vectors=len(missing))
+            warn = (looked_up and len(missing) >= self.missing_warning * looked_up
+                    and now >= self._next_warning)
+            if warn:
+                self._next_warning = now + self.WARN_EVERY
+                totals = dict(self._stats)
+        if warn:
+            log.warning("%d of the %d items of a request have no vector in %s and were scored "
+                        "with zeros (an emptied index?); totals %s", len(missing), looked_up,
+                        self.index, totals)
         return p
