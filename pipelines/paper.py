@@ -26,20 +26,24 @@ import time
 
 from absl import app, flags
 
+from tfmm import ctr, pretrain
+
 flags.DEFINE_enum("world", "small", ["tiny", "small", "large"], "World (generated if missing).")
 flags.DEFINE_string("data_dir", None, "Data directory (default data/<world>).")
 flags.DEFINE_string("out_dir", "results/paper", "Report: report.md, report.json, PNG plots.")
 flags.DEFINE_string("runs_dir", "runs/paper", "Model directories of every run (reused).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Ranker seeds of Table 3, Fig. 6(b) and the control.")
-flags.DEFINE_integer("pretrain_epochs", 2, "SCL epochs of the encoder behind Table 3.")
+flags.DEFINE_integer("pretrain_epochs", pretrain.PretrainConfig.epochs,
+                     "SCL epochs of the encoder behind Table 3.")
 flags.DEFINE_list("encoder_epochs", ["0", "1", "2", "4"], "SCL epochs of Fig. 6(a)'s encoders.")
-flags.DEFINE_integer("make_epochs", 3, "MAKE pre-training epochs in Table 3.")
-flags.DEFINE_bool("make_target_in_mlp", True, "MAKE's MLP also reads the target vector "
+flags.DEFINE_integer("make_epochs", ctr.CTRConfig.make_epochs,
+                     "MAKE pre-training epochs in Table 3.")
+flags.DEFINE_bool("make_target_in_mlp", ctr.CTRConfig.make_target_in_mlp, "MAKE's MLP also reads the target vector "
                   "(tfmm.ctr.CTRConfig); false: v_MAKE alone (paper eq. 4). Runs of each "
                   "setting are kept apart under --runs_dir.")
 flags.DEFINE_list("make_sweep", ["0", "1", "2", "3", "4"], "MAKE epochs of Fig. 6(c).")
 flags.DEFINE_integer("fig3_epochs", 4, "Epochs of Fig. 3's models.")
-flags.DEFINE_integer("batch_size", 512, "Ranker batch size.")
+flags.DEFINE_integer("batch_size", ctr.CTRConfig.batch_size, "Ranker batch size.")
 flags.DEFINE_list("methods", ["id", "vector", "simscore", "simtier", "make", "simtier_make",
                                 "simtier_make_ft"], "Table 3's rows (simtier_make_ft: MAKE "
                   "fine-tuned); id and simtier_make are needed for Fig. 6(b).")
@@ -54,7 +58,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tfmm import ctr, pretrain  # noqa: E402
 from tfmm.data import schema, world as world_lib  # noqa: E402
 from tfmm.data.synthetic import ensure_world, write_world  # noqa: E402
 from tfmm.index import open_index  # noqa: E402

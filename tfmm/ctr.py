@@ -47,6 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmm import data, metrics
+from tfmm.config import default_of
 from tfmm.data import schema
 from tfmm.export import export_saved_model
 from tfmm.index import is_empty, open_index, redact
@@ -80,16 +81,16 @@ class CTRConfig:
     make_trainable: bool = False
     make_dir: str = ""  # default <model_dir>/make; rankers may share one
     max_history: int = 0  # 0: the dataset's own
-    embedding_dim: int = 16
-    attention_units: tuple = (80, 40)
-    mlp_units: tuple = (200, 80)
-    make_units: tuple = (64, 32, 16, 1)
+    embedding_dim: int = default_of(DINRanker, "embedding_dim")
+    attention_units: tuple = default_of(DINRanker, "attention_units")
+    mlp_units: tuple = default_of(DINRanker, "mlp_units")
+    make_units: tuple = (64, 32, 16, 1)  # smaller than MAKEBlock's own: it trained better here
     # MAKE's MLP reads concat(v_MAKE, target), not eq. 4's v_MAKE alone: MAKE alone
     # reached test GAUC 0.6463 after 3 epochs against 0.5907 (small world, seed 0).
     make_target_in_mlp: bool = True
-    num_tiers: int = 10
-    simtier_output: str = "fraction"  # see tfmm.ranker.DINRanker
-    batch_norm: bool = False
+    num_tiers: int = default_of(DINRanker, "num_tiers")
+    simtier_output: str = default_of(DINRanker, "simtier_output")
+    batch_norm: bool = default_of(DINRanker, "batch_norm")
     refresh_vectors: bool = False  # re-read the index at every epoch (near-line)
     optimizer: str = "adam"
     learning_rate: float = 1e-3

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmm import data, metrics
+from tfmm.config import default_of
 from tfmm.data import schema
 from tfmm.export import export_saved_model
 from tfmm.index import open_index, redact
@@ -42,16 +43,16 @@ class PretrainConfig:
     index: str = ""
     modality: str = "image"
     objective: str = "scl"
-    queue_size: int = 4096
-    momentum: float = 0.999
-    triplet_weight: float = 1.0
-    margin: float = 0.2
-    temperature: float = 0.07
-    mask_own_positive: bool = True
-    positive_tower: str = "momentum"
-    dim: int = 128
-    backbone: str = "resnet_tiny"
-    image_size: int = 32
+    queue_size: int = 4096  # SCLModel's default is none
+    momentum: float = default_of(SCLModel, "momentum")
+    triplet_weight: float = default_of(SCLModel, "triplet_weight")
+    margin: float = default_of(SCLModel, "margin")
+    temperature: float = default_of(SCLModel, "temperature")
+    mask_own_positive: bool = default_of(SCLModel, "mask_own_positive")
+    positive_tower: str = default_of(SCLModel, "positive_tower")
+    dim: int = default_of(image_tower, "dim")
+    backbone: str = default_of(image_tower, "backbone")
+    image_size: int = default_of(image_tower, "image_size")
     epochs: int = 2
     batch_size: int = 128
     learning_rate: float = 1e-3

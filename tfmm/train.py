@@ -25,16 +25,19 @@ A refused run prints one line naming the flag, file or record and writes
 nothing.
 """
 
-import dataclasses
 import json
 import os
 import sys
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
-from tfmm import ctr, pretrain as pretraining  # noqa: E402
-from tfmm.ranker import METHODS  # noqa: E402
+from tfmm import ctr, pretrain as pretraining
+from tfmm.config import define_flags, from_flags
+from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
+from tfmm.ranker import METHODS
+from tfmm.scl import POSITIVE_TOWERS
 
+CTR, PRETRAIN = ctr.CTRConfig, pretraining.PretrainConfig
 TASKS = ("pretrain", "ctr")
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("task", "pretrain", TASKS, "What to train.")
@@ -51,44 +54,45 @@ flags.DEFINE_string("index", None, "Index table: a SQLite file (default "
                     "redis://host:port/db[?prefix=name] (password from $TFMM_REDIS_PASSWORD, "
                     "keeping it out of the command line and metrics.json); "
                     "'' to skip with --task=pretrain).")
-flags.DEFINE_integer("epochs", None, "Training epochs (default 2 for pretrain, 1 for ctr: "
-                     "ID rankers overfit from the second, paper Fig. 3).")
-flags.DEFINE_integer("batch_size", None, "Batch size (default 128 for pretrain, 512 for ctr).")
-flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
+# Their defaults differ by task: each config's own.
+flags.DEFINE_integer("epochs", None, f"Training epochs (default {PRETRAIN.epochs} for pretrain, "
+                     f"{CTR.epochs} for ctr: ID rankers overfit from the second, paper Fig. 3).")
+flags.DEFINE_integer("batch_size", None, f"Batch size (default {PRETRAIN.batch_size} for "
+                     f"pretrain, {CTR.batch_size} for ctr).")
+flags.DEFINE_float("learning_rate", CTR.learning_rate, "Learning rate.")
+flags.DEFINE_integer("seed", CTR.seed, "Random seed.")
 
-# --task=ctr
-flags.DEFINE_enum("model", "simtier_make", list(METHODS), "Ranker: the ID baseline or a "
-                  "multimodal method (paper §6.1.3).")
-flags.DEFINE_integer("make_epochs", 3, "Epochs MAKE is pre-trained alone (0: trained jointly).")
-flags.DEFINE_bool("make_trainable", False, "Fine-tune the pre-trained MAKE in the ranker "
-                  "(default: frozen).")
-flags.DEFINE_string("make_dir", "", "MAKE's pre-training directory (default <model_dir>/make); "
-                    "rankers that share one pre-train MAKE once.")
-flags.DEFINE_integer("max_history", 0, "History length L (0: the dataset's).")
-flags.DEFINE_integer("embedding_dim", 16, "ID embedding width.")
-flags.DEFINE_list("attention_units", ["80", "40"], "DIN attention MLP.")
-flags.DEFINE_list("mlp_units", ["200", "80"], "Ranker MLP.")
-flags.DEFINE_list("make_units", ["64", "32", "16", "1"], "MAKE's four MLP layers.")
-flags.DEFINE_bool("make_target_in_mlp", True, "MAKE's MLP reads concat(v_MAKE, target vector), "
-                  "as DIN's own head does; false: v_MAKE alone (paper eq. 4), which cannot "
-                  "tell which target it scores except through the attention weights.")
-flags.DEFINE_integer("num_tiers", 10, "SimTier tiers.")
-flags.DEFINE_enum("simtier_output", "fraction", ["counts", "log1p", "fraction"],
-                  "SimTier's histogram in the ranker: fractions of the history, log(1 + count) "
-                  "or raw counts (the paper's; they trained worse here).")
-flags.DEFINE_bool("batch_norm", False, "Batch-normalise the ranker's MLP input (as the DIN "
-                  "reference code does).")
-flags.DEFINE_bool("refresh_vectors", False, "Re-read the index table at every epoch, so "
-                  "vectors the encoder service writes meanwhile join training (near-line).")
-flags.DEFINE_enum("optimizer", "adam", list(ctr.OPTIMIZERS), "Ranker optimizer: adam is "
-                 "Keras 3's, whose second moment of an embedding row looked up n times in a "
-                 "batch sums n squares instead of squaring the sum; dense_adam is Adam's "
-                 "(as tf-keras'), and faster.")
-flags.DEFINE_integer("pretrain_epochs", 2, "Pre-training epochs when --task=ctr finds the "
-                     "index empty.", lower_bound=0)
-flags.DEFINE_integer("pretrain_batch_size", 128, "Its batch size.", lower_bound=1)
-flags.DEFINE_float("pretrain_learning_rate", 1e-3, "Its learning rate.")
+# --task=ctr: CTRConfig's fields.
+define_flags(CTR, {
+    "model": "Ranker: the ID baseline or a multimodal method (paper §6.1.3).",
+    "make_epochs": "Epochs MAKE is pre-trained alone (0: trained jointly).",
+    "make_trainable": "Fine-tune the pre-trained MAKE in the ranker (default: frozen).",
+    "make_dir": "MAKE's pre-training directory (default <model_dir>/make); rankers that "
+                "share one pre-train MAKE once.",
+    "max_history": "History length L (0: the dataset's).",
+    "embedding_dim": "ID embedding width.",
+    "attention_units": "DIN attention MLP.",
+    "mlp_units": "Ranker MLP.",
+    "make_units": "MAKE's four MLP layers.",
+    "make_target_in_mlp": "MAKE's MLP reads concat(v_MAKE, target vector), as DIN's own head "
+                          "does; false: v_MAKE alone (paper eq. 4), which cannot tell which "
+                          "target it scores except through the attention weights.",
+    "num_tiers": "SimTier tiers.",
+    "simtier_output": "SimTier's histogram in the ranker: fractions of the history, "
+                      "log(1 + count) or raw counts (the paper's; they trained worse here).",
+    "batch_norm": "Batch-normalise the ranker's MLP input (as the DIN reference code does).",
+    "refresh_vectors": "Re-read the index table at every epoch, so vectors the encoder "
+                       "service writes meanwhile join training (near-line).",
+    "optimizer": "Ranker optimizer: adam is Keras 3's, whose second moment of an embedding "
+                 "row looked up n times in a batch sums n squares instead of squaring the "
+                 "sum; dense_adam is Adam's (as tf-keras'), and faster.",
+}, choices={"model": METHODS, "simtier_output": SIMTIER_OUTPUTS,
+            "optimizer": list(ctr.OPTIMIZERS)})
+flags.DEFINE_integer("pretrain_epochs", PRETRAIN.epochs, "Pre-training epochs when --task=ctr "
+                     "finds the index empty.", lower_bound=0)
+flags.DEFINE_integer("pretrain_batch_size", PRETRAIN.batch_size, "Its batch size.",
+                     lower_bound=1)
+flags.DEFINE_float("pretrain_learning_rate", PRETRAIN.learning_rate, "Its learning rate.")
 # Checked when parsed: PretrainConfig's own errors would name --epochs etc.
 flags.register_validator("pretrain_learning_rate", lambda v: v > 0, "must be > 0")
 flags.DEFINE_string("pretrain_model_dir", None, "Its model directory (default "
@@ -96,21 +100,25 @@ flags.DEFINE_string("pretrain_model_dir", None, "Its model directory (default "
 flags.DEFINE_string("encoder_export_dir", None, "Where it exports the encoder (default "
                     "runs/<dataset>/export/encoder).")
 
-# --task=pretrain, and the pre-training --task=ctr runs when the index is empty
-flags.DEFINE_enum("modality", "image", ["image", "text"], "Which tower to pre-train.")
-flags.DEFINE_enum("objective", "scl", ["random", "generic", "scl"], "Pre-training objective.")
-flags.DEFINE_integer("queue_size", 4096, "MoCo queue size K (0: in-batch negatives only).")
-flags.DEFINE_float("momentum", 0.999, "EMA momentum of the key tower.")
-flags.DEFINE_float("triplet_weight", 1.0, "Weight of the hard-negative triplet loss (0: off).")
-flags.DEFINE_float("margin", 0.2, "Triplet margin.")
-flags.DEFINE_float("temperature", 0.07, "Initial InfoNCE temperature (learned).")
-flags.DEFINE_bool("mask_own_positive", True, "Leave a query's own item out of its negatives.")
-flags.DEFINE_enum("positive_tower", "momentum", ["momentum", "query"], "With MoCo, the tower "
-                  "that encodes the batch's positives: the key tower (MoCo) or the query "
-                  "tower, with gradient (the key tower then only fills the queue).")
-flags.DEFINE_integer("dim", 128, "Vector dimension d.")
-flags.DEFINE_string("backbone", "resnet_tiny", "KerasHub backbone config name or preset.")
-flags.DEFINE_integer("image_size", 32, "Backbone input size (images are resized to it).")
+# --task=pretrain, and the pre-training --task=ctr runs when the index is empty:
+# PretrainConfig's fields.
+define_flags(PRETRAIN, {
+    "modality": "Which tower to pre-train.",
+    "objective": "Pre-training objective.",
+    "queue_size": "MoCo queue size K (0: in-batch negatives only).",
+    "momentum": "EMA momentum of the key tower.",
+    "triplet_weight": "Weight of the hard-negative triplet loss (0: off).",
+    "margin": "Triplet margin.",
+    "temperature": "Initial InfoNCE temperature (learned).",
+    "mask_own_positive": "Leave a query's own item out of its negatives.",
+    "positive_tower": "With MoCo, the tower that encodes the batch's positives: the key tower "
+                      "(MoCo) or the query tower, with gradient (the key tower then only "
+                      "fills the queue).",
+    "dim": "Vector dimension d.",
+    "backbone": "KerasHub backbone config name or preset.",
+    "image_size": "Backbone input size (images are resized to it).",
+}, choices={"modality": pretraining.MODALITIES, "objective": pretraining.OBJECTIVES,
+            "positive_tower": POSITIVE_TOWERS})
 
 
 def fail(message):
@@ -133,19 +141,10 @@ def data_dir():
 
 
 def _config(cls, names, **fixed):
-    """A config dataclass from the flags of the same names, then `fixed`."""
-    fields = {f.name for f in dataclasses.fields(cls)} & set(names)
-    values = {k: FLAGS[k].value for k in fields if k not in fixed}
-    for k in ("attention_units", "mlp_units", "make_units"):
-        if k in values:
-            try:
-                values[k] = tuple(int(u) for u in values[k])
-            except ValueError:
-                fail(f"--{k}={','.join(values[k])}: want integers.")
-    config = cls(**values, **fixed)
-    try:
-        return config.validate()
-    except ValueError as e:  # bad flag values: one line naming the flag, not a trace
+    """A config dataclass from the flags of the same names, then `fixed`, validated."""
+    try:  # bad flag values: one line naming the flag, not a trace
+        return from_flags(cls, FLAGS, names, **fixed).validate()
+    except ValueError as e:
         fail(str(e))
 
 
@@ -163,7 +162,7 @@ def _verbose():
 
 
 def pretrain_config(data_dir, model_dir, export_dir, epochs, batch_size, learning_rate):
-    return _config(pretraining.PretrainConfig, list(FLAGS), data_dir=data_dir,
+    return _config(PRETRAIN, list(FLAGS), data_dir=data_dir,
                    model_dir=model_dir, export_dir=export_dir, epochs=epochs,
                    batch_size=batch_size, learning_rate=learning_rate, verbose=_verbose(),
                    index=_default("index", _runs(data_dir, "index", "vectors.db")))
@@ -173,7 +172,8 @@ def run_pretrain():
     path = data_dir()
     config = pretrain_config(path, _default("model_dir", _runs(path, "pretrain")),
                              _default("export_dir", _runs(path, "export", "encoder")),
-                             _default("epochs", 2), _default("batch_size", 128),
+                             _default("epochs", PRETRAIN.epochs),
+                             _default("batch_size", PRETRAIN.batch_size),
                              FLAGS.learning_rate)
     result = pretraining.run(config)
     summary = {k: v for k, v in result.items() if k not in ("history", "config")}
@@ -183,11 +183,12 @@ def run_pretrain():
 
 def run_ctr():
     path = data_dir()
-    config = _config(ctr.CTRConfig, list(FLAGS), data_dir=path, verbose=_verbose(),
+    config = _config(CTR, list(FLAGS), data_dir=path, verbose=_verbose(),
                      model_dir=_default("model_dir", _runs(path, "ctr")),
                      export_dir=_default("export_dir", _runs(path, "export", "ranker")),
                      index=_default("index", _runs(path, "index", "vectors.db")),
-                     epochs=_default("epochs", 1), batch_size=_default("batch_size", 512))
+                     epochs=_default("epochs", CTR.epochs),
+                     batch_size=_default("batch_size", CTR.batch_size))
     encoder = None if config.model == "id" else pretrain_config(
         path, _default("pretrain_model_dir", _runs(path, "pretrain")),
         _default("encoder_export_dir", _runs(path, "export", "encoder")), FLAGS.pretrain_epochs,
