@@ -28,7 +28,7 @@ missing table is first filled by running the pre-training given as
 jointly with the ranker, from scratch), then frozen or, with
 ``make_trainable``, fine-tuned. A killed run resumes: MAKE's pre-trained
 weights are kept, and the ranker restarts from its last finished epoch; the
-per-epoch metrics list every epoch once (`tfmm.resume.EpochRecord`). A run
+per-epoch metrics list every epoch once (`tfmm.callbacks.EpochRecord`). A run
 that is refused (settings, data, index) writes nothing.
 
 The vectors are a snapshot of the index taken at the start; with
@@ -55,7 +55,7 @@ from tfmm.layers import MAKEBlock
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.optimizers import DenseGradientAdam
 from tfmm.ranker import METHODS, DINRanker, build_make_pretrainer
-from tfmm.resume import EpochRecord, write_json
+from tfmm.callbacks import EpochRecord, RefreshVectors, write_json
 
 # "adam" is Keras 3's, whose update for an embedding table's sparse gradient is
 # not Adam's (see DenseGradientAdam); "dense_adam" is Adam's, and faster. The
@@ -196,27 +196,6 @@ class EpochEvaluation(EpochRecord):
         print(f"epoch {epoch + 1} test: " + ", ".join(
             f"{k} {v:.4f}" for k, v in values.items() if k != "gauc_groups"), flush=True)
         return values
-
-
-class RefreshVectors(keras.callbacks.Callback):
-    """Copies a new snapshot of the index into the live vectors before each epoch.
-
-    Datasets joined with `live` (`tfmm.data.Vectors.live`) read it when an
-    epoch's iterator starts, which Keras does after ``on_epoch_begin``.
-    """
-
-    def __init__(self, index, live):
-        super().__init__()
-        self.index, self.live = index, live
-        self.values = []
-
-    def on_train_begin(self, logs=None):
-        self.values = []  # MAKE's pre-training and the ranker each report their own
-
-    def on_epoch_begin(self, epoch, logs=None):
-        snapshot = self.index.snapshot(self.live.table.shape[0])
-        self.live.refresh(snapshot)
-        self.values.append({"epoch": epoch + 1, "items_with_vectors": int(snapshot.present.sum())})
 
 
 def check_data(config):

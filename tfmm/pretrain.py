@@ -27,7 +27,7 @@ from tfmm.config import default_of
 from tfmm.data import schema
 from tfmm.export import export_saved_model
 from tfmm.index import open_index, redact
-from tfmm.resume import EpochRecord, write_json
+from tfmm.callbacks import EpochRecord, write_json
 from tfmm.scl import POSITIVE_TOWERS, SCLModel
 from tfmm.towers import image_tower, text_tower, vocabulary_of
 

@@ -1,4 +1,11 @@
-"""Per-epoch records that survive a kill, next to Keras' `BackupAndRestore`.
+"""Keras callbacks of tfmm's jobs that any Keras training can reuse.
+
+- `EpochRecord`: per-epoch records that survive a kill, next to Keras'
+  `BackupAndRestore` (below).
+- `RefreshVectors`: a new snapshot of the index table before every epoch, for
+  datasets that read live vectors (near-line training).
+- `MomentumQueueCallback` (`tfmm.momentum_queue`): MoCo's key-tower EMA and
+  queue, switched on for `SCLModel` training.
 
 `BackupAndRestore` marks an epoch done when its backup is written; a record
 written after that (test metrics, losses, an epoch's weights) is lost when the
@@ -12,6 +19,10 @@ import json
 import os
 
 import keras
+
+from tfmm.momentum_queue import MomentumQueueCallback
+
+__all__ = ["EpochRecord", "MomentumQueueCallback", "RefreshVectors", "write_json"]
 
 
 def write_json(path, value):
@@ -67,3 +78,24 @@ class EpochRecord(keras.callbacks.Callback):
             os.replace(partial, path)
         self.values.append({"epoch": epoch + 1, **self.epoch_values(epoch, logs)})
         write_json(self.path, self.values)
+
+
+class RefreshVectors(keras.callbacks.Callback):
+    """Copies a new snapshot of the index into the live vectors before each epoch.
+
+    Datasets joined with `live` (`tfmm.data.Vectors.live`) read it when an
+    epoch's iterator starts, which Keras does after ``on_epoch_begin``.
+    """
+
+    def __init__(self, index, live):
+        super().__init__()
+        self.index, self.live = index, live
+        self.values = []
+
+    def on_train_begin(self, logs=None):
+        self.values = []  # MAKE's pre-training and the ranker each report their own
+
+    def on_epoch_begin(self, epoch, logs=None):
+        snapshot = self.index.snapshot(self.live.table.shape[0])
+        self.live.refresh(snapshot)
+        self.values.append({"epoch": epoch + 1, "items_with_vectors": int(snapshot.present.sum())})

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from tfmm.resume import EpochRecord
+from tfmm.callbacks import EpochRecord
 
 
 class Killed(Exception):
