@@ -63,13 +63,22 @@ def test_cli_trains_exports_and_indexes(tiny_dir, tmp_path):
     assert result["acc@5"] == pytest.approx(want["acc@5"], abs=1e-9)
 
 
-def test_bad_flags_are_usage_errors(tiny_dir, tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--queue_size=100", "--batch_size=32"],
+     "--queue_size=100 must be a multiple of --batch_size=32."),
+    # The library's own checks (SCLModel, MomentumQueueCallback), in flag terms.
+    (["--temperature=0.001"], "--temperature=0.001 must be > 0 with 1/temperature <= 100.0."),
+    (["--momentum=1.0"], "--momentum=1.0 must be in [0, 1)."),
+    (["--triplet_weight=-1"], "--triplet_weight=-1.0 must be >= 0."),
+])
+def test_bad_flags_are_one_line_errors(tiny_dir, tmp_path, flags, message):
     proc = subprocess.run(
         [sys.executable, "-m", "tfmm.train", "--task=pretrain", f"--data_dir={tiny_dir}",
-         f"--model_dir={tmp_path}/m", "--queue_size=100", "--batch_size=32"],
+         f"--model_dir={tmp_path}/m", *flags],
         capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    assert proc.returncode != 0
-    assert "--queue_size=100 must be a multiple of --batch_size=32" in proc.stderr
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in proc.stderr and not (tmp_path / "m").exists()
 
 
 def test_killed_run_keeps_every_epochs_losses(tiny_dir, tmp_path):

@@ -8,6 +8,7 @@ flag of each field, so a default changes in one place.
 
 import dataclasses
 import inspect
+import re
 
 from absl import flags
 
@@ -58,3 +59,11 @@ def from_flags(cls, flag_values, names, **fixed):
                 raise ValueError(f"--{name}={','.join(value)}: want integers.") from None
         values[name] = value
     return cls(**values, **fixed)
+
+
+def as_flags(error, names):
+    """A library error in flag terms: ``Class: name=value ...`` becomes
+    ``--name=value ...`` for each of `names` (the settings that are flags)."""
+    message = re.sub(r"^\w+: ", "", str(error))
+    pattern = r"(?<![\w-])(%s)=" % "|".join(map(re.escape, names))
+    return re.sub(pattern, r"--\1=", message)

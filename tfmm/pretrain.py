@@ -23,12 +23,13 @@ import numpy as np
 import tensorflow as tf
 
 from tfmm import data, metrics
-from tfmm.config import default_of
+from tfmm.callbacks import EpochRecord, write_json
+from tfmm.config import as_flags, default_of
 from tfmm.data import schema
 from tfmm.export import export_saved_model
 from tfmm.index import open_index, redact
-from tfmm.callbacks import EpochRecord, write_json
-from tfmm.scl import POSITIVE_TOWERS, SCLModel
+from tfmm.momentum_queue import MomentumQueueCallback
+from tfmm.scl import SCLModel, check_arguments
 from tfmm.towers import image_tower, text_tower, vocabulary_of
 
 OBJECTIVES = ("random", "generic", "scl")
@@ -72,9 +73,12 @@ class PretrainConfig:
         if self.queue_size and self.queue_size % self.batch_size:
             raise ValueError(f"--queue_size={self.queue_size} must be a multiple of "
                              f"--batch_size={self.batch_size}.")
-        if self.positive_tower not in POSITIVE_TOWERS:
-            raise ValueError(f"--positive_tower={self.positive_tower!r} is not one of "
-                             f"{POSITIVE_TOWERS}.")
+        try:  # the library's own checks, in flag terms
+            check_arguments(triplet_weight=self.triplet_weight, temperature=self.temperature,
+                            positive_tower=self.positive_tower)
+            MomentumQueueCallback(self.momentum)
+        except ValueError as e:
+            raise ValueError(as_flags(e, [f.name for f in dataclasses.fields(self)])) from None
         if self.objective == "generic" and self.triplet_weight:
             raise ValueError("--objective=generic has no hard negatives: set --triplet_weight=0.")
         return self

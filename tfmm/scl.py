@@ -69,6 +69,20 @@ def triplet(query, positive, negative, margin):
                       + tf.reduce_sum(query * negative, -1))
 
 
+def check_arguments(triplet_weight=1.0, temperature=0.07, max_inverse_temperature=100.0,
+                    positive_tower="momentum"):
+    """`SCLModel`'s checks of its scalar arguments, for callers that validate
+    settings before building towers; ValueError names the argument."""
+    if positive_tower not in POSITIVE_TOWERS:
+        raise ValueError(f"SCLModel: positive_tower={positive_tower!r} is not one of "
+                         f"{POSITIVE_TOWERS}.")
+    if temperature <= 0 or 1.0 / temperature > max_inverse_temperature:
+        raise ValueError(f"SCLModel: temperature={temperature} must be > 0 with 1/temperature "
+                         f"<= {max_inverse_temperature}.")
+    if triplet_weight < 0:
+        raise ValueError(f"SCLModel: triplet_weight={triplet_weight} must be >= 0.")
+
+
 @register
 class SCLModel(keras.Model):
     """Trains `tower` (the query tower) with SCL; the tower is what gets exported.
@@ -100,14 +114,9 @@ class SCLModel(keras.Model):
                  max_inverse_temperature=100.0, mask_own_positive=True,
                  positive_tower="momentum", **kwargs):
         super().__init__(**kwargs)
-        if positive_tower not in POSITIVE_TOWERS:
-            raise ValueError(f"SCLModel: positive_tower={positive_tower!r} is not one of "
-                             f"{POSITIVE_TOWERS}.")
-        if temperature <= 0 or 1.0 / temperature > max_inverse_temperature:
-            raise ValueError(f"SCLModel: temperature={temperature} must be > 0 with 1/temperature <= "
-                             f"{max_inverse_temperature}.")
-        if triplet_weight < 0:
-            raise ValueError(f"SCLModel: triplet_weight={triplet_weight} must be >= 0.")
+        check_arguments(triplet_weight=triplet_weight, temperature=temperature,
+                        max_inverse_temperature=max_inverse_temperature,
+                        positive_tower=positive_tower)
         self.tower = tower
         self.dim = int(tower.output_shape[-1])
         self.triplet_weight = float(triplet_weight)
