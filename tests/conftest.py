@@ -6,6 +6,27 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The `tiny` synthetic world's data directory, generated once per session and
+    shared: a test that changed it would fail the session (checked at the end)."""
+    import hashlib
+
+    from tfmm.data import world as world_lib
+    from tfmm.data.synthetic import write_world
+
+    out = tmp_path_factory.mktemp("worlds") / "tiny"
+    write_world(world_lib.generate(world_lib.PRESETS["tiny"]), out)
+
+    def digest():
+        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = digest()
+    yield str(out)
+    assert digest() == before, f"a test changed the shared tiny world {out}"
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

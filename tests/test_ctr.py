@@ -14,20 +14,12 @@ import tensorflow as tf
 
 from tfmm import ctr, data
 from tfmm.data import schema, world as world_lib
-from tfmm.data.synthetic import write_world
 from tfmm.index import SQLiteIndex
 from tfmm.metrics import auc, gauc, logloss
 
 SMALL_MODEL = dict(embedding_dim=8, attention_units=(8,), mlp_units=(16,),
                    make_units=(16, 8, 4, 1), batch_size=256)
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ctr") / "tiny"
-    write_world(world_lib.generate(world_lib.PRESETS["tiny"]), out)
-    return str(out)
 
 
 @pytest.fixture(scope="module")

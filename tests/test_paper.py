@@ -3,13 +3,10 @@ import os
 import subprocess
 import sys
 
-from tfmm.data import world as world_lib
-from tfmm.data.synthetic import write_world
 
 
-def test_paper_report_on_tiny(tmp_path):
-    data_dir = tmp_path / "tiny"
-    write_world(world_lib.generate(world_lib.PRESETS["tiny"]), data_dir)
+def test_paper_report_on_tiny(tiny_dir, tmp_path):
+    data_dir = tiny_dir
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "pipelines.paper", f"--data_dir={data_dir}",
            f"--out_dir={out}", f"--runs_dir={tmp_path}/runs", "--seeds=0,1",

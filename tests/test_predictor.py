@@ -1,5 +1,6 @@
 """The online predictor: request assembly, the three backends, errors, concurrency."""
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -9,8 +10,7 @@ import numpy as np
 import pytest
 
 from tests.fake_tf_serving import FakeTFServing
-from tfmm.data import schema, world as world_lib
-from tfmm.data.synthetic import write_world
+from tfmm.data import schema
 from tfmm.export import export_saved_model
 from tfmm.index import RedisIndex, SQLiteIndex
 from tfmm.keras_compat import keras
@@ -293,10 +293,10 @@ def test_rest_row_format_and_metadata_as_tf_serving_prints_it(world):
     np.testing.assert_allclose(got, expected(world, "id", REQUESTS[1]), atol=1e-5)
 
 
-def test_cli_ranks_candidates_with_the_default_paths(tmp_path):
+def test_cli_ranks_candidates_with_the_default_paths(tiny_dir, tmp_path):
     """python -m tfmm.serving.predict in a directory laid out as tfmm.train leaves it."""
     data_dir = tmp_path / "data" / "tiny"
-    write_world(world_lib.generate(world_lib.PRESETS["tiny"]), data_dir)
+    shutil.copytree(tiny_dir, data_dir)
     meta = schema.read_metadata(data_dir)
     model = DINRanker(meta["vocab"], meta["max_history"], "simtier", vector_dim=D,
                          embedding_dim=4, attention_units=(8,), mlp_units=(8,))

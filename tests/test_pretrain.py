@@ -10,19 +10,11 @@ import pytest
 import tensorflow as tf
 
 from tfmm import data
-from tfmm.data import schema, world as world_lib
-from tfmm.data.synthetic import write_world
+from tfmm.data import schema
 from tfmm.index import SQLiteIndex
 from tfmm.metrics import acc_at_n
 from tfmm.pretrain import PretrainConfig, run, word_dropout
 from tests.test_ctr import ENV, _kill_after_backup
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pretrain") / "tiny"
-    write_world(world_lib.generate(world_lib.PRESETS["tiny"]), out)
-    return str(out)
 
 
 def test_cli_trains_exports_and_indexes(tiny_dir, tmp_path):

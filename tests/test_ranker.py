@@ -5,19 +5,11 @@ import pytest
 
 from tfmm import data
 from tfmm.data import schema, world as world_lib
-from tfmm.data.synthetic import write_world
 from tfmm.keras_compat import keras
 from tfmm.metrics import auc
 from tfmm.layers import MAKEBlock
 from tfmm.export import ranker_signatures
 from tfmm.ranker import DINRanker, build_make_pretrainer
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ranker") / "tiny"
-    write_world(world_lib.generate(world_lib.PRESETS["tiny"]), out)
-    return str(out)
 
 
 def test_din_ranker_trains_on_reader_batches(tiny_dir):

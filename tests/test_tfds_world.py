@@ -4,14 +4,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tfmm import data
-from tfmm.data import schema, world as world_lib
-from tfmm.data.synthetic import write_world
+from tfmm.data import schema
 import tfmm.data.tfds_world  # noqa: F401  (registers the builders)
 
 
-def test_tfds_builders_match_the_generated_directory(tmp_path):
-    out = tmp_path / "tiny"
-    write_world(world_lib.generate(world_lib.PRESETS["tiny"]), out)
+def test_tfds_builders_match_the_generated_directory(tiny_dir, tmp_path):
+    out = tiny_dir
     meta = schema.read_metadata(out)
     for name, splits in (("tfmm_world", {"train": "impressions/train", "test": "impressions/test"}),
                          ("tfmm_world_items", {"train": "items"}),
