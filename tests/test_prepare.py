@@ -319,3 +319,202 @@ def test_cli_reports_bad_input_in_one_line_and_keeps_old_output(inputs):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"{log}: row 7, column 'timestamp': '{10**30}' is outside the int64 range.")
     assert json.loads((out / "metadata.json").read_text()) == before
+
+
+def write_parquet(path, columns, compression="snappy"):
+    import pyarrow as pa  # a dependency: a broken install fails here, never skips
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path, compression=compression)
+    return str(path)
+
+
+def records(out, table):
+    """The raw tf.train.Examples of a table, as {feature: python value} dicts."""
+    meta = schema.read_metadata(out)
+    spec = schema.item_spec() if table == "items" else schema.triplet_spec()
+    return [{k: v.numpy() for k, v in tf.io.parse_single_example(r, spec).items()}
+            for r in tf.data.TFRecordDataset(schema.files(out, meta, table))]
+
+
+def test_items_may_lack_images_and_titles_and_parquet_is_known_by_name_or_content(inputs):
+    tmp, log, _, images = inputs
+    # Parquet nulls and empty strings are both "none"
+    columns = {"item_id": ["i1", "i2", "i3", "i4"], "category_id": ["mug", "mug", "lamp", "lamp"],
+               "title": ["red mug", "blue mug", None, ""],
+               "image": ["i1.png", None, "", "i4.png"]}
+    items = write_parquet(tmp / "items.parquet.snappy", columns)
+    meta = prepare(log, items, str(tmp / "out"), images_dir=images)
+    assert meta["missing"] == {"images": 2, "titles": 2}
+    written = records(str(tmp / "out"), "items")
+    png = {i: (tmp / "images" / f"{i}.png").read_bytes() for i in ("i1", "i4")}
+    assert [r["image"] for r in written] == [png["i1"], b"", b"", png["i4"]]
+    assert [r["title"] for r in written] == [b"red mug", b"blue mug", b"", b""]
+    batch = next(iter(data.items(str(tmp / "out"), batch_size=10)))
+    assert batch["has_image"].numpy().tolist() == [True, False, False, True]
+    assert not batch["image"].numpy()[1:3].any()  # zeros where there is none
+
+    # Any codec; by content when the name says nothing, or by a .pq name.
+    for name, codec in (("x.brotli", "brotli"), ("items.pq", "zstd"), ("i.parquet.gz", "gzip")):
+        prepare(log, write_parquet(tmp / name, columns, codec), str(tmp / name.replace(".", "_")),
+                images_dir=images)
+        assert filecmp.cmp(tmp / "out" / "items.tfrecord",
+                           tmp / name.replace(".", "_") / "items.tfrecord", shallow=False)
+
+    # A named file that is not there is a typo, not a missing image.
+    columns["image"][1] = "i9.png"
+    items = write_parquet(tmp / "items.parquet.snappy", columns)
+    with pytest.raises(ValueError, match=r"items.parquet.snappy: row 2, column 'image': image "
+                                         r"'i9.png' not found \(looked for .*images/i9.png\)"):
+        prepare(log, items, str(tmp / "out"), images_dir=images)
+    (tmp / "bad.parquet").write_text("item_id\ni1\n")
+    with pytest.raises(ValueError, match=r"bad.parquet: not a readable Parquet file"):
+        prepare(log, str(tmp / "bad.parquet"), str(tmp / "out"))
+
+
+def test_items_without_an_image_column_may_lack_files_but_not_all_of_them(inputs):
+    tmp, log, items, images = inputs
+    os.remove(os.path.join(images, "i2.png"))
+    meta = prepare(log, items, str(tmp / "out"), images_dir=images)
+    assert meta["missing"] == {"images": 1, "titles": 0}
+    assert [r["image"] == b"" for r in records(str(tmp / "out"), "items")] == [
+        False, True, False, False]
+    assert prepare(log, items, str(tmp / "no_dir"))["missing"] == {"images": 4, "titles": 0}
+    for name in os.listdir(images):
+        os.remove(os.path.join(images, name))
+    with pytest.raises(ValueError, match=r"items.csv: no item has an image in --images_dir="):
+        prepare(log, items, str(tmp / "out"), images_dir=images)
+
+
+def read_triplets(out, split):
+    t = next(iter(data.triplets(out, split, batch_size=100)))
+    names = vocab(out, "items")
+    return [(q.decode(), bool(has), names[p], names[n]) for q, has, p, n in zip(
+        t["query_text"].numpy(), t["has_query_image"].numpy(), t["positive_item_id"].numpy(),
+        t["negative_item_id"].numpy())], t["query_image"].numpy()
+
+
+def test_pairs_file_split_by_time_with_given_or_mined_negatives(inputs):
+    tmp, log, items, images = inputs
+    query = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    (tmp / "images" / "q.png").write_bytes(tf.io.encode_png(query).numpy())
+    header = ["query_text", "query_image", "item_id", "timestamp", "negative_item_id"]
+    rows = [("mug", "", "i2", 175, ""), ("red cup", "", "i1", 100, ""),
+            ("", "q.png", "i3", 180, "i1"), ("lamp", "q.png", "i4", 120, "")]
+    pairs = write_csv(tmp / "pairs.csv", header, rows, encoding="utf-8-sig")
+    meta = prepare(log, items, str(tmp / "out"), images_dir=images, test_fraction=0.25,
+                   pairs=pairs)
+    assert meta["split_timestamp"] == 170  # the impressions' split, for the pairs too
+    assert meta["pairs"] == {"source": pairs, "skipped_unknown": 0, "train": 2, "test": 2,
+                             "mined_negatives": 3, "seed": 0}
+    assert meta["counts"]["pretrain/train"] == 2 and meta["counts"]["pretrain/test"] == 2
+    # in time order; mined negatives are the positive's category's other item
+    train, train_images = read_triplets(str(tmp / "out"), "train")
+    assert train == [("red cup", False, "i1", "i2"), ("lamp", True, "i4", "i3")]
+    np.testing.assert_array_equal(train_images[1], query)
+    assert not train_images[0].any()
+    assert read_triplets(str(tmp / "out"), "test")[0] == [("mug", False, "i2", "i1"),
+                                                          ("", True, "i3", "i1")]
+
+    # Without timestamps: file order, the last --test_fraction of the rows are test.
+    # An unknown item fails, or with --unknown_items=oov its pair is skipped and counted.
+    rows = [r[:3] + r[4:] for r in rows] + [("vase", "", "i9", "")]
+    pairs = write_csv(tmp / "pairs.csv", header[:3] + header[4:], rows)
+    with pytest.raises(ValueError, match=r"pairs.csv: row 6, column 'item_id': 'i9' is not in "
+                                         r".*items.csv \(1 such rows; --unknown_items=oov "
+                                         r"skips those pairs\)"):
+        prepare(log, items, str(tmp / "out"), images_dir=images, pairs=pairs)
+    meta = prepare(log, items, str(tmp / "out"), images_dir=images, test_fraction=0.25,
+                   pairs=pairs, unknown_items="oov")
+    assert meta["pairs"]["skipped_unknown"] == 1
+    assert [t[2] for t in read_triplets(str(tmp / "out"), "train")[0]] == ["i2", "i1", "i3"]
+    assert [t[2] for t in read_triplets(str(tmp / "out"), "test")[0]] == ["i4"]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("mug", "i1", "i1")], r"pairs.csv: row 2, column 'negative_item_id': 'i1' is the pair's "
+                            r"own item_id"),
+    ([("mug", "i1", ""), ("", "i2", "")], r"pairs.csv: row 3: no query: both 'query_text' and "
+                                          r"'query_image' are empty"),
+    ([("mug", "i1", "i7")], r"pairs.csv: row 2, column 'negative_item_id': 'i7' is not in"),
+])
+def test_bad_pairs_are_named_by_row(inputs, rows, message):
+    tmp, log, items, _ = inputs
+    pairs = write_csv(tmp / "pairs.csv", ["query_text", "item_id", "negative_item_id"],
+                      rows + [("lamp", "i3", "")] * 3)
+    with pytest.raises(ValueError, match=message):
+        prepare(log, items, str(tmp / "out"), pairs=pairs)
+
+
+def test_mined_negatives_share_the_category_and_are_never_the_positive():
+    from tfmm.data.prepare import hard_negatives
+
+    # ids 2..7: categories 10, 10, 10, 11, 11, 12 (12 has no other item)
+    category_of = np.array([0, 0, 10, 10, 10, 11, 11, 12])
+    positive = np.repeat([2, 3, 5, 7], 300)
+    negative = hard_negatives(positive, category_of, np.random.default_rng(0))
+    assert (negative != positive).all()
+    for p, others in ((2, {3, 4}), (3, {2, 4}), (5, {6}), (7, {2, 3, 4, 5, 6})):
+        assert set(negative[positive == p]) == others  # every other member, uniformly drawn
+    np.testing.assert_array_equal(
+        negative, hard_negatives(positive, category_of, np.random.default_rng(0)))
+
+
+# The log plus test-split clicks: alice i4@180 -> i1@185 (a test pair), bob i1@130 (train)
+# -> i3@195 (test: no pair across the split), carol i2@170 -> i2@200 (one item: no pair).
+CLICKS = LOG + [("alice", "i1", 1, 185, "ios"), ("bob", "i3", 1, 195, "web"),
+                ("carol", "i2", 1, 200, "tv")]
+
+
+@pytest.mark.parametrize("window, max_gap, train, test", [
+    (1, None, [("i1", "i3"), ("i3", "i4"), ("i2", "i1"), ("i4", "i2")], [("i4", "i1")]),
+    # two clicks ahead adds i1 -> i4 and i3 -> i2; a gap of 19 keeps only i3 -> i4 (both at 120)
+    (2, None, [("i1", "i3"), ("i1", "i4"), ("i3", "i4"), ("i2", "i1"), ("i3", "i2"),
+               ("i4", "i2")], [("i4", "i1")]),
+    (2, 19, [("i3", "i4")], [("i4", "i1")]),
+])
+def test_pairs_from_clicks_stay_within_their_split(inputs, window, max_gap, train, test):
+    tmp, _, items, images = inputs
+    log = write_csv(tmp / "clicks.csv", ["user_id", "item_id", "label", "timestamp", "device"],
+                    CLICKS)
+    out = str(tmp / "out")
+    meta = prepare(log, items, out, images_dir=images, split_timestamp=170, pairs_from="clicks",
+                   pair_window=window, pair_max_gap=max_gap)
+    assert meta["pairs"] == {"source": "clicks", "window": window, "max_gap": max_gap,
+                             "train": len(train), "test": len(test),
+                             "mined_negatives": len(train) + len(test), "seed": 0}
+    titles = {i: t for i, _, t in ITEMS}
+    catalogue = next(iter(data.items(out, batch_size=10)))
+    image_of = dict(zip([vocab(out, "items")[i] for i in catalogue["item_id"].numpy()],
+                        catalogue["image"].numpy()))
+    other = {"i1": "i2", "i2": "i1", "i3": "i4", "i4": "i3"}  # the same category's other item
+    for split, expected in (("train", train), ("test", test)):
+        got, query_images = read_triplets(out, split)
+        # the query is the first item's content, the negative from the positive's category
+        assert got == [(titles[a], True, b, other[b]) for a, b in expected]
+        for (a, _), image in zip(expected, query_images):
+            np.testing.assert_array_equal(image, image_of[a])
+
+
+def test_cli_writes_pairs_and_missing_counts_in_its_line(inputs):
+    tmp, _, _, images = inputs
+    log = write_csv(tmp / "clicks.csv", ["user_id", "item_id", "label", "timestamp", "device"],
+                    CLICKS)
+    items = write_parquet(tmp / "items.parquet.snappy",
+                          {"item_id": ["i1", "i2", "i3", "i4"], "title": ["a", "", "c", "d"],
+                           "image": ["i1.png", "", "i3.png", "i4.png"]})
+    cmd = [sys.executable, "-m", "tfmm.data.prepare", f"--impressions={log}", f"--items={items}",
+           f"--images_dir={images}", f"--out_dir={tmp / 'out'}", "--split_timestamp=170"]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # quiet by default
+    proc = subprocess.run(cmd + ["--pairs_from=clicks"], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "items without {'images': 1, 'titles': 1}, pairs {'max_gap': None, " \
+           "'mined_negatives': 5, 'seed': 0, 'source': 'clicks', 'test': 1, 'train': 4, " \
+           "'window': 1}" in proc.stdout
+    assert len(list(data.triplets(str(tmp / "out"), "train"))) == 1  # one batch of 4
+
+    proc = subprocess.run(cmd + ["--pairs_from=clicks", f"--pairs={log}"], capture_output=True,
+                          text=True, env=env, cwd=ROOT)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == f"--pairs={log} and --pairs_from=clicks: pass one of them."

@@ -1,17 +1,31 @@
 """Turns your own logs into a tfmm data directory.
 
     python -m tfmm.data.prepare --impressions=impressions.csv --items=items.csv \\
-        [--images_dir=DIR] --out_dir=DIR [--max_history=50] [--test_fraction=0.1]
+        [--images_dir=DIR] --out_dir=DIR [--max_history=50] [--test_fraction=0.1] \\
+        [--pairs=pairs.csv | --pairs_from=clicks [--pair_window=1] [--pair_max_gap=T]]
 
-``--impressions`` (CSV with a header row, or Parquet): ``user_id``,
-``item_id``, ``label`` (0 or 1), ``timestamp`` (integer), and optionally more
-columns, each becoming an int64 side feature through its own vocabulary.
+Files are CSV (a header row) or Parquet. A file is read as Parquet when it
+starts with Parquet's magic bytes ``PAR1`` or its name holds ``.parquet``
+(``items.parquet``, ``items.parquet.snappy``, ...) or ends in ``.pq``, with
+any codec pyarrow reads; otherwise its name must end in ``.csv``.
+
+``--impressions``: ``user_id``, ``item_id``, ``label`` (0 or 1),
+``timestamp`` (integer), and optionally more columns, each becoming an int64
+side feature through its own vocabulary.
+
 ``--items``: ``item_id`` and optionally ``category_id``, ``title`` and
-``image`` (a path relative to ``--images_dir``; without the column,
-``<item_id>.png``/``.jpg``/``.jpeg`` is looked up there). An image path that
+``image``. An empty or absent title, or an empty image cell, means the item
+has none: it is written with empty bytes (the readers' ``has_image`` is
+False) and counted in the output line and ``metadata.json`` (``missing``).
+Images are read only with ``--images_dir``; without it no item has one.
+An ``image`` cell is a path relative to ``--images_dir``; a cell naming a file
+that is not there is an error (a typo must not pass for a missing image).
+Without an ``image`` column, ``<item_id>.png``/``.jpg``/``.jpeg`` is looked up
+in ``--images_dir``, and an item with none of them has no image (an error only
+if no item has one: the directory is then likely wrong). An image path that
 leaves ``--images_dir`` (through ``..``) is refused; an absolute one is
 refused unless ``--absolute_image_paths`` is passed, and then read as it is.
-Symbolic links inside ``--images_dir`` are followed.
+Symbolic links inside ``--images_dir`` are followed. Every image must decode.
 
 CSV files are read as UTF-8 whatever the locale, with or without a byte order
 mark (Excel's "CSV UTF-8"); rows are numbered as in a spreadsheet (the header
@@ -28,12 +42,40 @@ Histories are each user's clicks strictly before the impression. The latest
 are indexed from the training split, items and categories from the items
 file; anything else is out of vocabulary (id 1). Vocabularies are written to
 ``vocab/*.txt`` (line k is id k + 2).
+
+Pre-training pairs (the SCL triplet tables ``pretrain/{train,test}``), from
+one of two sources:
+
+- ``--pairs=FILE``: your own query -> item pairs: ``query_text`` and/or
+  ``query_image`` (a path, resolved like the items' ``image`` cells; empty:
+  none, but each row needs one of the two), ``item_id`` (a raw id of
+  ``--items``), optionally ``timestamp`` (the impressions' clock) and
+  ``negative_item_id`` (empty: mined). Pairs at or after the impressions'
+  split timestamp are test; without a ``timestamp`` column, the rows are taken
+  as in time order and the last ``--test_fraction`` of them are test. An
+  unknown ``item_id`` or ``negative_item_id`` is an error, or with
+  ``--unknown_items=oov`` the pair is skipped (counted).
+- ``--pairs_from=clicks``: for logs without queries, pairs of a click and
+  each of the same user's next ``--pair_window`` clicks (in time order, ties
+  in file order), kept when both are in the same split (training pairs from
+  training clicks only, test pairs from test clicks only), are of two
+  different items and, with ``--pair_max_gap``, at most that many timestamp
+  units apart. The query is the first item's content (its image as
+  ``query_image``, its title as ``query_text``; empty where it has none), the
+  positive the second item.
+
+A pair without a given negative gets a hard negative: a random other item of
+the positive's category (of the whole catalogue when the category has no
+other; without a ``category_id`` column all items are one category), drawn
+with ``--seed``. Pairs are written in time order. The counts go to the output
+line and ``metadata.json`` (``pairs``).
 """
 
 import codecs
 import csv
 import io
 import os
+import sys
 
 from absl import app, flags
 
@@ -47,11 +89,20 @@ flags.DEFINE_float("test_fraction", 0.1, "Latest fraction of impressions used fo
 flags.DEFINE_integer("split_timestamp", None, "Impressions at or after it are test "
                      "(overrides --test_fraction).")
 flags.DEFINE_enum("unknown_items", "error", ["error", "oov"],
-                  "An impression's item missing from --items: fail, or map to id 1.")
+                  "An impression's item missing from --items: fail, or map to id 1 "
+                  "(a pair's: fail, or skip the pair).")
 flags.DEFINE_bool("drop_duplicates", False, "Drop impressions equal to an earlier one in "
                   "every column (default: keep and count them).")
 flags.DEFINE_bool("absolute_image_paths", False, "Allow absolute paths in the items' image "
                   "column; relative ones must stay inside --images_dir.")
+flags.DEFINE_string("pairs", None, "Query -> item pairs for pre-training: CSV or Parquet.")
+flags.DEFINE_enum("pairs_from", None, ["clicks"], "Derive pre-training pairs from behaviour: "
+                  "a click and the same user's next clicks.")
+flags.DEFINE_integer("pair_window", 1, "--pairs_from=clicks: pair each click with this many "
+                     "of the user's next clicks.")
+flags.DEFINE_integer("pair_max_gap", None, "--pairs_from=clicks: the most timestamp units "
+                     "between a pair's two clicks (default: any).")
+flags.DEFINE_integer("seed", 0, "Seed of the mined hard negatives.")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -71,10 +122,15 @@ class Table:
         self.path = path
         if not os.path.exists(path):
             raise ValueError(f"{path}: file not found.")
-        if path.endswith(".parquet"):
+        if _is_parquet(path):
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            self._values = pq.read_table(path).to_pydict()
+            try:
+                self._values = pq.read_table(path).to_pydict()
+            except (pa.ArrowException, OSError) as e:
+                raise ValueError(f"{path}: not a readable Parquet file: "
+                                 f"{str(e).splitlines()[0]}") from None
             self.columns = {k: [None if v is None else str(v) for v in vals]
                             for k, vals in self._values.items()}
             self._first_row = 1
@@ -91,7 +147,8 @@ class Table:
             self._values = self.columns
             self._first_row = 2  # spreadsheet rows: the header is row 1
         else:
-            raise ValueError(f"{path}: unknown format, expected .csv or .parquet.")
+            raise ValueError(f"{path}: unknown format, expected CSV (.csv) or Parquet "
+                             "(.parquet*, .pq, or content starting with PAR1).")
         self.num_rows = len(next(iter(self.columns.values()), []))
         if not self.num_rows:
             raise ValueError(f"{path}: no data rows.")
@@ -120,12 +177,25 @@ class Table:
                                  "range.") from None
         return out
 
+    def texts(self, name):
+        """A column as str, "" where a cell is empty or null or the column absent."""
+        return np.array([v or "" for v in self.columns.get(name, [None] * self.num_rows)],
+                        dtype=object)
+
     def ids(self, name):
         values = self.columns[name]
         for i, v in enumerate(values):
             if v is None or v == "":
                 raise ValueError(f"{self.row(i)}, column {name!r}: empty id.")
         return np.array(values, dtype=object)
+
+
+def _is_parquet(path):
+    name = os.path.basename(path).lower()
+    if ".parquet" in name or name.endswith(".pq"):
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"PAR1"
 
 
 def _csv_rows(path):
@@ -157,35 +227,49 @@ def lookup(vocab, values):
     return np.array([vocab.get(v, schema.OOV_ID) for v in values], np.int64)
 
 
-def _image_bytes(items, images_dir, i, item_id, absolute_image_paths):
-    if "image" in items.columns:
-        where, names = f"{items.row(i)}, column 'image'", [items.columns["image"][i]]
-    else:
-        where, names = items.row(i), [f"{item_id}{s}" for s in IMAGE_SUFFIXES]
+def image_paths(table, column, images_dir, absolute_image_paths, ids=None):
+    """Each row's image file, None where it has none.
+
+    With `column`, its cell is the path (empty: none; a file that is not there
+    is an error); without, the first of ``<id>.png/.jpg/.jpeg`` that exists.
+    """
     root = os.path.abspath(images_dir)
-    candidates = []
-    for name in names:
-        if not name:
-            raise ValueError(f"{where}: empty image path for item {item_id!r}.")
-        path = os.path.join(images_dir, name)
-        if os.path.isabs(name) and not absolute_image_paths:
-            raise ValueError(f"{where}: image path {name!r} is absolute; pass "
-                             "--absolute_image_paths to read it, or make it relative to "
-                             "--images_dir.")
-        if not os.path.isabs(name) and os.path.commonpath([root, os.path.abspath(path)]) != root:
-            raise ValueError(f"{where}: image path {name!r} leaves --images_dir={images_dir}.")
-        candidates.append(path)
-    path = next((p for p in candidates if os.path.isfile(p)), None)
+    paths = np.full(table.num_rows, None, object)
+    for i in range(table.num_rows):
+        if column:
+            where, names = f"{table.row(i)}, column {column!r}", [table.columns[column][i]]
+            if not names[0]:
+                continue
+        else:
+            where, names = table.row(i), [f"{ids[i]}{s}" for s in IMAGE_SUFFIXES]
+        candidates = []
+        for name in names:
+            path = os.path.join(images_dir, name)
+            if os.path.isabs(name) and not absolute_image_paths:
+                raise ValueError(f"{where}: image path {name!r} is absolute; pass "
+                                 "--absolute_image_paths to read it, or make it relative to "
+                                 "--images_dir.")
+            if not os.path.isabs(name) and \
+                    os.path.commonpath([root, os.path.abspath(path)]) != root:
+                raise ValueError(f"{where}: image path {name!r} leaves --images_dir={images_dir}.")
+            candidates.append(path)
+        paths[i] = next((p for p in candidates if os.path.isfile(p)), None)
+        if paths[i] is None and column:
+            raise ValueError(f"{where}: image {names[0]!r} not found (looked for {candidates[0]}).")
+    return paths
+
+
+def read_image(path, where=None):
+    """The file's bytes; with `where` (for the error), checked to decode as an image."""
     if path is None:
-        raise ValueError(f"{items.row(i)}: no image for item {item_id!r} (looked for "
-                         f"{', '.join(candidates)}).")
+        return b""
     with open(path, "rb") as f:
         data = f.read()
-    try:
-        tf.io.decode_image(data, channels=3, expand_animations=False)
-    except tf.errors.InvalidArgumentError:
-        raise ValueError(f"{path} (item {item_id!r}, {items.row(i)}): does not decode as "
-                         "an image.") from None
+    if where is not None:
+        try:
+            tf.io.decode_image(data, channels=3, expand_animations=False)
+        except tf.errors.InvalidArgumentError:
+            raise ValueError(f"{path} ({where}): does not decode as an image.") from None
     return data
 
 
@@ -202,24 +286,128 @@ def read_items(path):
     return items, ids
 
 
-def item_records(items, ids, item_vocab, categories, images_dir, absolute_image_paths=False):
-    titles = items.columns.get("title", [""] * items.num_rows)
+def item_records(items, ids, item_vocab, categories, images, titles):
     for i, raw in enumerate(ids):
-        image = (_image_bytes(items, images_dir, i, raw, absolute_image_paths) if images_dir
-                 else b"")
         yield schema.example(
             ints={"item_id": item_vocab[raw], "category_id": categories[i], "first_day": 0},
-            strings={"image": image, "title": (titles[i] or "").encode()})
+            strings={"image": read_image(images[i], f"item {raw!r}, {items.row(i)}"),
+                     "title": titles[i].encode()})
+
+
+def first_test(n, test_fraction):
+    """The position of the first test row of `n` in time order."""
+    return min(int(np.ceil((1.0 - test_fraction) * n)), n - 1)
+
+
+def file_pairs(path, items_path, item_vocab, images_dir, absolute_image_paths, unknown_items,
+               cut, test_fraction):
+    """Pairs of a --pairs file: (query image paths, query texts, dense positives,
+    given negatives (0: mine one), is_test, where-for-errors per pair, metadata),
+    in time order."""
+    table = Table(path)
+    table.require(["item_id"])
+    if "query_text" not in table.columns and "query_image" not in table.columns:
+        raise ValueError(f"{path}: needs a 'query_text' or 'query_image' column; it has "
+                         f"{sorted(table.columns)}.")
+    text = table.texts("query_text")
+    image = np.full(table.num_rows, None, object)
+    if "query_image" in table.columns:
+        if not images_dir and table.texts("query_image").any():
+            raise ValueError(f"{path}: column 'query_image' names image files; pass "
+                             "--images_dir (they are read relative to it).")
+        if images_dir:
+            image = image_paths(table, "query_image", images_dir, absolute_image_paths)
+    empty = np.flatnonzero((text == "") & (image == None))  # noqa: E711 (elementwise)
+    if len(empty):
+        raise ValueError(f"{table.row(empty[0])}: no query: both 'query_text' and "
+                         "'query_image' are empty.")
+    positive = lookup(item_vocab, table.ids("item_id"))
+    named = table.texts("negative_item_id")
+    negative = np.where(named != "", lookup(item_vocab, named), schema.PAD_ID)
+    for column, ids in (("item_id", positive), ("negative_item_id", negative)):
+        unknown = np.flatnonzero(ids == schema.OOV_ID)
+        if len(unknown) and unknown_items == "error":
+            raise ValueError(f"{table.row(unknown[0])}, column {column!r}: "
+                             f"{table.columns[column][unknown[0]]!r} is not in {items_path} "
+                             f"({len(unknown)} such rows; --unknown_items=oov skips those "
+                             "pairs).")
+    same = np.flatnonzero((negative == positive) & (positive != schema.OOV_ID))
+    if len(same):
+        raise ValueError(f"{table.row(same[0])}, column 'negative_item_id': "
+                         f"{named[same[0]]!r} is the pair's own item_id.")
+    known = (positive != schema.OOV_ID) & (negative != schema.OOV_ID)
+    if "timestamp" in table.columns:
+        timestamp = table.ints("timestamp")
+        rows = np.argsort(timestamp, kind="stable")
+        rows = rows[known[rows]]
+        is_test = timestamp[rows] >= cut
+        split = f"the split at timestamp {cut}"
+    else:
+        rows = np.flatnonzero(known)
+        is_test = np.arange(len(rows)) >= first_test(len(rows), test_fraction)
+        split = f"{len(rows)} rows without timestamps, split by --test_fraction"
+    if is_test.all() or not is_test.any():
+        raise ValueError(f"{path}: {split} leaves no {'train' if is_test.all() else 'test'} "
+                         "pairs.")
+    where = np.array([f"{table.row(i)}, column 'query_image'" for i in rows], dtype=object)
+    return (image[rows], text[rows], positive[rows], negative[rows], is_test, where,
+            {"source": os.path.abspath(path), "skipped_unknown": int((~known).sum())})
+
+
+def click_pairs(user, item, timestamp, label, is_test, window, max_gap):
+    """Log rows (first, second) of a user's click and each of their next `window`
+    clicks of another item in the same split, at most `max_gap` later (None: any);
+    in time order of the second click."""
+    clicks = np.flatnonzero((label == 1) & (item != schema.OOV_ID))
+    clicks = clicks[np.lexsort((timestamp[clicks], user[clicks]))]  # stable: ties in file order
+    first, second = [], []
+    for k in range(1, window + 1):
+        a, b = clicks[:-k], clicks[k:]
+        keep = (user[a] == user[b]) & (is_test[a] == is_test[b]) & (item[a] != item[b])
+        if max_gap is not None:  # b is not earlier than a, so the uint64 difference is exact
+            keep &= timestamp[b].view(np.uint64) - timestamp[a].view(np.uint64) <= max_gap
+        first.append(a[keep])
+        second.append(b[keep])
+    first, second = np.concatenate(first), np.concatenate(second)
+    order = np.lexsort((first, second, timestamp[second]))
+    return first[order], second[order]
+
+
+def hard_negatives(positive, category_of, rng):
+    """For each dense id in `positive`, a random other item of its category (of
+    every item when its category has no other). `category_of` is indexed by
+    dense id; the catalogue is ids FIRST_ID.. and must hold two items."""
+    ids = np.arange(schema.FIRST_ID, len(category_of))
+    members = ids[np.argsort(category_of[ids], kind="stable")]  # items grouped by category
+    rank = np.empty(len(category_of), np.int64)
+    rank[members] = np.arange(len(members))
+    grouped = category_of[members]
+    start = np.searchsorted(grouped, category_of[positive], "left")
+    size = np.searchsorted(grouped, category_of[positive], "right") - start
+    alone = size == 1
+    start, size = np.where(alone, 0, start), np.where(alone, len(members), size)
+    draw = rng.integers(0, size - 1)
+    draw += draw >= rank[positive] - start  # skip the positive itself
+    return members[start + draw]
 
 
 def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=50,
             test_fraction=0.1, split_timestamp=None, unknown_items="error",
-            drop_duplicates=False, absolute_image_paths=False):
+            drop_duplicates=False, absolute_image_paths=False, pairs=None, pairs_from=None,
+            pair_window=1, pair_max_gap=None, seed=0):
     """Writes the data directory; returns its metadata."""
     if max_history < 1:
         raise ValueError(f"--max_history={max_history}: must be >= 1.")
-    if split_timestamp is None and not 0.0 < test_fraction < 1.0:
+    if not 0.0 < test_fraction < 1.0 and (split_timestamp is None or pairs):
         raise ValueError(f"--test_fraction={test_fraction}: must be in (0, 1).")
+    if pairs and pairs_from:
+        raise ValueError(f"--pairs={pairs} and --pairs_from={pairs_from}: pass one of them.")
+    if pairs_from not in (None, "clicks"):
+        raise ValueError(f"--pairs_from={pairs_from!r}: the only source is 'clicks'.")
+    if pair_window < 1:
+        raise ValueError(f"--pair_window={pair_window}: must be >= 1.")
+    if pair_max_gap is not None and pair_max_gap < 0:
+        raise ValueError(f"--pair_max_gap={pair_max_gap}: must be >= 0.")
     items, item_ids = read_items(items_path)
     item_vocab = vocabulary(item_ids)
     if "category_id" in items.columns:
@@ -228,7 +416,16 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
     else:
         category_vocab, item_category = {}, np.full(len(item_ids), schema.OOV_ID, np.int64)
     category_of = np.full(len(item_vocab) + schema.FIRST_ID, schema.OOV_ID, np.int64)
-    category_of[lookup(item_vocab, item_ids)] = item_category
+    item_dense = lookup(item_vocab, item_ids)
+    category_of[item_dense] = item_category
+    titles = items.texts("title")
+    images = np.full(len(item_ids), None, object)
+    if images_dir:
+        column = "image" if "image" in items.columns else None
+        images = image_paths(items, column, images_dir, absolute_image_paths, item_ids)
+        if column is None and (images == None).all():  # noqa: E711 (elementwise)
+            raise ValueError(f"{items_path}: no item has an image in --images_dir={images_dir} "
+                             "(looked for <item_id>.png, .jpg, .jpeg).")
 
     log = Table(impressions_path)
     log.require(IMPRESSION_COLUMNS)
@@ -258,8 +455,7 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
 
     order = np.argsort(timestamp, kind="stable")
     if split_timestamp is None:
-        cut = timestamp[order][min(int(np.ceil((1.0 - test_fraction) * len(order))),
-                                   len(order) - 1)]
+        cut = timestamp[order][first_test(len(order), test_fraction)]
     else:
         cut = split_timestamp
     is_test = timestamp >= cut
@@ -278,6 +474,39 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
     trained = np.zeros(len(category_of), bool)
     trained[item[train_rows]] = True
 
+    if pairs:
+        (query_image, query_text, positive, negative, pair_test, where,
+         pair_meta) = file_pairs(pairs, items_path, item_vocab, images_dir, absolute_image_paths,
+                                 unknown_items, cut, test_fraction)
+    elif pairs_from:
+        first, second = click_pairs(user_index, item, timestamp, label, is_test, pair_window,
+                                    pair_max_gap)
+        pair_test = is_test[second]
+        if pair_test.all() or not pair_test.any():
+            raise ValueError(f"--pairs_from=clicks: no {'train' if pair_test.all() else 'test'} "
+                             "pairs (no user clicks two items in that split within "
+                             "--pair_window and --pair_max_gap).")
+        # The query is the first item's content; its image was checked with the items.
+        item_row = np.zeros(len(category_of), np.int64)
+        item_row[item_dense] = np.arange(len(item_dense))
+        query_image, query_text = images[item_row[item[first]]], titles[item_row[item[first]]]
+        positive, where = item[second], np.full(len(first), None)
+        negative = np.full(len(second), schema.PAD_ID, np.int64)
+        pair_meta = {"source": "clicks", "window": pair_window, "max_gap": pair_max_gap}
+    if pairs or pairs_from:
+        mine = negative == schema.PAD_ID
+        if mine.any() and len(item_vocab) < 2:
+            raise ValueError(f"{items_path}: one item only; a hard negative needs another.")
+        negative = np.where(mine, hard_negatives(positive, category_of,
+                                                 np.random.default_rng(seed)), negative)
+        pair_meta.update(train=int((~pair_test).sum()), test=int(pair_test.sum()),
+                         mined_negatives=int(mine.sum()), seed=seed)
+
+    def triplets(rows):
+        for i in rows:
+            yield schema.triplet_example(read_image(query_image[i], where[i]), query_text[i],
+                                         positive[i], negative[i])
+
     def records(rows):
         for i in rows:
             h = clicks[start[i]:end[i]]
@@ -292,8 +521,12 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
     with DataDirWriter(out_dir) as w:
         w.write("impressions/train", records(train_rows), len(train_rows))
         w.write("impressions/test", records(test_rows), len(test_rows))
-        w.write("items", item_records(items, item_ids, item_vocab, item_category, images_dir,
-                                      absolute_image_paths), len(item_ids))
+        w.write("items", item_records(items, item_ids, item_vocab, item_category, images,
+                                      titles), len(item_ids))
+        if pairs or pairs_from:
+            for split, rows in (("train", np.flatnonzero(~pair_test)),
+                                ("test", np.flatnonzero(pair_test))):
+                w.write(f"pretrain/{split}", triplets(rows), len(rows))
         os.makedirs(w.path("vocab"))
         for name, vocab in (("users", user_vocab), ("items", item_vocab),
                             ("categories", category_vocab),
@@ -303,7 +536,8 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
         w.finish({
             "source": "prepared",
             "inputs": {"impressions": os.path.abspath(impressions_path),
-                       "items": os.path.abspath(items_path), "images_dir": images_dir},
+                       "items": os.path.abspath(items_path), "images_dir": images_dir,
+                       "pairs": pairs and os.path.abspath(pairs)},
             "vocab": {"num_items": len(item_vocab) + schema.FIRST_ID,
                       "num_users": len(user_vocab) + schema.FIRST_ID,
                       "num_categories": len(category_vocab) + schema.FIRST_ID,
@@ -315,24 +549,30 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
             "oov": {"test_users": int((user_id[test_rows] == schema.OOV_ID).sum()),
                     "unknown_items": int((item == schema.OOV_ID).sum())},
             "duplicates": {"impressions": int(duplicate.sum()), "dropped": drop_duplicates},
+            "missing": {"images": int((images == None).sum()),  # noqa: E711 (elementwise)
+                        "titles": int((titles == "").sum())},
+            **({"pairs": pair_meta} if pairs or pairs_from else {}),
         })
     return schema.read_metadata(out_dir)
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        sys.exit(f"unexpected arguments: {argv[1:]}")
     for name in ("impressions", "items", "out_dir"):
         if not FLAGS[name].value:
-            raise app.UsageError(f"--{name} is required.")
+            sys.exit(f"--{name} is required.")
     try:
         meta = prepare(FLAGS.impressions, FLAGS.items, FLAGS.out_dir, FLAGS.images_dir,
                        FLAGS.max_history, FLAGS.test_fraction, FLAGS.split_timestamp,
-                       FLAGS.unknown_items, FLAGS.drop_duplicates, FLAGS.absolute_image_paths)
+                       FLAGS.unknown_items, FLAGS.drop_duplicates, FLAGS.absolute_image_paths,
+                       FLAGS.pairs, FLAGS.pairs_from, FLAGS.pair_window, FLAGS.pair_max_gap,
+                       FLAGS.seed)
     except (ValueError, OSError) as e:  # bad input: one line naming the file, not a trace
-        raise app.UsageError(str(e)) from None
+        sys.exit(str(e))
     print(f"wrote {FLAGS.out_dir}: {meta['counts']}, vocab {meta['vocab']}, oov {meta['oov']}, "
-          f"duplicates {meta['duplicates']}")
+          f"duplicates {meta['duplicates']}, items without {meta['missing']}"
+          + (f", pairs {meta['pairs']}" if "pairs" in meta else ""))
     if meta["duplicates"]["impressions"] and not FLAGS.drop_duplicates:
         print(f"{meta['duplicates']['impressions']} impressions repeat an earlier one in every "
               "column; kept (--drop_duplicates drops them).")

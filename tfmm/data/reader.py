@@ -200,9 +200,10 @@ def impressions(data_dir, split="train", batch_size=256, max_history=None, shuff
 
 
 def _decode_image(size):
-    """PNG/JPEG bytes -> uint8 [size, size, 3], resized only when needed."""
+    """PNG/JPEG bytes -> uint8 [size, size, 3], resized only when needed; no
+    bytes (no image) -> zeros."""
 
-    def decode(encoded):
+    def decode_present(encoded):
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
         image.set_shape([None, None, 3])
         resized = lambda: tf.cast(  # noqa: E731
@@ -210,11 +211,16 @@ def _decode_image(size):
         same = tf.reduce_all(tf.equal(tf.shape(image)[:2], size))
         return tf.ensure_shape(tf.cond(same, lambda: image, resized), [size, size, 3])
 
+    def decode(encoded):
+        return tf.cond(tf.strings.length(encoded) > 0, lambda: decode_present(encoded),
+                       lambda: tf.zeros([size, size, 3], tf.uint8))
+
     return decode
 
 
 def items(data_dir, batch_size=256, image_size=None, validate=True):
-    """Catalogue batches: item_id, category_id, first_day, title, image (uint8)."""
+    """Catalogue batches: item_id, category_id, first_day, title, image (uint8),
+    has_image (bool; an item without one has zeros, one without a title b"")."""
     meta = schema.read_metadata(data_dir)
     paths = schema.files(data_dir, meta, "items")
     if validate:
@@ -224,9 +230,8 @@ def items(data_dir, batch_size=256, image_size=None, validate=True):
 
     def parse(serialized):
         raw = tf.io.parse_single_example(serialized, schema.item_spec())
-        raw["image"] = tf.cond(tf.strings.length(raw["image"]) > 0,
-                               lambda: decode(raw["image"]),
-                               lambda: tf.zeros([size, size, 3], tf.uint8))
+        raw["has_image"] = tf.strings.length(raw["image"]) > 0
+        raw["image"] = decode(raw["image"])
         return raw
 
     return (tf.data.TFRecordDataset(paths)
@@ -236,7 +241,8 @@ def items(data_dir, batch_size=256, image_size=None, validate=True):
 
 def triplets(data_dir, split="train", batch_size=256, shuffle=False, seed=None, repeat=False,
              image_size=None, drop_remainder=False, validate=True):
-    """Pre-training triplet batches: query_image (uint8), query_text, positive/negative ids."""
+    """Pre-training triplet batches: query_image (uint8), query_text, positive/negative ids,
+    has_query_image (bool; a query without one has zeros, one without text b"")."""
     meta = schema.read_metadata(data_dir)
     paths = schema.files(data_dir, meta, f"pretrain/{split}")
     if validate:
@@ -245,6 +251,7 @@ def triplets(data_dir, split="train", batch_size=256, shuffle=False, seed=None, 
 
     def parse(serialized):
         raw = tf.io.parse_single_example(serialized, schema.triplet_spec())
+        raw["has_query_image"] = tf.strings.length(raw["query_image"]) > 0
         raw["query_image"] = decode(raw["query_image"])
         return raw
 

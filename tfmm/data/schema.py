@@ -9,9 +9,11 @@ A data directory holds TFRecords of `tf.train.Example`s and `metadata.json`:
   ``max_history`` long: ``history_item_ids``, ``history_category_ids``,
   ``history_timestamps``; plus any int64 side features listed in metadata.
 - ``items.tfrecord``: the catalogue: ``item_id``, ``category_id``, ``title``,
-  ``image`` (PNG or JPEG bytes, may be empty), ``first_day``.
+  ``image`` (PNG or JPEG bytes), ``first_day``. Empty ``image`` or ``title``
+  bytes: the item has none (a prepared catalogue's missing content).
 - ``pretrain-{train,test}.tfrecord``: SCL triplets: ``query_image``,
-  ``query_text``, ``positive_item_id``, ``negative_item_id``.
+  ``query_text`` (either may be empty: the query has none),
+  ``positive_item_id``, ``negative_item_id``.
 
 Ids are dense int64: 0 is padding, 1 is out-of-vocabulary, real ids start at 2.
 """
@@ -65,6 +67,14 @@ def example(ints=None, int_lists=None, strings=None):
     # Deterministic: map fields in a fixed order, so a seed gives the same bytes.
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
         deterministic=True)
+
+
+def triplet_example(query_image, query_text, positive_item_id, negative_item_id):
+    """A serialised SCL triplet: encoded image bytes (b"": none), a str query text
+    (empty: none), and dense item ids."""
+    return example(ints={"positive_item_id": positive_item_id,
+                         "negative_item_id": negative_item_id},
+                   strings={"query_image": query_image, "query_text": query_text.encode()})
 
 
 def read_metadata(data_dir):

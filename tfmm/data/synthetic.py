@@ -53,11 +53,8 @@ def triplet_records(world, positive, negative, rng):
     for pos, neg in zip(positive, negative):
         attrs = (world.category[pos], world.colour[pos], world.pattern[pos])
         image = render.query_image(rng, *attrs)
-        yield schema.example(
-            ints={"positive_item_id": _id(pos), "negative_item_id": _id(neg)},
-            strings={"query_image": tf.io.encode_jpeg(image, quality=90).numpy(),
-                     "query_text": world_lib.query_text(rng, *attrs).encode()},
-        )
+        yield schema.triplet_example(tf.io.encode_jpeg(image, quality=90).numpy(),
+                                     world_lib.query_text(rng, *attrs), _id(pos), _id(neg))
 
 
 def write_world(world, out_dir):
