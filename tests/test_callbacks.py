@@ -41,6 +41,7 @@ def _epochs(tmp_path):
     return [v["epoch"] for v in json.load(open(tmp_path / "epochs.json"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_before_backup", [True, False])
 def test_a_killed_run_records_every_epoch_once(tmp_path, kill_before_backup):
     with pytest.raises(Killed):

@@ -17,6 +17,8 @@ from tfmm.data import schema, world as world_lib
 from tfmm.index import SQLiteIndex
 from tfmm.metrics import auc, gauc, logloss
 
+pytestmark = pytest.mark.slow  # trains models or runs the CLIs
+
 SMALL_MODEL = dict(embedding_dim=8, attention_units=(8,), mlp_units=(16,),
                    make_units=(16, 8, 4, 1), batch_size=256)
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")

@@ -102,6 +102,7 @@ def test_text_encoder_and_republished_items(tmp_path):
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_an_encoder_killed_mid_stream_loses_no_event(image_encoder, events_spec, tmp_path):
     path, tower = image_encoder
     index_path = str(tmp_path / "v.db")
@@ -131,6 +132,7 @@ def test_an_encoder_killed_mid_stream_loses_no_event(image_encoder, events_spec,
     np.testing.assert_allclose(vectors, tower(images, training=False).numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_poison_entries_are_dead_lettered_and_the_rest_of_the_batch_indexed(image_encoder,
                                                                             redis_url, tmp_path):
     """Raw XADDs no `publish` would accept, one of them left pending by a crashed encoder."""
@@ -214,6 +216,7 @@ def test_padding_and_oov_ids_are_refused_at_publish(events_spec, item_id):
     assert events.pending() == 0
 
 
+@pytest.mark.slow
 def test_a_ranker_export_is_refused_as_an_encoder_in_one_line(tmp_path):
     ranker = DINRanker({"num_items": 10, "num_users": 10, "num_categories": 5}, 5,
                           method="vector", vector_dim=4, embedding_dim=4, attention_units=(4,),

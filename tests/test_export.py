@@ -80,6 +80,7 @@ def test_staging_left_by_a_killed_exporter_is_removed_by_the_next_export(tmp_pat
         ["1"] + [names[k] for k in ("running", "other host", "not ours")])
 
 
+@pytest.mark.slow
 def test_rankers_get_a_rank_signature_and_other_models_none(tmp_path):
     vocab = {"num_items": 10, "num_users": 10, "num_categories": 5}
     model = DINRanker(vocab, 5, method="vector", vector_dim=4, embedding_dim=4,

@@ -76,6 +76,7 @@ def _writer(spec, start):
         time.sleep(0.01)  # spread the puts over the reader's loop
 
 
+@pytest.mark.slow
 def test_concurrent_writers_and_readers_see_whole_puts(spec):
     open_index(spec, dim=4)
     ctx = multiprocessing.get_context("spawn")
@@ -109,6 +110,7 @@ def _rewriter(spec, n, stop):
         k += 1
 
 
+@pytest.mark.slow
 def test_reads_of_any_size_see_one_put_while_puts_land(spec):
     n = 2000  # SQLite once read 900 ids a statement, Redis reads 500-key MGETs here
     ids = np.arange(n) + FIRST_ID
@@ -229,6 +231,7 @@ def test_a_password_in_the_index_url_stays_out_of_settings_files():
     assert "s3cret" not in json.dumps(ctr._settings(config))
 
 
+@pytest.mark.slow
 def test_a_dead_redis_is_named_quickly_and_the_same_object_recovers(redis_server, redis_url):
     index = open_index(redis_url, dim=2)
     index.put([2, 4], [[1, 1], [2, 2]])
@@ -249,6 +252,7 @@ def test_a_dead_redis_is_named_quickly_and_the_same_object_recovers(redis_server
     np.testing.assert_array_equal(index.ids(), [3])
 
 
+@pytest.mark.slow
 def test_cli_trains_a_ranker_on_a_redis_index(redis_url, tmp_path):
     """--index=redis://...: the encoder fills it when empty, the ranker reads it."""
     runs = tmp_path / "runs"
@@ -360,6 +364,7 @@ def locked(tmp_path_factory):
     server.stop()
 
 
+@pytest.mark.slow
 def test_a_ctr_and_pretraining_run_write_no_password(locked):
     server, root, proc = locked
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -373,6 +378,7 @@ def test_a_ctr_and_pretraining_run_write_no_password(locked):
     assert not _leaks(runs, proc.stdout, proc.stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["userinfo", "user", "query", "unix", "environment"])
 def test_no_url_form_shows_the_password(locked, form, monkeypatch):
     server, root, _ = locked
@@ -401,6 +407,7 @@ def test_no_url_form_shows_the_password(locked, form, monkeypatch):
                       ranked.stderr)
 
 
+@pytest.mark.slow
 def test_the_clis_name_a_corrupt_index_file(locked, tmp_path):
     """Training and the encoder service (as the predictor, tests/test_predictor.py)."""
     _, root, _ = locked

@@ -15,6 +15,8 @@ from tfmm.serving.events import open_events
 from tfmm.serving.predictor import Predictor, Request
 from tfmm.towers import image_tower
 
+pytestmark = pytest.mark.slow  # trains models or runs the CLIs
+
 DIM, L = 8, 5
 
 

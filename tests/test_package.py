@@ -33,6 +33,7 @@ def _generate(tmp_path, *extra):
     return run.stdout + run.stderr
 
 
+@pytest.mark.slow
 def test_cli_is_quiet_by_default_and_verbose_on_request(tmp_path):
     quiet = _generate(tmp_path)
     assert "wrote" in quiet

@@ -3,6 +3,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains models or runs the CLIs
+
 
 
 def test_paper_report_on_tiny(tiny_dir, tmp_path):

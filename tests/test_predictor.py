@@ -207,6 +207,7 @@ def test_base_dir_loads_the_highest_version(world, tmp_path):
         p.assemble(request)[0]).numpy()[0], atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["in_process", "rest", "grpc"])
 def test_eight_threads_get_their_own_answers(world, backend):
     p = predictor(world, "simtier", backend)
@@ -293,6 +294,7 @@ def test_rest_row_format_and_metadata_as_tf_serving_prints_it(world):
     np.testing.assert_allclose(got, expected(world, "id", REQUESTS[1]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_ranks_candidates_with_the_default_paths(tiny_dir, tmp_path):
     """python -m tfmm.serving.predict in a directory laid out as tfmm.train leaves it."""
     data_dir = tmp_path / "data" / "tiny"

@@ -296,6 +296,7 @@ def test_unknown_items_can_map_to_oov(inputs):
     assert (f["item_id"] == schema.OOV_ID).sum() == 1
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_in_one_line_and_keeps_old_output(inputs):
     tmp, log, items, images = inputs
     out = tmp / "out"
@@ -496,6 +497,7 @@ def test_pairs_from_clicks_stay_within_their_split(inputs, window, max_gap, trai
             np.testing.assert_array_equal(image, image_of[a])
 
 
+@pytest.mark.slow
 def test_cli_writes_pairs_and_missing_counts_in_its_line(inputs):
     tmp, _, _, images = inputs
     log = write_csv(tmp / "clicks.csv", ["user_id", "item_id", "label", "timestamp", "device"],

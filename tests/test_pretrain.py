@@ -16,6 +16,8 @@ from tfmm.metrics import acc_at_n
 from tfmm.pretrain import PretrainConfig, run, word_dropout
 from tests.test_ctr import ENV, _kill_after_backup
 
+pytestmark = pytest.mark.slow  # trains models or runs the CLIs
+
 
 def test_cli_trains_exports_and_indexes(tiny_dir, tmp_path):
     runs = tmp_path / "runs"

@@ -39,6 +39,7 @@ def model_inputs(rng, b=5, l=6, d=8):
     ]
 
 
+@pytest.mark.slow
 def test_keras_file_round_trip_gives_identical_outputs(rng, tmp_path):
     model = all_layers_model()
     x = model_inputs(rng)

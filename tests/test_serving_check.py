@@ -15,6 +15,8 @@ from tfmm.ranker import METHODS, DINRanker
 from tfmm.serving.check import ServingCheckError, check_saved_model, resolve_export_dir
 from tfmm.towers import image_tower, text_tower
 
+pytestmark = pytest.mark.slow  # trains models or runs the CLIs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from tfmm.keras_compat import LEGACY
 
+pytestmark = pytest.mark.slow  # trains models or runs the CLIs
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The tests of code that subclasses or builds Keras objects; data tests do not
 # depend on the Keras flavour.

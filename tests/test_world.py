@@ -186,6 +186,7 @@ def test_bad_knobs_name_the_flag(knob, value, message):
         world_lib.generate(config_from_flags("tiny", {knob: value}))
 
 
+@pytest.mark.slow
 def test_cli_generates_and_rejects_bad_flags(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     out = tmp_path / "cli"
