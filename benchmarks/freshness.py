@@ -133,7 +133,7 @@ def main(argv):
             if backend == "redis":
                 url = FLAGS.redis_url
                 if not url:
-                    from tests.conftest import RedisServer  # the tests' private server
+                    from tests.redis_server import RedisServer  # the tests' private server
 
                     server = RedisServer(workdir)
                     url = server.url

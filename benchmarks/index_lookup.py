@@ -45,7 +45,7 @@ def main(argv):
     url = FLAGS.redis_url
     workdir = tempfile.mkdtemp(prefix="index_lookup-")
     if not url:
-        from tests.conftest import RedisServer  # the tests' private server
+        from tests.redis_server import RedisServer  # the tests' private server
 
         server = RedisServer(workdir)
         url = server.url

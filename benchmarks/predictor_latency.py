@@ -171,7 +171,7 @@ def main(argv):
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         url = FLAGS.redis_url
         if not url and "Redis" in FLAGS.indexes:
-            from tests.conftest import RedisServer  # the tests' private server
+            from tests.redis_server import RedisServer  # the tests' private server
 
             server = RedisServer(workdir)
             url = server.url

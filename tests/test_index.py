@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import redis
 
-from tests.conftest import RedisServer
+from tests.redis_server import RedisServer
 from tfmm.data.schema import FIRST_ID
 from tfmm.index import (IndexNotFound, IndexUnavailable, RedisIndex, SQLiteIndex, is_empty,
                         open_index, redact)
