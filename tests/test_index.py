@@ -12,7 +12,7 @@ import redis
 from tests.redis_server import RedisServer
 from tfmm.data.schema import FIRST_ID
 from tfmm.index import (IndexNotFound, IndexUnavailable, RedisIndex, SQLiteIndex, is_empty,
-                        open_index, redact)
+                        is_redis, open_index, redact)
 
 
 @pytest.fixture
@@ -423,3 +423,296 @@ def test_the_clis_name_a_corrupt_index_file(locked, tmp_path):
         assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == (
             f"--index: {garbage} is not a valid index: the SQLite file is corrupt or not a "
             "database (file is not a database)."), proc.stderr[-2000:]
+
+
+# Your own vectors: `python -m tfmm.index import|export` and tfmm.index.files.
+
+# Raw ids as a real export has them: text, one with a comma, quotes and non-ASCII.
+RAW_ITEMS = ["sku-10", "sku-2", 'Größe "7", rot', "sku-9"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A data directory prepared from logs with string item ids (vocab/items.txt)."""
+    import csv
+
+    from tfmm.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("own")
+    with open(root / "log.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("user_id", "item_id", "label", "timestamp")] + [
+            (f"u{t % 3}", RAW_ITEMS[t % 4], t % 2, t) for t in range(12)])
+    with open(root / "items.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("item_id",)] + [(i,) for i in RAW_ITEMS])
+    prepare(str(root / "log.csv"), str(root / "items.csv"), str(root / "data"))
+    return str(root / "data")
+
+
+def _dense(data_dir):
+    from tfmm.data import schema
+
+    return schema.item_dense_ids(data_dir)
+
+
+def _write(path, raw_ids, vectors, form):
+    """A vector file of `form` (parquet, csv, csv_cells: one text cell, npy, npy_ids)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    vectors = np.asarray(vectors, np.float32)
+    path = str(path)
+    if form == "parquet":
+        pq.write_table(pa.table({"item_id": raw_ids, "vector": vectors.tolist()}), path)
+    elif form in ("csv", "csv_cells"):
+        import csv
+
+        with open(path, "w", newline="", encoding="utf-8-sig") as f:  # with a BOM
+            w = csv.writer(f)
+            if form == "csv":
+                w.writerows([["item_id", *(f"c{j}" for j in range(vectors.shape[1]))]]
+                            + [[r, *map(repr, v.tolist())] for r, v in zip(raw_ids, vectors)])
+            else:
+                w.writerows([["item_id", "vector"]]
+                            + [[r, str(v.tolist())] for r, v in zip(raw_ids, vectors)])
+    else:
+        np.save(path, vectors)
+        ids = path + (".ids.npy" if form == "npy_ids" else ".ids.txt")
+        if form == "npy_ids":
+            np.save(ids, np.array(raw_ids))
+        else:
+            with open(ids, "w", encoding="utf-8") as f:
+                f.writelines(f"{r}\n" for r in raw_ids)
+        return path, ids
+    return path, None
+
+
+FORMS = {"parquet": ".parquet", "csv": ".csv", "csv_cells": ".csv", "npy": ".npy",
+         "npy_ids": ".npy"}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_own_vectors_import_by_raw_id_and_round_trip_exactly(spec, prepared, tmp_path, form):
+    from tfmm.data import schema
+    from tfmm.index import files
+
+    rng = np.random.default_rng(0)
+    raw = RAW_ITEMS[::-1]  # file order is not vocabulary order
+    given = rng.normal(size=(4, 5)).astype(np.float32) * 3
+    path, ids = _write(tmp_path / f"in{FORMS[form]}", raw, given, form)
+    result = files.import_vectors(spec, prepared, path, ids)
+    assert (result["items"], result["skipped"], result["dim"]) == (4, 0, 5)
+    index = open_index(spec)
+    assert index.catalogue() == schema.catalogue_fingerprint(prepared)
+    dense = _dense(prepared)
+    got, found = index.get([dense[r] for r in raw])
+    assert found.all()
+    np.testing.assert_allclose(got, given / np.linalg.norm(given, axis=1, keepdims=True),
+                               rtol=1e-6)
+    # Out by raw id in the same format, and in again: the same float32 bits.
+    out = tmp_path / f"out{FORMS[form]}"
+    out_ids = str(out) + ".ids" + (".npy" if form == "npy_ids" else ".txt") \
+        if form.startswith("npy") else None
+    assert files.export_vectors(spec, prepared, out, out_ids) == 4
+    back = files.read_vectors(out, out_ids)
+    assert sorted(back.raw_ids) == sorted(raw)
+    np.testing.assert_array_equal(back.vectors, index.get([dense[r] for r in back.raw_ids])[0])
+    second = spec + "?prefix=b" if is_redis(spec) else str(tmp_path / "second.db")
+    files.import_vectors(second, prepared, out, out_ids)
+    np.testing.assert_array_equal(open_index(second).get(list(dense.values()))[0],
+                                  index.get(list(dense.values()))[0])
+
+
+GOOD = [("sku-10", [1, 0, 0]), ("sku-2", [0, 1, 0])]
+
+
+def _csv(path, rows, header=("item_id", "vector")):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(",".join(header) + "\n" + "".join(f"{r}\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("rows, message", [
+    (['sku-10,"1 0 0"', 'sku-2,"0 1"'], "row 3 (item 'sku-2'): 2 values, but row 2 has 3."),
+    (['sku-10,"1 0 0"', 'sku-2,"nan 1 0"'], "row 3 (item 'sku-2'): the vector has NaN or Inf "
+     "(1 such rows)."),
+    (['sku-10,"1 0 0"', 'sku-2,"0 inf 0"'], "row 3 (item 'sku-2'): the vector has NaN or Inf "
+     "(1 such rows)."),
+    (['sku-10,"1 0 0"', 'nope,"0 1 0"'], "row 3 (item 'nope'): not an item of {data} (1 such "
+     "rows; unknown='skip' leaves them out)."),
+    (['sku-10,"1 0 0"', 'sku-2,"0 1 0"', 'sku-10,"0 0 1"'], "row 4 (item 'sku-10'): a "
+     "duplicate id (first at row 2)."),
+    (['sku-10,"1 0 0"', 'sku-2,"0 0 0"'], "row 3 (item 'sku-2'): a zero vector has no "
+     "direction to normalise (1 such rows)."),
+    (['sku-10,"1 0 0"', 'sku-2,"0 one 0"'], "row 3 (item 'sku-2'), column 'vector': '0 one 0' "
+     "is not a list of numbers."),
+    (['sku-10,"1 0 0"', ',"0 1 0"'], "row 3: empty item id."),
+    (['sku-10,"1 0 0"', 'sku-2'], "CSV parse error: Row #3: Expected 2 columns, got 1: sku-2"),
+    (['sku-10,"1 0 0"', 'sku-2,"0 1 0"'], "{vectors}: 3-d vectors, but {index} holds 2-d "
+     "vectors; nothing was imported."),
+])
+def test_a_bad_vector_file_is_named_and_leaves_the_index_as_it_was(spec, prepared, tmp_path,
+                                                                   rows, message):
+    from tfmm.data import schema
+    from tfmm.index import files
+
+    dense = _dense(prepared)
+    index = open_index(spec, dim=2 if "2-d" in message else 3)
+    index.claim(schema.catalogue_fingerprint(prepared))
+    before = index.put([dense["sku-9"]], [[1] + [0] * (index.dim - 1)])
+    path = _csv(tmp_path / "v.csv", rows)
+    with pytest.raises(ValueError) as error:
+        files.import_vectors(spec, prepared, path)
+    assert str(error.value).endswith(message.format(data=prepared, vectors=path,
+                                                    index=repr(index))), str(error.value)
+    assert str(error.value).startswith(path)
+    np.testing.assert_array_equal(index.ids(), [dense["sku-9"]])
+    assert index.versions([dense["sku-9"]])[0][0] == before
+
+
+@pytest.mark.parametrize("form, message", [
+    ("parquet_nan", "{path}: row 2 (item 'sku-2'): the vector has NaN or Inf (1 such rows)."),
+    ("parquet_ragged", "{path}: row 2 (item 'sku-2'): 2 values, but row 1 has 3."),
+    ("parquet_no_ids", "{path}: no 'item_id' column; it has ['id', 'vector']."),
+    ("wide_text", "{path}: row 3 (item 'sku-2'), column 'c1': 'x' is not a number."),
+    ("wide_empty", "{path}: row 3 (item 'sku-2'), column 'c1': empty cell."),
+    ("npy_no_ids", "{path}: .npy vectors need `ids`, their raw item ids in row order."),
+    ("npy_short_ids", "{path}.ids.txt: 1 ids for the 2 rows of {path}."),
+    ("npy_1d", "{path}: want a numeric array [n, d], got float32 (3,)."),
+    ("txt", "{path}: unknown format; expected Parquet, CSV (.csv) or NumPy (.npy)."),
+])
+def test_each_vector_file_error_is_one_line_naming_the_file(prepared, tmp_path, form,
+                                                            message):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tfmm.index import files
+
+    path, ids = str(tmp_path / "v"), None
+    if form.startswith("parquet"):
+        vectors = {"parquet_nan": [[1, 0, 0], [0, np.nan, 0]],
+                   "parquet_ragged": [[1, 0, 0], [0, 1]]}.get(form, [[1, 0, 0], [0, 1, 0]])
+        path += ".parquet"
+        pq.write_table(pa.table({"id" if form == "parquet_no_ids" else "item_id":
+                                 ["sku-10", "sku-2"], "vector": vectors}), path)
+    elif form.startswith("wide"):
+        path = _csv(path + ".csv", ["sku-10,1,0", "sku-2,1,x" if form == "wide_text"
+                                    else "sku-2,1,"], header=("item_id", "c0", "c1"))
+    elif form.startswith("npy"):
+        path += ".npy"
+        np.save(path, np.eye(2, 3, dtype=np.float32) if form != "npy_1d"
+                else np.ones(3, np.float32))
+        if form != "npy_no_ids":
+            ids = path + ".ids.txt"
+            with open(ids, "w") as f:
+                f.write("sku-10\n" if form == "npy_short_ids" else "sku-10\nsku-2\n")
+    else:
+        path += ".txt"
+        with open(path, "w") as f:
+            f.write("item_id,vector\n")
+    with pytest.raises(ValueError) as error:
+        files.import_vectors(str(tmp_path / "i.db"), prepared, path, ids)
+    assert str(error.value) == message.format(path=path)
+    assert not os.path.exists(tmp_path / "i.db")  # a refused import creates no index
+
+
+def test_unknown_ids_can_be_skipped_and_unit_vectors_kept_as_given(spec, prepared, tmp_path):
+    from tfmm.index import files
+
+    path = _csv(tmp_path / "v.csv", ['sku-10,"[0.6, 0.8]"', 'gone,"1 0"', 'sku-2,"3 4"'])
+    with pytest.raises(ValueError, match=r"row 4 \(item 'sku-2'\): the vector's norm is 5, "
+                       r"not 1 \(1 such rows\); normalize=False takes unit vectors only."):
+        files.import_vectors(spec, prepared, path, unknown="skip", normalize=False)
+    result = files.import_vectors(spec, prepared, path, unknown="skip")
+    assert (result["items"], result["skipped"]) == (2, 1)
+    dense = _dense(prepared)
+    got, found = open_index(spec).get([dense["sku-10"], dense["sku-2"]])
+    assert found.all()
+    np.testing.assert_array_equal(got, np.array([[0.6, 0.8], [0.6, 0.8]], np.float32))
+    with pytest.raises(ValueError, match=r"none of its 1 item ids is an item of"):
+        files.import_vectors(spec, prepared, _csv(tmp_path / "w.csv", ['gone,"1 0"']),
+                             unknown="skip")
+
+
+def test_an_index_of_another_catalogue_is_refused_both_ways(spec, prepared, tmp_path):
+    from tfmm.index import files
+
+    index = open_index(spec, dim=3)
+    index.claim("0123456789abcdef")
+    path = _csv(tmp_path / "v.csv", ['sku-10,"1 0 0"'])
+    for call in (lambda: files.import_vectors(spec, prepared, path),
+                 lambda: files.export_vectors(spec, prepared, str(tmp_path / "o.csv"))):
+        with pytest.raises(ValueError, match=r"holds vectors of another catalogue "
+                           r"\(0123456789abcdef, not [0-9a-f]{16} of "):
+            call()
+    assert index.count() == 0 and not os.path.exists(tmp_path / "o.csv")
+
+
+def _index_cli(*args):
+    """`python -m tfmm.index` as a user runs it: quiet by its own default, so an error is
+    all of stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([sys.executable, "-m", "tfmm.index", *args], capture_output=True,
+                          text=True, env=env)
+
+
+def test_index_cli_imports_exports_and_names_errors_without_the_password(prepared, tmp_path):
+    server = RedisServer(tmp_path, password=SECRET)
+    try:
+        url = f"redis://:{SECRET}@127.0.0.1:{server.port}/0?prefix=own"
+        path, ids = _write(tmp_path / "v.npy", RAW_ITEMS, np.eye(4, 6), "npy")
+        done = _index_cli("import", f"--data_dir={prepared}", f"--vectors={path}",
+                          f"--ids={ids}", f"--index={url}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == (f"imported 4 6-d vectors from {path} into RedisIndex("
+                                       f"redis://127.0.0.1:{server.port}/0 prefix=own, dim=6) "
+                                       "(version 1)")
+        out = tmp_path / "out.parquet"
+        done = _index_cli("export", f"--data_dir={prepared}", f"--index={url}", f"--out={out}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "exported 4 vectors from redis://:***@" in done.stdout
+        bad = _csv(tmp_path / "bad.csv", ['sku-10,"1 0 0 0 0 0"', 'nope,"0 1 0 0 0 0"'])
+        failed = _index_cli("import", f"--data_dir={prepared}", f"--vectors={bad}",
+                            f"--index={url}")
+        assert failed.returncode == 1 and failed.stderr.strip() == (
+            f"{bad}: row 3 (item 'nope'): not an item of {prepared} (1 such rows; "
+            "unknown='skip' leaves them out).")
+        usage = _index_cli("import", f"--data_dir={prepared}", f"--index={url}",
+                           f"--out={out}")
+        assert usage.returncode == 1 and usage.stderr.strip() == "--vectors is required for import."
+        assert not _leaks(tmp_path, *(p.stdout + p.stderr for p in (done, failed, usage)))
+    finally:
+        server.stop()
+
+
+def test_a_ranker_trains_on_imported_vectors_of_a_generated_world(tmp_path):
+    """A generated world has no vocabulary: its raw ids are its dense ids."""
+    from tfmm.data.synthetic import write_world
+    from tfmm.data import world as world_lib
+
+    data_dir = tmp_path / "tiny"
+    write_world(world_lib.generate(world_lib.PRESETS["tiny"]), data_dir)
+    num_items = json.load(open(data_dir / "metadata.json"))["vocab"]["num_items"]
+    path, ids = _write(tmp_path / "v.npy", [str(i) for i in range(FIRST_ID, num_items)],
+                       np.random.default_rng(0).normal(size=(num_items - FIRST_ID, 8)), "npy")
+    index = str(tmp_path / "index.db")
+    done = _index_cli("import", f"--data_dir={data_dir}", f"--vectors={path}", f"--ids={ids}",
+                      f"--index={index}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfmm.train", "--flagfile=configs/ctr.flags",
+         f"--data_dir={data_dir}", f"--model_dir={tmp_path}/ctr", "--export_dir=",
+         f"--index={index}", f"--pretrain_model_dir={tmp_path}/pretrain",
+         "--encoder_export_dir=", "--model=simtier", "--embedding_dim=8",
+         "--attention_units=8", "--mlp_units=16"],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pre-training" not in proc.stdout
+    assert json.load(open(tmp_path / "ctr" / "metrics.json"))["missing_item_vectors"] == 0
+
+
+@pytest.mark.parametrize("name", ["v.parquet.snappy", "v.pq", "v.export"])
+def test_parquet_is_recognised_by_its_bytes_or_any_parquet_name(prepared, tmp_path, name):
+    from tfmm.index import files
+
+    path, _ = _write(tmp_path / name, ["sku-2"], [[0, 1]], "parquet")
+    assert files.import_vectors(str(tmp_path / "i.db"), prepared, path)["items"] == 1

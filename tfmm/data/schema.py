@@ -16,6 +16,8 @@ A data directory holds TFRecords of `tf.train.Example`s and `metadata.json`:
   ``positive_item_id``, ``negative_item_id``.
 
 Ids are dense int64: 0 is padding, 1 is out-of-vocabulary, real ids start at 2.
+A prepared directory maps its raw ids to them in ``vocab/<name>.txt`` (line k
+is dense id k + 2); `item_raw_ids` and `item_dense_ids` read the items'.
 """
 
 import hashlib
@@ -100,6 +102,31 @@ def catalogue_fingerprint(data_dir):
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
+
+
+def item_raw_ids(data_dir):
+    """The raw item ids of a data directory by dense id: entry k names dense id k + FIRST_ID.
+
+    A prepared directory lists them in ``vocab/items.txt`` (line k, UTF-8; ids
+    of a Parquet integer column are written as decimal text). A generated
+    world has no vocabulary: its items are named by their dense ids, so entry k
+    is ``str(k + FIRST_ID)``.
+    """
+    num_items = read_metadata(data_dir)["vocab"]["num_items"]
+    path = os.path.join(data_dir, "vocab", "items.txt")
+    if not os.path.exists(path):
+        return [str(i) for i in range(FIRST_ID, num_items)]
+    with open(path, encoding="utf-8", newline="") as f:
+        raw = f.read().split("\n")[:-1]  # each line ends with "\n"; ids keep any other byte
+    if len(raw) != num_items - FIRST_ID:
+        raise ValueError(f"{path}: {len(raw)} item ids, but metadata.json counts "
+                         f"{num_items - FIRST_ID} items.")
+    return raw
+
+
+def item_dense_ids(data_dir):
+    """{raw item id: dense id} of a data directory (see `item_raw_ids`)."""
+    return {raw: k + FIRST_ID for k, raw in enumerate(item_raw_ids(data_dir))}
 
 
 def files(data_dir, meta, table):

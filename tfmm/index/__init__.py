@@ -5,7 +5,9 @@ The embedded default, `SQLiteIndex`, needs no server: one SQLite file (stdlib
 processes can read while one writes. `RedisIndex` implements the same
 `VectorIndex` interface on a Redis server for many readers and writers.
 Vectors are float32 bytes in both. `open_index` picks the backend from a
-file path or a ``redis://`` URL.
+file path or a ``redis://`` URL. `tfmm.index.files` and
+``python -m tfmm.index import|export`` move vectors by raw item id between
+an index and Parquet, CSV or ``.npy`` files.
 """
 
 import contextlib
