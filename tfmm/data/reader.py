@@ -214,7 +214,8 @@ def _decode_image(size):
 
 
 def items(data_dir, batch_size=256, image_size=None, validate=True):
-    """Catalogue batches: item_id, category_id, first_day, title, image (uint8)."""
+    """Catalogue batches: item_id, category_id, first_day, title, image (uint8) and
+    has_image (bool); an item without image bytes has an all-zero image."""
     meta = schema.read_metadata(data_dir)
     paths = schema.files(data_dir, meta, "items")
     if validate:
@@ -224,8 +225,8 @@ def items(data_dir, batch_size=256, image_size=None, validate=True):
 
     def parse(serialized):
         raw = tf.io.parse_single_example(serialized, schema.item_spec())
-        raw["image"] = tf.cond(tf.strings.length(raw["image"]) > 0,
-                               lambda: decode(raw["image"]),
+        raw["has_image"] = tf.strings.length(raw["image"]) > 0
+        raw["image"] = tf.cond(raw["has_image"], lambda: decode(raw["image"]),
                                lambda: tf.zeros([size, size, 3], tf.uint8))
         return raw
 
