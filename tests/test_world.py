@@ -210,12 +210,6 @@ def _dense_ids(data_dir, name):
     return np.array([schema.PAD_ID, schema.OOV_ID, *raw])
 
 
-def _read_all(data_dir, split):
-    batches = list(data.impressions(data_dir, split, batch_size=10_000))
-    return ({k: np.concatenate([f[k].numpy() for f, _ in batches]) for k in batches[0][0]},
-            np.concatenate([y.numpy() for _, y in batches]))
-
-
 def test_raw_export_prepares_into_the_generated_impressions(tiny, tmp_path):
     world, path = tiny
     raw, out = tmp_path / "raw", tmp_path / "prepared"
