@@ -14,6 +14,8 @@ import tensorflow as tf
 
 from tfmm import ctr, data
 from tfmm.data import schema, world as world_lib
+from tfmm.data.prepare import prepare
+from tfmm.data.synthetic import write_raw
 from tfmm.index import SQLiteIndex
 from tfmm.metrics import auc, gauc, logloss
 
@@ -22,6 +24,28 @@ pytestmark = pytest.mark.slow  # trains models or runs the CLIs
 SMALL_MODEL = dict(embedding_dim=8, attention_units=(8,), mlp_units=(16,),
                    make_units=(16, 8, 4, 1), batch_size=256)
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def own_data_dir(tmp):
+    """The tiny world as a user's own data: its raw export prepared (no triplets)."""
+    raw = tmp / "raw"
+    write_raw(world_lib.generate(world_lib.PRESETS["tiny"]), raw)
+    prepare(str(raw / "impressions.csv"), str(raw / "items.csv"), str(tmp / "own"),
+            str(raw / "images"))
+    return str(tmp / "own")
+
+
+def blank_content(data_dir, images=(), titles=()):
+    """Empties the image bytes / titles of these item ids in a data directory's catalogue."""
+    path = os.path.join(data_dir, "items.tfrecord")
+    records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+    with tf.io.TFRecordWriter(path) as w:
+        for example in records:
+            f = example.features.feature
+            for name, ids in (("image", images), ("title", titles)):
+                if f["item_id"].int64_list.value[0] in ids:
+                    f[name].bytes_list.value[0] = b""
+            w.write(example.SerializeToString())
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +309,29 @@ def test_cli_fills_an_empty_index_then_trains_and_exports(tiny_dir, tmp_path):
     assert lines[-2] == f"metrics: {tmp_path}/ctr/metrics.json"
     assert lines[-1] == f"SavedModel: {tmp_path}/export/1"
     assert f"{result['auc']:7.4f}" in lines[-4]  # the summary's "all test impressions" row
+
+
+def test_cli_on_an_empty_index_pretrains_on_what_the_data_has_and_says_so(tmp_path):
+    own = own_data_dir(tmp_path)
+    proc = subprocess.run(
+        _cli(own, tmp_path, "--model=simtier", "--pretrain_epochs=1", "--pretrain_batch_size=32",
+             "--queue_size=128", "--dim=8"), capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    source = ("generic, on the 240 item images (two augmentations of an image are a pair); "
+              "image tower (no triplets for SCL)")
+    assert f"pre-training: {source}" in proc.stdout
+    result = json.load(open(tmp_path / "ctr" / "metrics.json"))
+    assert result["pretrain_source"] == source and result["missing_item_vectors"] == 0
+    assert json.load(open(tmp_path / "pretrain" / "metrics.json"))["config"]["objective"] == (
+        "generic")
+
+    # Items with neither an image nor a title: one line, nothing written.
+    blank_content(own, images=range(2, 242), titles=range(2, 242))
+    runs = tmp_path / "again"
+    assert _error_line(_cli(own, runs, "--model=simtier")) == (
+        f"{own}: no item has an image or a title, so there is nothing to pre-train the "
+        "encoder on or to embed; prepare the items with --images_dir and/or a 'title' column.")
+    assert not runs.exists()
 
 
 def _error_line(cmd):

@@ -68,7 +68,7 @@ def test_bad_events_are_rejected_at_publish(tmp_path):
     assert events.pending() == 0  # the batch with a bad event wrote nothing
 
 
-def test_encoder_writes_the_models_vectors_and_skips_undecodable_images(image_encoder,
+def test_encoder_writes_the_models_vectors_and_dead_letters_what_it_cannot_embed(image_encoder,
                                                                         tmp_path):
     path, tower = image_encoder
     encoder = Encoder(os.path.dirname(path))
@@ -76,15 +76,18 @@ def test_encoder_writes_the_models_vectors_and_skips_undecodable_images(image_en
     events = SQLiteEvents(tmp_path / "e.db")
     published, images = new_items(range(100, 110))
     published[3]["image"] = b"not a png"
+    del published[5]["image"]  # a title only: nothing this encoder can embed
     events.publish(published)
     index = open_index(str(tmp_path / "v.db"), dim=8)
-    assert process(encoder, events, index, "w", batch_size=64, block=0.1) == (9, 1)
-    assert events.pending() == 0  # the bad event too: it must not block the stream
-    (letter,) = events.dead_letters()
-    assert letter["item_id"] == 103 and "the image does not decode" in letter["reason"]
+    assert process(encoder, events, index, "w", batch_size=64, block=0.1) == (8, 2)
+    assert events.pending() == 0  # the bad events too: they must not block the stream
+    letters = sorted(events.dead_letters(), key=lambda letter: letter["item_id"])
+    assert [letter["item_id"] for letter in letters] == [103, 105]
+    assert "the image does not decode" in letters[0]["reason"]
+    assert "the encoder embeds images; the event has none" in letters[1]["reason"]
     vectors, found = index.get(np.arange(100, 110))
-    assert found.tolist() == [True] * 3 + [False] + [True] * 6
-    keep = np.arange(10) != 3
+    assert found.tolist() == [True] * 3 + [False, True, False] + [True] * 4
+    keep = ~np.isin(np.arange(10), [3, 5])
     np.testing.assert_allclose(vectors[keep], tower(images[keep], training=False).numpy(),
                                atol=1e-5)
 

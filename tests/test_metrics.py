@@ -3,7 +3,8 @@ import itertools
 import numpy as np
 import pytest
 
-from tfmm.metrics import auc, frequency_groups, gauc, logloss
+from tfmm.metrics import (auc, frequency_groups, gauc, logloss, neighbours_same_label,
+                          same_label_chance)
 
 
 def brute_force_auc(labels, scores):
@@ -127,3 +128,28 @@ def test_frequency_groups_split_seen_items_by_training_count():
         assert counts[group == g].max() <= counts[group == g + 1].min()
     with pytest.raises(ValueError, match="2 items seen in training, fewer than 8"):
         frequency_groups([0, 3, 4])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1024])
+def test_neighbours_same_label_hand_computed(chunk_size):
+    # Two clusters of directions, A B C near the x axis, D E F near y (D is long:
+    # cosine ignores length). Labels: a a b | b b a.
+    vectors = [[1, 0], [1, 0.1], [1, 0.3], [0, 5], [0.1, 1], [0.3, 1]]
+    labels = ["a", "a", "b", "b", "b", "a"]
+    # k=1: A->B, B->A, C->B, D->E, E->D, F->E: same label for A, B, D, E.
+    assert neighbours_same_label(vectors, labels, k=1, chunk_size=chunk_size) == \
+        pytest.approx(4 / 6)
+    # k=2: A {B, C}, B {A, C}, C {B, A}, D {E, F}, E {D, F}, F {E, D}: 1/2 1/2 0 1/2 1/2 0.
+    assert neighbours_same_label(vectors, labels, k=2, chunk_size=chunk_size) == \
+        pytest.approx(1 / 3)
+    # k past the catalogue: every other item, which is the chance level, 2/5.
+    assert neighbours_same_label(vectors, labels, k=10, chunk_size=chunk_size) == \
+        pytest.approx(0.4)
+    assert same_label_chance(labels) == pytest.approx(0.4)
+
+
+def test_neighbours_same_label_checks_shapes():
+    with pytest.raises(ValueError, match="want vectors \\[n, d\\] and n labels"):
+        neighbours_same_label(np.zeros((3, 2)), [1, 2])
+    with pytest.raises(ValueError, match=">= 2 rows"):
+        neighbours_same_label(np.zeros((1, 2)), [1])

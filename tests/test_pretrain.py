@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,11 +13,17 @@ import tensorflow as tf
 from tfmm import data
 from tfmm.data import schema
 from tfmm.index import SQLiteIndex
-from tfmm.metrics import acc_at_n
-from tfmm.pretrain import PretrainConfig, run, word_dropout
-from tests.test_ctr import ENV, _kill_after_backup
+from tfmm.metrics import acc_at_n, neighbours_same_label, same_label_chance
+from tfmm.pretrain import (Catalogue, PretrainConfig, SettingsError, choose_source, run,
+                           training_data, word_dropout)
+from tests.test_ctr import ENV, _error_line, _kill_after_backup, blank_content, own_data_dir
 
 pytestmark = pytest.mark.slow  # trains models or runs the CLIs
+
+
+@pytest.fixture(scope="module")
+def own_dir(tmp_path_factory):
+    return own_data_dir(tmp_path_factory.mktemp("own"))
 
 
 def test_cli_trains_exports_and_indexes(tiny_dir, tmp_path):
@@ -55,6 +62,17 @@ def test_cli_trains_exports_and_indexes(tiny_dir, tmp_path):
     want = acc_at_n(queries, positives, ns=(1, 5))
     assert result["acc@1"] == pytest.approx(want["acc@1"], abs=1e-9)
     assert result["acc@5"] == pytest.approx(want["acc@5"], abs=1e-9)
+    assert result["test_pairs"] == len(positives)
+
+    # The label-free check is that of the indexed vectors, over the whole catalogue.
+    ids = index.ids()
+    every, _ = index.get(ids)
+    truth = np.load(f"{tiny_dir}/truth.npz")["category"]
+    assert result["neighbours_same_category@10"] == pytest.approx(
+        neighbours_same_label(every, truth[ids - schema.FIRST_ID]), abs=1e-6)
+    assert result["neighbours_same_category@10_chance"] == pytest.approx(
+        same_label_chance(truth), abs=1e-9)
+    assert result["neighbours_items"] == len(ids) and result["items_without_content"] == 0
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -100,6 +118,104 @@ def test_objectives_run(tiny_dir, tmp_path, objective, modality, queue, triplet)
     assert json.load(open(tmp_path / "metrics.json"))["acc@5"] == result["acc@5"]
 
 
+@pytest.mark.parametrize("objective, modality", [
+    ("generic", "image"), ("random", "image"), ("generic", "text"), ("random", "text"),
+])
+def test_cli_pretrains_a_data_dir_without_triplets(own_dir, tmp_path, objective, modality):
+    cmd = [sys.executable, "-m", "tfmm.train", "--task=pretrain", f"--data_dir={own_dir}",
+           f"--model_dir={tmp_path}/m", "--export_dir=", f"--index={tmp_path}/index.db",
+           f"--objective={objective}", f"--modality={modality}", "--triplet_weight=0",
+           "--queue_size=0", "--epochs=1", "--batch_size=32", "--dim=8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"no test pairs in {own_dir} (no table 'pretrain/test')" in proc.stdout
+    assert f"pre-training: {objective}" in proc.stdout
+    result = json.load(open(tmp_path / "m" / "metrics.json"))
+    assert result["test_pairs"] == 0 and "acc@1" not in result
+    num_items = schema.read_metadata(own_dir)["counts"]["items"]
+    assert result["index_items"] == result["neighbours_items"] == num_items
+    assert 0.0 <= result["neighbours_same_category@10"] <= 1.0
+    assert result["neighbours_same_category@10_chance"] == pytest.approx(
+        same_label_chance(next(iter(data.items(own_dir, batch_size=num_items)))
+                          ["category_id"].numpy()), abs=1e-9)
+    if objective == "random":
+        assert result["neighbours_same_category@10"] == result[
+            "neighbours_same_category@10_untrained"]
+    else:
+        assert len(result["history"]["loss"]) == 1
+
+
+def test_scl_without_triplets_says_what_to_run(own_dir, tmp_path):
+    line = _error_line([sys.executable, "-m", "tfmm.train", "--task=pretrain",
+                        f"--data_dir={own_dir}", f"--model_dir={tmp_path}/m",
+                        f"--index={tmp_path}/index.db", "--objective=scl"])
+    assert line == (
+        f"--objective=scl needs query -> item pairs: {own_dir} has no table 'pretrain/train' "
+        "or 'pretrain/test'; make them with `python -m tfmm.data.prepare --pairs=FILE` (your "
+        "pairs) or `--pairs_from=clicks` (from behaviour), or pre-train on the items alone: "
+        "--objective=generic --triplet_weight=0.")
+    assert not os.listdir(tmp_path)
+
+
+def test_generic_pretraining_beats_the_untrained_tower_on_the_label_free_check(own_dir,
+                                                                               tmp_path):
+    # Images, 10 epochs: at 1 epoch (7 steps) the untrained tower, which already groups
+    # shapes (~0.58, chance 0.25), is as often ahead; titles are no better (their one
+    # category word among four does not lead the generic objective, whatever the length).
+    result = run(PretrainConfig(data_dir=own_dir, model_dir=str(tmp_path), objective="generic",
+                                queue_size=0, triplet_weight=0.0, epochs=10, batch_size=32,
+                                dim=16, verbose=0))
+    key = "neighbours_same_category@10"
+    assert result[key] > result[f"{key}_untrained"] > result[f"{key}_chance"] + 0.2, result
+
+
+def test_items_without_content_are_skipped_and_counted(own_dir, tmp_path, capsys):
+    data_dir = str(tmp_path / "data")
+    shutil.copytree(own_dir, data_dir)
+    no_image, no_title = [2, 5, 9], [5, 11]
+    blank_content(data_dir, images=no_image, titles=no_title)
+    num_items = schema.read_metadata(data_dir)["counts"]["items"]
+    for modality, missing in (("image", no_image), ("text", no_title)):
+        index = tmp_path / f"{modality}.db"
+        config = PretrainConfig(data_dir=data_dir, model_dir=str(tmp_path / modality),
+                                index=str(index), modality=modality, objective="generic",
+                                queue_size=0, triplet_weight=0.0, epochs=1, batch_size=32,
+                                dim=8, verbose=0)
+        result = run(config)
+        what = "image" if modality == "image" else "title"
+        assert (f"{len(missing)} of {num_items} items have no {what}: not embedded, so not in "
+                "the index" in capsys.readouterr().out)
+        assert result["items_without_content"] == len(missing)
+        assert result["index_items"] == result["neighbours_items"] == num_items - len(missing)
+        ids = SQLiteIndex(index).ids()
+        assert len(ids) == num_items - len(missing) and not set(missing) & set(ids)
+        # The CTR reader's snapshot flags them missing.
+        present = SQLiteIndex(index).snapshot(num_items + schema.FIRST_ID).present
+        assert not present[missing].any() and present[ids].all()
+        # Training pairs never show them.
+        batches, _ = training_data(config, Catalogue(data_dir))
+        seen = np.concatenate([b["positive_id"].numpy() for b in batches.take(30)])
+        assert not set(missing) & set(seen) and len(set(seen)) > 100
+
+
+def test_sources_follow_the_content_the_items_have(own_dir, tmp_path):
+    data_dir = str(tmp_path / "data")
+    shutil.copytree(own_dir, data_dir)
+    catalogue = Catalogue(data_dir)
+    catalogue.has_image[:] = False  # as prepared without --images_dir
+    config = PretrainConfig(data_dir=data_dir, model_dir="unused")
+    with pytest.raises(SettingsError, match="--modality=image: no item in .* has an image; "
+                                            "use --modality=text"):
+        choose_source(config, catalogue)
+    chosen, source = choose_source(config, catalogue, fallback=True)
+    assert (chosen.objective, chosen.modality, chosen.triplet_weight) == ("generic", "text", 0.0)
+    assert source == ("generic, on the 240 item titles (two word-dropout views of a title are "
+                      "a pair); text tower (no item has an image, no triplets for SCL)")
+    catalogue.has_title[:] = False
+    with pytest.raises(SettingsError, match="no item has an image or a title"):
+        choose_source(config, catalogue, fallback=True)
+
+
 def test_text_scl_learns_synonyms(tiny_dir, tmp_path):
     random = run(PretrainConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "r"), modality="text",
                                 objective="random", queue_size=0, triplet_weight=0.0, verbose=0))
@@ -107,6 +223,10 @@ def test_text_scl_learns_synonyms(tiny_dir, tmp_path):
                                  queue_size=0, epochs=15, batch_size=60, learning_rate=3e-3,
                                  verbose=0))
     assert trained["acc@5"] > random["acc@5"] + 0.2, (random["acc@5"], trained["acc@5"])
+    # ... and groups items by category better than the untrained tower (0.78 against 0.68).
+    key = "neighbours_same_category@10"
+    assert trained[key] > trained[f"{key}_untrained"] + 0.05, trained
+    assert random[key] == random[f"{key}_untrained"]
 
 
 def test_word_dropout_keeps_words_and_never_empties():

@@ -15,6 +15,7 @@ from tfmm.data import schema, world as world_lib
 from tfmm.data.synthetic import config_from_flags, write_world
 
 TINY = world_lib.PRESETS["tiny"]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +202,62 @@ def test_cli_generates_and_rejects_bad_flags(tmp_path):
                          capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "--num_days=1" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def _dense_ids(data_dir, name):
+    """Prepared dense id -> the generated world's (a raw export's ids are those, prefixed)."""
+    with open(os.path.join(data_dir, "vocab", f"{name}.txt")) as f:
+        raw = [int(line.strip()[1:]) for line in f]
+    return np.array([schema.PAD_ID, schema.OOV_ID, *raw])
+
+
+def test_raw_export_prepares_into_the_generated_impressions(tiny, tmp_path):
+    world, path = tiny
+    raw, out = tmp_path / "raw", tmp_path / "prepared"
+    gen = subprocess.run([sys.executable, "-m", "tfmm.data.generate", "--world=tiny",
+                          f"--raw_dir={raw}"], capture_output=True, text=True, env=ENV)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert f"prepare it with: python -m tfmm.data.prepare --flagfile={raw}/prepare.flags" in (
+        gen.stdout)
+    assert sorted(os.listdir(raw)) == ["images", "impressions.csv", "items.csv", "prepare.flags"]
+    assert len(os.listdir(raw / "images")) == TINY.num_items
+    prep = subprocess.run([sys.executable, "-m", "tfmm.data.prepare",
+                           f"--flagfile={raw}/prepare.flags", f"--out_dir={out}"],
+                          capture_output=True, text=True, env=ENV)
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    meta = schema.read_metadata(out)
+    assert sorted(meta["files"]) == ["impressions/test", "impressions/train", "items"]
+    generated = schema.read_metadata(path)
+    assert {k: meta["counts"][k] for k in generated["counts"] if "pretrain" not in k} == {
+        k: v for k, v in generated["counts"].items() if "pretrain" not in k}
+
+    users, items, categories = (_dense_ids(out, n) for n in ("users", "items", "categories"))
+    for split in ("train", "test"):
+        ours, our_labels = _read_all(str(out), split)
+        theirs, their_labels = _read_all(path, split)
+        np.testing.assert_array_equal(our_labels, their_labels)
+        for k in ("timestamp", "is_new_item", "history_timestamps", "history_length"):
+            np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+        for k, ids in (("item_id", items), ("history_item_ids", items),
+                       ("category_id", categories), ("history_category_ids", categories)):
+            np.testing.assert_array_equal(ids[ours[k]], theirs[k], err_msg=k)
+        # Users are indexed from the training days: one seen only in the test days is OOV.
+        known = ours["user_id"] != schema.OOV_ID
+        np.testing.assert_array_equal(users[ours["user_id"][known]], theirs["user_id"][known])
+        trained_users = set(_read_all(path, "train")[0]["user_id"])
+        assert set(theirs["user_id"][~known]).isdisjoint(trained_users)
+        assert known.all() if split == "train" else (~known).sum() == meta["oov"]["test_users"]
+
+    # The catalogue: the same titles, images and categories (no release day: first_day is 0).
+    ours = next(iter(data.items(str(out), batch_size=TINY.num_items)))
+    theirs = next(iter(data.items(path, batch_size=TINY.num_items)))
+    order = np.argsort(items[ours["item_id"].numpy()])
+    np.testing.assert_array_equal(items[ours["item_id"].numpy()][order], theirs["item_id"])
+    np.testing.assert_array_equal(categories[ours["category_id"].numpy()][order],
+                                  theirs["category_id"])
+    np.testing.assert_array_equal(ours["title"].numpy()[order], theirs["title"])
+    np.testing.assert_array_equal(ours["image"].numpy()[order], theirs["image"])
+    assert not ours["first_day"].numpy().any() and theirs["first_day"].numpy().any()
 
 
 def test_truncated_or_malformed_records_name_file_and_record(tiny, tmp_path):

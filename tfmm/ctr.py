@@ -24,7 +24,9 @@ every epoch, exports it and writes ``<model_dir>/metrics.json``:
 
 Multimodal methods read item vectors from the index table; an empty or
 missing table is first filled by running the pre-training given as
-``pretrain_config``. MAKE is pre-trained alone for ``make_epochs`` (0: trained
+``pretrain_config``, on the best source the data has (`tfmm.pretrain.run`'s
+``fallback``: SCL needs triplets, else the generic objective on the items),
+named in ``pretrain_source``. MAKE is pre-trained alone for ``make_epochs`` (0: trained
 jointly with the ranker, from scratch), then frozen or, with
 ``make_trainable``, fine-tuned. A killed run resumes: MAKE's pre-trained
 weights are kept, and the ranker restarts from its last finished epoch; the
@@ -223,7 +225,8 @@ def train_counts(config, num_items):
 
 
 def load_vectors(config, num_items, pretrain_config=None):
-    """The index table's vectors, pre-training the encoder first when it is empty."""
+    """The index table's vectors, pre-training the encoder first when it is empty, on the
+    best source the data has; returns (vectors, that source or None)."""
     try:
         empty = is_empty(config.index)
     except ValueError as e:  # a corrupt index file
@@ -236,14 +239,20 @@ def load_vectors(config, num_items, pretrain_config=None):
 
         print(f"the index {redact(config.index)} is empty: pre-training the encoder first ...",
               flush=True)
-        pretrain.run(dataclasses.replace(pretrain_config, index=config.index))
+        try:
+            source = pretrain.run(dataclasses.replace(pretrain_config, index=config.index),
+                                  fallback=True)["source"]
+        except pretrain.SettingsError as e:
+            raise SettingsError(str(e)) from None
+    else:
+        source = None
     index = open_index(config.index)
     try:
         index.claim(schema.catalogue_fingerprint(config.data_dir))
     except ValueError as e:
         raise SettingsError(f"--index: {e}") from None
     try:
-        return index.snapshot(num_items)
+        return index.snapshot(num_items), source
     except ValueError as e:  # ids no writer accepts now: written by hand or an old encoder
         raise SettingsError(f"--index: {e} Rebuild it: --task=pretrain with a fresh "
                             "--index.") from None
@@ -364,8 +373,9 @@ def _run(config, vectors, pretrain_config):
         check_dir(directory, settings, flag)
     meta = check_data(config)
     vocab, length = meta["vocab"], config.max_history or meta["max_history"]
+    source = None
     if config.model != "id" and vectors is None:
-        vectors = load_vectors(config, vocab["num_items"], pretrain_config)
+        vectors, source = load_vectors(config, vocab["num_items"], pretrain_config)
     elif config.model == "id":
         vectors = None
     for directory, settings, _ in dirs:  # the run can start
@@ -398,6 +408,8 @@ def _run(config, vectors, pretrain_config):
                           "trainable": config.make_trainable, "epochs": make_epochs}
     if refresh:
         result["vector_refreshes"] = refresh[0].values
+    if source:
+        result["pretrain_source"] = source
     if config.export_dir:
         result["export_path"] = export_saved_model(model, config.export_dir, "probability")
     result.update(train_seconds=time.time() - start, config=config_json(config))

@@ -126,3 +126,37 @@ def acc_at_n(queries, positives, ns=(1, 5), chunk_size=4096):
     """Acc@N (paper eq. 6) for each N: is the query's own positive in its top N?"""
     ranks = retrieval_ranks(queries, positives, chunk_size)
     return {f"acc@{n}": float(np.mean(ranks < n)) for n in ns}
+
+
+def neighbours_same_label(vectors, labels, k=10, chunk_size=1024):
+    """The mean share of each row's k nearest other rows (by cosine) that have its label.
+
+    A check of item vectors that needs no pairs: with item categories as labels,
+    vectors that group items by what they show score above
+    `same_label_chance`. ``k`` is cut to the other rows there are.
+    """
+    v = np.asarray(vectors, np.float32)
+    labels = np.asarray(labels).ravel()
+    if v.ndim != 2 or len(v) != len(labels):
+        raise ValueError(f"neighbours_same_label: want vectors [n, d] and n labels, got "
+                         f"{v.shape} and {len(labels)}.")
+    if len(v) < 2 or k < 1:
+        raise ValueError(f"neighbours_same_label: want >= 2 rows and k >= 1, got {len(v)} "
+                         f"and k={k}.")
+    k = min(k, len(v) - 1)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    shares = []
+    for start in range(0, len(v), chunk_size):
+        scores = v[start:start + chunk_size] @ v.T
+        rows = np.arange(len(scores))
+        scores[rows, start + rows] = -np.inf  # not its own neighbour
+        nearest = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        shares.append((labels[nearest] == labels[start + rows, None]).mean(axis=1))
+    return float(np.concatenate(shares).mean())
+
+
+def same_label_chance(labels):
+    """`neighbours_same_label`'s expected value for neighbours drawn at random."""
+    counts = np.unique(np.asarray(labels).ravel(), return_counts=True)[1]
+    n = counts.sum()
+    return float((counts * (counts - 1)).sum() / (n * (n - 1)))

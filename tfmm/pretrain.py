@@ -1,9 +1,21 @@
 """Pre-training of the multimodal encoder (paper §3) and its evaluation (§6.2).
 
-`run(config)` trains a tower on a tfmm data directory's pre-training triplets
-with one of the objectives of paper Table 2, reports Acc@N on the held-out
-triplets, exports the tower as a SavedModel (images or text in, vectors out)
-and writes every catalogue item's vector into the index table.
+`run(config)` trains a tower on a tfmm data directory with one of the
+objectives of paper Table 2, reports Acc@N on the held-out triplets (where the
+data has them) and the label-free check, exports the tower as a SavedModel
+(images or text in, vectors out) and writes the vector of every catalogue item
+with content for the modality (an image, a title) into the index table; items
+without are counted (``items_without_content``) and left out.
+
+SCL trains on the triplets (table ``pretrain/train``); ``generic`` and
+``random`` need only the items. An epoch is one pass over the training
+triplets where the data has them, for every objective (the generic baseline
+gets SCL's compute), else over the items with content.
+
+The label-free check, for every run: ``neighbours_same_category@10``, the mean
+share of an item's 10 nearest items (by cosine of their vectors) that share its
+category, over items with content and a category; next to it the same for the
+untrained tower (``..._untrained``) and for random neighbours (``..._chance``).
 
 Objectives:
 - ``random``: the randomly initialised tower, untrained.
@@ -34,6 +46,11 @@ from tfmm.towers import image_tower, text_tower, vocabulary_of
 
 OBJECTIVES = ("random", "generic", "scl")
 MODALITIES = ("image", "text")
+NEIGHBOURS = 10  # k of the label-free check
+
+
+class SettingsError(ValueError):
+    """A data directory the pre-training cannot use, with what to change or run."""
 
 
 @dataclasses.dataclass
@@ -92,11 +109,65 @@ class Catalogue:
         self.ids = np.concatenate([b["item_id"].numpy() for b in batches])
         self.images = np.concatenate([b["image"].numpy() for b in batches])
         self.titles = np.concatenate([b["title"].numpy() for b in batches])
+        self.categories = np.concatenate([b["category_id"].numpy() for b in batches])
+        self.has_image = np.concatenate([b["has_image"].numpy() for b in batches])
+        self.has_title = np.array([bool(t.strip()) for t in self.titles], bool)
         self.row = np.full(self.ids.max() + 1, -1, np.int64)
         self.row[self.ids] = np.arange(len(self.ids))
 
     def content(self, modality):
         return self.images if modality == "image" else self.titles
+
+    def present(self, modality):
+        """Which items have content for `modality`: image bytes, or a non-blank title."""
+        return self.has_image if modality == "image" else self.has_title
+
+
+def choose_source(config, catalogue, fallback=False):
+    """`config` as the data directory supports it, and a line saying what it trains on.
+
+    SCL needs the training triplets; every objective needs items with content
+    for the modality. With `fallback` (the CTR job's pre-training), SCL without
+    triplets becomes the generic objective on the items, and an image tower
+    without images a text tower on the titles. Raises SettingsError saying what
+    is missing and what to run otherwise, or when no item has any content.
+    """
+    meta = schema.read_metadata(config.data_dir)
+    if not (catalogue.has_image.any() or catalogue.has_title.any()):
+        raise SettingsError(f"{config.data_dir}: no item has an image or a title, so there is "
+                            "nothing to pre-train the encoder on or to embed; prepare the items "
+                            "with --images_dir and/or a 'title' column.")
+    changes, why = {}, []
+    if not catalogue.present(config.modality).any():
+        other = "text" if config.modality == "image" else "image"
+        what = "an image" if config.modality == "image" else "a title"
+        if not fallback:
+            raise SettingsError(f"--modality={config.modality}: no item in {config.data_dir} "
+                                f"has {what}; use --modality={other}.")
+        changes["modality"] = other
+        why.append(f"no item has {what}")
+    if config.objective == "scl" and "pretrain/train" not in meta["files"]:
+        missing = [t for t in ("pretrain/train", "pretrain/test") if t not in meta["files"]]
+        if not fallback:
+            raise SettingsError(
+                f"--objective=scl needs query -> item pairs: {config.data_dir} has no table "
+                f"{' or '.join(map(repr, missing))}; make them with `python -m "
+                "tfmm.data.prepare --pairs=FILE` (your pairs) or `--pairs_from=clicks` (from "
+                "behaviour), or pre-train on the items alone: --objective=generic "
+                "--triplet_weight=0.")
+        changes.update(objective="generic", triplet_weight=0.0)
+        why.append("no triplets for SCL")
+    config = dataclasses.replace(config, **changes)
+    image = config.modality == "image"
+    if config.objective == "scl":
+        source = f"SCL on the {meta['counts']['pretrain/train']} triplets of pretrain/train"
+    elif config.objective == "generic":
+        source = (f"generic, on the {int(catalogue.present(config.modality).sum())} item "
+                  + ("images (two augmentations of an image are a pair)" if image
+                     else "titles (two word-dropout views of a title are a pair)"))
+    else:
+        source = "random: the untrained tower"
+    return config, f"{source}; {config.modality} tower" + (f" ({', '.join(why)})" if why else "")
 
 
 def augment_images(seed):
@@ -134,8 +205,8 @@ def training_data(config, catalogue):
     content = tf.constant(catalogue.content(config.modality))
     row = tf.constant(catalogue.row)
     if config.objective == "generic":
-        ds = tf.data.Dataset.from_tensor_slices(catalogue.ids).shuffle(
-            len(catalogue.ids), seed=config.seed).repeat()
+        ids = catalogue.ids[catalogue.present(config.modality)]  # an empty view is no pair
+        ds = tf.data.Dataset.from_tensor_slices(ids).shuffle(len(ids), seed=config.seed).repeat()
         ds = ds.batch(config.batch_size, drop_remainder=True).enumerate()
         views = augment_images(config.seed) if config.modality == "image" else None
 
@@ -148,7 +219,8 @@ def training_data(config, catalogue):
                     [tf.constant(config.seed, tf.int64), 2 * step + k])) for k in (1, 2))
             return {"query": query, "positive": positive, "positive_id": ids}
 
-        return ds.map(pair, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2), _steps(config)
+        return (ds.map(pair, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2),
+                _steps(config, catalogue))
 
     key = "query_image" if config.modality == "image" else "query_text"
     ds = data.triplets(config.data_dir, "train", batch_size=config.batch_size, shuffle=True,
@@ -159,14 +231,17 @@ def training_data(config, catalogue):
                 "positive": tf.gather(content, tf.gather(row, t["positive_item_id"])),
                 "negative": tf.gather(content, tf.gather(row, t["negative_item_id"]))}
 
-    return ds.map(triple, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2), _steps(config)
+    return (ds.map(triple, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2),
+            _steps(config, catalogue))
 
 
-def _steps(config):
-    """Steps per epoch: one pass over the training triplets, for every objective
-    (the generic baseline gets the same compute)."""
-    meta = schema.read_metadata(config.data_dir)
-    return max(1, meta["counts"]["pretrain/train"] // config.batch_size)
+def _steps(config, catalogue):
+    """Steps per epoch: one pass over the training triplets where the data has them,
+    for every objective (the generic baseline gets SCL's compute), else over the
+    items with content."""
+    counts = schema.read_metadata(config.data_dir)["counts"]
+    n = counts.get("pretrain/train") or int(catalogue.present(config.modality).sum())
+    return max(1, n // config.batch_size)
 
 
 def build_tower(config, catalogue):
@@ -174,7 +249,9 @@ def build_tower(config, catalogue):
         return lambda: image_tower(config.backbone, config.dim, catalogue.images.shape[1],
                                    config.image_size)
     vocabulary = vocabulary_of(t.decode() for t in catalogue.titles)
-    vocabulary += [w for w in vocabulary_of(_query_texts(config.data_dir)) if w not in vocabulary]
+    if "pretrain/train" in schema.read_metadata(config.data_dir)["files"]:
+        vocabulary += [w for w in vocabulary_of(_query_texts(config.data_dir))
+                       if w not in vocabulary]
     return lambda: text_tower(vocabulary, config.dim)
 
 
@@ -189,27 +266,62 @@ def embed(tower, inputs, batch_size=512):
 
 
 def evaluate(config, tower, catalogue, ns=(1, 5)):
-    """Acc@N on the held-out triplets: queries against all their positives."""
+    """Acc@N on the held-out triplets, queries against all their positives, and
+    their count (``test_pairs``: 0, and no Acc@N, where the data has none)."""
+    if "pretrain/test" not in schema.read_metadata(config.data_dir)["files"]:
+        print(f"no test pairs in {config.data_dir} (no table 'pretrain/test'): no Acc@N, "
+              "only the label-free check.", flush=True)
+        return {"test_pairs": 0}
     key = "query_image" if config.modality == "image" else "query_text"
     batches = list(data.triplets(config.data_dir, "test", batch_size=1024))
     queries = np.concatenate([b[key].numpy() for b in batches])
     positives = np.concatenate([b["positive_item_id"].numpy() for b in batches])
     q = embed(tower, queries)
     p = embed(tower, catalogue.content(config.modality)[catalogue.row[positives]])
-    return metrics.acc_at_n(q, p, ns)
+    return dict(metrics.acc_at_n(q, p, ns), test_pairs=len(positives))
 
 
-def run(config):
-    """Trains, evaluates, exports and indexes; returns the metrics dict."""
+def label_free_check(catalogue, present, vectors, untrained):
+    """neighbours_same_category@k of the vectors of the `present` items, of the
+    untrained tower's, and by chance; None where fewer than 2 have a category."""
+    key = f"neighbours_same_category@{NEIGHBOURS}"
+    known = catalogue.categories[present] != schema.OOV_ID
+    if known.sum() < 2:
+        return {key: None, "neighbours_items": int(known.sum())}
+    labels = catalogue.categories[present][known]
+    return {key: metrics.neighbours_same_label(vectors[known], labels, NEIGHBOURS),
+            f"{key}_untrained": metrics.neighbours_same_label(untrained[known], labels,
+                                                              NEIGHBOURS),
+            f"{key}_chance": metrics.same_label_chance(labels),
+            "neighbours_items": int(known.sum())}
+
+
+def run(config, fallback=False):
+    """Trains, evaluates, exports and indexes; returns the metrics dict.
+
+    Raises SettingsError, before writing anything, when the data directory
+    cannot feed `config`; with `fallback`, trains on the best source it has
+    instead (`choose_source`), which ``source`` in the result names.
+    """
     config.validate()
     start = time.time()
+    catalogue = Catalogue(config.data_dir)
+    config, source = choose_source(config, catalogue, fallback)
+    print(f"pre-training: {source}", flush=True)
+    present = catalogue.present(config.modality)
+    if not present.all():
+        print(f"{(~present).sum()} of {len(present)} items have no "
+              f"{'image' if config.modality == 'image' else 'title'}: not embedded, so not in "
+              "the index (the CTR reader flags their vectors missing).", flush=True)
     keras.utils.set_random_seed(config.seed)
     os.makedirs(config.model_dir, exist_ok=True)
-    catalogue = Catalogue(config.data_dir)
     make_tower = build_tower(config, catalogue)
     tower = make_tower()
+    content = catalogue.content(config.modality)[present]
+    trains = config.objective != "random" and config.epochs
+    untrained = embed(tower, content) if trains else None
     history = {}
-    if config.objective != "random" and config.epochs:
+    if trains:
         model = SCLModel(tower, make_key_tower=make_tower, queue_size=config.queue_size,
                          momentum=config.momentum, triplet_weight=config.triplet_weight,
                          margin=config.margin, temperature=config.temperature,
@@ -225,16 +337,18 @@ def run(config):
         model.fit(ds, epochs=config.epochs, steps_per_epoch=steps, callbacks=callbacks,
                   verbose=config.verbose)
         history = {k: [v[k] for v in record.values] for k in record.values[0] if k != "epoch"}
+    vectors = embed(tower, content)
     result = evaluate(config, tower, catalogue)
-    result.update(history=history,
+    result.update(label_free_check(catalogue, present, vectors,
+                                   vectors if untrained is None else untrained))
+    result.update(source=source, items_without_content=int((~present).sum()), history=history,
                   train_seconds=time.time() - start, config=dict(dataclasses.asdict(config), index=redact(config.index)))
     if config.export_dir:
         result["export_path"] = export_saved_model(tower, config.export_dir, "vector")
     if config.index:
-        vectors = embed(tower, catalogue.content(config.modality))
         index = open_index(config.index, dim=config.dim)
         index.claim(schema.catalogue_fingerprint(config.data_dir))
-        result["index_version"] = index.put(catalogue.ids, vectors)
-        result["index_items"] = len(catalogue.ids)
+        result["index_version"] = index.put(catalogue.ids[present], vectors)
+        result["index_items"] = int(present.sum())
     write_json(os.path.join(config.model_dir, "metrics.json"), result)
     return result

@@ -5,16 +5,21 @@
     python -m tfmm.train --flagfile=configs/pretrain.flags   # SCL pre-training alone
 
 ``--task=ctr`` trains the ranker ``--model`` (paper §4; `tfmm.ctr`): it
-reads item vectors from ``--index``, running the SCL pre-training first
+reads item vectors from ``--index``, running the pre-training first
 (the pre-training flags, with ``--pretrain_*`` for its epochs, batch size,
-learning rate and directories) when the index is empty; pre-trains MAKE for
+learning rate and directories) when the index is empty, on the best source
+the data directory has: SCL on its triplets, else the generic objective on
+the item images (or titles, where no item has an image), and says which
+(``pretrain_source`` in metrics.json); pre-trains MAKE for
 ``--make_epochs`` when the model has it; trains, evaluates after each epoch,
 writes ``<model_dir>/metrics.json`` and exports the ranker under
 ``<export_dir>/<version>/``.
 
 ``--task=pretrain`` trains the multimodal encoder (paper §3) on a data
-directory's triplets, writes ``<model_dir>/metrics.json`` (``acc@1``,
-``acc@5`` on held-out pairs), exports the encoder under
+directory's triplets (``--objective=scl``) or items (``generic``,
+``random``), writes ``<model_dir>/metrics.json`` (``acc@1``, ``acc@5`` on
+held-out pairs where there are any; the label-free check
+``neighbours_same_category@10``), exports the encoder under
 ``<export_dir>/<version>/`` and writes every item's vector to ``--index``.
 
 A data directory without data is generated from ``--world`` first, when it
@@ -175,7 +180,10 @@ def run_pretrain():
                              _default("epochs", PRETRAIN.epochs),
                              _default("batch_size", PRETRAIN.batch_size),
                              FLAGS.learning_rate)
-    result = pretraining.run(config)
+    try:
+        result = pretraining.run(config)
+    except pretraining.SettingsError as e:
+        fail(str(e))
     summary = {k: v for k, v in result.items() if k not in ("history", "config")}
     print(json.dumps(summary, indent=1))
     print(f"metrics: {os.path.join(config.model_dir, 'metrics.json')}")

@@ -1,5 +1,6 @@
 """Writes a generated world (`tfmm.data.world`) as a tfmm data directory."""
 
+import csv
 import dataclasses
 import os
 
@@ -38,14 +39,20 @@ def impression_records(world, rows, is_new):
         )
 
 
-def item_records(world):
+def catalogue_pngs(world):
+    """Each item's catalogue image as PNG bytes, in item order."""
     rng = world_lib.streams(world.config.seed)["images"]
     for i in range(world.config.num_items):
         image = render.catalogue_image(rng, world.category[i], world.colour[i], world.pattern[i])
+        yield tf.io.encode_png(image).numpy()
+
+
+def item_records(world):
+    for i, png in enumerate(catalogue_pngs(world)):
         yield schema.example(
             ints={"item_id": _id(i), "category_id": _id(world.category[i]),
                   "first_day": world.first_day[i]},
-            strings={"title": world.titles[i].encode(), "image": tf.io.encode_png(image).numpy()},
+            strings={"title": world.titles[i].encode(), "image": png},
         )
 
 
@@ -90,6 +97,47 @@ def write_world(world, out_dir):
             "side_features": [],
             "train_days": cfg.train_days,
         })
+
+
+def raw_ids(prefix, index):
+    """A raw export's ids: the data directory's dense id behind a letter, e.g. 'i7'."""
+    return [f"{prefix}{_id(i)}" for i in index]
+
+
+def write_raw(world, raw_dir):
+    """Writes `world` as the raw files `tfmm.data.prepare` reads (atomically).
+
+    ``impressions.csv`` (user_id, item_id, label, timestamp), ``items.csv``
+    (item_id, category_id, title, image) and ``images/<item_id>.png``; ids are
+    the generated data directory's as strings (user 'u7', item 'i7', category
+    'c7'). ``prepare.flags`` holds the `prepare` flags that split the days as
+    the generated data directory does. Returns the path of ``prepare.flags``.
+    """
+    cfg = world.config
+    with DataDirWriter(raw_dir) as w:
+        with open(w.path("impressions.csv"), "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["user_id", "item_id", "label", "timestamp"])
+            out.writerows(zip(raw_ids("u", world.user), raw_ids("i", world.item),
+                              world.label.tolist(), world.timestamp.tolist()))
+        os.makedirs(w.path("images"))
+        items = raw_ids("i", range(cfg.num_items))
+        for item, png in zip(items, catalogue_pngs(world)):
+            with open(w.path(os.path.join("images", f"{item}.png")), "wb") as f:
+                f.write(png)
+        with open(w.path("items.csv"), "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["item_id", "category_id", "title", "image"])
+            out.writerows(zip(items, raw_ids("c", world.category), world.titles,
+                              (f"{item}.png" for item in items)))
+        root = os.path.abspath(raw_dir)
+        with open(w.path("prepare.flags"), "w") as f:
+            f.write(f"--impressions={root}/impressions.csv\n--items={root}/items.csv\n"
+                    f"--images_dir={root}/images\n--max_history={cfg.max_history}\n"
+                    # the generated test days: impressions from the first one on
+                    f"--split_timestamp={world_lib.T0 + cfg.train_days * world_lib.DAY}\n")
+        w.finish(None)
+    return os.path.join(raw_dir, "prepare.flags")
 
 
 def ensure_world(data_dir, preset):

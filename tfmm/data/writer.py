@@ -63,9 +63,12 @@ class DataDirWriter:
         return os.path.join(self.tmp_dir, name)
 
     def finish(self, metadata):
-        metadata = dict(metadata, format=schema.FORMAT, files=self.files, counts=self.counts)
-        with open(os.path.join(self.tmp_dir, "metadata.json"), "w") as f:
-            json.dump(metadata, f, indent=1, sort_keys=True)
+        """Moves the directory into place; with `metadata` None, it holds no
+        ``metadata.json`` (raw files, not a data directory)."""
+        if metadata is not None:
+            metadata = dict(metadata, format=schema.FORMAT, files=self.files, counts=self.counts)
+            with open(os.path.join(self.tmp_dir, "metadata.json"), "w") as f:
+                json.dump(metadata, f, indent=1, sort_keys=True)
         old = f"{self.out_dir}.old-{os.getpid()}"
         if os.path.exists(self.out_dir):
             os.rename(self.out_dir, old)
