@@ -23,12 +23,14 @@ import numpy as np
 import tensorflow as tf
 
 from tfmm import data, metrics
+from tfmm.ctr import SettingsError
 from tfmm.data import schema
 from tfmm.export import export_saved_model
 from tfmm.index import open_index, redact
 from tfmm.resume import EpochRecord, write_json
 from tfmm.scl import POSITIVE_TOWERS, SCLModel
-from tfmm.towers import image_tower, text_tower, vocabulary_of
+from tfmm.towers import (BACKBONES, BackboneError, check_backbone, image_tower,
+                         preset_text_tower, text_tower, vocabulary_of)
 
 OBJECTIVES = ("random", "generic", "scl")
 MODALITIES = ("image", "text")
@@ -50,7 +52,8 @@ class PretrainConfig:
     mask_own_positive: bool = True
     positive_tower: str = "momentum"
     dim: int = 128
-    backbone: str = "resnet_tiny"
+    backbone: str = "resnet_tiny"  # a config name of towers.BACKBONES or a KerasHub preset
+    freeze_backbone: bool = False  # fine-tune only the projection head on a pretrained backbone
     image_size: int = 32
     epochs: int = 2
     batch_size: int = 128
@@ -76,6 +79,15 @@ class PretrainConfig:
                              f"{POSITIVE_TOWERS}.")
         if self.objective == "generic" and self.triplet_weight:
             raise ValueError("--objective=generic has no hard negatives: set --triplet_weight=0.")
+        try:
+            check_backbone(self.backbone)
+        except BackboneError as e:
+            raise ValueError(f"--{e}") from None
+        if self.modality == "text" and self.backbone not in BACKBONES and self.export_dir:
+            raise ValueError(f"--backbone={self.backbone} --modality=text: the preset's tokenizer "
+                             "runs tensorflow-text ops, which TF Serving need not have; set "
+                             "--export_dir='' (--encoder_export_dir='' with --task=ctr); the "
+                             "vectors still go to --index.")
         return self
 
 
@@ -167,7 +179,10 @@ def _steps(config):
 def build_tower(config, catalogue):
     if config.modality == "image":
         return lambda: image_tower(config.backbone, config.dim, catalogue.images.shape[1],
-                                   config.image_size)
+                                   config.image_size, freeze_backbone=config.freeze_backbone)
+    if config.backbone not in BACKBONES:  # the image configs are no text towers
+        return lambda: preset_text_tower(config.backbone, config.dim,
+                                         freeze_backbone=config.freeze_backbone)
     vocabulary = vocabulary_of(t.decode() for t in catalogue.titles)
     vocabulary += [w for w in vocabulary_of(_query_texts(config.data_dir)) if w not in vocabulary]
     return lambda: text_tower(vocabulary, config.dim)
@@ -199,10 +214,13 @@ def run(config):
     config.validate()
     start = time.time()
     keras.utils.set_random_seed(config.seed)
-    os.makedirs(config.model_dir, exist_ok=True)
     catalogue = Catalogue(config.data_dir)
     make_tower = build_tower(config, catalogue)
-    tower = make_tower()
+    try:  # before anything is written: a preset may not load
+        tower = make_tower()
+    except BackboneError as e:
+        raise SettingsError(f"--{e}") from None
+    os.makedirs(config.model_dir, exist_ok=True)
     history = {}
     if config.objective != "random" and config.epochs:
         model = SCLModel(tower, make_key_tower=make_tower, queue_size=config.queue_size,

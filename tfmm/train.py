@@ -109,7 +109,12 @@ flags.DEFINE_enum("positive_tower", "momentum", ["momentum", "query"], "With MoC
                   "that encodes the batch's positives: the key tower (MoCo) or the query "
                   "tower, with gradient (the key tower then only fills the queue).")
 flags.DEFINE_integer("dim", 128, "Vector dimension d.")
-flags.DEFINE_string("backbone", "resnet_tiny", "KerasHub backbone config name or preset.")
+flags.DEFINE_string("backbone", "resnet_tiny", "Backbone: a config name (resnet_tiny, "
+                    "resnet_small), a KerasHub preset name (e.g. resnet_50_imagenet, "
+                    "clip_vit_base_patch16; downloaded) or a local preset directory; a CLIP "
+                    "preset gives its vision or text encoder (--modality).")
+flags.DEFINE_bool("freeze_backbone", False, "Keep the backbone's weights as loaded; train only "
+                  "the projection head.")
 flags.DEFINE_integer("image_size", 32, "Backbone input size (images are resized to it).")
 
 
@@ -175,7 +180,10 @@ def run_pretrain():
                              _default("export_dir", _runs(path, "export", "encoder")),
                              _default("epochs", 2), _default("batch_size", 128),
                              FLAGS.learning_rate)
-    result = pretraining.run(config)
+    try:
+        result = pretraining.run(config)
+    except ctr.SettingsError as e:
+        fail(str(e))
     summary = {k: v for k, v in result.items() if k not in ("history", "config")}
     print(json.dumps(summary, indent=1))
     print(f"metrics: {os.path.join(config.model_dir, 'metrics.json')}")
