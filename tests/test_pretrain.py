@@ -284,8 +284,8 @@ def test_cli_text_tower_from_clip_preset(tiny_dir, tmp_path, clip_preset):
 @pytest.mark.parametrize("backbone, message", [
     ("resnet_tinny", "--backbone='resnet_tinny' is neither a config name ['resnet_small', "
                      "'resnet_tiny'], a KerasHub preset name nor a preset directory."),
-    ("resnet_18_imagenet", "--backbone='resnet_18_imagenet': the KerasHub preset (offline? "
-                           "built-in presets download their weights) could not be loaded"),
+    ("resnet_18_imagenet", "--backbone='resnet_18_imagenet': the KerasHub preset could not be "
+                           "loaded (offline? built-in presets download their weights): "),
 ])
 def test_bad_backbones_are_one_line(tiny_dir, tmp_path, backbone, message):
     assert _error_line(_cli(tiny_dir, tmp_path, f"--backbone={backbone}")).startswith(message)

@@ -55,11 +55,14 @@ def _load(what, loader, preset):
     try:
         return loader(preset)
     except Exception as e:  # network, a partial directory, a class that does not fit...
-        reason = (str(e).splitlines() or [""])[0][:160]
-        where = ("the preset directory" if os.path.isdir(preset)
-                 else "the KerasHub preset (offline? built-in presets download their weights)")
-        raise BackboneError(f"backbone={preset!r}: {where} could not be loaded as a {what} "
-                         f"({type(e).__name__}: {reason}).") from None
+        reason = (str(e).splitlines() or [""])[0].split(". ")[0]
+        reason = reason if len(reason) <= 120 else reason[:117] + "..."
+        where = "the preset directory" if os.path.isdir(preset) else "the KerasHub preset"
+        if what != "backbone":
+            where += f"'s {what}"
+        hint = "" if os.path.isdir(preset) else " (offline? built-in presets download their weights)"
+        raise BackboneError(f"backbone={preset!r}: {where} could not be loaded{hint}: "
+                            f"{type(e).__name__}: {reason}") from None
 
 
 def preset_encoder(preset, part):
