@@ -228,9 +228,11 @@ def test_preset_text_tower_is_clips_text_encoder_on_its_tokenizer(clip_preset):
     ids = keras.Model(tower.input, tower.get_layer("tokenize").output[0])
     got = ids.predict_on_batch(np.array(["Red mug", "blue lamp"], object))
     tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(path)
-    red, mug, blue, lamp = (tokenizer.token_to_id(w + "</w>") for w in ("red", "mug", "blue", "lamp"))
-    start, end = tokenizer.start_token_id, tokenizer.end_token_id
-    assert got.tolist() == [[start, red, mug, end, 0, 0, 0, 0], [start, blue, lamp, end, 0, 0, 0, 0]]
+    red, mug, blue, lamp = (tokenizer.token_to_id(w + "</w>") for w in ("red", "mug", "blue",
+                                                                       "lamp"))
+    start, end = tokenizer.start_token_id, tokenizer.end_token_id  # lowercased, as CLIP's
+    assert got.tolist() == [[start, red, mug, end, 0, 0, 0, 0],
+                            [start, blue, lamp, end, 0, 0, 0, 0]]
 
 
 def _cli(tiny_dir, runs, *flags):

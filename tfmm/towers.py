@@ -45,10 +45,11 @@ def is_preset(name):
 
 
 def check_backbone(name):
-    """Raises ValueError unless `name` is a config name of BACKBONES or a preset (unloaded)."""
+    """Raises BackboneError unless `name` is a config name of BACKBONES or a preset
+    (not loaded yet)."""
     if name not in BACKBONES and not is_preset(name):
         raise BackboneError(f"backbone={name!r} is neither a config name {sorted(BACKBONES)}, "
-                         "a KerasHub preset name nor a preset directory.")
+                            "a KerasHub preset name nor a preset directory.")
 
 
 def _load(what, loader, preset):
@@ -57,10 +58,10 @@ def _load(what, loader, preset):
     except Exception as e:  # network, a partial directory, a class that does not fit...
         reason = (str(e).splitlines() or [""])[0].split(". ")[0]
         reason = reason if len(reason) <= 120 else reason[:117] + "..."
-        where = "the preset directory" if os.path.isdir(preset) else "the KerasHub preset"
-        if what != "backbone":
-            where += f"'s {what}"
-        hint = "" if os.path.isdir(preset) else " (offline? built-in presets download their weights)"
+        local = os.path.isdir(preset)
+        where = ("the preset directory" if local else "the KerasHub preset") + (
+            "" if what == "backbone" else f"'s {what}")
+        hint = "" if local else " (offline? built-in presets download their weights)"
         raise BackboneError(f"backbone={preset!r}: {where} could not be loaded{hint}: "
                             f"{type(e).__name__}: {reason}") from None
 
@@ -86,8 +87,6 @@ def _image_converter(preset):
         return keras_hub.layers.ImageConverter.from_preset(preset)
     except FileNotFoundError:
         return None
-
-
 
 
 def _projection(x, dim, name):
