@@ -328,28 +328,32 @@ def test_cli_on_an_empty_index_pretrains_on_what_the_data_has_and_says_so(tmp_pa
     # Items with neither an image nor a title: one line, nothing written.
     blank_content(own, images=range(2, 242), titles=range(2, 242))
     runs = tmp_path / "again"
-    assert _error_line(_cli(own, runs, "--model=simtier")) == (
+    assert _refused(_cli(own, runs, "--model=simtier")) == (
         f"{own}: no item has an image or a title, so there is nothing to pre-train the "
         "encoder on or to embed; prepare the items with --images_dir and/or a 'title' column.")
     assert not runs.exists()
 
 
-def _error_line(cmd):
+def _error_line(proc):
     """The one line a refused CLI run prints (after TensorFlow's start-up lines)."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc.stderr.strip().splitlines()[-1]
 
 
+def _refused(cmd):
+    """Runs `cmd`, which must be refused; its one line."""
+    return _error_line(subprocess.run(cmd, capture_output=True, text=True, env=ENV))
+
+
 def test_cli_bad_flags_are_one_line_errors(tiny_dir, tmp_path):
-    assert _error_line(_cli(tiny_dir, tmp_path, "--model=id", "--mlp_units=16,x")) == (
+    assert _refused(_cli(tiny_dir, tmp_path, "--model=id", "--mlp_units=16,x")) == (
         "--mlp_units=16,x: want integers.")
-    assert _error_line(_cli(tiny_dir, tmp_path, "--model=id", "--mlp_units=0")) == (
+    assert _refused(_cli(tiny_dir, tmp_path, "--model=id", "--mlp_units=0")) == (
         "--mlp_units=0: layer sizes must be >= 1.")
     assert not os.path.exists(tmp_path / "ctr")
     # A --data_dir without data is not filled with a new world unless --world asks for one.
     typo = tmp_path / "tinyy"
-    assert _error_line(_cli(str(typo), tmp_path, "--model=id")) == (
+    assert _refused(_cli(str(typo), tmp_path, "--model=id")) == (
         f"--data_dir={typo} does not exist; give --world to generate a synthetic world there.")
     assert not typo.exists()
 

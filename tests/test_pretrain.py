@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import keras
+import keras_hub
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,7 +18,9 @@ from tfmm.index import SQLiteIndex
 from tfmm.metrics import acc_at_n, neighbours_same_label, same_label_chance
 from tfmm.pretrain import (Catalogue, PretrainConfig, SettingsError, choose_source, run,
                            training_data, word_dropout)
-from tests.test_ctr import ENV, _error_line, _kill_after_backup, blank_content, own_data_dir
+from tfmm.towers import BACKBONES, image_tower, preset_text_tower
+from tests.test_ctr import (ENV, _error_line, _kill_after_backup, _refused, blank_content,
+                            own_data_dir)
 
 pytestmark = pytest.mark.slow  # trains models or runs the CLIs
 
@@ -146,8 +150,8 @@ def test_cli_pretrains_a_data_dir_without_triplets(own_dir, tmp_path, objective,
 
 
 def test_scl_without_triplets_says_what_to_run(own_dir, tmp_path):
-    line = _error_line([sys.executable, "-m", "tfmm.train", "--task=pretrain",
-                        f"--data_dir={own_dir}", f"--model_dir={tmp_path}/m",
+    line = _refused([sys.executable, "-m", "tfmm.train", "--task=pretrain",
+                     f"--data_dir={own_dir}", f"--model_dir={tmp_path}/m",
                         f"--index={tmp_path}/index.db", "--objective=scl"])
     assert line == (
         f"--objective=scl needs query -> item pairs: {own_dir} has no table 'pretrain/train' "
@@ -247,3 +251,162 @@ def test_word_dropout_keeps_words_and_never_empties():
 def test_bad_config(tiny_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
         PretrainConfig(data_dir=tiny_dir, model_dir="unused", **kwargs).validate()
+
+
+# Pretrained backbones: tiny ones saved by KerasHub's own save_to_preset, loaded by --backbone=DIR.
+WORDS = ["red", "blue", "mug", "pillow", "lamp"]
+
+
+def save_resnet_preset(path):
+    """A tiny ResNet preset with an ImageNet-style converter at 24x24; returns its backbone."""
+    backbone = keras_hub.models.ResNetBackbone(**BACKBONES["resnet_tiny"],
+                                               image_shape=(None, None, 3))
+    backbone.save_to_preset(str(path))
+    keras_hub.layers.ResNetImageConverter(
+        image_size=(24, 24), scale=[1 / (255 * s) for s in (0.229, 0.224, 0.225)],
+        offset=[-m / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))],
+    ).save_to_preset(str(path))
+    return backbone
+
+
+def save_clip_preset(path):
+    """A tiny CLIP preset (vision, text, BPE tokenizer of WORDS, converter); returns it."""
+    vocabulary = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789":  # every title and query tokenises
+        vocabulary.update({c: len(vocabulary), c + "</w>": len(vocabulary) + 1})
+    merges = []
+    for word in WORDS:  # each word merged left to right into one token
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        for s in symbols:
+            vocabulary.setdefault(s, len(vocabulary))
+        for s in symbols[1:]:
+            merges.append(f"{symbols[0]} {s}")
+            symbols[0] += s
+            vocabulary.setdefault(symbols[0], len(vocabulary))
+    vision = keras_hub.models.CLIPVisionEncoder(
+        patch_size=8, hidden_dim=16, num_layers=1, num_heads=2, intermediate_dim=32,
+        image_shape=(32, 32, 3))
+    text = keras_hub.models.CLIPTextEncoder(
+        vocabulary_size=len(vocabulary), embedding_dim=16, hidden_dim=16, num_layers=1,
+        num_heads=2, intermediate_dim=32, max_sequence_length=8)
+    backbone = keras_hub.models.CLIPBackbone(vision_encoder=vision, text_encoder=text,
+                                             projection_dim=8)
+    backbone.save_to_preset(str(path))
+    tokenizer = keras_hub.models.CLIPTokenizer(vocabulary=vocabulary, merges=merges)
+    converter = keras_hub.layers.CLIPImageConverter(
+        image_size=(32, 32), interpolation="bicubic",
+        scale=[1 / (255 * s) for s in (0.2686, 0.2613, 0.2758)],
+        offset=[-m / s for m, s in zip((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758))])
+    keras_hub.models.CLIPPreprocessor(tokenizer=tokenizer, image_converter=converter,
+                                      sequence_length=8).save_to_preset(str(path))
+    return backbone
+
+
+@pytest.fixture(scope="module")
+def resnet_preset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("resnet_preset")
+    return str(path), save_resnet_preset(path)
+
+
+@pytest.fixture(scope="module")
+def clip_preset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip_preset")
+    return str(path), save_clip_preset(path)
+
+
+def _same_weights(a, b):
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def _backbone(tower):
+    return next(layer for layer in tower.layers if isinstance(layer, keras_hub.models.Backbone))
+
+
+def test_preset_image_tower_loads_weights_and_preprocessing(resnet_preset, clip_preset):
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3)).astype("uint8")
+    for path, saved, encoder in [(*resnet_preset, resnet_preset[1]),
+                                 (*clip_preset, clip_preset[1].vision_encoder)]:
+        tower = image_tower(path, dim=8)
+        loaded = _backbone(tower)
+        assert type(loaded) is type(encoder)  # CLIP: the vision encoder alone
+        assert _same_weights(loaded.get_weights(), encoder.get_weights())
+        # The comparison can fail: a fresh init of the same architecture differs.
+        fresh = type(encoder).from_config(encoder.get_config())
+        assert not _same_weights(fresh.get_weights(), encoder.get_weights())
+        # The preset's converter sets size and normalisation: what the backbone sees is
+        # KerasHub's own converter's output on the images.
+        seen = keras.Model(tower.input, tower.get_layer("resize").output)
+        converter = keras_hub.layers.ImageConverter.from_preset(path)
+        want = converter(images.astype("float32"))
+        got = seen.predict_on_batch(images)
+        assert got.shape == want.shape and got.shape[1] in (24, 32)
+        np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+def test_preset_text_tower_is_clips_text_encoder_on_its_tokenizer(clip_preset):
+    path, saved = clip_preset
+    tower = preset_text_tower(path, dim=8)
+    loaded = _backbone(tower)
+    assert isinstance(loaded, keras_hub.models.CLIPTextEncoder)
+    assert _same_weights(loaded.get_weights(), saved.text_encoder.get_weights())
+    ids = keras.Model(tower.input, tower.get_layer("tokenize").output[0])
+    got = ids.predict_on_batch(np.array(["Red mug", "blue lamp"], object))
+    tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(path)
+    red, mug, blue, lamp = (tokenizer.token_to_id(w + "</w>") for w in ("red", "mug", "blue",
+                                                                       "lamp"))
+    start, end = tokenizer.start_token_id, tokenizer.end_token_id  # lowercased, as CLIP's
+    assert got.tolist() == [[start, red, mug, end, 0, 0, 0, 0],
+                            [start, blue, lamp, end, 0, 0, 0, 0]]
+
+
+def _cli(tiny_dir, runs, *flags):
+    cmd = [sys.executable, "-m", "tfmm.train", "--task=pretrain", f"--data_dir={tiny_dir}",
+           f"--model_dir={runs}/model", f"--export_dir={runs}/export", f"--index={runs}/index.db",
+           "--epochs=1", "--batch_size=32", "--queue_size=64", "--dim=8", *flags]
+    # A proxy that refuses: a preset name fails fast, here or on a machine with network.
+    env = dict(ENV, HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_cli_trains_on_a_preset_directory(tiny_dir, tmp_path, resnet_preset, freeze):
+    path, saved = resnet_preset
+    proc = _cli(tiny_dir, tmp_path, f"--backbone={path}", f"--freeze_backbone={freeze}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export = json.load(open(tmp_path / "model" / "metrics.json"))["export_path"]
+    loaded = tf.saved_model.load(export)
+    exported = [v.numpy() for v in loaded.variables]
+    kept = [any(w.shape == v.shape and np.array_equal(w, v) for v in exported)
+            for w in saved.get_weights()]
+    # Frozen: every backbone weight (BatchNorm statistics too) as saved; else trained.
+    assert all(kept) if freeze else sum(kept) < len(kept) / 2, kept
+    # The export is the tower that wrote the index.
+    items = next(iter(data.items(tiny_dir, batch_size=16)))
+    vectors = loaded.signatures["serving_default"](image=items["image"])["vector"].numpy()
+    stored, found = SQLiteIndex(tmp_path / "index.db").get(items["item_id"].numpy())
+    assert found.all()
+    np.testing.assert_allclose(stored, vectors, atol=1e-5)
+
+
+def test_cli_text_tower_from_clip_preset(tiny_dir, tmp_path, clip_preset):
+    path, _ = clip_preset
+    refused = _error_line(_cli(tiny_dir, tmp_path, f"--backbone={path}", "--modality=text"))
+    assert refused.startswith(f"--backbone={path} --modality=text: the preset's tokenizer runs "
+                              "tensorflow-text ops") and "set --export_dir=''" in refused
+    assert not os.path.exists(tmp_path / "model")
+    proc = _cli(tiny_dir, tmp_path, f"--backbone={path}", "--modality=text", "--export_dir=")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    index = SQLiteIndex(tmp_path / "index.db")
+    assert len(index.ids()) == schema.read_metadata(tiny_dir)["counts"]["items"]
+    assert json.load(open(tmp_path / "model" / "metrics.json"))["config"]["backbone"] == path
+
+
+@pytest.mark.parametrize("backbone, message", [
+    ("resnet_tinny", "--backbone='resnet_tinny' is neither a config name ['resnet_small', "
+                     "'resnet_tiny'], a KerasHub preset name nor a preset directory."),
+    ("resnet_18_imagenet", "--backbone='resnet_18_imagenet': the KerasHub preset could not be "
+                           "loaded (offline? built-in presets download their weights): "),
+])
+def test_bad_backbones_are_one_line(tiny_dir, tmp_path, backbone, message):
+    assert _error_line(_cli(tiny_dir, tmp_path, f"--backbone={backbone}")).startswith(message)
+    assert not os.path.exists(tmp_path / "model")

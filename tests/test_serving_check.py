@@ -13,7 +13,7 @@ from tfmm.export import WARMUP_FILE, export_saved_model, read_warmup
 from tfmm.layers import MAKEBlock
 from tfmm.ranker import METHODS, DINRanker
 from tfmm.serving.check import ServingCheckError, check_saved_model, resolve_export_dir
-from tfmm.towers import image_tower, text_tower
+from tfmm.towers import image_tower, preset_text_tower, text_tower
 
 pytestmark = pytest.mark.slow  # trains models or runs the CLIs
 
@@ -66,6 +66,32 @@ def test_image_tower_passes_on_caller_inputs(tmp_path):
     assert report["inputs_from"] == "caller"
     assert report["inputs"]["image"] == {"dtype": "uint8", "shape": [3, 64, 64, 3]}
     assert report["outputs"]["vector"]["shape"] == [3, 8]
+
+
+@pytest.mark.parametrize("save", ["resnet", "clip"])
+def test_preset_image_towers_pass(tmp_path, save):
+    """A tower on a saved KerasHub preset (CLIP: its vision encoder, bicubic resize and
+    mean/std normalisation) runs under the C++ loader like in Keras."""
+    from tests.test_pretrain import save_clip_preset, save_resnet_preset
+
+    (save_clip_preset if save == "clip" else save_resnet_preset)(tmp_path / "preset")
+    tower = image_tower(str(tmp_path / "preset"), dim=8)
+    path = export_saved_model(tower, str(tmp_path / "export"), "vector")
+    images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3))
+    report = check_saved_model(path, inputs={"image": images}, keras_model=tower)
+    assert report["outputs"]["vector"]["shape"] == [3, 8]
+
+
+def test_preset_text_tower_needs_tensorflow_text_ops(tmp_path):
+    """Why pre-training refuses to export a preset text tower: KerasHub's BPE tokenizer
+    graph runs tensorflow-text's RegexSplitWithOffsets, unknown to a stock TensorFlow."""
+    from tests.test_pretrain import save_clip_preset
+
+    save_clip_preset(tmp_path / "preset")
+    tower = preset_text_tower(str(tmp_path / "preset"), dim=8)
+    path = export_saved_model(tower, str(tmp_path / "export"), "vector")
+    with pytest.raises(ServingCheckError, match="Op type not registered 'RegexSplitWithOffsets'"):
+        check_saved_model(path)
 
 
 @pytest.mark.parametrize("method", METHODS)

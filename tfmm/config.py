@@ -13,6 +13,11 @@ import re
 from absl import flags
 
 
+class SettingsError(ValueError):
+    """Settings, data or an index a job cannot use, named by their flags, with what
+    to change or run; the jobs print it as one line."""
+
+
 def default_of(fn, name):
     """The default of argument `name` of `fn` (a function or a class)."""
     return inspect.signature(fn).parameters[name].default

@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmm import data, metrics
-from tfmm.config import default_of
+from tfmm.config import SettingsError, default_of
 from tfmm.data import schema
 from tfmm.export import export_saved_model
 from tfmm.index import is_empty, open_index, redact
@@ -65,10 +65,6 @@ from tfmm.callbacks import EpochRecord, RefreshVectors, write_json
 OPTIMIZERS = {"adam": keras.optimizers.Adam, "dense_adam": DenseGradientAdam,
               "adagrad": keras.optimizers.Adagrad, "sgd": keras.optimizers.SGD}
 NUM_FREQUENCY_GROUPS = 8
-
-
-class SettingsError(ValueError):
-    """Settings, data or an index the run cannot use (named by their flags)."""
 
 
 @dataclasses.dataclass
@@ -239,11 +235,8 @@ def load_vectors(config, num_items, pretrain_config=None):
 
         print(f"the index {redact(config.index)} is empty: pre-training the encoder first ...",
               flush=True)
-        try:
-            source = pretrain.run(dataclasses.replace(pretrain_config, index=config.index),
-                                  fallback=True)["source"]
-        except pretrain.SettingsError as e:
-            raise SettingsError(str(e)) from None
+        source = pretrain.run(dataclasses.replace(pretrain_config, index=config.index),
+                              fallback=True)["source"]
     else:
         source = None
     index = open_index(config.index)

@@ -36,21 +36,18 @@ import tensorflow as tf
 
 from tfmm import data, metrics
 from tfmm.callbacks import EpochRecord, write_json
-from tfmm.config import as_flags, default_of
+from tfmm.config import SettingsError, as_flags, default_of
 from tfmm.data import schema
 from tfmm.export import export_saved_model
 from tfmm.index import open_index, redact
 from tfmm.momentum_queue import MomentumQueueCallback
 from tfmm.scl import SCLModel, check_arguments
-from tfmm.towers import image_tower, text_tower, vocabulary_of
+from tfmm.towers import (BACKBONES, BackboneError, check_backbone, image_tower,
+                         preset_text_tower, text_tower, vocabulary_of)
 
 OBJECTIVES = ("random", "generic", "scl")
 MODALITIES = ("image", "text")
 NEIGHBOURS = 10  # k of the label-free check
-
-
-class SettingsError(ValueError):
-    """A data directory the pre-training cannot use, with what to change or run."""
 
 
 @dataclasses.dataclass
@@ -69,7 +66,10 @@ class PretrainConfig:
     mask_own_positive: bool = default_of(SCLModel, "mask_own_positive")
     positive_tower: str = default_of(SCLModel, "positive_tower")
     dim: int = default_of(image_tower, "dim")
+    # a config name of towers.BACKBONES, a KerasHub preset or a preset directory
     backbone: str = default_of(image_tower, "backbone")
+    # fine-tune only the projection head on a pretrained backbone
+    freeze_backbone: bool = default_of(image_tower, "freeze_backbone")
     image_size: int = default_of(image_tower, "image_size")
     epochs: int = 2
     batch_size: int = 128
@@ -98,6 +98,15 @@ class PretrainConfig:
             raise ValueError(as_flags(e, [f.name for f in dataclasses.fields(self)])) from None
         if self.objective == "generic" and self.triplet_weight:
             raise ValueError("--objective=generic has no hard negatives: set --triplet_weight=0.")
+        try:
+            check_backbone(self.backbone)
+        except BackboneError as e:
+            raise ValueError(f"--{e}") from None
+        if self.modality == "text" and self.backbone not in BACKBONES and self.export_dir:
+            raise ValueError(f"--backbone={self.backbone} --modality=text: the preset's tokenizer "
+                             "runs tensorflow-text ops, which TF Serving need not have; set "
+                             "--export_dir='' (--encoder_export_dir='' with --task=ctr); the "
+                             "vectors still go to --index.")
         return self
 
 
@@ -247,7 +256,10 @@ def _steps(config, catalogue):
 def build_tower(config, catalogue):
     if config.modality == "image":
         return lambda: image_tower(config.backbone, config.dim, catalogue.images.shape[1],
-                                   config.image_size)
+                                   config.image_size, freeze_backbone=config.freeze_backbone)
+    if config.backbone not in BACKBONES:  # the image configs are no text towers
+        return lambda: preset_text_tower(config.backbone, config.dim,
+                                         freeze_backbone=config.freeze_backbone)
     vocabulary = vocabulary_of(t.decode() for t in catalogue.titles)
     if "pretrain/train" in schema.read_metadata(config.data_dir)["files"]:
         vocabulary += [w for w in vocabulary_of(_query_texts(config.data_dir))
@@ -314,9 +326,12 @@ def run(config, fallback=False):
               f"{'image' if config.modality == 'image' else 'title'}: not embedded, so not in "
               "the index (the CTR reader flags their vectors missing).", flush=True)
     keras.utils.set_random_seed(config.seed)
-    os.makedirs(config.model_dir, exist_ok=True)
     make_tower = build_tower(config, catalogue)
-    tower = make_tower()
+    try:  # before anything is written: a preset may not load
+        tower = make_tower()
+    except BackboneError as e:
+        raise SettingsError(f"--{e}") from None
+    os.makedirs(config.model_dir, exist_ok=True)
     content = catalogue.content(config.modality)[present]
     trains = config.objective != "random" and config.epochs
     untrained = embed(tower, content) if trains else None

@@ -37,7 +37,7 @@ import sys
 from absl import app, flags, logging
 
 from tfmm import ctr, pretrain as pretraining
-from tfmm.config import define_flags, from_flags
+from tfmm.config import SettingsError, define_flags, from_flags
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.ranker import METHODS
 from tfmm.scl import POSITIVE_TOWERS
@@ -120,7 +120,10 @@ define_flags(PRETRAIN, {
                       "(MoCo) or the query tower, with gradient (the key tower then only "
                       "fills the queue).",
     "dim": "Vector dimension d.",
-    "backbone": "KerasHub backbone config name or preset.",
+    "backbone": "Backbone: a config name (resnet_tiny, resnet_small), a KerasHub preset name "
+                "(e.g. resnet_50_imagenet, clip_vit_base_patch16; downloaded) or a local "
+                "preset directory; a CLIP preset gives its vision or text encoder (--modality).",
+    "freeze_backbone": "Keep the backbone's weights as loaded; train only the projection head.",
     "image_size": "Backbone input size (images are resized to it).",
 }, choices={"modality": pretraining.MODALITIES, "objective": pretraining.OBJECTIVES,
             "positive_tower": POSITIVE_TOWERS})
@@ -182,7 +185,7 @@ def run_pretrain():
                              FLAGS.learning_rate)
     try:
         result = pretraining.run(config)
-    except pretraining.SettingsError as e:
+    except SettingsError as e:
         fail(str(e))
     summary = {k: v for k, v in result.items() if k not in ("history", "config")}
     print(json.dumps(summary, indent=1))
@@ -203,7 +206,7 @@ def run_ctr():
         FLAGS.pretrain_batch_size, FLAGS.pretrain_learning_rate)
     try:
         result = ctr.run(config, pretrain_config=encoder)
-    except ctr.SettingsError as e:
+    except SettingsError as e:
         fail(str(e))
     print(ctr.summary_table(result))
     print(f"metrics: {os.path.join(config.model_dir, 'metrics.json')}")
