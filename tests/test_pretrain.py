@@ -152,7 +152,7 @@ def test_cli_pretrains_a_data_dir_without_triplets(own_dir, tmp_path, objective,
 def test_scl_without_triplets_says_what_to_run(own_dir, tmp_path):
     line = _refused([sys.executable, "-m", "tfmm.train", "--task=pretrain",
                      f"--data_dir={own_dir}", f"--model_dir={tmp_path}/m",
-                        f"--index={tmp_path}/index.db", "--objective=scl"])
+                     f"--index={tmp_path}/index.db", "--objective=scl"])
     assert line == (
         f"--objective=scl needs query -> item pairs: {own_dir} has no table 'pretrain/train' "
         "or 'pretrain/test'; make them with `python -m tfmm.data.prepare --pairs=FILE` (your "
