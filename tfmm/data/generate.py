@@ -15,6 +15,7 @@ truth is known; ``python -m tfmm.data.prepare --flagfile=<raw_dir>/prepare.flags
 impressions, histories and train/test days (no triplets).
 """
 
+import sys
 import dataclasses
 import time
 
@@ -37,14 +38,14 @@ from tfmm.data.synthetic import config_from_flags, write_raw, write_world  # noq
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        sys.exit(f"unexpected arguments: {argv[1:]}")
     if not (FLAGS.out_dir or FLAGS.raw_dir):
-        raise app.UsageError("--out_dir or --raw_dir is required.")
+        sys.exit("--out_dir or --raw_dir is required.")
     knobs = {f.name: FLAGS[f.name].value for f in dataclasses.fields(world_lib.WorldConfig)}
     try:
         cfg = config_from_flags(FLAGS.world, knobs)
     except ValueError as e:
-        raise app.UsageError(str(e))
+        sys.exit(str(e))
     start = time.time()
     world = world_lib.generate(cfg)
     if FLAGS.out_dir:

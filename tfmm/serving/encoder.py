@@ -153,7 +153,7 @@ def main(argv):
     del argv
     for name in ("encoder", "events", "index"):
         if not getattr(FLAGS, name):
-            raise app.UsageError(f"--{name} is required.")
+            sys.exit(f"--{name} is required.")
     try:
         encoder = Encoder(FLAGS.encoder)
     except (OSError, ValueError) as e:

@@ -12,6 +12,7 @@ candidates with P(click) and how many items had no vector in the index
 """
 
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -50,7 +51,7 @@ def _ints(values, flag):
     try:
         return [int(v) for v in values]
     except ValueError:
-        raise app.UsageError(f"--{flag}={','.join(values)}: want integer ids.") from None
+        sys.exit(f"--{flag}={','.join(values)}: want integer ids.")
 
 
 def read_test_impression(data_dir, n):
@@ -59,7 +60,7 @@ def read_test_impression(data_dir, n):
     paths = schema.files(data_dir, meta, "impressions/test")
     count = meta["counts"]["impressions/test"]
     if not 0 <= n < count:
-        raise app.UsageError(f"--from_test_impression={n}: {data_dir} has {count} test "
+        sys.exit(f"--from_test_impression={n}: {data_dir} has {count} test "
                              "impressions.")
     record = next(iter(tf.data.TFRecordDataset(paths).skip(n).take(1)))
     raw = tf.io.parse_single_example(record, schema.impression_spec(meta.get("side_features", ())))
@@ -69,16 +70,16 @@ def read_test_impression(data_dir, n):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        sys.exit(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     if FLAGS.user_id is not None and FLAGS.from_test_impression is not None:
-        raise app.UsageError("--user_id and --from_test_impression both name the user; "
+        sys.exit("--user_id and --from_test_impression both name the user; "
                              "give one.")
     if FLAGS.history and FLAGS.user_id is None:
-        raise app.UsageError("--history needs --user_id.")
+        sys.exit("--history needs --user_id.")
     if FLAGS.num_candidates < 1 and not FLAGS.candidates:
-        raise app.UsageError(f"--num_candidates={FLAGS.num_candidates}: want at least 1.")
+        sys.exit(f"--num_candidates={FLAGS.num_candidates}: want at least 1.")
     data_dir = FLAGS.data_dir or os.path.join("data", FLAGS.world)
     runs = os.path.join("runs", os.path.basename(os.path.normpath(data_dir)))
     index_spec = FLAGS.index or os.path.join(runs, "index", "vectors.db")
@@ -87,24 +88,24 @@ def main(argv):
         model = open_model(FLAGS.server or FLAGS.export_dir or os.path.join(runs, "export",
                                                                             "ranker"))
     except FileNotFoundError as e:
-        raise app.UsageError(f"{e} Train first: python -m tfmm.train "
-                             "--flagfile=configs/ctr.flags") from None
+        sys.exit(f"{e} Train first: python -m tfmm.train "
+                             "--flagfile=configs/ctr.flags")
     except (ValueError, ServingError) as e:
-        raise app.UsageError(str(e)) from None
+        sys.exit(str(e))
     index = None
     if any(k in model.inputs for k in ("item_vector", "history_vectors")):
         try:
             if is_empty(index_spec):
-                raise app.UsageError(f"--index={redact(index_spec)} holds no vectors; {model} "
+                sys.exit(f"--index={redact(index_spec)} holds no vectors; {model} "
                                      "needs them.")
             index = open_index(index_spec)
         except (ValueError, IndexUnavailable) as e:  # a corrupt file, a server down
-            raise app.UsageError(f"--index: {e}") from None
+            sys.exit(f"--index: {e}")
     try:
         predictor = Predictor(model, index, item_categories=categories,
                               catalogue=schema.catalogue_fingerprint(data_dir))
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        sys.exit(str(e))
 
     where, shown = "", None
     if FLAGS.user_id is None:
