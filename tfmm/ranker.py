@@ -20,7 +20,7 @@ signature, `tfmm.export`), instead of one example per row that repeats the
 history for every candidate.
 """
 
-from types import SimpleNamespace
+from types import FunctionType
 
 import tensorflow as tf
 
@@ -103,7 +103,12 @@ class DINRanker(keras.Model):
         if uses_make and make is not None and not make.return_knowledge:
             raise ValueError("DINRanker: `make` must be built with return_knowledge=True.")
         # === Layers === (attributes once the functional init has run, as tf-keras
-        # requires; until then `_forward` reads them from a namespace)
+        # requires; until then `_forward` reads them from a `_FirstUse`). Keras
+        # draws an initializer's seed from Python's `random` when the initializer
+        # is made: an Embedding's or Dense's when the layer is, DINAttention's
+        # when it is built. The layers after the attention are made (lambdas)
+        # when the graph first reaches them, so a seed gives the same weights
+        # as the ranker built its layers in that order before.
         layers = {
             "item_embedding": keras.layers.Embedding(vocab["num_items"], embedding_dim,
                                                      name="item_embedding"),
@@ -122,21 +127,22 @@ class DINRanker(keras.Model):
             "din": DINAttention(hidden_units=attention_units, name="din"),
             "simtier": (SimTierLayer(num_tiers, output=simtier_output, name="simtier")
                         if method in ("simtier", "simtier_make") else None),
-            "make": ((make or MAKEBlock(return_knowledge=True, name="make")) if uses_make
-                     else None),
+            "make": lambda: ((make or MAKEBlock(return_knowledge=True, name="make"))
+                             if uses_make else None),
             "features_concat": keras.layers.Concatenate(name="features"),
-            "features_bn": (keras.layers.BatchNormalization(name="features_bn")
-                            if batch_norm else None),
-            "mlp": [keras.layers.Dense(units, activation=activation) for units in mlp_units],
-            "ctr": keras.layers.Dense(1, activation="sigmoid", name="ctr"),
+            "features_bn": lambda: (keras.layers.BatchNormalization(name="features_bn")
+                                    if batch_norm else None),
+            "mlp": lambda: [keras.layers.Dense(units, activation=activation)
+                            for units in mlp_units],
+            "ctr": lambda: keras.layers.Dense(1, activation="sigmoid", name="ctr"),
         }
         # === Functional model ===
         inputs = model_inputs(max_history, None if method == "id" else vector_dim)
         kwargs.setdefault("name", f"din_{method}")
-        super().__init__(inputs=inputs, outputs=_forward(SimpleNamespace(**layers), inputs),
-                         **kwargs)
-        for name, layer in layers.items():
-            setattr(self, name, layer)
+        traced = _FirstUse(layers)
+        super().__init__(inputs=inputs, outputs=_forward(traced, inputs), **kwargs)
+        for name in layers:
+            setattr(self, name, getattr(traced, name))
         # === Config ===
         self.vocab = {k: int(vocab[k]) for k in ("num_items", "num_users", "num_categories")}
         self.max_history, self.method = int(max_history), method
@@ -205,6 +211,19 @@ def rank_input_signature(max_history, vector_dim=None):
                   tf.TensorSpec([None, max_history, vector_dim], tf.float32,
                                 name="history_vectors")]
     return specs
+
+
+class _FirstUse:
+    """Layers by name, each made on first use where given as a function."""
+
+    def __init__(self, layers):
+        self._layers = layers
+
+    def __getattr__(self, name):
+        layer = self._layers[name]
+        if isinstance(layer, FunctionType):
+            layer = self._layers[name] = layer()
+        return layer
 
 
 def _forward(n, x, training=None):
