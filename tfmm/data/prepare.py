@@ -122,7 +122,7 @@ class Table:
         self.path = path
         if not os.path.exists(path):
             raise ValueError(f"{path}: file not found.")
-        if _is_parquet(path):
+        if schema.is_parquet(path):
             import pyarrow as pa
             import pyarrow.parquet as pq
 
@@ -188,14 +188,6 @@ class Table:
             if v is None or v == "":
                 raise ValueError(f"{self.row(i)}, column {name!r}: empty id.")
         return np.array(values, dtype=object)
-
-
-def _is_parquet(path):
-    name = os.path.basename(path).lower()
-    if ".parquet" in name or name.endswith(".pq"):
-        return True
-    with open(path, "rb") as f:
-        return f.read(4) == b"PAR1"
 
 
 def _csv_rows(path):

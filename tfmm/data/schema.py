@@ -136,3 +136,15 @@ def files(data_dir, meta, table):
             f"{data_dir}/metadata.json has no table {table!r}; it has {sorted(meta['files'])}."
         )
     return [os.path.join(data_dir, f) for f in meta["files"][table]]
+
+
+def is_parquet(path, by_content=True):
+    """Whether `path` is a Parquet file: named ``*.parquet*`` (any codec suffix) or
+    ``*.pq``, or, with `by_content`, starting with Parquet's magic bytes ``PAR1``."""
+    name = os.path.basename(str(path)).lower()
+    if ".parquet" in name or name.endswith(".pq"):
+        return True
+    if not by_content:
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"PAR1"

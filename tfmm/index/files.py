@@ -53,15 +53,10 @@ class VectorFile:
         return f"{self.path}: row {i + self.first_row} (item {self.raw_ids[i]!r})"
 
 
-def _named_parquet(path):
-    name = os.path.basename(str(path)).lower()
-    return ".parquet" in name or name.endswith(".pq")
-
-
 def _read_format(path):
     with open(path, "rb") as f:
         head = f.read(6)
-    if head[:4] == b"PAR1" or _named_parquet(path):
+    if schema.is_parquet(path):
         return "parquet"
     if head == b"\x93NUMPY" or str(path).lower().endswith(".npy"):
         return "npy"
@@ -72,7 +67,8 @@ def _read_format(path):
 
 def _write_format(path):
     lower = str(path).lower()
-    for fmt, matches in (("parquet", _named_parquet(path)), ("csv", lower.endswith(".csv")),
+    for fmt, matches in (("parquet", schema.is_parquet(path, by_content=False)),
+                         ("csv", lower.endswith(".csv")),
                          ("npy", lower.endswith(".npy"))):
         if matches:
             return fmt
