@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import unit
+from tests.layer_testing import assert_candidates_equal_separate_calls
 from tfmm.layers import DINAttention, SimScore, VectorFeature
 
 
@@ -60,11 +61,12 @@ def test_simscore_candidates_feed_din_per_candidate_keys(rng):
     t, h = simscore(te, he, tv, hv, mask=mask)
     assert t.shape == (b, c, e + 1) and h.shape == (b, c, l, e + 1)
     din = DINAttention(hidden_units=(6,))
-    pooled = din(t, h, mask=mask).numpy()
-    for j in range(c):
-        tj, hj = simscore(te[:, j], he, tv[:, j], hv, mask=mask)
-        np.testing.assert_allclose(h.numpy()[:, j], hj.numpy(), rtol=1e-6)
-        np.testing.assert_allclose(pooled[:, j], din(tj, hj, mask=mask).numpy(), rtol=1e-5, atol=1e-6)
+
+    def simscore_then_din(target, target_vector, history, history_vectors):
+        t, h = simscore(target, history, target_vector, history_vectors, mask=mask)
+        return t, h, din(t, h, mask=mask)
+
+    assert_candidates_equal_separate_calls(simscore_then_din, (te, tv), he, hv)
 
 
 @pytest.mark.parametrize("layer", [VectorFeature(), SimScore()])

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import unit
+from tests.layer_testing import assert_config_round_trip, assert_keras_file_round_trip
 from tfmm.keras_compat import keras
 from tfmm.layers import DINAttention, Dice, MAKEBlock, SimScore, SimTierLayer, VectorFeature
 
@@ -73,17 +74,15 @@ def test_keras_file_round_trip_gives_identical_outputs(rng, tmp_path):
     ids=lambda layer: type(layer).__name__,
 )
 def test_config_round_trip(layer):
-    config = layer.get_config()
-    clone = type(layer).from_config(config)
-    assert clone.get_config() == config
-    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-    assert type(revived) is type(layer) and revived.get_config() == config
-    assert keras.saving.get_registered_name(type(layer)) == f"tfmm>{type(layer).__name__}"
+    assert_config_round_trip(layer)
 
 
-def test_known_ids_round_trip_and_errors():
+def test_known_ids_round_trip_and_errors(tmp_path):
     from tfmm.layers import KnownIds
 
+    assert_config_round_trip(KnownIds(5, unknown_id=1))
+    assert_keras_file_round_trip(KnownIds(5, unknown_id=1), [np.array([[0, 4, 5, -1]])],
+                                 tmp_path / "known_ids.keras")
     layer = KnownIds.from_config(KnownIds(5, unknown_id=1).get_config())
     np.testing.assert_array_equal(layer(np.array([[0, 4, 5, -1]])).numpy(), [[0, 4, 1, 1]])
     with pytest.raises(ValueError, match="unknown_id < num_ids"):
