@@ -351,6 +351,10 @@ def test_cli_bad_flags_are_one_line_errors(tiny_dir, tmp_path):
     assert _refused(_cli(tiny_dir, tmp_path, "--model=id", "--mlp_units=0")) == (
         "--mlp_units=0: layer sizes must be >= 1.")
     assert not os.path.exists(tmp_path / "ctr")
+    # The encoder's pre-training settings are named by the flags that set them.
+    assert _refused(_cli(tiny_dir, tmp_path, "--model=simtier", "--queue_size=100",
+                         "--pretrain_batch_size=32")) == (
+        "--queue_size=100 must be a multiple of --pretrain_batch_size=32.")
     # A --data_dir without data is not filled with a new world unless --world asks for one.
     typo = tmp_path / "tinyy"
     assert _refused(_cli(str(typo), tmp_path, "--model=id")) == (

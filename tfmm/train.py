@@ -148,12 +148,18 @@ def data_dir():
     return ensure_world(path, FLAGS.world)
 
 
-def _config(cls, names, **fixed):
-    """A config dataclass from the flags of the same names, then `fixed`, validated."""
+def _config(cls, names, renamed=None, **fixed):
+    """A config dataclass from the flags of the same names, then `fixed`, validated.
+
+    `renamed` (setting -> flag) names the flags that set a `fixed` value in errors.
+    """
     try:  # bad flag values: one line naming the flag, not a trace
         return from_flags(cls, FLAGS, names, **fixed).validate()
     except ValueError as e:
-        fail(str(e))
+        message = str(e)
+        for setting, flag in (renamed or {}).items():
+            message = message.replace(f"--{setting}=", f"--{flag}=")
+        fail(message)
 
 
 def _default(name, default):
@@ -169,8 +175,9 @@ def _verbose():
     return 1 if os.isatty(1) else 2
 
 
-def pretrain_config(data_dir, model_dir, export_dir, epochs, batch_size, learning_rate):
-    return _config(PRETRAIN, list(FLAGS), data_dir=data_dir,
+def pretrain_config(data_dir, model_dir, export_dir, epochs, batch_size, learning_rate,
+                    renamed=None):
+    return _config(PRETRAIN, list(FLAGS), renamed, data_dir=data_dir,
                    model_dir=model_dir, export_dir=export_dir, epochs=epochs,
                    batch_size=batch_size, learning_rate=learning_rate, verbose=_verbose(),
                    index=_default("index", _runs(data_dir, "index", "vectors.db")))
@@ -203,7 +210,9 @@ def run_ctr():
     encoder = None if config.model == "id" else pretrain_config(
         path, _default("pretrain_model_dir", _runs(path, "pretrain")),
         _default("encoder_export_dir", _runs(path, "export", "encoder")), FLAGS.pretrain_epochs,
-        FLAGS.pretrain_batch_size, FLAGS.pretrain_learning_rate)
+        FLAGS.pretrain_batch_size, FLAGS.pretrain_learning_rate,
+        renamed={name: f"pretrain_{name}" for name in ("epochs", "batch_size", "learning_rate")}
+        | {"export_dir": "encoder_export_dir", "model_dir": "pretrain_model_dir"})
     try:
         result = ctr.run(config, pretrain_config=encoder)
     except SettingsError as e:
