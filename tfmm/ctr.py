@@ -83,8 +83,8 @@ class CTRConfig:
     attention_units: tuple = default_of(DINRanker, "attention_units")
     mlp_units: tuple = default_of(DINRanker, "mlp_units")
     make_units: tuple = (64, 32, 16, 1)  # smaller than MAKEBlock's own: it trained better here
-    # MAKE's MLP reads concat(v_MAKE, target), not eq. 4's v_MAKE alone: MAKE alone
-    # reached test GAUC 0.6463 after 3 epochs against 0.5907 (small world, seed 0).
+    # MAKE's MLP reads concat(v_MAKE, target), not eq. 4's v_MAKE alone, which cannot
+    # tell which target it scores; it trained much better (BUILD.md, "Layer conventions").
     make_target_in_mlp: bool = True
     num_tiers: int = default_of(DINRanker, "num_tiers")
     simtier_output: str = default_of(DINRanker, "simtier_output")
