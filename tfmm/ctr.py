@@ -82,7 +82,7 @@ class CTRConfig:
     embedding_dim: int = default_of(DINRanker, "embedding_dim")
     attention_units: tuple = default_of(DINRanker, "attention_units")
     mlp_units: tuple = default_of(DINRanker, "mlp_units")
-    make_units: tuple = (64, 32, 16, 1)  # smaller than MAKEBlock's own: it trained better here
+    make_units: tuple = (64, 32, 16, 1)  # the job's own; MAKEBlock's default is 256-128-64-1
     # MAKE's MLP reads concat(v_MAKE, target), not eq. 4's v_MAKE alone, which cannot
     # tell which target it scores; it trained much better (BUILD.md, "Layer conventions").
     make_target_in_mlp: bool = True
