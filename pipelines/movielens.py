@@ -12,16 +12,17 @@ e.g. https://files.grouplens.org/datasets/movielens/ml-latest-small.zip):
   (``userId,movieId,rating,timestamp``) and ``movies.csv``
   (``movieId,title,genres``; genres pipe-separated, titles with commas quoted),
   UTF-8.
-- ml-1m (and ml-10m, same layout): ``ratings.dat``
-  (``UserID::MovieID::Rating::Timestamp``) and ``movies.dat``
-  (``MovieID::Title::Genres``), read as Latin-1 (``--dat_encoding``).
+- ml-1m: ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``) and
+  ``movies.dat`` (``MovieID::Title::Genres``), no header, Latin-1
+  (``--dat_encoding``; ml-10m's files have the same layout).
   ml-100k's ``u.data``/``u.item`` are not read.
 
 On a machine with internet, tensorflow-datasets can fetch them instead:
 ``--tfds=latest-small`` (or ``25m``, ``20m``, ``1m``) loads
 ``movielens/<version>-ratings`` and ``movielens/<version>-movies`` and writes
-them as GroupLens CSV files under ``--work_dir``/tfds/, read as above
-(untested here: the tests run offline; the CSV route they test is the same).
+them as GroupLens CSV files under ``--work_dir``/tfds/, read as above. Offline,
+this is tested only on ``tfds.testing.mock_data`` (TFDS's own feature spec,
+random values), never on the real download.
 
 Optional content:
 
@@ -162,8 +163,8 @@ def read_movies(path, encoding="latin-1"):
     columns = ("movieId", "title", "genres")
     movies = {}
     for n, row in _rows(path, columns, encoding):
-        movie = row["movieId"].strip()
-        if not movie:
+        movie = row["movieId"]
+        if not movie.strip():
             raise ValueError(f"{path}: row {n}: empty movieId.")
         if movie in movies:
             raise ValueError(f"{path}: row {n}: duplicate movieId {movie!r}.")
@@ -178,7 +179,7 @@ def read_plots(path, movies):
     """{movieId: plot} of a movieId,plot CSV, and how many named no movie of `movies`."""
     plots, unknown = {}, 0
     for n, row in _rows(path, ("movieId", "plot")):
-        movie = row["movieId"].strip()
+        movie = row["movieId"]
         if movie in plots:
             raise ValueError(f"{path}: row {n}: duplicate movieId {movie!r}.")
         if movie not in movies:

@@ -110,6 +110,24 @@ def test_conversion_errors_name_file_and_row(tmp_path, content, error):
         list(movielens.impression_rows(str(tmp_path / "ratings.csv"), movies, 4.0))
 
 
+def test_tfds_export_writes_grouplens_csv(tmp_path):
+    # Offline: TFDS's mock data follows the real builder's features (random values).
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+        paths = movielens.export_tfds("latest-small", str(tmp_path))
+    movies = list(csv.reader(open(paths["movies"])))
+    ratings = list(csv.reader(open(paths["ratings"])))
+    assert movies[0] == ["movieId", "title", "genres"] and len(movies) == 5
+    assert ratings[0] == ["userId", "movieId", "rating", "timestamp"] and len(ratings) == 5
+    genres = {"Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary",
+              "Drama", "Fantasy", "Film-Noir", "Horror", "IMAX", "Musical", "Mystery",
+              "Romance", "Sci-Fi", "Thriller", "Unknown", "War", "Western", "(no genres listed)"}
+    assert all(set(m[2].split("|")) <= genres for m in movies[1:] if m[2])
+    assert len(movielens.read_movies(paths["movies"])) == 4
+    assert all(float(r[2]) >= 0 and int(r[3]) >= 0 for r in ratings[1:])
+
+
 def run_pipeline(*args):
     return subprocess.run([sys.executable, "-m", "pipelines.movielens", *args],
                           capture_output=True, text=True,
@@ -161,3 +179,16 @@ def test_pipeline_on_a_tiny_export(tmp_path):
     assert other.returncode == 1 and other.stderr.strip().splitlines() == [
         f"--work_dir={work} was made with other inputs or settings (click_rating); use a "
         "fresh --work_dir."]
+
+
+def test_prepare_errors_come_through_in_one_line(tmp_path):
+    ml = write_movielens(tmp_path / "ml")
+    empty = tmp_path / "no-posters"
+    empty.mkdir()
+    proc = run_pipeline(f"--ratings={ml}/ratings.csv", f"--movies={ml}/movies.csv",
+                        f"--posters_dir={empty}", f"--work_dir={tmp_path / 'work'}",
+                        f"--out_dir={tmp_path / 'out'}")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"tfmm.data.prepare: {tmp_path}/work/raw/items.csv: no item has an image in "
+        f"--images_dir={empty} (looked for <item_id>.png, .jpg, .jpeg)."]
+    assert not (tmp_path / "out").exists()
