@@ -388,10 +388,11 @@ def run():
         f"a rating >= {FLAGS.click_rating:g} is a click: {counts['clicks']} clicks "
         f"({100 * counts['clicks'] / max(counts['ratings'], 1):.1f}%). Train / test "
         f"impressions {n['impressions/train']} / {n['impressions/test']} (the latest "
-        f"{FLAGS.test_fraction:g} of ratings are test); {meta['vocab']['num_users'] - schema.FIRST_ID} "
-        f"training users. Movies without a poster: {meta['missing']['images']}; with a plot: "
-        f"{counts['plots']}. Category: {'first genre' if FLAGS.category == 'first' else 'genre set'}"
-        f" ({meta['vocab']['num_categories'] - schema.FIRST_ID} categories).", "",
+        f"{FLAGS.test_fraction:g} of ratings are test); "
+        f"{meta['vocab']['num_users'] - schema.FIRST_ID} training users. Movies without a "
+        f"poster: {meta['missing']['images']}; with a plot: {counts['plots']}. Category: "
+        f"{'first genre' if FLAGS.category == 'first' else 'genre set'} "
+        f"({meta['vocab']['num_categories'] - schema.FIRST_ID} categories).", "",
         "## Encoder", "",
         f"Pre-trained on {encoder['source']}: {meta['pairs']['train']} training and "
         f"{meta['pairs']['test']} test click pairs (a user's click and their next click), "
