@@ -1,0 +1,438 @@
+"""MovieLens end to end: ratings and movies (optionally posters and plots) to a
+report of ID vs SimTier vs SimTier+MAKE, like results/paper/.
+
+    python -m pipelines.movielens --ratings=ml-latest-small/ratings.csv \\
+        --movies=ml-latest-small/movies.csv [--posters_dir=posters] [--plots=plots.csv] \\
+        --out_dir=results/movielens [--work_dir=runs/movielens] [--seeds=0,1,2]
+
+The files, as GroupLens publishes them (https://grouplens.org/datasets/movielens/,
+e.g. https://files.grouplens.org/datasets/movielens/ml-latest-small.zip):
+
+- ml-latest-small, ml-latest, ml-20m, ml-25m, ml-32m: ``ratings.csv``
+  (``userId,movieId,rating,timestamp``) and ``movies.csv``
+  (``movieId,title,genres``; genres pipe-separated, titles with commas quoted),
+  UTF-8.
+- ml-1m: ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``) and
+  ``movies.dat`` (``MovieID::Title::Genres``), no header, Latin-1
+  (``--dat_encoding``; ml-10m's files have the same layout).
+  ml-100k's ``u.data``/``u.item`` are not read.
+
+On a machine with internet, tensorflow-datasets can fetch them instead:
+``--tfds=latest-small`` (or ``25m``, ``20m``, ``1m``) loads
+``movielens/<version>-ratings`` and ``movielens/<version>-movies`` and writes
+them as GroupLens CSV files under ``--work_dir``/tfds/, read as above. Offline,
+this is tested only on ``tfds.testing.mock_data`` (TFDS's own feature spec,
+random values), never on the real download.
+
+Optional content:
+
+- ``--posters_dir``: ``<movieId>.jpg``, ``.jpeg`` or ``.png`` (any size);
+  movies without one have no image (their vectors are flagged missing in CTR).
+- ``--plots``: a UTF-8 CSV ``movieId,plot``; plots of movies not in
+  ``--movies`` are skipped (counted).
+
+The steps, each reused when it has finished (a killed run resumes):
+
+1. Convert (``--work_dir``/raw/): a rating >= ``--click_rating`` (default 4.0)
+   is a click (label 1), a lower one a non-click (label 0); the impression log
+   is ``user_id,item_id,label,timestamp``. An item's category is its first genre
+   (``--category=all``: its whole genre set, e.g. ``Comedy|Romance``); its
+   title is the movie title, then its genres as words (``--genres_in_title``),
+   then its plot. The text tower reads a title's first 8 words.
+2. ``python -m tfmm.data.prepare ... --pairs_from=clicks`` (``--work_dir``/data/):
+   the latest ``--test_fraction`` of ratings are the test split; a user's click
+   and their next click make a pre-training pair.
+3. SCL pre-training on those pairs (``--pretrain_epochs``; the image tower with
+   ``--posters_dir``, else the text tower, or ``--modality``) into an index,
+   next to the untrained tower (0 epochs) for comparison.
+4. Rankers (``--methods``, ID first) for each of ``--seeds``.
+5. ``--out_dir``/report.md, report.json and gains.png: GAUC and AUC per method
+   and seed, relative to ID, the cold-start rows (test impressions of movies
+   with no training impression), and the encoder's Acc@N and label-free check.
+
+``--work_dir`` remembers the inputs and settings it was made with and refuses
+others (start a fresh one); ``--seeds`` and ``--methods`` may change.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+from tfmm import ctr, pretrain
+
+flags.DEFINE_string("ratings", None, "ratings.csv (userId,movieId,rating,timestamp) or "
+                    "ratings.dat (UserID::MovieID::Rating::Timestamp).")
+flags.DEFINE_string("movies", None, "movies.csv (movieId,title,genres) or movies.dat "
+                    "(MovieID::Title::Genres).")
+flags.DEFINE_string("tfds", None, "Instead of --ratings/--movies: fetch movielens/<this>-ratings "
+                    "and -movies with tensorflow-datasets (needs internet), e.g. latest-small.")
+flags.DEFINE_string("posters_dir", None, "Optional posters: <movieId>.jpg|.jpeg|.png.")
+flags.DEFINE_string("plots", None, "Optional plot texts: a CSV movieId,plot.")
+flags.DEFINE_string("dat_encoding", "latin-1", "Encoding of .dat files (ml-1m's is Latin-1).")
+flags.DEFINE_float("click_rating", 4.0, "Ratings at or above it are clicks (label 1), lower "
+                   "ones non-clicks (label 0).")
+flags.DEFINE_enum("category", "first", ["first", "all"], "An item's category: its first genre, "
+                  "or its whole genre set.")
+flags.DEFINE_bool("genres_in_title", True, "Append the genres as words to the title.")
+flags.DEFINE_string("out_dir", "results/movielens", "Report: report.md, report.json, gains.png.")
+flags.DEFINE_string("work_dir", "runs/movielens", "Converted files, the data directory and every "
+                    "run (reused).")
+flags.DEFINE_float("test_fraction", 0.1, "Latest fraction of ratings used for test.")
+flags.DEFINE_integer("max_history", 50, "Longest click history kept.")
+flags.DEFINE_integer("pair_window", 1, "Pair each click with this many of the user's next clicks.")
+flags.DEFINE_integer("pair_max_gap", None, "The most seconds between a pair's two clicks "
+                     "(default: any).")
+flags.DEFINE_enum("modality", None, ["image", "text"], "Encoder tower (default: image with "
+                  "--posters_dir, else text).")
+flags.DEFINE_integer("pretrain_epochs", pretrain.PretrainConfig.epochs, "SCL epochs.")
+flags.DEFINE_integer("dim", pretrain.PretrainConfig.dim, "Item vector width.")
+flags.DEFINE_integer("pretrain_batch_size", pretrain.PretrainConfig.batch_size,
+                     "SCL batch size.")
+flags.DEFINE_integer("queue_size", pretrain.PretrainConfig.queue_size, "SCL's MoCo queue "
+                     "(0: in-batch negatives only); a multiple of --pretrain_batch_size.")
+flags.DEFINE_integer("image_size", pretrain.PretrainConfig.image_size, "Image tower input size.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Ranker seeds.")
+flags.DEFINE_list("methods", ["id", "simtier", "simtier_make"], "Rankers, id first (any of "
+                  "tfmm.ctr's models).")
+flags.DEFINE_integer("batch_size", ctr.CTRConfig.batch_size, "Ranker batch size.")
+flags.DEFINE_integer("make_epochs", ctr.CTRConfig.make_epochs, "MAKE pre-training epochs.")
+flags.DEFINE_integer("embedding_dim", ctr.CTRConfig.embedding_dim, "Ranker id embedding width.")
+FLAGS = flags.FLAGS
+
+import numpy as np  # noqa: E402
+
+from tfmm.config import SettingsError  # noqa: E402
+from tfmm.data import schema  # noqa: E402
+
+from pipelines.runs import NAMES, Runs, frequency_gains, mean_std, method_table  # noqa: E402
+
+NO_GENRES = "(no genres listed)"
+# Everything the work directory's contents depend on; --seeds and --methods add runs.
+SETTINGS = ("click_rating", "category", "genres_in_title", "test_fraction", "max_history",
+            "pair_window", "pair_max_gap", "modality", "pretrain_epochs", "dim",
+            "pretrain_batch_size", "queue_size", "image_size", "batch_size", "make_epochs",
+            "embedding_dim")
+
+
+def _rows(path, columns, encoding="latin-1"):
+    """(spreadsheet row number, {column: value}) of a GroupLens CSV or ``::`` .dat file.
+
+    A .dat file has no header: its fields are `columns` in order.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: file not found.")
+    if path.endswith(".dat"):
+        with open(path, encoding=encoding, newline="") as f:
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                if not line:
+                    continue
+                fields = line.split("::")
+                if len(fields) != len(columns):
+                    raise ValueError(f"{path}: line {n}: {len(fields)} '::'-separated fields, "
+                                     f"want {len(columns)} ({'::'.join(columns)}).")
+                yield n, dict(zip(columns, fields))
+        return
+    if not path.endswith(".csv"):
+        raise ValueError(f"{path}: expected a .csv or .dat file.")
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            missing = [c for c in columns if c not in (header or [])]
+            if missing:
+                raise ValueError(f"{path}: row 1: no column {missing[0]!r} (want "
+                                 f"{','.join(columns)}).")
+            at = [header.index(c) for c in columns]
+            for n, row in enumerate(reader, 2):
+                if len(row) != len(header):
+                    raise ValueError(f"{path}: row {n}: {len(row)} fields, the header has "
+                                     f"{len(header)}.")
+                yield n, {c: row[i] for c, i in zip(columns, at)}
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: row {reader.line_num}: {e}.") from None
+
+
+def read_movies(path, encoding="latin-1"):
+    """{movieId: (title, [genres])} of movies.csv or movies.dat."""
+    columns = ("movieId", "title", "genres")
+    movies = {}
+    for n, row in _rows(path, columns, encoding):
+        movie = row["movieId"]
+        if not movie.strip():
+            raise ValueError(f"{path}: row {n}: empty movieId.")
+        if movie in movies:
+            raise ValueError(f"{path}: row {n}: duplicate movieId {movie!r}.")
+        genres = [g for g in row["genres"].split("|") if g and g != NO_GENRES]
+        movies[movie] = (row["title"].strip(), genres)
+    if not movies:
+        raise ValueError(f"{path}: no movies.")
+    return movies
+
+
+def read_plots(path, movies):
+    """{movieId: plot} of a movieId,plot CSV, and how many named no movie of `movies`."""
+    plots, unknown = {}, 0
+    for n, row in _rows(path, ("movieId", "plot")):
+        movie = row["movieId"]
+        if movie in plots:
+            raise ValueError(f"{path}: row {n}: duplicate movieId {movie!r}.")
+        if movie not in movies:
+            unknown += 1
+            continue
+        plots[movie] = " ".join(row["plot"].split())
+    return plots, unknown
+
+
+def item_rows(movies, plots, category="first", genres_in_title=True):
+    """Rows (item_id, category_id, title) of prepare's items file."""
+    for movie, (title, genres) in movies.items():
+        cat = (genres[:1] if category == "first" else ["|".join(genres)]) if genres else []
+        words = [title] + (genres if genres_in_title else []) + [plots.get(movie, "")]
+        yield movie, (cat[0] if cat else NO_GENRES), " ".join(w for w in words if w)
+
+
+def impression_rows(path, movies, click_rating, encoding="latin-1"):
+    """Rows (user_id, item_id, label, timestamp) of prepare's impressions file, streamed."""
+    columns = ("userId", "movieId", "rating", "timestamp")
+    for n, row in _rows(path, columns, encoding):
+        if row["movieId"] not in movies:
+            raise ValueError(f"{path}: row {n}: movieId {row['movieId']!r} is not in the "
+                             "movies file.")
+        try:
+            rating, timestamp = float(row["rating"]), int(row["timestamp"])
+        except ValueError:
+            raise ValueError(f"{path}: row {n}: rating {row['rating']!r} or timestamp "
+                             f"{row['timestamp']!r} is not a number.") from None
+        yield row["userId"], row["movieId"], int(rating >= click_rating), timestamp
+
+
+def convert(ratings, movies_path, plots_path, out, click_rating, category, genres_in_title,
+            encoding):
+    """Writes `out`/items.csv and `out`/impressions.csv; returns counts for the report."""
+    movies = read_movies(movies_path, encoding)
+    plots, unknown_plots = read_plots(plots_path, movies) if plots_path else ({}, 0)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "items.csv"), "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["item_id", "category_id", "title"])
+        w.writerows(item_rows(movies, plots, category, genres_in_title))
+    counts = {"movies": len(movies), "plots": len(plots), "plots_unknown_movies": unknown_plots,
+              "ratings": 0, "clicks": 0}
+    with open(os.path.join(out, "impressions.csv"), "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["user_id", "item_id", "label", "timestamp"])
+        for row in impression_rows(ratings, movies, click_rating, encoding):
+            w.writerow(row)
+            counts["ratings"] += 1
+            counts["clicks"] += row[2]
+    return counts
+
+
+def export_tfds(version, out):
+    """movielens/<version>-ratings and -movies from tensorflow-datasets as GroupLens CSVs."""
+    import tensorflow_datasets as tfds
+
+    paths = {t: os.path.join(out, f"{t}.csv") for t in ("ratings", "movies")}
+    if all(map(os.path.exists, paths.values())):
+        return paths
+    os.makedirs(out, exist_ok=True)
+    movies, info = tfds.load(f"movielens/{version}-movies", split="train", with_info=True)
+    names = info.features["movie_genres"].feature.names
+    with open(paths["movies"] + ".tmp", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["movieId", "title", "genres"])
+        for m in tfds.as_numpy(movies):
+            w.writerow([m["movie_id"].decode(), m["movie_title"].decode(),
+                        "|".join(names[g] for g in m["movie_genres"])])
+    with open(paths["ratings"] + ".tmp", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["userId", "movieId", "rating", "timestamp"])
+        for r in tfds.as_numpy(tfds.load(f"movielens/{version}-ratings", split="train")):
+            w.writerow([r["user_id"].decode(), r["movie_id"].decode(),
+                        f"{r['user_rating']:g}", int(r["timestamp"])])
+    for path in paths.values():
+        os.replace(path + ".tmp", path)
+    return paths
+
+
+def prepare_command(raw, data_dir):
+    cmd = [sys.executable, "-m", "tfmm.data.prepare",
+           f"--impressions={os.path.join(raw, 'impressions.csv')}",
+           f"--items={os.path.join(raw, 'items.csv')}", f"--out_dir={data_dir}",
+           f"--test_fraction={FLAGS.test_fraction}", f"--max_history={FLAGS.max_history}",
+           "--pairs_from=clicks", f"--pair_window={FLAGS.pair_window}"]
+    if FLAGS.pair_max_gap is not None:
+        cmd.append(f"--pair_max_gap={FLAGS.pair_max_gap}")
+    if FLAGS.posters_dir:
+        cmd.append(f"--images_dir={FLAGS.posters_dir}")
+    return cmd
+
+
+def prepared(work, ratings, movies):
+    """The data directory under `work`, converted and prepared unless it already was with
+    these inputs and settings; and the conversion's counts."""
+    inputs = {"ratings": ratings, "movies": movies, "posters_dir": FLAGS.posters_dir,
+              "plots": FLAGS.plots}
+    record = {"inputs": {k: v and os.path.abspath(v) for k, v in inputs.items()},
+              "sizes": {k: os.path.getsize(v) for k, v in inputs.items()
+                        if v and os.path.isfile(v)},
+              "settings": {k: FLAGS[k].value for k in SETTINGS}}
+    path, data_dir = os.path.join(work, "inputs.json"), os.path.join(work, "data")
+    if os.path.exists(os.path.join(data_dir, "metadata.json")):
+        with open(path) as f:
+            old = json.load(f)
+        changed = [k for part in ("inputs", "sizes", "settings")
+                   for k in set(old[part]) | set(record[part])
+                   if old[part].get(k) != record[part].get(k)]
+        if changed:
+            raise SettingsError(f"--work_dir={work} was made with other inputs or settings "
+                                f"({', '.join(sorted(set(changed)))}); use a fresh --work_dir.")
+        return data_dir, old["counts"]
+    raw = os.path.join(work, "raw")
+    print(f"converting {ratings} and {movies} ...", flush=True)
+    record["counts"] = convert(ratings, movies, FLAGS.plots, raw, FLAGS.click_rating,
+                               FLAGS.category, FLAGS.genres_in_title, FLAGS.dat_encoding)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    cmd = prepare_command(raw, data_dir)
+    print(" ".join(cmd[1:]), flush=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(ctr.__file__)))]
+        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise ValueError(f"tfmm.data.prepare: {lines[-1]}")
+    print(proc.stdout.strip(), flush=True)
+    return data_dir, record["counts"]
+
+
+def encoder_lines(trained, untrained):
+    key = f"neighbours_same_category@{pretrain.NEIGHBOURS}"
+    lines = ["| Encoder | Acc@1 | Acc@5 | same-category neighbours@10 |",
+             "| --- | --- | --- | --- |"]
+    for name, m in (("untrained tower", untrained),
+                    (f"SCL, {FLAGS.pretrain_epochs} epoch(s)", trained)):
+        acc = [f"{m[k]:.4f}" if k in m else "n/a" for k in ("acc@1", "acc@5")]
+        same = "n/a" if m.get(key) is None else f"{m[key]:.4f}"
+        lines.append(f"| {name} | {acc[0]} | {acc[1]} | {same} |")
+    if trained.get(key) is not None:
+        lines += ["", f"Same-category neighbours by chance: {trained[f'{key}_chance']:.4f} "
+                  f"(over {trained['neighbours_items']} movies with content)."]
+    return lines
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"unexpected arguments: {argv[1:]}")
+    try:
+        run()
+    except (ValueError, OSError) as e:  # bad input or settings: one line, not a trace
+        sys.exit(str(e))
+
+
+def run():
+    start = time.time()
+    work, out = FLAGS.work_dir, FLAGS.out_dir
+    if FLAGS.tfds:
+        if FLAGS.ratings or FLAGS.movies:
+            raise ValueError(f"--tfds={FLAGS.tfds} and --ratings/--movies: pass one source.")
+        paths = export_tfds(FLAGS.tfds, os.path.join(work, "tfds"))
+        ratings, movies = paths["ratings"], paths["movies"]
+    elif not (FLAGS.ratings and FLAGS.movies):
+        raise ValueError("--ratings and --movies are required (or --tfds).")
+    else:
+        ratings, movies = FLAGS.ratings, FLAGS.movies
+    if FLAGS.posters_dir and not os.path.isdir(FLAGS.posters_dir):
+        raise ValueError(f"--posters_dir={FLAGS.posters_dir}: not a directory.")
+    if not FLAGS.methods or FLAGS.methods[0] != "id" or \
+            any(m not in NAMES for m in FLAGS.methods):
+        raise ValueError(f"--methods={','.join(FLAGS.methods)}: want id first, then any of "
+                         f"{list(NAMES)}.")
+    try:
+        seeds = [int(s) for s in FLAGS.seeds]
+    except ValueError:
+        raise ValueError(f"--seeds={','.join(FLAGS.seeds)}: want integers.") from None
+    modality = FLAGS.modality or ("image" if FLAGS.posters_dir else "text")
+    os.makedirs(work, exist_ok=True)
+    data_dir, counts = prepared(work, ratings, movies)
+    meta = schema.read_metadata(data_dir)
+
+    runs = Runs(os.path.join(work, "runs"), FLAGS.batch_size, FLAGS.make_epochs,
+                ctr.CTRConfig.make_target_in_mlp,
+                pretrain_settings=dict(modality=modality, dim=FLAGS.dim,
+                                       batch_size=FLAGS.pretrain_batch_size,
+                                       queue_size=FLAGS.queue_size, image_size=FLAGS.image_size),
+                ctr_settings=dict(embedding_dim=FLAGS.embedding_dim))
+    _, untrained, _ = runs.encoder(data_dir, 0, modality)
+    vectors, encoder, index = runs.encoder(data_dir, FLAGS.pretrain_epochs, modality)
+    results = runs.methods(data_dir, vectors, index, modality, seeds, FLAGS.methods)
+    table, summary = method_table(results)
+    os.makedirs(out, exist_ok=True)
+    gains_lines, gains = frequency_gains(results, os.path.join(out, "gains.png"),
+                                         "MovieLens: gains over ID by item training frequency")
+
+    n = meta["counts"]
+    blank = (f" {meta['missing']['images']} movies have no poster: they get no vector (the "
+             "rankers flag it missing), and a pair whose first movie has none has a blank "
+             "query image." if modality == "image" and meta["missing"]["images"] else "")
+    lines = [
+        "# MovieLens: ID vs SimTier vs SimTier+MAKE", "",
+        f"{counts['ratings']} ratings of {counts['movies']} movies ({os.path.abspath(ratings)}); "
+        f"a rating >= {FLAGS.click_rating:g} is a click: {counts['clicks']} clicks "
+        f"({100 * counts['clicks'] / max(counts['ratings'], 1):.1f}%). Train / test "
+        f"impressions {n['impressions/train']} / {n['impressions/test']} (the latest "
+        f"{FLAGS.test_fraction:g} of ratings are test); "
+        f"{meta['vocab']['num_users'] - schema.FIRST_ID} training users. Movies without a "
+        f"poster: {meta['missing']['images']}; with a plot: {counts['plots']}. Category: "
+        f"{'first genre' if FLAGS.category == 'first' else 'genre set'} "
+        f"({meta['vocab']['num_categories'] - schema.FIRST_ID} categories).", "",
+        "## Encoder", "",
+        f"Pre-trained on {encoder['source']}: {meta['pairs']['train']} training and "
+        f"{meta['pairs']['test']} test click pairs (a user's click and their next click), "
+        "Acc@N on the test pairs." + blank, ""] + encoder_lines(encoder, untrained) + [
+        "", f"## Rankers (seeds {','.join(FLAGS.seeds)})", "",
+        f"One epoch each, batch {FLAGS.batch_size}; MAKE pre-trained {FLAGS.make_epochs} "
+        "epochs. Relative columns: mean ± std over seeds of each seed's change against the "
+        "ID ranker of the same seed.", ""] + table + [
+        "", "| Method | Seed | GAUC | AUC |", "| --- | --- | --- | --- |"]
+    lines += [f"| {NAMES[m]} | {s} | {r['gauc']:.4f} | {r['auc']:.4f} |"
+              for m, rs in results.items() for s, r in zip(seeds, rs)]
+    cold = results["id"][0]["new_items"]["impressions"]
+    lines += ["", "## Cold start", "",
+              f"The {cold} test impressions of movies with no training impression.", "",
+              "| Method | AUC | GAUC |", "| --- | --- | --- |"]
+    lines += [f"| {NAMES[m]} | {mean_std([r['new_items']['auc'] for r in rs])} | "
+              f"{mean_std([r['new_items'].get('gauc', np.nan) for r in rs])} |"
+              for m, rs in results.items()]
+    lines += ["", "## Gains by item frequency group", "", "![gains](gains.png)", ""] + gains_lines
+    lines += ["", f"The {len(runs.seconds)} runs behind this report took "
+              f"{sum(runs.seconds.values()) / 60:.1f} min of training and evaluation "
+              f"(this invocation: {(time.time() - start) / 60:.1f} min); finished runs under "
+              f"{work} are reused. The data directory came from `python -m "
+              f"{' '.join(prepare_command(os.path.join(work, 'raw'), data_dir)[2:])}`."]
+    report = {
+        "inputs": {"ratings": ratings, "movies": movies, "posters_dir": FLAGS.posters_dir,
+                   "plots": FLAGS.plots},
+        "settings": {k: FLAGS[k].value for k in SETTINGS}, "modality": modality,
+        "seeds": seeds, "counts": counts, "data": {k: meta[k] for k in
+                                                   ("counts", "vocab", "missing", "pairs")},
+        "encoder": {"trained": encoder, "untrained": untrained},
+        "methods": summary, "runs": {m: [r["model_dir"] for r in rs] for m, rs in results.items()},
+        "cold_start": {m: [r["new_items"] for r in rs] for m, rs in results.items()},
+        "frequency_groups": gains}
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    app.run(main)
