@@ -219,3 +219,17 @@ def test_pretraining_on_behaviour_pairs_beats_the_untrained_tower(route):
     # category, not the item, and repeated positives tie (0.00-0.10 against 0.02-0.06).
     assert trained[key] > untrained[key] + 0.3, (trained, untrained)
     assert trained["acc@5"] > untrained["acc@5"] + 0.1, (trained, untrained)
+
+
+def test_pretraining_on_query_pairs_learns_despite_items_without_titles(route):
+    """Pairs whose item or mined negative has no title once made every text vector NaN."""
+    root, _ = route("pairs")
+    trained = json.load(open(root / "runs" / "mine" / "pretrain" / "metrics.json"))
+    proc = subprocess.run([sys.executable, "-m", "tfmm.train", "--task=pretrain",
+                           "--data_dir=data/mine", "--modality=text", "--objective=random",
+                           "--model_dir=runs/mine/untrained", "--export_dir=", "--index="],
+                          cwd=root, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    untrained = json.load(open(root / "runs" / "mine" / "untrained" / "metrics.json"))
+    assert trained["test_pairs"] == untrained["test_pairs"] > 30
+    assert trained["acc@5"] > untrained["acc@5"] + 0.1, (trained, untrained)

@@ -19,6 +19,8 @@ import keras
 import keras_hub
 import tensorflow as tf
 
+from tfmm.keras_compat import register
+
 # Small backbones that train in minutes on 2 CPU cores, from config.
 BACKBONES = {
     "resnet_tiny": dict(input_conv_filters=[64], input_conv_kernel_sizes=[3],
@@ -89,6 +91,27 @@ def _image_converter(preset):
         return None
 
 
+@register
+class TokenMean(keras.layers.Layer):
+    """The mean of the real (unmasked) tokens, [B, T, d] -> [B, d]; zeros for a text
+    without any (an item without a title), where Keras' GlobalAveragePooling1D
+    divides 0 by 0 and the NaN poisons the whole batch's loss."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, inputs, mask=None):
+        if mask is None:
+            return keras.ops.mean(inputs, axis=1)
+        mask = keras.ops.expand_dims(keras.ops.cast(mask, inputs.dtype), 2)
+        return (keras.ops.sum(inputs * mask, axis=1)
+                / keras.ops.maximum(keras.ops.sum(mask, axis=1), 1.0))
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+
 def _projection(x, dim, name):
     x = keras.layers.Dense(dim, activation="relu", name=f"{name}_projection_hidden")(x)
     x = keras.layers.Dense(dim, name=f"{name}_projection")(x)
@@ -140,7 +163,7 @@ def text_tower(vocabulary, dim=128, embedding_dim=64, max_tokens=8, name="text_t
         standardize="lower_and_strip_punctuation", name="tokenize")(texts)
     embedded = keras.layers.Embedding(len(vocabulary) + 2, embedding_dim, mask_zero=True,
                                       name="token_embedding")(tokens)
-    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(embedded)
+    pooled = TokenMean(name="pool")(embedded)
     return keras.Model(texts, _projection(pooled, dim, "text"), name=name)
 
 
