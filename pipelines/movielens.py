@@ -109,7 +109,8 @@ import numpy as np  # noqa: E402
 from tfmm.config import SettingsError  # noqa: E402
 from tfmm.data import schema  # noqa: E402
 
-from pipelines.runs import NAMES, Runs, frequency_gains, mean_std, method_table  # noqa: E402
+from pipelines.runs import (NAMES, Runs, frequency_gains, mean_std, method_table,  # noqa: E402
+                            write_report)
 
 NO_GENRES = "(no genres listed)"
 # Everything the work directory's contents depend on; --seeds and --methods add runs.
@@ -427,11 +428,7 @@ def run():
         "methods": summary, "runs": {m: [r["model_dir"] for r in rs] for m, rs in results.items()},
         "cold_start": {m: [r["new_items"] for r in rs] for m, rs in results.items()},
         "frequency_groups": gains}
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    print("\n".join(lines))
+    write_report(out, lines, report)
 
 
 if __name__ == "__main__":

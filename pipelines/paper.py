@@ -20,7 +20,6 @@ pipeline is run again, so a killed pipeline resumes where it stopped.
 """
 
 import dataclasses
-import json
 import os
 import time
 
@@ -55,7 +54,8 @@ FLAGS = flags.FLAGS
 from tfmm.data import world as world_lib  # noqa: E402
 from tfmm.data.synthetic import ensure_world, write_world  # noqa: E402
 
-from pipelines.runs import NAMES, Runs, frequency_gains, line_plot, method_table  # noqa: E402
+from pipelines.runs import (NAMES, Runs, frequency_gains, line_plot, method_table,  # noqa: E402
+                            write_report)
 
 
 def table3(runs, data_dir, seeds, tag, methods):
@@ -182,11 +182,7 @@ def main(argv):
               f"{os.cpu_count()} CPUs (this invocation: {elapsed / 60:.1f} min; finished runs "
               f"under {FLAGS.runs_dir} are reused). Command: `python -m pipelines.paper "
               f"{command_flags()}`"]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    print("\n".join(lines))
+    write_report(out, lines, report)
 
 
 if __name__ == "__main__":

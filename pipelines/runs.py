@@ -169,3 +169,12 @@ def line_plot(path, title, xlabel, ylabel, series):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_report(out, lines, report):
+    """`report.md` (the lines) and `report.json` in `out`; prints the lines."""
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print("\n".join(lines))
