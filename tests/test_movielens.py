@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipelines import movielens
+from pipelines import movielens_data
 
 pytestmark = pytest.mark.slow  # runs the pipeline: prepare, pre-training, rankers
 
@@ -68,20 +68,20 @@ def test_conversion_by_hand(tmp_path):
         "1,1,4.0,964982703\n1,2,3.5,964981247\n2,3,5.0,964982224\n2,1,0.5,964983815\n")
     (tmp_path / "plots.csv").write_text("\ufeffmovieId,plot\n2,\"A widowed  president\n"
                                         'falls in love.\"\n42,unknown\n', encoding="utf-8")
-    movies = movielens.read_movies(str(tmp_path / "movies.csv"))
-    plots, unknown = movielens.read_plots(str(tmp_path / "plots.csv"), movies)
+    movies = movielens_data.read_movies(str(tmp_path / "movies.csv"))
+    plots, unknown = movielens_data.read_plots(str(tmp_path / "plots.csv"), movies)
     assert plots == {"2": "A widowed president falls in love."} and unknown == 1
-    assert list(movielens.item_rows(movies, plots)) == [
+    assert list(movielens_data.item_rows(movies, plots)) == [
         ("1", "Adventure", "Toy Story (1995) Adventure Animation Children"),
         ("2", "Comedy", "American President, The (1995) Comedy Drama Romance A widowed "
                         "president falls in love."),
         ("3", "(no genres listed)", "Unknown Film (2001)")]
-    assert [r[1] for r in movielens.item_rows(movies, {}, "all", False)] == [
+    assert [r[1] for r in movielens_data.item_rows(movies, {}, "all", False)] == [
         "Adventure|Animation|Children", "Comedy|Drama|Romance", "(no genres listed)"]
-    assert list(movielens.impression_rows(str(tmp_path / "ratings.csv"), movies, 4.0)) == [
+    assert list(movielens_data.impression_rows(str(tmp_path / "ratings.csv"), movies, 4.0)) == [
         ("1", "1", 1, 964982703), ("1", "2", 0, 964981247), ("2", "3", 1, 964982224),
         ("2", "1", 0, 964983815)]
-    assert [r[2] for r in movielens.impression_rows(str(tmp_path / "ratings.csv"), movies,
+    assert [r[2] for r in movielens_data.impression_rows(str(tmp_path / "ratings.csv"), movies,
                                                     3.5)] == [1, 1, 1, 0]
 
     # ml-1m: '::'-separated, Latin-1, no header.
@@ -89,10 +89,10 @@ def test_conversion_by_hand(tmp_path):
         "1::Toy Story (1995)::Animation|Children's|Comedy\n"
         "2::Cité des enfants perdus, La (1995)::Adventure|Sci-Fi\n".encode("latin-1"))
     (tmp_path / "ratings.dat").write_text("1::1::5::978300760\n1::2::3::978302109\n")
-    dat = movielens.read_movies(str(tmp_path / "movies.dat"))
+    dat = movielens_data.read_movies(str(tmp_path / "movies.dat"))
     assert dat == {"1": ("Toy Story (1995)", ["Animation", "Children's", "Comedy"]),
                    "2": ("Cité des enfants perdus, La (1995)", ["Adventure", "Sci-Fi"])}
-    assert list(movielens.impression_rows(str(tmp_path / "ratings.dat"), dat, 4.0)) == [
+    assert list(movielens_data.impression_rows(str(tmp_path / "ratings.dat"), dat, 4.0)) == [
         ("1", "1", 1, 978300760), ("1", "2", 0, 978302109)]
 
 
@@ -107,7 +107,7 @@ def test_conversion_errors_name_file_and_row(tmp_path, content, error):
     (tmp_path / "ratings.csv").write_text(content)
     movies = {"1": ("A (2000)", ["Drama"])}
     with pytest.raises(ValueError, match=error):
-        list(movielens.impression_rows(str(tmp_path / "ratings.csv"), movies, 4.0))
+        list(movielens_data.impression_rows(str(tmp_path / "ratings.csv"), movies, 4.0))
 
 
 def test_tfds_export_writes_grouplens_csv(tmp_path):
@@ -115,7 +115,7 @@ def test_tfds_export_writes_grouplens_csv(tmp_path):
     import tensorflow_datasets as tfds
 
     with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
-        paths = movielens.export_tfds("latest-small", str(tmp_path))
+        paths = movielens_data.export_tfds("latest-small", str(tmp_path))
     movies = list(csv.reader(open(paths["movies"])))
     ratings = list(csv.reader(open(paths["ratings"])))
     assert movies[0] == ["movieId", "title", "genres"] and len(movies) == 5
@@ -124,7 +124,7 @@ def test_tfds_export_writes_grouplens_csv(tmp_path):
               "Drama", "Fantasy", "Film-Noir", "Horror", "IMAX", "Musical", "Mystery",
               "Romance", "Sci-Fi", "Thriller", "Unknown", "War", "Western", "(no genres listed)"}
     assert all(set(m[2].split("|")) <= genres for m in movies[1:] if m[2])
-    assert len(movielens.read_movies(paths["movies"])) == 4
+    assert len(movielens_data.read_movies(paths["movies"])) == 4
     assert all(float(r[2]) >= 0 and int(r[3]) >= 0 for r in ratings[1:])
 
 
