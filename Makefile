@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,tfrs,bench]"
+	$(PY) -m pip install --quiet -e ".[test,tfrs,bench,beam]"
 	touch $@
 
 setup: $(VENV)/.installed

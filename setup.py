@@ -21,7 +21,7 @@ setup(
         "keras-hub==0.32.*",
         "tensorflow-datasets==4.9.*",
         "importlib_resources==7.*",  # tensorflow-datasets needs it to build, but does not pull it
-        "pyarrow==26.*",  # Parquet input of tfmm.data.prepare
+        "pyarrow==25.*",  # Parquet input of tfmm.data.prepare; apache-beam 2.77 needs < 26
         "absl-py==2.*",
         "matplotlib==3.10.*",  # PNG plots of the paper report (pipelines.paper)
         "numpy>=1.26,<3",
@@ -33,6 +33,7 @@ setup(
     extras_require={
         "test": ["pytest==9.*", "hypothesis==6.*"],
         "tfrs": ["tensorflow-recommenders==0.7.7", "tf-keras==2.21.*"],
+        "beam": ["apache-beam==2.77.*"],  # prepare and embed as Beam pipelines (--runner)
         "bench": ["deepctr==0.9.4", "tf-keras==2.21.*"],  # the DIN peer of benchmarks.ctr_step (runs under tf-keras)
     },
 )
