@@ -18,6 +18,9 @@ RUNS = {
                  ["Adam with Adam", "examples/s"]),
     "din_attention": (["--batch_size=16", "--max_history=5", "--candidates=4",
                        "--serving_history=5", "--dim=8", "--calls=2"], ["p50"]),
+    "embed": (["--world=tiny", "--dim=8", "--batch_size=32", "--max_batch=16"],
+              ["local, batches of 32: 240 items", "DirectRunner, batches of 32: 240 items",
+               "batches of 16 events: 240 items", "local / near-line"]),
     "freshness": (["--rate=5", "--seconds=1", "--candidates=5"], ["p99"]),
     "index_lookup": (["--items=200", "--requests=5", "--sizes=10", "--dim=8"], ["p99"]),
     "input_pipeline": (["--world=tiny", "--batch_size=32", "--max_history=5", "--steps=2"],
@@ -34,7 +37,7 @@ RUNS = {
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_benchmark_smoke_run(name, tmp_path):
     args, expected = RUNS[name]
-    if name == "input_pipeline":
+    if name in ("embed", "input_pipeline"):
         args = args + [f"--data_dir={tmp_path / 'tiny'}"]
     proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args],
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(

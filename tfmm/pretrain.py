@@ -120,7 +120,7 @@ class Catalogue:
         self.titles = np.concatenate([b["title"].numpy() for b in batches])
         self.categories = np.concatenate([b["category_id"].numpy() for b in batches])
         self.has_image = np.concatenate([b["has_image"].numpy() for b in batches])
-        self.has_title = np.array([bool(t.strip()) for t in self.titles], bool)
+        self.has_title = np.concatenate([b["has_title"].numpy() for b in batches])
         self.row = np.full(self.ids.max() + 1, -1, np.int64)
         self.row[self.ids] = np.arange(len(self.ids))
 

@@ -200,42 +200,51 @@ def impressions(data_dir, split="train", batch_size=256, max_history=None, shuff
 
 
 def _decode_image(size):
-    """PNG/JPEG bytes -> uint8 [size, size, 3], resized only when needed; no
-    bytes (no image) -> zeros."""
+    """PNG/JPEG bytes -> uint8 [h, w, 3] (`size` is h = w, or (h, w)), resized only when
+    needed; no bytes (no image) -> zeros."""
+    shape = [size, size] if isinstance(size, int) else list(size)
 
     def decode_present(encoded):
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
         image.set_shape([None, None, 3])
         resized = lambda: tf.cast(  # noqa: E731
-            tf.image.resize(image, [size, size], antialias=True) + 0.5, tf.uint8)
-        same = tf.reduce_all(tf.equal(tf.shape(image)[:2], size))
-        return tf.ensure_shape(tf.cond(same, lambda: image, resized), [size, size, 3])
+            tf.image.resize(image, shape, antialias=True) + 0.5, tf.uint8)
+        same = tf.reduce_all(tf.equal(tf.shape(image)[:2], shape))
+        return tf.ensure_shape(tf.cond(same, lambda: image, resized), shape + [3])
 
     def decode(encoded):
         return tf.cond(tf.strings.length(encoded) > 0, lambda: decode_present(encoded),
-                       lambda: tf.zeros([size, size, 3], tf.uint8))
+                       lambda: tf.zeros(shape + [3], tf.uint8))
 
     return decode
 
 
-def items(data_dir, batch_size=256, image_size=None, validate=True):
-    """Catalogue batches: item_id, category_id, first_day, title, image (uint8),
-    has_image (bool; an item without one has zeros, one without a title b"")."""
+def item_parser(data_dir, image_size=None):
+    """One serialised item record -> the features of an `items` batch row."""
     meta = schema.read_metadata(data_dir)
-    paths = schema.files(data_dir, meta, "items")
-    if validate:
-        check_records(paths, schema.item_spec())
-    size = image_size or meta.get("image_size") or 64
-    decode = _decode_image(size)
+    decode = _decode_image(image_size or meta.get("image_size") or 64)
 
     def parse(serialized):
         raw = tf.io.parse_single_example(serialized, schema.item_spec())
         raw["has_image"] = tf.strings.length(raw["image"]) > 0
+        raw["has_title"] = tf.strings.length(tf.strings.strip(raw["title"])) > 0
         raw["image"] = decode(raw["image"])
         return raw
 
+    return parse
+
+
+def items(data_dir, batch_size=256, image_size=None, validate=True):
+    """Catalogue batches: item_id, category_id, first_day, title, image (uint8; `image_size`
+    is h = w or (h, w), default the data's), has_image and has_title (bool; an item
+    without an image has zeros, one without a title b"" or blanks)."""
+    meta = schema.read_metadata(data_dir)
+    paths = schema.files(data_dir, meta, "items")
+    if validate:
+        check_records(paths, schema.item_spec())
     return (tf.data.TFRecordDataset(paths)
-            .map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
+            .map(item_parser(data_dir, image_size), num_parallel_calls=AUTOTUNE,
+                 deterministic=True)
             .batch(batch_size).prefetch(AUTOTUNE))
 
 
