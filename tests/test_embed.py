@@ -203,6 +203,7 @@ def test_beam_direct_runner_gives_the_same_vectors(world, tmp_path):
     assert_same_as_pretraining(world, *read_parts(out))
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(world, tmp_path):
     no_beam = tmp_path / "no_beam" / "apache_beam"
     no_beam.mkdir(parents=True)

@@ -7,7 +7,7 @@ r"""Catalogue embedding as a batch job: every item of a data dir -> exported enc
 
 embeds every item of ``--data_dir``'s catalogue that has content for the
 encoder (an image, or a non-blank title: whichever its signature takes, see
-`tfmm.serving.encoder.Encoder`); items without are skipped and counted. The
+`tfmm.serving.encoding.Encoder`); items without are skipped and counted. The
 vectors go to an index table, claimed for the catalogue as pre-training's and
 the near-line encoder's writes are, in one put per batch; or to Parquet files
 of ``item_id`` (the raw id) and ``vector``, the format of ``python -m

@@ -11,8 +11,8 @@ Beam's own TensorFlow handlers (``TFModelHandlerNumpy``/``Tensor``) do not fit
 our exports: they load with ``tf.keras.models.load_model``, which in Keras 3
 reads only ``.keras`` files, not a SavedModel, and their module imports
 ``tensorflow_hub``. `EncoderHandler` is a plain ``ModelHandler`` whose model is
-the near-line service's `tfmm.serving.encoder.Encoder` (the SavedModel's
-``serving_default``), batched by RunInference.
+`tfmm.serving.encoding.Encoder` (the SavedModel's ``serving_default``, as the
+near-line service calls it), in batches RunInference makes.
 
 Rerun after a kill: index puts are keyed by item id; Parquet goes to a fixed
 number of shards (``part-SSSSS-of-NNNNN.parquet``), which Beam's file sink
@@ -70,12 +70,14 @@ class Contents(beam.DoFn):
         feature, flag = ("image", "has_image") if self.modality == "image" else \
             ("title", "has_title")
         parse = reader.item_parser(self.data_dir, self.image_size)
-        for item in tf.data.TFRecordDataset(path).map(parse).as_numpy_iterator():
-            self.items.inc()
-            if item[flag]:
-                yield int(item["item_id"]), item[feature]
-            else:
-                self.without.inc()
+        batches = (tf.data.TFRecordDataset(path)
+                   .map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(256)
+                   .prefetch(tf.data.AUTOTUNE))
+        for batch in batches.as_numpy_iterator():
+            has = batch[flag]
+            self.items.inc(len(has))
+            self.without.inc(int((~has).sum()))
+            yield from zip(batch["item_id"][has].tolist(), batch[feature][has])
 
 
 class PutVectors(beam.DoFn):

@@ -199,7 +199,8 @@ def embed_catalogue(encoder, data_dir, sink, batch_size=256, verbose=1):
     feature, flag = content_key(encoder)
     total = schema.read_metadata(data_dir)["vocab"]["num_items"] - schema.FIRST_ID
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the summary
-        bar = keras.utils.Progbar(total, verbose=verbose, unit_name="item")
+        bar = keras.utils.Progbar(total, verbose=verbose, unit_name="item",
+                                  stateful_metrics=["embedded", "without content"])
     seen = embedded = without = already = 0
     for batch in data.items(data_dir, batch_size, image_size=encoder.image_size):
         ids, has = batch["item_id"].numpy(), batch[flag].numpy()
