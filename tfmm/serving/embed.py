@@ -54,6 +54,7 @@ flags.DEFINE_string("runner", None, "Run as an Apache Beam pipeline on this runn
 flags.DEFINE_multi_string("beam_option", [], "A Beam pipeline option key=value for --runner "
                           "(repeat the flag for more).")
 
+
 def beam_options(runner, options):
     """Beam's command-line form of `--runner` and the `--beam_option=key=value` flags."""
     args = [f"--runner={runner}"]
@@ -111,9 +112,9 @@ def main(argv):
         sys.exit(str(e))
     done = f", {result['already_done']} were done by an earlier run" \
         if result.get("already_done") else ""
+    content = "an image" if encoder.modality == "image" else "a title"
     print(f"embedded {result['embedded']} of {result['items']} items{done}; "
-          f"{result['without_content']} without {'an image' if encoder.modality == 'image' else 'a title'}"
-          " skipped", flush=True)
+          f"{result['without_content']} without {content} skipped", flush=True)
 
 
 if __name__ == "__main__":

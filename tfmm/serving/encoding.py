@@ -174,7 +174,8 @@ def claim_dir(out_dir, manifest):
         with open(path, encoding="utf-8") as f:
             held = json.load(f)
         if held != manifest:
-            changed = sorted(k for k in set(held) | set(manifest) if held.get(k) != manifest.get(k))
+            changed = sorted(k for k in set(held) | set(manifest)
+                             if held.get(k) != manifest.get(k))
             raise ValueError(f"{out_dir} holds the vectors of another embedding job ({path} "
                              f"differs in {', '.join(changed)}); use another directory.")
         return
@@ -190,7 +191,9 @@ def job_manifest(encoder, data_dir):
 
 
 def embed_catalogue(encoder, data_dir, sink, batch_size=256, verbose=1):
-    """Embeds every item of `data_dir` with content for `encoder` into `sink`.
+    """Embeds every item of `data_dir` with content for `encoder` into `sink` (an
+    `IndexSink` or a `PartSink`), `batch_size` items per model call; `verbose`: 1
+    shows a progress bar on stderr, 0 none.
 
     Returns {"items", "embedded", "without_content", "already_done"}: catalogue
     items, items embedded now, items skipped for lack of content, and items
