@@ -1,5 +1,8 @@
 import json
 import math
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -43,6 +46,19 @@ def test_info_nce_matches_numpy(mask_own):
     np.testing.assert_allclose(got, reference_info_nce(q, k, 1 / 0.07, extra, key_ids, extra_ids, mask_own),
                                rtol=1e-4)
     np.testing.assert_allclose(info_nce(q, k, 2.0).numpy(), reference_info_nce(q, k, 2.0), rtol=1e-5)
+
+
+def test_info_nce_of_one_replicas_rows_against_gathered_keys():
+    """A replica's queries (rows 3..5 of 8) with the keys of all replicas, its own
+    at `start`: the global per-row losses of those rows."""
+    rng = np.random.default_rng(1)
+    q, k, extra = unit(rng.normal(size=(8, 5))), unit(rng.normal(size=(8, 5))), unit(rng.normal(size=(4, 5)))
+    key_ids = np.array([3, 4, 3, 5, 6, 4, 7, 8])  # 4 and 3 repeat across the rows' boundary
+    extra_ids = np.array([-1, 4, 6, 9])
+    want = reference_info_nce(q, k, 1 / 0.07, extra, key_ids, extra_ids)[3:6]
+    got = info_nce(q[3:6], k, 1 / 0.07, extra, key_ids, extra_ids, start=3).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert not np.allclose(info_nce(q[3:6], k, 1 / 0.07, extra, key_ids, extra_ids).numpy(), want)
 
 
 def test_triplet_hand_computed():
@@ -220,3 +236,32 @@ def test_positive_tower_encodes_the_loss_side_and_the_key_tower_the_queue(positi
 def test_positive_tower_is_checked():
     with pytest.raises(ValueError, match=r"SCLModel: positive_tower='key' is not one of"):
         moco(positive_tower="key")
+
+
+def test_two_replicas_equal_one_process_on_the_global_batch(tmp_path):
+    """MirroredStrategy on 2 logical CPUs, strategy.run(train_step), vs one process
+    (tests/scl_replicas.py, in a subprocess: devices are set before TF starts)."""
+    out = tmp_path / "replicas.npz"
+    proc = subprocess.run([sys.executable, "-m", "tests.scl_replicas", str(out)],
+                          capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = np.load(out)
+    # gather_replicas: replica 0's rows [0, 1, 2] then replica 1's [10, 11, 12], on both.
+    np.testing.assert_array_equal(runs["gathered"], [[0, 1, 2, 10, 11, 12]] * 2)
+    np.testing.assert_array_equal(runs["starts"], [0, 3])
+    ids = runs["ids"]  # 3 global batches of 8 into a queue of 16
+    for tower in ("momentum", "query"):
+        single, mirrored = (
+            {k.split("/")[-1]: runs[k] for k in runs.files if k.startswith(f"{tower}/{name}/")}
+            for name in ("single", "mirrored"))
+        assert mirrored["copies_equal"], tower
+        for run in (single, mirrored):  # the pointer advanced by the global batch
+            assert run["pointer"] == 8
+            np.testing.assert_array_equal(run["queue_ids"], np.concatenate([ids[16:], ids[8:16]]))
+        np.testing.assert_allclose(mirrored["losses"], single["losses"], rtol=1e-5)
+        weights = sorted(k for k in single if k.startswith("weight_"))
+        assert len(weights) == 20  # temperature, 2 towers of 8, queue (4), BN moving stats
+        for k in weights:
+            np.testing.assert_allclose(mirrored[k], single[k], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{tower} {k}")

@@ -1,0 +1,91 @@
+"""Trains an SCLModel a few steps with MirroredStrategy on 2 logical CPUs, the
+way a distributed loop does (``strategy.run(model.train_step)`` in a
+tf.function), and the same model in one process on the same global batches;
+writes both states to an .npz for tests/test_scl.py.
+
+A script run in a subprocess: logical devices must be set before TensorFlow
+initialises its runtime, which a pytest session has already done.
+
+Usage: python -m tests.scl_replicas OUT.npz
+"""
+
+import sys
+
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tests.test_scl import batches  # noqa: E402
+from tfmm.momentum_queue import MomentumQueueCallback, gather_replicas  # noqa: E402
+from tfmm.scl import SCLModel  # noqa: E402
+
+REPLICAS, BATCH, STEPS = 2, 8, 3  # a queue of 16: the pointer ends at 8
+
+
+def bn_tower():
+    x = keras.Input((3,))
+    h = keras.layers.Activation("tanh")(keras.layers.BatchNormalization()(keras.layers.Dense(8, use_bias=False)(x)))
+    return keras.Model(x, keras.layers.UnitNormalization()(keras.layers.Dense(4)(h)))
+
+
+def train(positive_tower, strategy=None):
+    """Per-step losses, the queue's ids and pointer, the final weights, and
+    whether every variable's replica copies are equal (True in one process)."""
+    scope = strategy.scope() if strategy else keras.utils.custom_object_scope({})
+    with scope:
+        keras.utils.set_random_seed(0)
+        model = SCLModel(bn_tower(), make_key_tower=bn_tower, queue_size=16, momentum=0.9,
+                         positive_tower=positive_tower)
+        model.compile(optimizer=keras.optimizers.Adam(0.05))
+        model.optimizer.build(model.trained_weights())
+    callbacks = keras.callbacks.CallbackList([MomentumQueueCallback(0.9)], model=model)
+    step = tf.function(lambda b: strategy.run(model.train_step, args=(b,))) if strategy else \
+        tf.function(model.train_step)
+    data = batches(n=BATCH * STEPS, batch=BATCH)
+    if strategy:
+        data = strategy.experimental_distribute_dataset(data)
+    callbacks.on_train_begin()
+    losses = []
+    for batch in data:
+        for m in model.metrics:
+            m.reset_state()
+        logs = step(batch)
+        if strategy:  # each replica tracks its rows; their mean, as Keras' fit reduces logs
+            logs = {k: strategy.reduce("MEAN", v, axis=None) for k, v in logs.items()}
+        losses.append(float(logs["loss"]))
+    callbacks.on_train_end()
+    same = all(all(np.array_equal(c.numpy(), w.value.values[0].numpy()) for c in w.value.values)
+               for w in model.weights) if strategy else True
+    return {"losses": losses, "queue_ids": model.queue.ids.numpy(),
+            "pointer": model.queue.pointer.numpy(), "copies_equal": same,
+            **{f"weight_{i}": w.numpy() for i, w in enumerate(model.weights)}}
+
+
+def gather_order():
+    """gather_replicas under strategy.run, replica r holding rows [10r, 10r + 1, 10r + 2]."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    rows = strategy.experimental_distribute_values_from_function(
+        lambda context: 10 * context.replica_id_in_sync_group + tf.range(3))
+    (gathered,), start = strategy.run(gather_replicas, args=(rows,))
+    return ([t.numpy() for t in strategy.experimental_local_results(gathered)],
+            [int(t) for t in strategy.experimental_local_results(start)])
+
+
+def main(out):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == REPLICAS
+    gathered, starts = gather_order()
+    ids = np.concatenate([b["positive_id"].numpy() for b in batches(n=BATCH * STEPS, batch=BATCH)])
+    runs = {"gathered": np.stack(gathered), "starts": starts, "ids": ids}
+    for tower in ("momentum", "query"):
+        for name, run in (("single", train(tower)), ("mirrored", train(tower, strategy))):
+            runs.update({f"{tower}/{name}/{k}": v for k, v in run.items()})
+    np.savez(out, **runs)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
