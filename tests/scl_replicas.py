@@ -1,20 +1,30 @@
-"""Trains an SCLModel a few steps with MirroredStrategy on 2 logical CPUs, the
-way a distributed loop does (``strategy.run(model.train_step)`` in a
-tf.function), and the same model in one process on the same global batches;
-writes both states to an .npz for tests/test_scl.py.
+"""Trains an SCLModel a few steps on 2 replicas, the way a distributed loop
+does (``strategy.run(model.train_step)`` in a tf.function), and the same model
+in one process on the same global batches; writes the states to an .npz for
+tests/test_scl.py.
 
-A script run in a subprocess: logical devices must be set before TensorFlow
-initialises its runtime, which a pytest session has already done.
+A script run in subprocesses: logical devices and TF_CONFIG must be set
+before TensorFlow initialises its runtime, which a pytest session has done.
 
-Usage: python -m tests.scl_replicas OUT.npz
+Usage: python -m tests.scl_replicas OUT.npz  (MirroredStrategy, 2 logical CPUs)
+       python -m tests.scl_replicas OUT.npz WORKER PORT0,PORT1
+       (MultiWorkerMirroredStrategy, worker WORKER of 2 on localhost)
 """
 
+import json
+import os
 import sys
 
 import tensorflow as tf
 
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+MULTI_WORKER = len(sys.argv) == 4
+if MULTI_WORKER:
+    os.environ["TF_CONFIG"] = json.dumps({
+        "cluster": {"worker": [f"localhost:{port}" for port in sys.argv[3].split(",")]},
+        "task": {"type": "worker", "index": int(sys.argv[2])}})
+else:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -75,14 +85,19 @@ def gather_order():
             [int(t) for t in strategy.experimental_local_results(start)])
 
 
-def main(out):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def main(out, *worker):
+    if MULTI_WORKER:  # created first: it sets up the collectives
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        runs = {}
+    else:
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        gathered, starts = gather_order()
+        runs = {"gathered": np.stack(gathered), "starts": starts}
     assert strategy.num_replicas_in_sync == REPLICAS
-    gathered, starts = gather_order()
-    ids = np.concatenate([b["positive_id"].numpy() for b in batches(n=BATCH * STEPS, batch=BATCH)])
-    runs = {"gathered": np.stack(gathered), "starts": starts, "ids": ids}
+    runs["ids"] = np.concatenate([b["positive_id"].numpy()
+                                  for b in batches(n=BATCH * STEPS, batch=BATCH)])
     for tower in ("momentum", "query"):
-        for name, run in (("single", train(tower)), ("mirrored", train(tower, strategy))):
+        for name, run in (("single", train(tower)), ("replicas", train(tower, strategy))):
             runs.update({f"{tower}/{name}/{k}": v for k, v in run.items()})
     np.savez(out, **runs)
 

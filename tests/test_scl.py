@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.test_predictor import free_port
 from tfmm.momentum_queue import MomentumQueueCallback
 from tfmm.scl import SCLModel, info_nce, triplet
 
@@ -238,30 +239,51 @@ def test_positive_tower_is_checked():
         moco(positive_tower="key")
 
 
-def test_two_replicas_equal_one_process_on_the_global_batch(tmp_path):
-    """MirroredStrategy on 2 logical CPUs, strategy.run(train_step), vs one process
-    (tests/scl_replicas.py, in a subprocess: devices are set before TF starts)."""
-    out = tmp_path / "replicas.npz"
-    proc = subprocess.run([sys.executable, "-m", "tests.scl_replicas", str(out)],
-                          capture_output=True, text=True, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = np.load(out)
-    # gather_replicas: replica 0's rows [0, 1, 2] then replica 1's [10, 11, 12], on both.
-    np.testing.assert_array_equal(runs["gathered"], [[0, 1, 2, 10, 11, 12]] * 2)
-    np.testing.assert_array_equal(runs["starts"], [0, 3])
+def replicas_run(out, *worker):
+    """tests/scl_replicas.py in a subprocess (devices are set before TF starts)."""
+    return subprocess.Popen([sys.executable, "-m", "tests.scl_replicas", str(out), *worker],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def assert_replicas_equal_one_process(runs):
     ids = runs["ids"]  # 3 global batches of 8 into a queue of 16
     for tower in ("momentum", "query"):
-        single, mirrored = (
+        single, replicas = (
             {k.split("/")[-1]: runs[k] for k in runs.files if k.startswith(f"{tower}/{name}/")}
-            for name in ("single", "mirrored"))
-        assert mirrored["copies_equal"], tower
-        for run in (single, mirrored):  # the pointer advanced by the global batch
+            for name in ("single", "replicas"))
+        assert replicas["copies_equal"], tower
+        for run in (single, replicas):  # the pointer advanced by the global batch
             assert run["pointer"] == 8
             np.testing.assert_array_equal(run["queue_ids"], np.concatenate([ids[16:], ids[8:16]]))
-        np.testing.assert_allclose(mirrored["losses"], single["losses"], rtol=1e-5)
+        np.testing.assert_allclose(replicas["losses"], single["losses"], rtol=1e-5)
         weights = sorted(k for k in single if k.startswith("weight_"))
         assert len(weights) == 20  # temperature, 2 towers of 8, queue (4), BN moving stats
         for k in weights:
-            np.testing.assert_allclose(mirrored[k], single[k], rtol=1e-5, atol=1e-6,
+            np.testing.assert_allclose(replicas[k], single[k], rtol=1e-5, atol=1e-6,
                                        err_msg=f"{tower} {k}")
+
+
+def test_two_replicas_equal_one_process_on_the_global_batch(tmp_path):
+    """MirroredStrategy on 2 logical CPUs, strategy.run(train_step), vs one process."""
+    proc = replicas_run(tmp_path / "replicas.npz")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    runs = np.load(tmp_path / "replicas.npz")
+    # gather_replicas: replica 0's rows [0, 1, 2] then replica 1's [10, 11, 12], on both.
+    np.testing.assert_array_equal(runs["gathered"], [[0, 1, 2, 10, 11, 12]] * 2)
+    np.testing.assert_array_equal(runs["starts"], [0, 3])
+    assert_replicas_equal_one_process(runs)
+
+
+@pytest.mark.slow
+def test_two_workers_equal_each_other_and_one_process(tmp_path):
+    """MultiWorkerMirroredStrategy, 2 worker processes on loopback ports."""
+    ports = f"{free_port()},{free_port()}"
+    procs = [replicas_run(tmp_path / f"worker{i}.npz", str(i), ports) for i in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    runs = [np.load(tmp_path / f"worker{i}.npz") for i in range(2)]
+    assert runs[0].files == runs[1].files
+    for k in runs[0].files:
+        np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
+    assert_replicas_equal_one_process(runs[0])

@@ -40,7 +40,9 @@ def gather_replicas(*tensors):
         return list(tensors), 0
     start = tf.cast(context.replica_id_in_sync_group, tf.int32) * tf.shape(tensors[0])[0]
     # One call per tensor: all_gather's gradient cannot mix dtypes (float keys, int ids).
-    return [context.all_gather(t, axis=0) for t in tensors], start
+    # The identity puts a step input (the ids) on the replica's device, which
+    # MultiWorkerMirroredStrategy's gather needs.
+    return [context.all_gather(tf.identity(t), axis=0) for t in tensors], start
 
 
 class MomentumQueue:
