@@ -38,24 +38,29 @@ REPLICAS, BATCH, STEPS = 2, 8, 3  # a queue of 16: the pointer ends at 8
 
 def bn_tower():
     x = keras.Input((3,))
-    h = keras.layers.Activation("tanh")(keras.layers.BatchNormalization()(keras.layers.Dense(8, use_bias=False)(x)))
+    h = keras.layers.BatchNormalization()(keras.layers.Dense(8, use_bias=False)(x))
+    h = keras.layers.Activation("tanh")(h)
     return keras.Model(x, keras.layers.UnitNormalization()(keras.layers.Dense(4)(h)))
 
 
-def train(positive_tower, strategy=None):
-    """Per-step losses, the queue's ids and pointer, the final weights, and
-    whether every variable's replica copies are equal (True in one process)."""
+def train(positive_tower, strategy=None, fit=False):
+    """Per-step losses (with `fit`, Keras' fit: the epoch's), the queue's ids
+    and pointer, the final weights, and whether every variable's replica
+    copies are equal (True in one process)."""
     scope = strategy.scope() if strategy else keras.utils.custom_object_scope({})
     with scope:
         keras.utils.set_random_seed(0)
         model = SCLModel(bn_tower(), make_key_tower=bn_tower, queue_size=16, momentum=0.9,
                          positive_tower=positive_tower)
         model.compile(optimizer=keras.optimizers.Adam(0.05))
-        model.optimizer.build(model.trained_weights())
+        if not fit:  # SCLModel.fit builds it
+            model.optimizer.build(model.trained_weights())
+    data = batches(n=BATCH * STEPS, batch=BATCH)
+    if fit:
+        return state(model, strategy, model.fit(data, verbose=0).history["loss"])
     callbacks = keras.callbacks.CallbackList([MomentumQueueCallback(0.9)], model=model)
     step = tf.function(lambda b: strategy.run(model.train_step, args=(b,))) if strategy else \
         tf.function(model.train_step)
-    data = batches(n=BATCH * STEPS, batch=BATCH)
     if strategy:
         data = strategy.experimental_distribute_dataset(data)
     callbacks.on_train_begin()
@@ -68,6 +73,10 @@ def train(positive_tower, strategy=None):
             logs = {k: strategy.reduce("MEAN", v, axis=None) for k, v in logs.items()}
         losses.append(float(logs["loss"]))
     callbacks.on_train_end()
+    return state(model, strategy, losses)
+
+
+def state(model, strategy, losses):
     same = all(all(np.array_equal(c.numpy(), w.value.values[0].numpy()) for c in w.value.values)
                for w in model.weights) if strategy else True
     return {"losses": losses, "queue_ids": model.queue.ids.numpy(),
@@ -96,9 +105,14 @@ def main(out, *worker):
     assert strategy.num_replicas_in_sync == REPLICAS
     runs["ids"] = np.concatenate([b["positive_id"].numpy()
                                   for b in batches(n=BATCH * STEPS, batch=BATCH)])
-    for tower in ("momentum", "query"):
-        for name, run in (("single", train(tower)), ("replicas", train(tower, strategy))):
-            runs.update({f"{tower}/{name}/{k}": v for k, v in run.items()})
+    cases = {"momentum": {}, "query": {"positive_tower": "query"}}
+    if not MULTI_WORKER:  # Keras 3's fit runs under MirroredStrategy (not under MWMS)
+        cases["fit"] = {"fit": True}
+    for case, kwargs in cases.items():
+        kwargs = {"positive_tower": "momentum", **kwargs}
+        for name, run in (("single", train(**kwargs)),
+                          ("replicas", train(**kwargs, strategy=strategy))):
+            runs.update({f"{case}/{name}/{k}": v for k, v in run.items()})
     np.savez(out, **runs)
 
 

@@ -53,7 +53,8 @@ def test_info_nce_of_one_replicas_rows_against_gathered_keys():
     """A replica's queries (rows 3..5 of 8) with the keys of all replicas, its own
     at `start`: the global per-row losses of those rows."""
     rng = np.random.default_rng(1)
-    q, k, extra = unit(rng.normal(size=(8, 5))), unit(rng.normal(size=(8, 5))), unit(rng.normal(size=(4, 5)))
+    q, k = unit(rng.normal(size=(8, 5))), unit(rng.normal(size=(8, 5)))
+    extra = unit(rng.normal(size=(4, 5)))
     key_ids = np.array([3, 4, 3, 5, 6, 4, 7, 8])  # 4 and 3 repeat across the rows' boundary
     extra_ids = np.array([-1, 4, 6, 9])
     want = reference_info_nce(q, k, 1 / 0.07, extra, key_ids, extra_ids)[3:6]
@@ -246,13 +247,15 @@ def replicas_run(out, *worker):
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def assert_replicas_equal_one_process(runs):
+def assert_replicas_equal_one_process(runs, cases=("momentum", "query")):
+    """Each case (positive_tower momentum or query; fit: Keras' fit) on 2 replicas
+    equals one process."""
     ids = runs["ids"]  # 3 global batches of 8 into a queue of 16
-    for tower in ("momentum", "query"):
+    for case in cases:
         single, replicas = (
-            {k.split("/")[-1]: runs[k] for k in runs.files if k.startswith(f"{tower}/{name}/")}
+            {k.split("/")[-1]: runs[k] for k in runs.files if k.startswith(f"{case}/{name}/")}
             for name in ("single", "replicas"))
-        assert replicas["copies_equal"], tower
+        assert replicas["copies_equal"], case
         for run in (single, replicas):  # the pointer advanced by the global batch
             assert run["pointer"] == 8
             np.testing.assert_array_equal(run["queue_ids"], np.concatenate([ids[16:], ids[8:16]]))
@@ -261,18 +264,18 @@ def assert_replicas_equal_one_process(runs):
         assert len(weights) == 20  # temperature, 2 towers of 8, queue (4), BN moving stats
         for k in weights:
             np.testing.assert_allclose(replicas[k], single[k], rtol=1e-5, atol=1e-6,
-                                       err_msg=f"{tower} {k}")
+                                       err_msg=f"{case} {k}")
 
 
 def test_two_replicas_equal_one_process_on_the_global_batch(tmp_path):
-    """MirroredStrategy on 2 logical CPUs, strategy.run(train_step), vs one process."""
+    """MirroredStrategy on 2 logical CPUs, strategy.run(train_step) and fit, vs one process."""
     proc = replicas_run(tmp_path / "replicas.npz")
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
     runs = np.load(tmp_path / "replicas.npz")
     # gather_replicas: replica 0's rows [0, 1, 2] then replica 1's [10, 11, 12], on both.
     np.testing.assert_array_equal(runs["gathered"], [[0, 1, 2, 10, 11, 12]] * 2)
     np.testing.assert_array_equal(runs["starts"], [0, 3])
-    assert_replicas_equal_one_process(runs)
+    assert_replicas_equal_one_process(runs, ("momentum", "query", "fit"))
 
 
 @pytest.mark.slow

@@ -214,7 +214,8 @@ class SCLModel(keras.Model):
         extra = extra_ids = None
         if self.queue is not None:
             extra, extra_ids = tf.cast(self.queue.keys, query.dtype), self.queue.ids
-        (keys, key_ids), start = gather_replicas(positive, ids)  # in-batch negatives of all replicas
+        # The in-batch negatives: every replica's positives.
+        (keys, key_ids), start = gather_replicas(positive, ids)
         nce = tf.reduce_mean(info_nce(query, keys, self.inverse_temperature(), extra, key_ids,
                                       extra_ids, self.mask_own_positive, start))
         trip = tf.constant(0.0)
@@ -256,5 +257,6 @@ class SCLModel(keras.Model):
             callbacks.append(MomentumQueueCallback(self.default_momentum))
         kwargs.setdefault("shuffle", False)  # datasets arrive shuffled
         if not self.optimizer.built:  # else BackupAndRestore builds it for other variables
-            self.optimizer.build(self.trained_weights())
+            with self.distribute_strategy.scope():  # the model's, which made its variables
+                self.optimizer.build(self.trained_weights())
         return super().fit(*args, callbacks=callbacks, **kwargs)
