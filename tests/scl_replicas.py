@@ -11,6 +11,7 @@ Usage: python -m tests.scl_replicas OUT.npz  (MirroredStrategy, 2 logical CPUs)
        (MultiWorkerMirroredStrategy, worker WORKER of 2 on localhost)
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -47,8 +48,7 @@ def train(positive_tower, strategy=None, fit=False):
     """Per-step losses (with `fit`, Keras' fit: the epoch's), the queue's ids
     and pointer, the final weights, and whether every variable's replica
     copies are equal (True in one process)."""
-    scope = strategy.scope() if strategy else keras.utils.custom_object_scope({})
-    with scope:
+    with strategy.scope() if strategy else contextlib.nullcontext():
         keras.utils.set_random_seed(0)
         model = SCLModel(bn_tower(), make_key_tower=bn_tower, queue_size=16, momentum=0.9,
                          positive_tower=positive_tower)
@@ -94,7 +94,7 @@ def gather_order():
             [int(t) for t in strategy.experimental_local_results(start)])
 
 
-def main(out, *worker):
+def main(out):
     if MULTI_WORKER:  # created first: it sets up the collectives
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         runs = {}
@@ -117,4 +117,4 @@ def main(out, *worker):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(sys.argv[1])
