@@ -28,11 +28,13 @@ def free_ports(n):
     return ports
 
 
-def start(task_type, index, cluster, args):
+def start(task_type, index, cluster, args, log):
+    """A process of the cluster's task, its output in the file `log`."""
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
         {"cluster": cluster, "task": {"type": task_type, "index": index}}))
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=f,
+                                stderr=subprocess.STDOUT)
 
 
 def reference_weights(saved, prefix):
@@ -61,17 +63,18 @@ def test_ranker_trains_with_tables_split_over_two_parameter_servers(tiny_dir, tm
     cluster = {"chief": [f"localhost:{ports[0]}"],
                "worker": [f"localhost:{p}" for p in ports[1:3]],
                "ps": [f"localhost:{p}" for p in ports[3:]]}
-    servers = [start(t, i, cluster, ["tfmm.parameter_server"])
-               for t in ("ps", "worker") for i in range(len(cluster[t]))]
+    out = str(tmp_path / "run")
+    procs = [start(t, i, cluster, ["tfmm.parameter_server"], tmp_path / f"{t}{i}.log")
+             for t in ("ps", "worker") for i in range(len(cluster[t]))]
     try:
-        out = str(tmp_path / "run")
-        proc = start("chief", 0, cluster, ["tests.parameter_server_chief", tiny_dir, out])
-        log, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, log[-3000:]
+        procs.append(start("chief", 0, cluster, ["tests.parameter_server_chief", tiny_dir, out],
+                           tmp_path / "chief.log"))
+        returncode = procs[-1].wait(timeout=120)
+        assert returncode == 0, (tmp_path / "chief.log").read_text()[-3000:]
     finally:
-        for server in servers:
-            server.kill()
-            server.communicate()
+        for proc in procs:  # the servers run until killed
+            proc.kill()
+            proc.wait()
     with open(out + ".json") as f:
         run = json.load(f)
     saved = dict(np.load(out + ".npz"))

@@ -35,7 +35,8 @@ def serve(resolver=None):
     if resolver.task_type not in SERVER_TASKS:
         raise ValueError(f"serve: TF_CONFIG's task type is {resolver.task_type!r}; servers run "
                          f"the {SERVER_TASKS} tasks, the chief trains.")
-    # A worker's failure reaches the coordinator, which reschedules its steps.
+    # As TensorFlow's PS guide sets it: the coordinator then sees a lost task and
+    # reschedules its steps (untested here).
     os.environ["GRPC_FAIL_FAST"] = "use_caller"
     server = tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type,
                                   task_index=resolver.task_id,
