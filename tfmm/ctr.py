@@ -250,8 +250,9 @@ def load_vectors(config, num_items, pretrain_config=None, strategy=None):
 
         print(f"the index {redact(config.index)} is empty: pre-training the encoder first ...",
               flush=True)
-        source = pretrain.run(dataclasses.replace(pretrain_config, index=config.index),
-                              fallback=True)["source"]
+        result = pretrain.run(dataclasses.replace(pretrain_config, index=config.index),
+                              fallback=True)
+        source = result and result["source"]  # None on a worker that is not the chief
     else:
         source = None
     index = open_index(config.index)

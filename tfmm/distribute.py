@@ -121,9 +121,14 @@ def replica_slices(context, num_replicas, weights=True):
     first = context.input_pipeline_id * local
 
     def cut(batch, r):
-        rows = tf.shape(tf.nest.flatten(batch)[0], out_type=tf.int64)[0]
+        first_part = tf.nest.flatten(batch)[0]
+        rows = tf.shape(first_part, out_type=tf.int64)[0]
         start, stop = (rows * r) // num_replicas, (rows * (r + 1)) // num_replicas
         part = tf.nest.map_structure(lambda t: t[start:stop], batch)
+        static = first_part.shape[0]
+        if static is not None and static % num_replicas == 0:  # equal slices stay static
+            part = tf.nest.map_structure(
+                lambda t: tf.ensure_shape(t, [static // num_replicas, *t.shape[1:]]), part)
         if not weights:
             return part
         weight = tf.cast(num_replicas * (stop - start), tf.float32) / tf.cast(

@@ -202,6 +202,8 @@ def run_pretrain():
         result = pretraining.run(config)
     except SettingsError as e:
         fail(str(e))
+    if result is None:  # a worker that is not the chief: it writes nothing
+        return
     summary = {k: v for k, v in result.items() if k not in ("history", "config")}
     print(json.dumps(summary, indent=1))
     print(f"metrics: {os.path.join(config.model_dir, 'metrics.json')}")
