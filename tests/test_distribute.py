@@ -101,7 +101,7 @@ def test_two_workers_train_the_one_process_model(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_epoch_resumes_with_every_epoch_once(tiny_dir, tmp_path):
-    cmd = _cli(tiny_dir, tmp_path, "--model=id", "--epochs=3", "--batch_size=32")
+    cmd = _cli(tiny_dir, tmp_path, "--model=id", "--epochs=3", "--batch_size=64")
     procs = _start_workers(cmd)
     checkpoint = tmp_path / "ctr" / "backup" / "checkpoint"
     deadline = time.time() + TIMEOUT
@@ -113,7 +113,7 @@ def test_a_worker_killed_mid_epoch_resumes_with_every_epoch_once(tiny_dir, tmp_p
         procs[1].send_signal(signal.SIGKILL)
         procs[1].wait()
         try:  # its peer waits for it, or fails
-            procs[0].wait(timeout=10)
+            procs[0].wait(timeout=3)
         except subprocess.TimeoutExpired:
             pass
     finally:
@@ -132,7 +132,7 @@ def test_a_worker_killed_mid_epoch_resumes_with_every_epoch_once(tiny_dir, tmp_p
     assert result["epochs"][0] == first[0]
 
 
-PRETRAIN_FLAGS = ["--epochs=2", "--batch_size=32", "--queue_size=128", "--dim=16"]
+PRETRAIN_FLAGS = ["--epochs=1", "--batch_size=32", "--queue_size=128", "--dim=16"]
 
 
 def _pretrain_cmd(tiny_dir, runs):
@@ -152,9 +152,9 @@ def pretrained(tiny_dir, tmp_path_factory):
 def test_two_worker_pretraining_writes_its_outputs_once(pretrained):
     runs, outputs = pretrained
     result = json.load(open(runs / "model" / "metrics.json"))
-    assert len(result["history"]["loss"]) == 2 and result["index_items"] == 240
+    assert len(result["history"]["loss"]) == 1 and result["index_items"] == 240
     assert result["export_path"].endswith(os.path.join("export", "1"))
-    assert [e["epoch"] for e in json.load(open(runs / "model" / "epochs.json"))] == [1, 2]
+    assert [e["epoch"] for e in json.load(open(runs / "model" / "epochs.json"))] == [1]
     assert os.listdir(runs / "model" / "logs")
     assert not (runs / "model" / "backup").exists()
     assert not any("workertemp" in f for f in _files(runs))
