@@ -169,6 +169,19 @@ def _temporary_dir(directory, strategy):
                         f"workertemp_{worker_id(strategy)}", os.path.basename(directory))
 
 
+def step_function(model, strategy, element_spec):
+    """One training step of `model` on a distributed batch: its logs, averaged over the
+    replicas."""
+
+    @tf.function(input_signature=[element_spec])
+    def step(batch):
+        logs = strategy.run(model.train_step, args=(batch,))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                for k, v in logs.items()}
+
+    return step
+
+
 def fit(model, strategy, dataset_fn, epochs, backup, steps=None, callbacks=(),
         chief_callbacks=(), verbose=2):
     """Trains `model` (compiled under ``strategy.scope()``) like ``fit``, under `strategy`.
@@ -203,13 +216,7 @@ def fit(model, strategy, dataset_fn, epochs, backup, steps=None, callbacks=(),
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
-
-    @tf.function(input_signature=[dataset.element_spec])
-    def step(batch):
-        logs = strategy.run(model.train_step, args=(batch,))
-        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
-                for k, v in logs.items()}
-
+    step = step_function(model, strategy, dataset.element_spec)
     callbacks.on_train_begin()
     logs = {}
     iterator = iter(dataset) if steps else None
