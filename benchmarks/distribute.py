@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 flags.DEFINE_string("data_dir", None, "A tfmm data directory (generated if missing).")
 flags.DEFINE_enum("world", "small", ["tiny", "small", "large"], "World to generate if missing.")
@@ -160,6 +160,8 @@ def traffic(b, workers):
 def main(argv):
     data_dir = FLAGS.data_dir or os.path.join("data", FLAGS.world)
     if FLAGS.only:
+        logging.set_verbosity(logging.WARNING)  # tf.distribute's INFO lines, per worker
+        tf.get_logger().setLevel("WARNING")
         return run_worker(data_dir, FLAGS.only)
     ensure_world(data_dir, FLAGS.world)
     mb = 1 / 2 ** 20

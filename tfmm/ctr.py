@@ -33,6 +33,11 @@ weights are kept, and the ranker restarts from its last finished epoch; the
 per-epoch metrics list every epoch once (`tfmm.callbacks.EpochRecord`). A run
 that is refused (settings, data, index) writes nothing.
 
+With ``strategy`` ``mirrored`` or ``multi_worker`` the rankers train under
+`tf.distribute` (`tfmm.distribute.fit`): each step is the one-process step
+on the global batch ``batch_size``; the chief alone evaluates (the whole
+test split, as one process does) and writes.
+
 The vectors are a snapshot of the index taken at the start; with
 ``refresh_vectors`` the snapshot is taken again at every epoch (of MAKE's
 pre-training and of the ranker), so vectors the encoder service wrote
