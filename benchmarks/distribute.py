@@ -129,18 +129,21 @@ def steps_per_s(data_dir, method, workers):
 
 def gradient_bytes(data_dir, method, rows):
     """Bytes of one replica's gradients on `rows` rows: dense layers, embedding
-    IndexedSlices (values float32 + int64 indices), and the tables if dense."""
+    IndexedSlices (values float32 + int64 indices; and with one row per distinct
+    id), and the tables if dense."""
     model, vectors = _model(data_dir, method)
     x, y = next(iter(_batches(data_dir, model, vectors, rows)))
     with tf.GradientTape() as tape:
         loss = keras.losses.binary_crossentropy(y[:, None], model(x, training=True))
         loss = tf.reduce_mean(loss)
-    out = {"dense": 0, "sparse": 0, "tables": 0, "lookups": 0}
+    out = {"dense": 0, "sparse": 0, "tables": 0, "lookups": 0, "unique": 0}
     for v, g in zip(model.trainable_variables, tape.gradient(loss, model.trainable_variables)):
         if isinstance(g, tf.IndexedSlices):
-            out["sparse"] += g.values.shape.num_elements() * 4 + g.indices.shape[0] * 8
+            row = v.shape[1] * 4 + 8  # float32 values and an int64 index
+            out["sparse"] += g.indices.shape[0] * row
             out["tables"] += v.shape.num_elements() * 4
             out["lookups"] += int(g.indices.shape[0])
+            out["unique"] += len(np.unique(g.indices.numpy())) * row
         else:
             out["dense"] += v.shape.num_elements() * 4
     return out
@@ -172,8 +175,8 @@ def main(argv):
         b = gradient_bytes(data_dir, method, FLAGS.batch_size)
         print(f"\n{method}: gradients of a {FLAGS.batch_size}-row batch: dense layers "
               f"{b['dense'] * mb:.2f} MiB; embeddings {b['lookups']} looked-up rows = "
-              f"{b['sparse'] * mb:.2f} MiB as IndexedSlices, {b['tables'] * mb:.2f} MiB "
-              "as dense tables")
+              f"{b['sparse'] * mb:.2f} MiB as IndexedSlices ({b['unique'] * mb:.2f} MiB with "
+              f"each id's rows summed first), {b['tables'] * mb:.2f} MiB as dense tables")
         rates = {}
         for w in map(int, FLAGS.workers):
             rates[w] = steps_per_s(data_dir, method, w)

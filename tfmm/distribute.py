@@ -220,6 +220,7 @@ def fit(model, strategy, dataset_fn, epochs, backup, steps=None, callbacks=(),
     callbacks.on_train_begin()
     logs = {}
     iterator = iter(dataset) if steps else None
+    model.stop_training = False
     for epoch in range(int(done.numpy()), epochs):
         for metric in model.metrics:
             metric.reset_state()
@@ -238,7 +239,7 @@ def fit(model, strategy, dataset_fn, epochs, backup, steps=None, callbacks=(),
         if model.stop_training:
             break
     callbacks.on_train_end(logs)
-    chief_value(strategy, 0)  # every worker has restored before the chief deletes
+    chief_value(strategy, 0)  # no worker still needs the backup the chief deletes
     if chief:
         shutil.rmtree(backup, ignore_errors=True)
     return logs
