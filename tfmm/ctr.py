@@ -145,7 +145,6 @@ class TestSet:
 
     def __init__(self, config, meta, vectors, strategy=None):
         self.config, self.vectors, self.strategy = config, vectors, strategy
-        self._predictors = {}
         self.length = config.max_history or meta["max_history"]
         columns = {k: [] for k in ("user_id", "item_id", "is_new_item", "label")}
         for f, y in self._batches(["user_id", "item_id", "is_new_item"]):
@@ -164,10 +163,8 @@ class TestSet:
         if self.strategy is None:
             return model.predict(batches, verbose=0)[:, 0]
         # Under a strategy the chief predicts alone (tfmm.distribute.predictor).
-        if model.name not in self._predictors:
-            self._predictors[model.name] = distribute.predictor(model)
-        return np.concatenate([self._predictors[model.name](x).numpy()[:, 0]
-                               for x, _ in batches])
+        predict = distribute.predictor(model)
+        return np.concatenate([predict(x).numpy()[:, 0] for x, _ in batches])
 
     def summary(self, p):
         """The per-epoch metrics of predictions `p`."""

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import weakref
 
 import keras
 import numpy as np
@@ -34,6 +35,8 @@ import tensorflow as tf
 
 STRATEGIES = ("none", "mirrored", "multi_worker")
 _strategies = {}
+_sums = weakref.WeakKeyDictionary()  # strategy -> its all-reduce of a number
+_predictors = weakref.WeakKeyDictionary()  # model -> its `predictor`
 
 
 def strategy(name):
@@ -81,15 +84,14 @@ def chief_value(strategy, value):
     if strategy is None:
         return value
 
-    mine = value if is_chief(strategy) else 0
-
-    @tf.function
-    def share():
-        return strategy.run(lambda: tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.SUM, tf.constant(mine, tf.int64)))
-
+    if strategy not in _sums:  # traced once per value (a tensor made outside the
+        # replica function has no device for the all-reduce to start from)
+        _sums[strategy] = tf.function(lambda v: strategy.run(
+            lambda: tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.constant(v, tf.int64))))
+    mine = int(value) if is_chief(strategy) else 0
     # Every local replica of the chief's machine adds it once.
-    total = int(strategy.experimental_local_results(share())[0])
+    total = int(strategy.experimental_local_results(_sums[strategy](mine))[0])
     local = strategy.num_replicas_in_sync // max(1, _num_workers(strategy))
     return total // local
 
@@ -152,7 +154,10 @@ def predictor(model):
     evaluates alone with this instead (the variables' values are the same on
     every worker).
     """
-    return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    if model not in _predictors:
+        _predictors[model] = tf.function(lambda x: model(x, training=False),
+                                         reduce_retracing=True)
+    return _predictors[model]
 
 
 def weights_digest(model):

@@ -279,7 +279,7 @@ def _query_texts(data_dir):
 def embed(tower, inputs, batch_size=512, strategy=None):
     # Under a strategy the chief embeds alone (tfmm.distribute.predictor).
     predict = (tower.predict_on_batch if strategy is None
-               else lambda x, f=distribute.predictor(tower): f(x).numpy())
+               else lambda x: distribute.predictor(tower)(x).numpy())
     return np.concatenate([predict(inputs[i:i + batch_size])
                            for i in range(0, len(inputs), batch_size)])
 
