@@ -437,17 +437,14 @@ def _run(config, vectors, pretrain_config):
     print(f"training the {config.model} ranker for {config.epochs} epoch(s) ...", flush=True)
     epochs = _fit(model, config, _train_data(config, length, vectors, model), config.epochs, test,
                   config.model_dir, refresh, strategy=strategy)
-    if strategy is not None:  # equal on every worker: each prints it
-        digest = distribute.weights_digest(model)
-        print(f"trained weights (worker {distribute.worker_id(strategy)}): sha256 {digest}",
-              flush=True)
+    digest = None if strategy is None else distribute.weights_digest(model, strategy)
     if not chief:
         return None
     groups = metrics.frequency_groups(train_counts(config, vocab["num_items"]),
                                       NUM_FREQUENCY_GROUPS)
     result = {"model": config.model, **test.report(test.predict(model), groups),
               "epochs": epochs}
-    if strategy is not None:
+    if digest:
         result["weights_sha256"] = digest
     if config.uses_make:
         result["make"] = {"pretrain_epochs": config.make_epochs,

@@ -160,12 +160,15 @@ def predictor(model):
     return _predictors[model]
 
 
-def weights_digest(model):
-    """SHA-256 of the model's weights: equal on every worker after a step."""
+def weights_digest(model, strategy):
+    """SHA-256 of the model's weights, which every worker prints: they are equal
+    after every step."""
     digest = hashlib.sha256()
     for w in model.weights:
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
-    return digest.hexdigest()
+    digest = digest.hexdigest()
+    print(f"trained weights (worker {worker_id(strategy)}): sha256 {digest}", flush=True)
+    return digest
 
 
 def _temporary_dir(directory, strategy):

@@ -379,8 +379,7 @@ def run(config, fallback=False):
                     training_data(config, catalogue)[0]),
                 config.epochs, backup, steps=steps, callbacks=queue,
                 chief_callbacks=[record, tensorboard], verbose=config.verbose)
-            print(f"trained weights (worker {distribute.worker_id(strategy)}): sha256 "
-                  f"{distribute.weights_digest(model)}", flush=True)
+            distribute.weights_digest(model, strategy)
         if not chief:
             return None
         history = {k: [v[k] for v in record.values] for k in record.values[0] if k != "epoch"}
