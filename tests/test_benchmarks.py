@@ -18,6 +18,8 @@ RUNS = {
                  ["Adam with Adam", "examples/s"]),
     "din_attention": (["--batch_size=16", "--max_history=5", "--candidates=4",
                        "--serving_history=5", "--dim=8", "--calls=2"], ["p50"]),
+    "distribute": (["--world=tiny", "--batch_size=32", "--max_history=5", "--steps=2",
+                    "--vector_dim=8", "--models=id"], ["2 worker(s)", "steps/s", "64 workers"]),
     "embed": (["--world=tiny", "--dim=8", "--batch_size=32", "--max_batch=16"],
               ["local, batches of 32: 240 items", "DirectRunner, batches of 32: 240 items",
                "batches of 16 events: 240 items", "local / near-line"]),
@@ -37,7 +39,7 @@ RUNS = {
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_benchmark_smoke_run(name, tmp_path):
     args, expected = RUNS[name]
-    if name in ("embed", "input_pipeline"):
+    if name in ("distribute", "embed", "input_pipeline"):
         args = args + [f"--data_dir={tmp_path / 'tiny'}"]
     proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args],
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(

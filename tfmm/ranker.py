@@ -136,8 +136,10 @@ class DINRanker(keras.Model):
             "make": lambda: ((make or MAKEBlock(return_knowledge=True, name="make"))
                              if uses_make else None),
             "features_concat": keras.layers.Concatenate(name="features"),
-            "features_bn": lambda: (keras.layers.BatchNormalization(name="features_bn")
-                                    if batch_norm else None),
+            # Under tf.distribute, statistics of the global batch, as in one process.
+            "features_bn": lambda: (keras.layers.BatchNormalization(
+                synchronized=tf.distribute.has_strategy(), name="features_bn")
+                if batch_norm else None),
             "mlp": lambda: [keras.layers.Dense(units, activation=activation)
                             for units in mlp_units],
             "ctr": lambda: keras.layers.Dense(1, activation="sigmoid", name="ctr"),

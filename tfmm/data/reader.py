@@ -154,7 +154,8 @@ def _join_vectors(vectors):
 
 def impressions(data_dir, split="train", batch_size=256, max_history=None, shuffle=False,
                 shuffle_buffer=100_000, seed=None, deterministic=True, repeat=False,
-                drop_remainder=False, vectors=None, features=None, validate=True):
+                drop_remainder=False, vectors=None, features=None, validate=True,
+                slices=None):
     """Impression batches ``(features, label)`` of one split, in time order unless shuffled.
 
     Args:
@@ -167,6 +168,9 @@ def impressions(data_dir, split="train", batch_size=256, max_history=None, shuff
         features: keep only these feature names (a Keras model's inputs).
         validate: first read every record once, so that a truncated or
             malformed record fails with its file and number before training.
+        slices: under tf.distribute, `tfmm.distribute.replica_slices`: keeps
+            this replica's rows of every batch, before they are parsed, and
+            adds a third element, the rows' loss weights.
     """
     meta = schema.read_metadata(data_dir)
     paths = schema.files(data_dir, meta, f"impressions/{split}")
@@ -184,19 +188,27 @@ def impressions(data_dir, split="train", batch_size=256, max_history=None, shuff
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(_parse_impressions(length, side, features), num_parallel_calls=AUTOTUNE,
-                deterministic=deterministic)
+    parse = _parse_impressions(length, side, features)
+    if slices is not None:
+        ds = slices(ds)
+        parse = _with_weights(parse)
+    ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     if vectors is not None:
-        ds = ds.map(_join_vectors(vectors), num_parallel_calls=AUTOTUNE,
-                    deterministic=deterministic)
+        ds = ds.map(_with_weights(_join_vectors(vectors)) if slices else _join_vectors(vectors),
+                    num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     if features is not None:
         available = set(ds.element_spec[0])
         missing = [k for k in features if k not in available]
         if missing:
             raise ValueError(f"impressions: features {missing} are not in {data_dir} "
                              f"(it has {sorted(available)}; vector features need `vectors`).")
-        ds = ds.map(lambda f, y: ({k: f[k] for k in features}, y))
+        ds = ds.map(lambda f, *rest: ({k: f[k] for k in features}, *rest))
     return ds.prefetch(AUTOTUNE)
+
+
+def _with_weights(fn):
+    """`fn` of an element, carrying one more, last (the weights), through unchanged."""
+    return lambda *x: (*fn(*x[:-1]), x[-1])
 
 
 def _decode_image(size):
