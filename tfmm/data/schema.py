@@ -79,6 +79,8 @@ _VARINT_STARTS = np.array([1 << (7 * k) for k in range(1, 10)], np.uint64)
 def _varint_matrix(values):
     """Protobuf varints of int64 `values`: row i's first size[i] bytes encode values[i]."""
     x = np.asarray(values, np.int64).view(np.uint64)
+    if x.max(initial=0) < 0x80:  # most lengths and small ids: one byte each
+        return x.astype(np.uint8)[:, None], np.ones(len(x), np.int64)
     size = _varint_size(x)
     width = int(size.max(initial=1))
     groups = (x[:, None] >> (np.arange(width, dtype=np.uint64) * np.uint64(7))) & np.uint64(0x7F)
@@ -114,19 +116,18 @@ def examples(ints=None, int_lists=None, strings=None):
     if n == 0:
         return []
     # Per feature: its Feature field's tag, its list's payload size in bytes per row and
-    # whether the list has values, and the payload: a byte-matrix block written inline
+    # whether the list has values (None: every row's has), and the payload: a byte-matrix block written inline
     # (a scalar's varint), or (flat bytes, row i's start in them: None when packed).
     features = {}
     for k, v in (ints or {}).items():
         block = _varint_matrix(v)
-        features[k] = (b"\x1a", block[1], np.ones(n, bool), block)
+        features[k] = (b"\x1a", block[1], None, block)
     for k, (values, starts, ends) in (int_lists or {}).items():
         first, last = values.offsets[starts], values.offsets[ends]
         features[k] = (b"\x1a", last - first, np.asarray(ends) > starts, (values.bytes, first))
     for k, v in (strings or {}).items():
         size = np.fromiter(map(len, v), np.int64, n)
-        features[k] = (b"\x0a", size, np.ones(n, bool),
-                       (np.frombuffer(b"".join(v), np.uint8), None))
+        features[k] = (b"\x0a", size, None, (np.frombuffer(b"".join(v), np.uint8), None))
     # Example{features: Features{feature: map entries in key order (`deterministic`)}}, an
     # entry {key, value: Feature{int64_list | bytes_list: {repeated value (packed ints)}}}.
     # Small parts (tags, lengths, scalar varints) are rows of byte matrices, joined into
@@ -134,15 +135,18 @@ def examples(ints=None, int_lists=None, strings=None):
     parts, run, entries = [], [], 0
     for k in sorted(features, key=str.encode):
         tag, size, present, payload = features[k]
-        inner = np.where(present, 1 + _varint_size(size) + size, 0)
+        inner = 1 + _varint_size(size) + size
+        if present is not None:
+            inner = np.where(present, inner, 0)
         feature = 1 + _varint_size(inner) + inner
         key = k.encode()
         head = b"\x0a" + _varint_bytes(len(key)) + key + b"\x12"
         entry = len(head) + _varint_size(feature) + feature
         entries = entries + 1 + _varint_size(entry) + entry
         run += [_constant(b"\x0a", n), _varint_matrix(entry), _constant(head, n),
-                _varint_matrix(feature), _constant(tag, n), _varint_matrix(inner),
-                _masked(_constant(b"\x0a", n), present), _masked(_varint_matrix(size), present)]
+                _varint_matrix(feature), _constant(tag, n), _varint_matrix(inner)]
+        run += [_constant(b"\x0a", n), _varint_matrix(size)] if present is None else [
+            _masked(_constant(b"\x0a", n), present), _masked(_varint_matrix(size), present)]
         if k in (ints or {}):
             run.append(payload)
         else:
