@@ -68,22 +68,20 @@ def _ids(prefix, numbers):
     return pc.binary_join_element_wise(prefix, pa.array(numbers).cast(pa.string()), "")
 
 
-def measure(code, args, pythonpath):
-    """(wall s, CPU s, peak RSS bytes) of `python -c code` with sys.argv[1:] = args."""
+def measure(args, pythonpath):
+    """(wall s, CPU s, peak RSS bytes) of `python *args` in its own process."""
     env = dict(os.environ, PYTHONPATH=pythonpath, TF_CPP_MIN_LOG_LEVEL="3")
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, cwd=pythonpath,
+    proc = subprocess.Popen([sys.executable, *args], env=env, cwd=pythonpath,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if status:
-        raise SystemExit(f"{code} {args} failed:\n{stderr.decode()[-3000:]}")
+        raise SystemExit(f"{args} failed:\n{stderr.decode()[-3000:]}")
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
-PREPARE = "import runpy, sys; runpy.run_module('tfmm.data.prepare', run_name='__main__')"
-BASELINE = "import tensorflow, pyarrow"
 
 
 def main(argv):
@@ -96,7 +94,7 @@ def main(argv):
           f"{FLAGS.users:,} users, {FLAGS.items:,} items, written in "
           f"{time.perf_counter() - start:.1f} s; {os.cpu_count()} CPUs, load "
           f"{os.getloadavg()[0]:.2f}")
-    _, _, baseline = measure(BASELINE, [], ROOT)
+    _, _, baseline = measure(["-c", "import tensorflow, pyarrow"], ROOT)
     print(f"baseline (import tensorflow, pyarrow): peak RSS {baseline / 2**20:,.0f} MiB")
     runs = [(name, ROOT, [] if name == "local" else [f"--runner={name}"])
             for name in FLAGS.runners]
@@ -110,8 +108,8 @@ def main(argv):
     results = {}
     for name, code_dir, extra in runs:
         out = os.path.join(work_dir, "out-" + name.split()[0])
-        wall, cpu, peak = measure(PREPARE, [f"--impressions={log}", f"--items={items}",
-                                            f"--out_dir={out}", *extra], code_dir)
+        wall, cpu, peak = measure(["-m", "tfmm.data.prepare", f"--impressions={log}",
+                                   f"--items={items}", f"--out_dir={out}", *extra], code_dir)
         results[name] = wall, cpu, out
         print(f"{name:16s} {FLAGS.rows / wall:12,.0f} impressions/s ({wall:.1f} s wall, "
               f"{cpu:.1f} s CPU), peak RSS {peak / 2**20:,.0f} MiB: "
