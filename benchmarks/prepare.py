@@ -9,8 +9,8 @@ The log has the columns user_id, item_id, label, timestamp (string ids "u123",
 "i456"; --click_rate of labels 1; timestamps uniform over 30 days, not in
 order); the items file item_id, category_id, title, no images. Each prepare
 runs in its own process; its peak RSS is compared with that of a process that
-only imports TensorFlow and pyarrow (the baseline), and its time includes that
-import. With --old_ref, the code at that git ref (`git archive`) runs on the
+only imports TensorFlow and the pyarrow modules prepare uses (the baseline),
+and its time includes that import. With --old_ref, the code at that git ref (`git archive`) runs on the
 same files and the outputs are compared byte for byte.
 """
 
@@ -39,6 +39,7 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.csv as pa_csv  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYARROW = ("pyarrow", "pyarrow.csv", "pyarrow.compute", "pyarrow.parquet")  # prepare's
 TABLES = ("impressions-train.tfrecord", "impressions-test.tfrecord", "items.tfrecord",
           "vocab/users.txt", "vocab/items.txt", "vocab/categories.txt")
 
@@ -94,8 +95,11 @@ def main(argv):
           f"{FLAGS.users:,} users, {FLAGS.items:,} items, written in "
           f"{time.perf_counter() - start:.1f} s; {os.cpu_count()} CPUs, load "
           f"{os.getloadavg()[0]:.2f}")
-    _, _, baseline = measure(["-c", "import tensorflow, pyarrow"], ROOT)
-    print(f"baseline (import tensorflow, pyarrow): peak RSS {baseline / 2**20:,.0f} MiB")
+    _, _, bare = measure(["-c", "import tensorflow, pyarrow"], ROOT)
+    _, _, baseline = measure(["-c", f"import tensorflow, {', '.join(PYARROW)}"], ROOT)
+    print(f"baseline (import tensorflow, {', '.join(PYARROW)}): peak RSS "
+          f"{baseline / 2**20:,.0f} MiB; {(baseline - bare) / 2**20:,.0f} MiB of it the modules "
+          "beyond pyarrow's core")
     runs = [(name, ROOT, [] if name == "local" else [f"--runner={name}"])
             for name in FLAGS.runners]
     if FLAGS.old_ref:
