@@ -120,7 +120,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 READ_BLOCK = 4 << 20  # bytes of CSV parsed at once
-RECORDS_PER_CHUNK = 2048  # records serialised at once (their temporaries: ~30 MB)
+RECORDS_PER_CHUNK = 4096  # records serialised at once (their temporaries: ~30 MB)
 _ID = pa.dictionary(pa.int32(), pa.string())
 
 
@@ -400,7 +400,21 @@ def read_items(path):
 
 
 def _repeats(columns):
-    """Whether each row equals an earlier one in every column (equal-length arrays)."""
+    """Whether each row equals an earlier one in every column (equal-length int arrays)."""
+    # Columns whose value ranges multiply within int64 are one sort key (fewer to sort by).
+    keys, key, span = [], None, 1
+    for column in columns:
+        low, high = int(column.min()), int(column.max())
+        if key is not None and span * (high - low + 1) < 2**62:
+            key = key * (high - low + 1) + (column.astype(np.int64) - low)
+            span *= high - low + 1
+        else:
+            if key is not None:
+                keys.append(key)
+            # A column spanning more than 2**62 (int64 timestamps) is a key as it is.
+            key = column.astype(np.int64) - low if high - low < 2**62 else column
+            span = high - low + 1
+    columns = keys + [key]
     order = np.lexsort(columns[::-1])  # stable: equal rows stay in file order
     same = np.ones(len(order) - 1, bool)
     for column in columns:

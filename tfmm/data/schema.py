@@ -162,7 +162,9 @@ def examples(ints=None, int_lists=None, strings=None):
     start = np.stack([b + (np.cumsum(s) - s if first is None else first)
                       for b, (_, first, s) in zip(base, parts)], axis=1).ravel()
     ends = np.cumsum(size)
-    out = source[np.repeat(start - (ends - size), size) + np.arange(ends[-1])]
+    index = np.int32 if len(source) < 2**31 else np.int64  # halves the largest temporaries
+    out = source[np.repeat((start - (ends - size)).astype(index), size)
+                 + np.arange(ends[-1], dtype=index)]
     offsets = np.concatenate([[0], ends[len(parts) - 1::len(parts)]])
     data = out.tobytes()
     return [data[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
