@@ -10,8 +10,9 @@ The log has the columns user_id, item_id, label, timestamp (string ids "u123",
 order); the items file item_id, category_id, title, no images. Each prepare
 runs in its own process; its peak RSS is compared with that of a process that
 only imports TensorFlow and the pyarrow modules prepare uses (the baseline),
-and its time includes that import. With --old_ref, the code at that git ref (`git archive`) runs on the
-same files and the outputs are compared byte for byte.
+and its time includes that import. With --old_ref, the code at that git ref
+(`git archive`) runs on the same files and the outputs are compared byte for
+byte.
 """
 
 import filecmp

@@ -115,9 +115,10 @@ def examples(ints=None, int_lists=None, strings=None):
                        *(strings or {}).values()])))
     if n == 0:
         return []
-    # Per feature: its Feature field's tag, its list's payload size in bytes per row and
-    # whether the list has values (None: every row's has), and the payload: a byte-matrix block written inline
-    # (a scalar's varint), or (flat bytes, row i's start in them: None when packed).
+    # Per feature: its Feature field's tag, its list's payload size in bytes per row,
+    # whether the list has values (None: every row's has), and the payload: a
+    # byte-matrix block written inline (a scalar's varint), or (flat bytes, row i's
+    # start in them: None when the rows' follow each other).
     features = {}
     for k, v in (ints or {}).items():
         block = _varint_matrix(v)
