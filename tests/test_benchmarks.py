@@ -28,6 +28,8 @@ RUNS = {
     "input_pipeline": (["--world=tiny", "--batch_size=32", "--max_history=5", "--steps=2"],
                        ["examples/s"]),
     "moco_queue": (["--queue_size=128", "--batch_size=8", "--dim=8", "--steps=2"], ["ms"]),
+    "prepare": (["--rows=2000", "--users=50", "--items=40", "--old_ref="],
+                ["impressions/s", "bytes/impression above the baseline"]),
     "predictor_latency": (["--num_items=50", "--num_users=20", "--max_history=5",
                            "--candidates=4", "--requests=3", "--threads=2", "--vector_dim=8",
                            "--models=id,simtier", "--attention_units=8,4"],
@@ -41,6 +43,8 @@ def test_benchmark_smoke_run(name, tmp_path):
     args, expected = RUNS[name]
     if name in ("distribute", "embed", "input_pipeline"):
         args = args + [f"--data_dir={tmp_path / 'tiny'}"]
+    if name == "prepare":
+        args = args + [f"--work_dir={tmp_path}"]
     proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args],
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
                               os.path.abspath(__file__))), timeout=600)
