@@ -1,5 +1,6 @@
 """Pre-training end to end on the tiny world: train, Acc@N, export, index."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,6 +15,9 @@ import tensorflow as tf
 
 from tfmm import data
 from tfmm.data import schema
+from tfmm.data import world as world_lib
+from tfmm.data.prepare import prepare
+from tfmm.data.synthetic import write_raw
 from tfmm.index import SQLiteIndex
 from tfmm.metrics import acc_at_n, neighbours_same_label, same_label_chance
 from tfmm.pretrain import (Catalogue, PretrainConfig, SettingsError, choose_source, run,
@@ -410,3 +414,47 @@ def test_cli_text_tower_from_clip_preset(tiny_dir, tmp_path, clip_preset):
 def test_bad_backbones_are_one_line(tiny_dir, tmp_path, backbone, message):
     assert _error_line(_cli(tiny_dir, tmp_path, f"--backbone={backbone}")).startswith(message)
     assert not os.path.exists(tmp_path / "model")
+
+
+@pytest.fixture(scope="module")
+def clicks_dir(tmp_path_factory):
+    """The tiny world's raw export prepared with pairs from its clicks (no triplets)."""
+    tmp = tmp_path_factory.mktemp("clicks")
+    world = world_lib.generate(world_lib.PRESETS["tiny"])
+    write_raw(world, tmp / "raw")
+    prepare(str(tmp / "raw" / "impressions.csv"), str(tmp / "raw" / "items.csv"),
+            str(tmp / "data"), str(tmp / "raw" / "images"),
+            split_timestamp=world_lib.T0 + world.config.train_days * world_lib.DAY,
+            pairs_from="clicks")
+    return str(tmp / "data")
+
+
+def test_centring_spreads_the_narrow_cone_of_click_pair_vectors(clicks_dir, tmp_path):
+    config = PretrainConfig(data_dir=clicks_dir, model_dir=str(tmp_path / "plain"),
+                            index=str(tmp_path / "plain.db"), queue_size=0, epochs=2,
+                            batch_size=32, dim=16, verbose=0)
+    run(config)
+    result = run(dataclasses.replace(config, model_dir=str(tmp_path / "centred"),
+                                     index=str(tmp_path / "centred.db"), center_vectors=True,
+                                     export_dir=str(tmp_path / "export")))
+    plain_index, index = SQLiteIndex(tmp_path / "plain.db"), SQLiteIndex(tmp_path / "centred.db")
+    ids = index.ids()
+    plain, _ = plain_index.get(ids)
+    vectors, _ = index.get(ids)
+
+    def mean_cosine(v):  # over distinct pairs of unit vectors
+        return float((np.square(v.sum(axis=0)).sum() - len(v)) / (len(v) * (len(v) - 1)))
+
+    # Click pairs alone: every item in one narrow cone; centred: spread around the sphere.
+    assert mean_cosine(plain) > 0.9 and abs(mean_cosine(vectors)) < 0.01, (
+        mean_cosine(plain), mean_cosine(vectors))
+    # The same training (one seed) then the catalogue's mean taken off.
+    want = plain - plain.mean(axis=0)
+    np.testing.assert_allclose(vectors, want / np.linalg.norm(want, axis=1, keepdims=True),
+                               atol=2e-4)
+    # The exported encoder centres too, so new items land where the index's do.
+    encoder = tf.saved_model.load(result["export_path"]).signatures["serving_default"]
+    items = next(iter(data.items(clicks_dir, batch_size=len(ids))))
+    stored, _ = index.get(items["item_id"].numpy())
+    np.testing.assert_allclose(encoder(image=items["image"])["vector"].numpy(), stored,
+                               atol=1e-5)

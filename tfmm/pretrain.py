@@ -12,6 +12,14 @@ SCL trains on the triplets (table ``pretrain/train``); ``generic`` and
 triplets where the data has them, for every objective (the generic baseline
 gets SCL's compute), else over the items with content.
 
+With ``center_vectors``, the trained tower gets a last step
+that subtracts the mean of the catalogue's vectors and re-normalises
+(`tfmm.towers.Centring`), so the exported encoder, the index and Acc@N all
+see centred vectors. Pairs that barely tell items apart, as behaviour pairs
+do, train a tower whose vectors all lie in a narrow cone (cosines 0.97-1 on
+the ``small`` world's click pairs), which SimTier's fixed tiers cannot
+resolve; centring spreads them (BUILD.md, "Pairs from clicks").
+
 The label-free check, for every run: ``neighbours_same_category@10``, the mean
 share of an item's 10 nearest items (by cosine of their vectors) that share its
 category, over items with content and a category; next to it the same for the
@@ -42,8 +50,8 @@ from tfmm.export import export_saved_model
 from tfmm.index import open_index, redact
 from tfmm.momentum_queue import MomentumQueueCallback
 from tfmm.scl import SCLModel, check_arguments
-from tfmm.towers import (BACKBONES, BackboneError, check_backbone, image_tower,
-                         preset_text_tower, text_tower, vocabulary_of)
+from tfmm.towers import (BACKBONES, BackboneError, Centring, centred, check_backbone,
+                         image_tower, preset_text_tower, text_tower, vocabulary_of)
 
 OBJECTIVES = ("random", "generic", "scl")
 MODALITIES = ("image", "text")
@@ -71,6 +79,7 @@ class PretrainConfig:
     # fine-tune only the projection head on a pretrained backbone
     freeze_backbone: bool = default_of(image_tower, "freeze_backbone")
     image_size: int = default_of(image_tower, "image_size")
+    center_vectors: bool = False
     epochs: int = 2
     batch_size: int = 128
     learning_rate: float = 1e-3
@@ -386,6 +395,11 @@ def run(config, fallback=False):
     elif not chief:
         return None
     vectors = embed(tower, content, strategy=strategy)
+    if config.center_vectors and len(vectors) > 1:
+        tower = centred(tower, vectors.mean(axis=0))
+        vectors = embed(tower, content, strategy=strategy)
+        if untrained is not None:  # compared as it would be indexed
+            untrained = Centring(untrained.mean(axis=0))(untrained).numpy()
     result = evaluate(config, tower, catalogue, strategy=strategy)
     result.update(label_free_check(catalogue, present, vectors,
                                    vectors if untrained is None else untrained))

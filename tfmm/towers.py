@@ -10,7 +10,8 @@ encoder. The text tower uses only standard TensorFlow ops
 (``TextVectorization``, an embedding and masked mean pooling), so it runs in
 any TF Serving build; `preset_text_tower` runs a preset's text encoder on its
 own tokenizer, whose TensorFlow path needs tensorflow-text ops.
-Both end in a two-layer projection head and ``UnitNormalization``.
+Both end in a two-layer projection head and ``UnitNormalization``;
+`centred` adds a last step that subtracts the catalogue's mean vector.
 """
 
 import os
@@ -116,6 +117,44 @@ def _projection(x, dim, name):
     x = keras.layers.Dense(dim, activation="relu", name=f"{name}_projection_hidden")(x)
     x = keras.layers.Dense(dim, name=f"{name}_projection")(x)
     return keras.layers.UnitNormalization(name=f"{name}_normalize")(x)
+
+
+@register
+class Centring(keras.layers.Layer):
+    """``(x - mean) / |x - mean|``: unit vectors re-centred on a fixed mean.
+
+    A contrastive tower whose pairs barely tell items apart (an item and the
+    next one a user clicked) leaves every vector in a narrow cone: cosines of
+    0.97 to 1 between unrelated items. Whatever order the cosines carry,
+    similarity tiers of a fixed width (`tfmm.layers.SimTierLayer`) then see
+    one tier. Subtracting the catalogue's mean spreads the cone over the
+    sphere; a vector equal to the mean becomes zero.
+
+    Args:
+        mean: the vector to subtract, length d.
+    """
+
+    def __init__(self, mean, **kwargs):
+        super().__init__(**kwargs)
+        self.mean = [float(m) for m in mean]
+        if not self.mean:
+            raise ValueError("Centring: mean is empty.")
+        self.offset = self.add_weight(name="mean", shape=(len(self.mean),), trainable=False,
+                                      initializer=keras.initializers.Constant(self.mean))
+
+    def call(self, inputs):
+        return tf.math.l2_normalize(inputs - keras.ops.cast(self.offset, inputs.dtype), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "mean": self.mean}
+
+
+def centred(tower, mean):
+    """`tower` followed by `Centring(mean)`, a model with the same inputs and name."""
+    if len(mean) != tower.output.shape[-1]:
+        raise ValueError(f"centred: mean has {len(mean)} values, the tower's vectors "
+                         f"{tower.output.shape[-1]}.")
+    return keras.Model(tower.input, Centring(mean, name="centre")(tower.output), name=tower.name)
 
 
 def image_tower(backbone="resnet_tiny", dim=128, input_size=64, image_size=32, name="image_tower",

@@ -133,6 +133,10 @@ define_flags(PRETRAIN, {
                 "preset directory; a CLIP preset gives its vision or text encoder (--modality).",
     "freeze_backbone": "Keep the backbone's weights as loaded; train only the projection head.",
     "image_size": "Backbone input size (images are resized to it).",
+    "center_vectors": "End the trained tower with subtracting the mean of the catalogue's "
+                      "vectors (then re-normalising): the exported encoder, the index and "
+                      "Acc@N see centred vectors. Weak pairs (--pairs_from=clicks) leave all "
+                      "vectors in a narrow cone that SimTier's tiers cannot resolve.",
 }, choices={"modality": pretraining.MODALITIES, "objective": pretraining.OBJECTIVES,
             "positive_tower": POSITIVE_TOWERS})
 
