@@ -95,6 +95,8 @@ flags.DEFINE_integer("pretrain_batch_size", pretrain.PretrainConfig.batch_size,
 flags.DEFINE_integer("queue_size", pretrain.PretrainConfig.queue_size, "SCL's MoCo queue "
                      "(0: in-batch negatives only); a multiple of --pretrain_batch_size.")
 flags.DEFINE_integer("image_size", pretrain.PretrainConfig.image_size, "Image tower input size.")
+flags.DEFINE_bool("center_vectors", True, "Centre the encoder's vectors (pre-training's "
+                  "--center_vectors: click pairs leave them in a narrow cone, BUILD.md).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Ranker seeds.")
 flags.DEFINE_list("methods", ["id", "simtier", "simtier_make"], "Rankers, id first (any of "
                   "tfmm.ctr's models).")
@@ -115,8 +117,8 @@ from pipelines.runs import (NAMES, Runs, frequency_gains, mean_std, method_table
 # Everything the work directory's contents depend on; --seeds and --methods add runs.
 SETTINGS = ("click_rating", "category", "genres_in_title", "test_fraction", "max_history",
             "pair_window", "pair_max_gap", "modality", "pretrain_epochs", "dim",
-            "pretrain_batch_size", "queue_size", "image_size", "batch_size", "make_epochs",
-            "embedding_dim")
+            "pretrain_batch_size", "queue_size", "image_size", "center_vectors", "batch_size",
+            "make_epochs", "embedding_dim")
 
 
 def prepare_command(raw, data_dir):
@@ -226,7 +228,8 @@ def run():
                 ctr.CTRConfig.make_target_in_mlp,
                 pretrain_settings=dict(modality=modality, dim=FLAGS.dim,
                                        batch_size=FLAGS.pretrain_batch_size,
-                                       queue_size=FLAGS.queue_size, image_size=FLAGS.image_size),
+                                       queue_size=FLAGS.queue_size, image_size=FLAGS.image_size,
+                                       center_vectors=FLAGS.center_vectors),
                 ctr_settings=dict(embedding_dim=FLAGS.embedding_dim))
     _, untrained, _ = runs.encoder(data_dir, 0, modality)
     vectors, encoder, index = runs.encoder(data_dir, FLAGS.pretrain_epochs, modality)
