@@ -73,6 +73,7 @@ line and ``metadata.json`` (``pairs``).
 
 import codecs
 import csv
+import functools
 import io
 import os
 import sys
@@ -103,6 +104,9 @@ flags.DEFINE_integer("pair_window", 1, "--pairs_from=clicks: pair each click wit
 flags.DEFINE_integer("pair_max_gap", None, "--pairs_from=clicks: the most timestamp units "
                      "between a pair's two clicks (default: any).")
 flags.DEFINE_integer("seed", 0, "Seed of the mined hard negatives.")
+flags.DEFINE_string("runner", None, "Run as an Apache Beam pipeline on this runner "
+                    "(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...); its "
+                    "pipeline options follow a `--`. Default: in this process, without Beam.")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -278,12 +282,85 @@ def read_items(path):
     return items, ids
 
 
+def item_record(raw, item_id, category_id, image, title, where):
+    """An item's record; `image` is its file (None: none), `where` its row."""
+    return schema.example(
+        ints={"item_id": item_id, "category_id": category_id, "first_day": 0},
+        strings={"image": read_image(image, f"item {raw!r}, {where}"), "title": title.encode()})
+
+
 def item_records(items, ids, item_vocab, categories, images, titles):
     for i, raw in enumerate(ids):
-        yield schema.example(
-            ints={"item_id": item_vocab[raw], "category_id": categories[i], "first_day": 0},
-            strings={"image": read_image(images[i], f"item {raw!r}, {items.row(i)}"),
-                     "title": titles[i].encode()})
+        yield item_record(raw, item_vocab[raw], categories[i], images[i], titles[i], items.row(i))
+
+
+def read_catalogue(path, images_dir, absolute_image_paths):
+    """An items file: (table, raw ids, raw categories (None without the column),
+    titles, image files (None: none))."""
+    items, ids = read_items(path)
+    categories = items.ids("category_id") if "category_id" in items.columns else None
+    images = np.full(len(ids), None, object)
+    if images_dir:
+        column = "image" if "image" in items.columns else None
+        images = image_paths(items, column, images_dir, absolute_image_paths, ids)
+    return items, ids, categories, items.texts("title"), images
+
+
+def no_image_error(items_path, images_dir):
+    return ValueError(f"{items_path}: no item has an image in --images_dir={images_dir} "
+                      "(looked for <item_id>.png, .jpg, .jpeg).")
+
+
+def read_log(path):
+    """An impressions file: (table, raw users, raw items, timestamps, labels,
+    {side column: raw values})."""
+    log = Table(path)
+    log.require(IMPRESSION_COLUMNS)
+    users, timestamp, label = log.ids("user_id"), log.ints("timestamp"), log.ints("label")
+    bad = np.flatnonzero((label != 0) & (label != 1))
+    if len(bad):
+        raise ValueError(f"{log.row(bad[0])}, column 'label': {label[bad[0]]} is not 0 or 1.")
+    raw_items = log.ids("item_id")
+    side = {c: log.ids(c) for c in log.columns if c not in IMPRESSION_COLUMNS}
+    return log, users, raw_items, timestamp, label, side
+
+
+def unknown_item_error(where, raw, items_path, count):
+    return ValueError(f"{where}, column 'item_id': {raw!r} is not in {items_path} ({count} such "
+                      "rows; --unknown_items=oov maps them to id 1).")
+
+
+def split_error(impressions_path, cut):
+    return ValueError(f"{impressions_path}: the split at timestamp {cut} leaves an empty train "
+                      "or test split.")
+
+
+def write_vocabulary(path, vocab):
+    with open(path, "w") as f:
+        f.writelines(f"{v}\n" for v in sorted(vocab, key=vocab.get))
+
+
+def metadata(impressions_path, items_path, images_dir, pairs, vocab_sizes, max_history, side,
+             cut, test_oov_users, unknown_items, duplicates, drop_duplicates, missing_images,
+             missing_titles, pair_meta=None):
+    """metadata.json of a prepared directory, less what DataDirWriter adds;
+    `vocab_sizes` counts the raw values of "items", "users", "categories" and
+    of each side column."""
+    return {
+        "source": "prepared",
+        "inputs": {"impressions": os.path.abspath(impressions_path),
+                   "items": os.path.abspath(items_path), "images_dir": images_dir,
+                   "pairs": pairs and os.path.abspath(pairs)},
+        "vocab": {f"num_{k}": n + schema.FIRST_ID for k, n in vocab_sizes.items()},
+        "max_history": max_history,
+        "image_size": None,
+        "side_features": side,
+        "split_timestamp": int(cut),
+        "oov": {"test_users": int(test_oov_users), "unknown_items": int(unknown_items)},
+        "duplicates": {"impressions": int(duplicates), "dropped": drop_duplicates},
+        "missing": {"images": int(missing_images), "titles": int(missing_titles)},
+        **({"pairs": pair_meta} if pair_meta is not None else {}),
+    }
 
 
 def first_test(n, test_fraction):
@@ -383,11 +460,8 @@ def hard_negatives(positive, category_of, rng):
     return members[start + draw]
 
 
-def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=50,
-            test_fraction=0.1, split_timestamp=None, unknown_items="error",
-            drop_duplicates=False, absolute_image_paths=False, pairs=None, pairs_from=None,
-            pair_window=1, pair_max_gap=None, seed=0):
-    """Writes the data directory; returns its metadata."""
+def check_options(max_history, test_fraction, split_timestamp, pairs, pairs_from, pair_window,
+                  pair_max_gap):
     if max_history < 1:
         raise ValueError(f"--max_history={max_history}: must be >= 1.")
     if not 0.0 < test_fraction < 1.0 and (split_timestamp is None or pairs):
@@ -400,40 +474,36 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
         raise ValueError(f"--pair_window={pair_window}: must be >= 1.")
     if pair_max_gap is not None and pair_max_gap < 0:
         raise ValueError(f"--pair_max_gap={pair_max_gap}: must be >= 0.")
-    items, item_ids = read_items(items_path)
+
+
+def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=50,
+            test_fraction=0.1, split_timestamp=None, unknown_items="error",
+            drop_duplicates=False, absolute_image_paths=False, pairs=None, pairs_from=None,
+            pair_window=1, pair_max_gap=None, seed=0):
+    """Writes the data directory; returns its metadata."""
+    check_options(max_history, test_fraction, split_timestamp, pairs, pairs_from, pair_window,
+                  pair_max_gap)
+    items, item_ids, raw_categories, titles, images = read_catalogue(
+        items_path, images_dir, absolute_image_paths)
     item_vocab = vocabulary(item_ids)
-    if "category_id" in items.columns:
-        category_vocab = vocabulary(items.ids("category_id"))
-        item_category = lookup(category_vocab, items.ids("category_id"))
+    if raw_categories is not None:
+        category_vocab = vocabulary(raw_categories)
+        item_category = lookup(category_vocab, raw_categories)
     else:
         category_vocab, item_category = {}, np.full(len(item_ids), schema.OOV_ID, np.int64)
     category_of = np.full(len(item_vocab) + schema.FIRST_ID, schema.OOV_ID, np.int64)
     item_dense = lookup(item_vocab, item_ids)
     category_of[item_dense] = item_category
-    titles = items.texts("title")
-    images = np.full(len(item_ids), None, object)
-    if images_dir:
-        column = "image" if "image" in items.columns else None
-        images = image_paths(items, column, images_dir, absolute_image_paths, item_ids)
-        if column is None and (images == None).all():  # noqa: E711 (elementwise)
-            raise ValueError(f"{items_path}: no item has an image in --images_dir={images_dir} "
-                             "(looked for <item_id>.png, .jpg, .jpeg).")
+    if images_dir and "image" not in items.columns and (images == None).all():  # noqa: E711
+        raise no_image_error(items_path, images_dir)
 
-    log = Table(impressions_path)
-    log.require(IMPRESSION_COLUMNS)
-    users, timestamp, label = log.ids("user_id"), log.ints("timestamp"), log.ints("label")
-    bad = np.flatnonzero((label != 0) & (label != 1))
-    if len(bad):
-        raise ValueError(f"{log.row(bad[0])}, column 'label': {label[bad[0]]} is not 0 or 1.")
-    raw_items = log.ids("item_id")
+    log, users, raw_items, timestamp, label, side_raw = read_log(impressions_path)
+    side = list(side_raw)
     item = lookup(item_vocab, raw_items)
     unknown = np.flatnonzero(item == schema.OOV_ID)
     if len(unknown) and unknown_items == "error":
-        raise ValueError(f"{log.row(unknown[0])}, column 'item_id': "
-                         f"{log.columns['item_id'][unknown[0]]!r} is not in {items_path} "
-                         f"({len(unknown)} such rows; --unknown_items=oov maps them to id 1).")
-    side = [c for c in log.columns if c not in IMPRESSION_COLUMNS]
-    side_raw = {c: log.ids(c) for c in side}
+        raise unknown_item_error(log.row(unknown[0]), raw_items[unknown[0]], items_path,
+                                 len(unknown))
 
     seen = set()
     duplicate = np.zeros(log.num_rows, bool)
@@ -452,8 +522,7 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
         cut = split_timestamp
     is_test = timestamp >= cut
     if is_test.all() or not is_test.any():
-        raise ValueError(f"{impressions_path}: the split at timestamp {cut} leaves an empty "
-                         "train or test split.")
+        raise split_error(impressions_path, cut)
     train_rows = order[~is_test[order]]
     test_rows = order[is_test[order]]
 
@@ -523,39 +592,38 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
         for name, vocab in (("users", user_vocab), ("items", item_vocab),
                             ("categories", category_vocab),
                             *((f"side-{c}", side_vocab[c]) for c in side)):
-            with open(w.path(f"vocab/{name}.txt"), "w") as f:
-                f.writelines(f"{v}\n" for v in sorted(vocab, key=vocab.get))
-        w.finish({
-            "source": "prepared",
-            "inputs": {"impressions": os.path.abspath(impressions_path),
-                       "items": os.path.abspath(items_path), "images_dir": images_dir,
-                       "pairs": pairs and os.path.abspath(pairs)},
-            "vocab": {"num_items": len(item_vocab) + schema.FIRST_ID,
-                      "num_users": len(user_vocab) + schema.FIRST_ID,
-                      "num_categories": len(category_vocab) + schema.FIRST_ID,
-                      **{f"num_{c}": len(side_vocab[c]) + schema.FIRST_ID for c in side}},
-            "max_history": max_history,
-            "image_size": None,
-            "side_features": side,
-            "split_timestamp": int(cut),
-            "oov": {"test_users": int((user_id[test_rows] == schema.OOV_ID).sum()),
-                    "unknown_items": int((item == schema.OOV_ID).sum())},
-            "duplicates": {"impressions": int(duplicate.sum()), "dropped": drop_duplicates},
-            "missing": {"images": int((images == None).sum()),  # noqa: E711 (elementwise)
-                        "titles": int((titles == "").sum())},
-            **({"pairs": pair_meta} if pairs or pairs_from else {}),
-        })
+            write_vocabulary(w.path(f"vocab/{name}.txt"), vocab)
+        sizes = {"items": len(item_vocab), "users": len(user_vocab),
+                 "categories": len(category_vocab), **{c: len(side_vocab[c]) for c in side}}
+        w.finish(metadata(
+            impressions_path, items_path, images_dir, pairs, sizes, max_history, side, cut,
+            (user_id[test_rows] == schema.OOV_ID).sum(), (item == schema.OOV_ID).sum(),
+            duplicate.sum(), drop_duplicates, (images == None).sum(),  # noqa: E711
+            (titles == "").sum(), pair_meta if pairs or pairs_from else None))
     return schema.read_metadata(out_dir)
 
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"unexpected arguments: {argv[1:]}")
+    if len(argv) > 1 and not FLAGS.runner:
+        sys.exit(f"unexpected arguments: {argv[1:]} (pipeline options need --runner)")
     for name in ("impressions", "items", "out_dir"):
         if not FLAGS[name].value:
             sys.exit(f"--{name} is required.")
+    run = prepare
+    if FLAGS.runner:
+        # prepare_beam imports this module's helpers: let it find this one (run as __main__)
+        # rather than import it again and define its flags twice.
+        sys.modules.setdefault("tfmm.data.prepare", sys.modules[__name__])
+        try:
+            from tfmm.data import prepare_beam
+        except ImportError as e:
+            if (e.name or "").partition(".")[0] != "apache_beam":
+                raise
+            sys.exit(f"--runner={FLAGS.runner} needs Apache Beam, an extra of tfmm: "
+                     'pip install -e ".[beam]"')
+        run = functools.partial(prepare_beam.prepare, runner=FLAGS.runner, beam_args=argv[1:])
     try:
-        meta = prepare(FLAGS.impressions, FLAGS.items, FLAGS.out_dir, FLAGS.images_dir,
+        meta = run(FLAGS.impressions, FLAGS.items, FLAGS.out_dir, FLAGS.images_dir,
                        FLAGS.max_history, FLAGS.test_fraction, FLAGS.split_timestamp,
                        FLAGS.unknown_items, FLAGS.drop_duplicates, FLAGS.absolute_image_paths,
                        FLAGS.pairs, FLAGS.pairs_from, FLAGS.pair_window, FLAGS.pair_max_gap,
