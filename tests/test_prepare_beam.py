@@ -21,7 +21,8 @@ from tfmm.data.synthetic import write_raw  # noqa: E402
 from tests.test_prepare import ITEMS, LOG, ROOT, _bad_inputs, write_csv  # noqa: E402
 
 HEADER = ["user_id", "item_id", "label", "timestamp", "device"]
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+           PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
 
 
 def tables(out):

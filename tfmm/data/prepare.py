@@ -2,7 +2,12 @@
 
     python -m tfmm.data.prepare --impressions=impressions.csv --items=items.csv \\
         [--images_dir=DIR] --out_dir=DIR [--max_history=50] [--test_fraction=0.1] \\
-        [--pairs=pairs.csv | --pairs_from=clicks [--pair_window=1] [--pair_max_gap=T]]
+        [--pairs=pairs.csv | --pairs_from=clicks [--pair_window=1] [--pair_max_gap=T]] \\
+        [--runner=DirectRunner|DataflowRunner|... [-- BEAM_PIPELINE_OPTIONS...]]
+
+With ``--runner``, the same preparation runs as an Apache Beam pipeline
+(tfmm/data/prepare_beam.py, the ``beam`` extra), the arguments after ``--``
+being the runner's pipeline options.
 
 Files are CSV (a header row) or Parquet. A file is read as Parquet when it
 starts with Parquet's magic bytes ``PAR1`` or its name holds ``.parquet``
