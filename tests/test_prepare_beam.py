@@ -154,6 +154,15 @@ def test_an_item_in_two_files_is_named_with_both_rows(inputs):
         prepare_beam(log, str(tmp / "items-*.csv"), str(tmp / "out"))
 
 
+def test_without_a_checksum_module_it_names_the_extra(inputs, monkeypatch):
+    tmp, items, images = inputs
+    for module in ("crcmod", "google_crc32c", "snappy"):
+        monkeypatch.setitem(sys.modules, module, None)  # not installed
+    with pytest.raises(ValueError, match=r'crcmod .* not installed: pip install -e "\.\[beam\]"'):
+        prepare_beam(write_csv(tmp / "impressions.csv", HEADER, LOG), items, str(tmp / "out"))
+    assert sorted(os.listdir(tmp)) == ["images", "impressions.csv", "items.csv"]
+
+
 def run_cli(*args, block_beam=False):
     # A user without the beam extra: apache_beam cannot be imported.
     code = ("import runpy, sys; sys.modules['apache_beam'] = None; sys.argv[0] = 'prepare'; "

@@ -22,6 +22,7 @@ path does: the first error in the order the local path checks, one line;
 """
 
 import glob
+import importlib.util
 import itertools
 import json
 import os
@@ -37,6 +38,7 @@ from tfmm.data.writer import DataDirWriter
 
 SUMMARY = "beam-summary.json"  # the pipeline's counts and first error, read after it
 SHARDS = "-SSSSS-of-NNNNN"
+CRC32C_MODULES = ("crcmod", "google_crc32c", "snappy")  # WriteToTFRecord's checksum, any one
 # The order in which the local path meets each kind of error.
 ITEMS_FILE, ITEM_TWICE, NO_IMAGE, LOG_FILE, UNKNOWN_ITEM, SPLIT, IMAGE = range(7)
 
@@ -339,6 +341,9 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
     if pairs or pairs_from:
         raise ValueError(f"--runner={runner}: pre-training pairs (--pairs, --pairs_from) are "
                          "prepared without --runner only.")
+    if not any(map(importlib.util.find_spec, CRC32C_MODULES)):
+        raise ValueError("Beam writes TFRecords with crcmod (or google-crc32c, python-snappy), "
+                         'which is not installed: pip install -e ".[beam]"')
     log_files, item_files = _files(impressions_path), _files(items_path)
     with DataDirWriter(out_dir) as w:
         os.makedirs(w.path("vocab"))
