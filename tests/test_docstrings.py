@@ -7,7 +7,7 @@ import pytest
 
 MODULES = ["tfmm.layers.dice", "tfmm.layers.din_attention", "tfmm.layers.known_ids",
            "tfmm.layers.make", "tfmm.layers.simscore", "tfmm.layers.simtier",
-           "tfmm.layers.vector", "tfmm.ranker"]
+           "tfmm.layers.sharded_embedding", "tfmm.layers.vector", "tfmm.ranker"]
 
 
 @pytest.mark.parametrize("name", MODULES)

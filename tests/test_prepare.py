@@ -138,6 +138,18 @@ def test_parquet_whole_floats_are_integers_and_nan_is_named_at_its_row(inputs):
         prepare(str(tmp / "nan.parquet"), items, str(tmp / "out"), images_dir=images)
 
 
+def test_integers_are_read_as_python_int_reads_them(inputs):
+    tmp, log, items, images = inputs
+    prepare(log, items, str(tmp / "plain"), images_dir=images)
+    spelled = [(u, i, f" {y}", ("+{}" if k % 2 else "{} ").format(t), d)
+               for k, (u, i, y, t, d) in enumerate(LOG)]
+    log = write_csv(tmp / "spelled.csv", ["user_id", "item_id", "label", "timestamp", "device"],
+                    spelled)
+    prepare(log, items, str(tmp / "spelled"), images_dir=images)
+    for name in TABLES:
+        assert filecmp.cmp(tmp / "plain" / name, tmp / "spelled" / name, shallow=False)
+
+
 def test_timestamps_may_span_all_of_int64(inputs):
     tmp, log, items, images = inputs
     prepare(log, items, str(tmp / "original"), images_dir=images)
@@ -228,6 +240,8 @@ def _bad_inputs(tmp, case):
         log_rows[3] = ("alice", "i3", 1, 2**63, "ios")
     elif case == "header only":
         log_rows = []
+    elif case == "blank line":
+        log_rows[2] = ()
     elif case == "latin-1":
         item_rows[0] = ("i1", "mug", "red\nmug")  # a quoted line break: rows are not lines
         item_rows[2] = ("i3", "lamp", "tall lampe à pied")
@@ -254,6 +268,7 @@ def _bad_inputs(tmp, case):
     ("huge timestamp", r"impressions.csv: row 5, column 'timestamp': '9223372036854775808' is "
                        r"outside the int64 range"),
     ("header only", r"impressions.csv: no data rows"),
+    ("blank line", r"impressions.csv: row 4: 0 fields, the header has 5"),
     ("latin-1", r"items.csv: row 4: byte 0xe0 is not UTF-8; save the file as UTF-8"),
     ("image leaves images_dir", r"items.csv: row 3, column 'image': image path "
                                 r"'../images/../i2.png' leaves --images_dir="),
@@ -520,3 +535,98 @@ def test_cli_writes_pairs_and_missing_counts_in_its_line(inputs):
                           text=True, env=env, cwd=ROOT)
     assert proc.returncode != 0
     assert proc.stderr.strip() == f"--pairs={log} and --pairs_from=clicks: pass one of them."
+
+
+def reference_records(log, items, max_history, split_timestamp, drop_duplicates=False):
+    """The impressions and vocabularies `prepare` must write, straight from the rows:
+    (train features, test features, {vocab name: raw ids by dense id - 2})."""
+    dense = lambda values: {v: k + schema.FIRST_ID for k, v in enumerate(sorted(set(values)))}
+    item_id, category_id = dense(i for i, _ in items), dense(c for _, c in items)
+    category_of = {item_id[i]: category_id[c] for i, c in items}
+    if drop_duplicates:
+        log = [r for k, r in enumerate(log) if r not in log[:k]]
+    order = sorted(range(len(log)), key=lambda k: log[k][3])
+    train = [k for k in order if log[k][3] < split_timestamp]
+    test = [k for k in order if log[k][3] >= split_timestamp]
+    vocabs = {"users": dense(log[k][0] for k in train), "items": item_id,
+              "categories": category_id, "side-device": dense(log[k][4] for k in train)}
+    trained = {item_id.get(log[k][1], schema.OOV_ID) for k in train}
+
+    def features(k):
+        user, item, label, t, device = log[k]
+        item = item_id.get(item, schema.OOV_ID)
+        clicks = sorted((log[j][3], j) for j in range(len(log))
+                        if log[j][0] == user and log[j][2] == 1 and log[j][3] < t)
+        history = [item_id.get(log[j][1], schema.OOV_ID) for _, j in clicks][-max_history:]
+        return {"user_id": [vocabs["users"].get(user, schema.OOV_ID)], "item_id": [item],
+                "category_id": [category_of.get(item, schema.OOV_ID)], "timestamp": [t],
+                "label": [label], "is_new_item": [int(item not in trained)],
+                "device": [vocabs["side-device"].get(device, schema.OOV_ID)],
+                "history_item_ids": history,
+                "history_category_ids": [category_of.get(h, schema.OOV_ID) for h in history],
+                "history_timestamps": [t for t, _ in clicks][-max_history:]}
+
+    return ([features(k) for k in train], [features(k) for k in test],
+            {name: sorted(v, key=v.get) for name, v in vocabs.items()})
+
+
+def parsed(out, table):
+    """Each record of a table as {feature: list of values}, in file order."""
+    meta = schema.read_metadata(out)
+    examples = [tf.train.Example.FromString(r.numpy()) for r in
+                tf.data.TFRecordDataset(schema.files(out, meta, table))]
+    return [{k: list(f.int64_list.value) or list(f.bytes_list.value)
+             for k, f in e.features.feature.items()} for e in examples]
+
+
+@pytest.mark.parametrize("drop_duplicates", [False, True])
+def test_records_and_vocabularies_equal_a_row_by_row_reference(tmp_path, drop_duplicates):
+    rng = np.random.default_rng(7)
+    items = [(f"item {k}, \"{chr(0xe9) * (k % 3)}\"", f"c{k % 4}") for k in range(12)]
+    users = [f"user-{k}" for k in range(9)]
+    log = [(users[rng.integers(0, 6 if t < 150 else 9)],  # users 6..8 only in test: OOV
+            items[rng.integers(0, 12)][0] if rng.random() > 0.05 else "unknown",
+            int(rng.random() < 0.4), int(t), ["ios", "web", "tv"][rng.integers(0, 3)])
+           for t in rng.integers(0, 200, 400)]
+    log += [log[k] for k in rng.integers(0, len(log), 30)]  # exact duplicates, anywhere
+    path = write_csv(tmp_path / "log.csv", ["user_id", "item_id", "label", "timestamp", "device"],
+                     log)
+    items_path = write_csv(tmp_path / "items.csv", ["item_id", "category_id"], items)
+    out = str(tmp_path / "out")
+    meta = prepare(path, items_path, out, max_history=4, split_timestamp=150,
+                   unknown_items="oov", drop_duplicates=drop_duplicates)
+    train, test, vocabs = reference_records(log, items, 4, 150, drop_duplicates)
+    assert parsed(out, "impressions/train") == train
+    assert parsed(out, "impressions/test") == test
+    for name, raw in vocabs.items():
+        assert list(vocab(out, name).values()) == raw, name
+    assert meta["oov"]["test_users"] == sum(r["user_id"] == [schema.OOV_ID] for r in test) > 0
+    assert meta["oov"]["unknown_items"] == sum(
+        r["item_id"] == [schema.OOV_ID] for r in train + test) > 0
+    assert meta["duplicates"]["impressions"] == len(log) - len(set(log)) > 0
+
+
+def test_pairs_from_clicks_equal_a_row_by_row_reference(tmp_path):
+    rng = np.random.default_rng(3)
+    items = [(f"i{k}", f"c{k % 3}", f"title {k}") for k in range(9)]
+    log = [(f"u{rng.integers(0, 5)}", f"i{rng.integers(0, 9)}", int(rng.random() < 0.6),
+            int(t), "d") for t in rng.integers(0, 100, 200)]
+    path = write_csv(tmp_path / "log.csv", ["user_id", "item_id", "label", "timestamp", "device"],
+                     log)
+    items_path = write_csv(tmp_path / "items.csv", ["item_id", "category_id", "title"], items)
+    out = str(tmp_path / "out")
+    prepare(path, items_path, out, split_timestamp=70, pairs_from="clicks")
+    # Consecutive clicks of a user (ties in file order), in one split, of two items;
+    # written in time order of the second click.
+    clicks = sorted((u, t, k) for k, (u, _, label, t, _) in enumerate(log) if label)
+    pairs = sorted((b[1], b[2], a[2]) for a, b in zip(clicks, clicks[1:])
+                   if a[0] == b[0] and (a[1] >= 70) == (b[1] >= 70)
+                   and log[a[2]][1] != log[b[2]][1])
+    names, title = vocab(out, "items"), {i: t for i, _, t in items}
+    category = {i: c for i, c, _ in items}
+    got = parsed(out, "pretrain/train") + parsed(out, "pretrain/test")
+    assert [(r["query_text"], names[r["positive_item_id"][0]]) for r in got] == [
+        ([title[log[a][1]].encode()], log[b][1]) for _, b, a in pairs]
+    for r in got:
+        positive, negative = (names[r[k][0]] for k in ("positive_item_id", "negative_item_id"))
+        assert negative != positive and category[negative] == category[positive]

@@ -26,24 +26,27 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
 
 
 def tables(out):
-    """Each table's records as a multiset of parsed examples, and the vocabularies."""
+    """Each table's records as a multiset of parsed examples and one of their bytes."""
     meta = schema.read_metadata(out)
-    parsed = {}
+    parsed, raw = {}, {}
     for table in meta["files"]:
-        examples = collections.Counter()
+        examples, raw[table] = collections.Counter(), collections.Counter()
         for record in tf.data.TFRecordDataset(schema.files(out, meta, table)):
+            raw[table][record.numpy()] += 1
             features = tf.train.Example.FromString(record.numpy()).features.feature
             examples[tuple(sorted((k, tuple(v.int64_list.value) or tuple(v.bytes_list.value))
                                   for k, v in features.items()))] += 1
         parsed[table] = examples
-    return meta, parsed
+    return meta, parsed, raw
 
 
 def assert_same(local_out, beam_out, differ=("files",)):
     """The same records, vocabularies and metadata but for the fields `differ`."""
-    local_meta, local_tables = tables(local_out)
-    beam_meta, beam_tables = tables(beam_out)
+    local_meta, local_tables, local_bytes = tables(local_out)
+    beam_meta, beam_tables, beam_bytes = tables(beam_out)
     assert beam_tables == local_tables
+    # Row by row (schema.example) in the pipeline, in bulk (schema.examples) locally.
+    assert beam_bytes == local_bytes
     assert {k: v for k, v in beam_meta.items() if k not in differ + ("runner",)} == \
         {k: v for k, v in local_meta.items() if k not in differ}
     assert beam_meta["runner"] == "DirectRunner"

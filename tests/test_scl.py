@@ -1,11 +1,15 @@
 import json
 import math
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.test_predictor import free_port
 from tfmm.momentum_queue import MomentumQueueCallback
 from tfmm.scl import SCLModel, info_nce, triplet
 
@@ -43,6 +47,20 @@ def test_info_nce_matches_numpy(mask_own):
     np.testing.assert_allclose(got, reference_info_nce(q, k, 1 / 0.07, extra, key_ids, extra_ids, mask_own),
                                rtol=1e-4)
     np.testing.assert_allclose(info_nce(q, k, 2.0).numpy(), reference_info_nce(q, k, 2.0), rtol=1e-5)
+
+
+def test_info_nce_of_one_replicas_rows_against_gathered_keys():
+    """A replica's queries (rows 3..5 of 8) with the keys of all replicas, its own
+    at `start`: the global per-row losses of those rows."""
+    rng = np.random.default_rng(1)
+    q, k = unit(rng.normal(size=(8, 5))), unit(rng.normal(size=(8, 5)))
+    extra = unit(rng.normal(size=(4, 5)))
+    key_ids = np.array([3, 4, 3, 5, 6, 4, 7, 8])  # 4 and 3 repeat across the rows' boundary
+    extra_ids = np.array([-1, 4, 6, 9])
+    want = reference_info_nce(q, k, 1 / 0.07, extra, key_ids, extra_ids)[3:6]
+    got = info_nce(q[3:6], k, 1 / 0.07, extra, key_ids, extra_ids, start=3).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert not np.allclose(info_nce(q[3:6], k, 1 / 0.07, extra, key_ids, extra_ids).numpy(), want)
 
 
 def test_triplet_hand_computed():
@@ -220,3 +238,55 @@ def test_positive_tower_encodes_the_loss_side_and_the_key_tower_the_queue(positi
 def test_positive_tower_is_checked():
     with pytest.raises(ValueError, match=r"SCLModel: positive_tower='key' is not one of"):
         moco(positive_tower="key")
+
+
+def replicas_run(out, *worker):
+    """tests/scl_replicas.py in a subprocess (devices are set before TF starts)."""
+    return subprocess.Popen([sys.executable, "-m", "tests.scl_replicas", str(out), *worker],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def assert_replicas_equal_one_process(runs, cases=("momentum", "query")):
+    """Each case (positive_tower momentum or query; fit: Keras' fit) on 2 replicas
+    equals one process."""
+    ids = runs["ids"]  # 3 global batches of 8 into a queue of 16
+    for case in cases:
+        single, replicas = (
+            {k.split("/")[-1]: runs[k] for k in runs.files if k.startswith(f"{case}/{name}/")}
+            for name in ("single", "replicas"))
+        assert replicas["copies_equal"], case
+        for run in (single, replicas):  # the pointer advanced by the global batch
+            assert run["pointer"] == 8
+            np.testing.assert_array_equal(run["queue_ids"], np.concatenate([ids[16:], ids[8:16]]))
+        np.testing.assert_allclose(replicas["losses"], single["losses"], rtol=1e-5)
+        weights = sorted(k for k in single if k.startswith("weight_"))
+        assert len(weights) == 20  # temperature, 2 towers of 8, queue (4), BN moving stats
+        for k in weights:
+            np.testing.assert_allclose(replicas[k], single[k], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{case} {k}")
+
+
+def test_two_replicas_equal_one_process_on_the_global_batch(tmp_path):
+    """MirroredStrategy on 2 logical CPUs, strategy.run(train_step) and fit, vs one process."""
+    proc = replicas_run(tmp_path / "replicas.npz")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    runs = np.load(tmp_path / "replicas.npz")
+    # gather_replicas: replica 0's rows [0, 1, 2] then replica 1's [10, 11, 12], on both.
+    np.testing.assert_array_equal(runs["gathered"], [[0, 1, 2, 10, 11, 12]] * 2)
+    np.testing.assert_array_equal(runs["starts"], [0, 3])
+    assert_replicas_equal_one_process(runs, ("momentum", "query", "fit"))
+
+
+@pytest.mark.slow
+def test_two_workers_equal_each_other_and_one_process(tmp_path):
+    """MultiWorkerMirroredStrategy, 2 worker processes on loopback ports."""
+    ports = f"{free_port()},{free_port()}"
+    procs = [replicas_run(tmp_path / f"worker{i}.npz", str(i), ports) for i in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    runs = [np.load(tmp_path / f"worker{i}.npz") for i in range(2)]
+    assert runs[0].files == runs[1].files
+    for k in runs[0].files:
+        np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
+    assert_replicas_equal_one_process(runs[0])

@@ -6,7 +6,7 @@ SimTier and MAKE ways of feeding pre-trained vectors into an ID-based ranker.
 
 What users import (loaded on first use, so ``import tfmm`` stays light):
 
-- ``tfmm.layers``: `SimTierLayer`, `MAKEBlock`, `DINAttention`, `Dice`,
+- ``tfmm.layers``: `SimTierLayer`, `MAKEBlock`, `DINAttention`, `Dice`, `ShardedEmbedding`,
   `KnownIds`, `SimScore`, `VectorFeature`, for any Keras (or tf-keras/TFRS) model;
 - `DINRanker` (`tfmm.ranker`), the ID-based DIN ranker with any method;
 - `SCLModel` (`tfmm.scl`) with `MomentumQueueCallback`, and the towers

@@ -33,6 +33,11 @@ weights are kept, and the ranker restarts from its last finished epoch; the
 per-epoch metrics list every epoch once (`tfmm.callbacks.EpochRecord`). A run
 that is refused (settings, data, index) writes nothing.
 
+With ``strategy`` ``mirrored`` or ``multi_worker`` the rankers train under
+`tf.distribute` (`tfmm.distribute.fit`): each step is the one-process step
+on the global batch ``batch_size``; the chief alone evaluates (the whole
+test split, as one process does) and writes.
+
 The vectors are a snapshot of the index taken at the start; with
 ``refresh_vectors`` the snapshot is taken again at every epoch (of MAKE's
 pre-training and of the ranker), so vectors the encoder service wrote
@@ -48,7 +53,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmm import data, metrics
+from tfmm import data, distribute, metrics
 from tfmm.config import SettingsError, default_of
 from tfmm.data import schema
 from tfmm.export import export_saved_model
@@ -94,11 +99,15 @@ class CTRConfig:
     learning_rate: float = 1e-3
     batch_size: int = 512
     seed: int = 0
+    strategy: str = "none"  # tfmm.distribute.STRATEGIES
     verbose: int = 2
 
     def validate(self):
         if self.model not in METHODS:
             raise SettingsError(f"--model={self.model!r} is not one of {METHODS}.")
+        if self.strategy not in distribute.STRATEGIES:
+            raise SettingsError(f"--strategy={self.strategy!r} is not one of "
+                                f"{distribute.STRATEGIES}.")
         if self.optimizer not in OPTIMIZERS:
             raise SettingsError(f"--optimizer={self.optimizer!r} is not one of {tuple(OPTIMIZERS)}.")
         for name, low in (("epochs", 1), ("make_epochs", 0), ("batch_size", 1),
@@ -134,8 +143,8 @@ class CTRConfig:
 class TestSet:
     """The test days: reader batches for a model plus the columns the metrics need."""
 
-    def __init__(self, config, meta, vectors):
-        self.config, self.vectors = config, vectors
+    def __init__(self, config, meta, vectors, strategy=None):
+        self.config, self.vectors, self.strategy = config, vectors, strategy
         self.length = config.max_history or meta["max_history"]
         columns = {k: [] for k in ("user_id", "item_id", "is_new_item", "label")}
         for f, y in self._batches(["user_id", "item_id", "is_new_item"]):
@@ -150,7 +159,12 @@ class TestSet:
                                 features=features, validate=False)
 
     def predict(self, model):
-        return model.predict(self._batches(list(model.input)), verbose=0)[:, 0]
+        batches = self._batches(list(model.input))
+        if self.strategy is None:
+            return model.predict(batches, verbose=0)[:, 0]
+        # Under a strategy the chief predicts alone (tfmm.distribute.predictor).
+        predict = distribute.predictor(model)
+        return np.concatenate([predict(x).numpy()[:, 0] for x, _ in batches])
 
     def summary(self, p):
         """The per-epoch metrics of predictions `p`."""
@@ -220,11 +234,14 @@ def train_counts(config, num_items):
     return counts
 
 
-def load_vectors(config, num_items, pretrain_config=None):
+def load_vectors(config, num_items, pretrain_config=None, strategy=None):
     """The index table's vectors, pre-training the encoder first when it is empty, on the
-    best source the data has; returns (vectors, that source or None)."""
+    best source the data has; returns (vectors, that source or None).
+
+    Under a `strategy` every worker reads the index the chief found and wrote.
+    """
     try:
-        empty = is_empty(config.index)
+        empty = distribute.chief_value(strategy, int(is_empty(config.index)))
     except ValueError as e:  # a corrupt index file
         raise SettingsError(f"--index: {e}") from None
     if empty:
@@ -235,15 +252,18 @@ def load_vectors(config, num_items, pretrain_config=None):
 
         print(f"the index {redact(config.index)} is empty: pre-training the encoder first ...",
               flush=True)
-        source = pretrain.run(dataclasses.replace(pretrain_config, index=config.index),
-                              fallback=True)["source"]
+        result = pretrain.run(dataclasses.replace(pretrain_config, index=config.index),
+                              fallback=True)
+        source = result and result["source"]  # None on a worker that is not the chief
     else:
         source = None
     index = open_index(config.index)
     try:
-        index.claim(schema.catalogue_fingerprint(config.data_dir))
+        if distribute.is_chief(strategy):
+            index.claim(schema.catalogue_fingerprint(config.data_dir))
     except ValueError as e:
         raise SettingsError(f"--index: {e}") from None
+    distribute.chief_value(strategy, 0)  # the chief's vectors and claim are in
     try:
         return index.snapshot(num_items), source
     except ValueError as e:  # ids no writer accepts now: written by hand or an old encoder
@@ -251,16 +271,28 @@ def load_vectors(config, num_items, pretrain_config=None):
                             "--index.") from None
 
 
-def _fit(model, config, train, epochs, test, out, callbacks=(), weights=None):
+def _fit(model, config, train, epochs, test, out, callbacks=(), weights=None, strategy=None):
     """Fits with checkpoints (resume), TensorBoard logs and per-epoch test metrics
-    (and weights, with `weights`: see `EpochRecord`)."""
+    (and weights, with `weights`: see `EpochRecord`).
+
+    `train(slices)` makes the training batches; under a `strategy`, with
+    `tfmm.distribute.replica_slices`, and only the chief evaluates and writes.
+    """
     backup = os.path.join(out, "backup")
     evaluation = EpochEvaluation(test, os.path.join(out, "epochs.json"), backup, weights)
-    model.compile(OPTIMIZERS[config.optimizer](config.learning_rate), "binary_crossentropy")
+    with distribute.scope(strategy):
+        model.compile(OPTIMIZERS[config.optimizer](config.learning_rate), "binary_crossentropy")
+    tensorboard = keras.callbacks.TensorBoard(os.path.join(out, "logs"))
+    if strategy is not None:
+        replicas = strategy.num_replicas_in_sync
+        distribute.fit(model, strategy, lambda c: train(distribute.replica_slices(c, replicas)),
+                       epochs, backup, callbacks=callbacks,
+                       chief_callbacks=[evaluation, tensorboard], verbose=config.verbose)
+        return evaluation.values
     # The evaluation first: an epoch's metrics are written before its backup marks it done.
-    callbacks = [evaluation, keras.callbacks.BackupAndRestore(backup),
-                 keras.callbacks.TensorBoard(os.path.join(out, "logs")), *callbacks]
-    model.fit(train, epochs=epochs, shuffle=False, callbacks=callbacks, verbose=config.verbose)
+    callbacks = [evaluation, keras.callbacks.BackupAndRestore(backup), tensorboard, *callbacks]
+    model.fit(train(None), epochs=epochs, shuffle=False, callbacks=callbacks,
+              verbose=config.verbose)
     return evaluation.values
 
 
@@ -309,7 +341,7 @@ def make_dir(config):
     return config.make_dir or os.path.join(config.model_dir, "make")
 
 
-def pretrain_make(config, vectors, test, length, refresh=()):
+def pretrain_make(config, vectors, test, length, refresh=(), strategy=None):
     """MAKE trained alone on the CTR task (paper eq. 5); frozen unless make_trainable.
 
     Every epoch's weights stay in the MAKE directory, so rankers sharing it
@@ -317,31 +349,40 @@ def pretrain_make(config, vectors, test, length, refresh=()):
     Its epochs.json lists the epochs whose weights are there, all of one run
     (`EpochRecord`): a ranker uses them only when it lists epochs 1..make_epochs.
     """
-    make = MAKEBlock(mlp_units=config.make_units, target_in_mlp=config.make_target_in_mlp,
-                     return_knowledge=True, name="make")
-    if not config.make_epochs:
-        return make, []
+    with distribute.scope(strategy):
+        make = MAKEBlock(mlp_units=config.make_units, target_in_mlp=config.make_target_in_mlp,
+                         return_knowledge=True, name="make")
+        if not config.make_epochs:
+            return make, []
+        model = build_make_pretrainer(make, length, vectors.table.shape[1])
     out = make_dir(config)
-    model = build_make_pretrainer(make, length, vectors.table.shape[1])
     record = os.path.join(out, "epochs.json")
     values = []
     if os.path.exists(record):
         with open(record) as f:
             values = json.load(f)[:config.make_epochs]
-    if [v["epoch"] for v in values] != list(range(1, config.make_epochs + 1)):
+    done = [v["epoch"] for v in values] == list(range(1, config.make_epochs + 1))
+    if not distribute.chief_value(strategy, int(done)):
         print(f"pre-training MAKE for {config.make_epochs} epochs ...", flush=True)
-        train = data.impressions(config.data_dir, "train", batch_size=config.batch_size,
-                                 max_history=length, vectors=vectors, features=list(model.input),
-                                 validate=False)
-        values = _fit(model, config, train, config.make_epochs, test, out, refresh,
-                      weights=os.path.join(out, "epoch{epoch}.weights.h5"))
-    model.load_weights(os.path.join(out, f"epoch{config.make_epochs}.weights.h5"))
+        values = _fit(model, config, _train_data(config, length, vectors, model),
+                      config.make_epochs, test, out, refresh,
+                      weights=os.path.join(out, "epoch{epoch}.weights.h5"), strategy=strategy)
+    else:
+        model.load_weights(os.path.join(out, f"epoch{config.make_epochs}.weights.h5"))
     make.trainable = config.make_trainable
     return make, values
 
 
+def _train_data(config, length, vectors, model):
+    """The training batches for `model` in time order, as `_fit` takes them."""
+    return lambda slices: data.impressions(
+        config.data_dir, "train", batch_size=config.batch_size, max_history=length,
+        vectors=vectors, features=list(model.input), validate=False, slices=slices)
+
+
 def run(config, vectors=None, pretrain_config=None):
-    """Trains, evaluates and exports one ranker; returns the metrics dict.
+    """Trains, evaluates and exports one ranker; returns the metrics dict (None on a
+    worker that is not the chief of a `strategy`: it writes nothing).
 
     Raises `SettingsError` before writing anything when the settings, the
     data directory or the index cannot be used.
@@ -360,6 +401,11 @@ def run(config, vectors=None, pretrain_config=None):
 
 def _run(config, vectors, pretrain_config):
     config.validate()
+    try:  # first: a multi-worker strategy must exist before TensorFlow runs anything
+        strategy = distribute.strategy(config.strategy)
+    except ValueError as e:
+        raise SettingsError(f"--strategy={config.strategy}: {e}") from None
+    chief = distribute.is_chief(strategy)
     start = time.time()
     dirs = run_dirs(config)
     for directory, settings, flag in dirs:
@@ -368,34 +414,38 @@ def _run(config, vectors, pretrain_config):
     vocab, length = meta["vocab"], config.max_history or meta["max_history"]
     source = None
     if config.model != "id" and vectors is None:
-        vectors, source = load_vectors(config, vocab["num_items"], pretrain_config)
+        vectors, source = load_vectors(config, vocab["num_items"], pretrain_config, strategy)
     elif config.model == "id":
         vectors = None
-    for directory, settings, _ in dirs:  # the run can start
+    for directory, settings, _ in dirs if chief else ():  # the run can start
         claim_dir(directory, settings)
     refresh = []
     if config.refresh_vectors and vectors is not None:
         vectors = vectors.live()
         refresh = [RefreshVectors(open_index(config.index), vectors)]
     keras.utils.set_random_seed(config.seed)
-    test = TestSet(config, meta, vectors)
+    test = TestSet(config, meta, vectors, strategy) if chief else None
+    make, make_epochs = (pretrain_make(config, vectors, test, length, refresh, strategy)
+                         if config.uses_make else (None, []))
+    with distribute.scope(strategy):
+        model = DINRanker(vocab, length, method=config.model,
+                          vector_dim=None if vectors is None else vectors.table.shape[1],
+                          make=make, embedding_dim=config.embedding_dim,
+                          attention_units=config.attention_units, mlp_units=config.mlp_units,
+                          num_tiers=config.num_tiers, simtier_output=config.simtier_output,
+                          batch_norm=config.batch_norm)
+    print(f"training the {config.model} ranker for {config.epochs} epoch(s) ...", flush=True)
+    epochs = _fit(model, config, _train_data(config, length, vectors, model), config.epochs, test,
+                  config.model_dir, refresh, strategy=strategy)
+    digest = None if strategy is None else distribute.weights_digest(model, strategy)
+    if not chief:
+        return None
     groups = metrics.frequency_groups(train_counts(config, vocab["num_items"]),
                                       NUM_FREQUENCY_GROUPS)
-    make, make_epochs = (pretrain_make(config, vectors, test, length, refresh)
-                         if config.uses_make else (None, []))
-    model = DINRanker(vocab, length, method=config.model,
-                         vector_dim=None if vectors is None else vectors.table.shape[1],
-                         make=make, embedding_dim=config.embedding_dim,
-                         attention_units=config.attention_units, mlp_units=config.mlp_units,
-                         num_tiers=config.num_tiers, simtier_output=config.simtier_output,
-                         batch_norm=config.batch_norm)
-    train = data.impressions(config.data_dir, "train", batch_size=config.batch_size,
-                             max_history=length, vectors=vectors, features=list(model.input),
-                             validate=False)
-    print(f"training the {config.model} ranker for {config.epochs} epoch(s) ...", flush=True)
-    epochs = _fit(model, config, train, config.epochs, test, config.model_dir, refresh)
     result = {"model": config.model, **test.report(test.predict(model), groups),
               "epochs": epochs}
+    if digest:
+        result["weights_sha256"] = digest
     if config.uses_make:
         result["make"] = {"pretrain_epochs": config.make_epochs,
                           "trainable": config.make_trainable, "epochs": make_epochs}

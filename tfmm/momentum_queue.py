@@ -7,12 +7,42 @@ queue. The updates run in-graph at the end of every training step (after the
 step's logits were computed), so they are exact whatever
 ``steps_per_execution`` is; `MomentumQueueCallback` switches them on and sets
 the momentum.
+
+Under a tf.distribute strategy (a step run by ``strategy.run`` on N replicas)
+the keys of every replica enter the queue, gathered in replica order as in
+MoCo's ``concat_all_gather``, and the pointer advances by the global batch.
+As in MoCo's reference, each replica applies the same update (queue and EMA)
+to its own copy of the variables, so the copies stay identical.
 """
 
 import keras
 import tensorflow as tf
 
 EMPTY = -1  # queue_ids of slots not written yet (masked out of the logits)
+
+
+def replica_context():
+    """The replica context of a step that tf.distribute runs on more than one
+    replica, else None (one process, or a cross-replica context)."""
+    context = tf.distribute.get_replica_context()
+    return context if context is not None and context.num_replicas_in_sync > 1 else None
+
+
+def gather_replicas(*tensors):
+    """MoCo's concat_all_gather: `tensors` concatenated along axis 0 over the
+    replicas, in replica order, and where this replica's rows start; outside a
+    distributed step, `tensors` themselves and 0.
+
+    Differentiable: a replica's rows get the gradient from every replica's loss.
+    """
+    context = replica_context()
+    if context is None:
+        return list(tensors), 0
+    start = tf.cast(context.replica_id_in_sync_group, tf.int32) * tf.shape(tensors[0])[0]
+    # One call per tensor: all_gather's gradient cannot mix dtypes (float keys, int ids).
+    # The identity puts a step input (the ids) on the replica's device, which
+    # MultiWorkerMirroredStrategy's gather needs.
+    return [context.all_gather(tf.identity(t), axis=0) for t in tensors], start
 
 
 class MomentumQueue:
@@ -34,6 +64,10 @@ class MomentumQueue:
                                         initializer="zeros", trainable=False)
 
     def check_batch(self, batch_size):
+        """Checks the global batch size (a replica's times the number of replicas)."""
+        context = replica_context()
+        if batch_size is not None and context is not None:
+            batch_size *= context.num_replicas_in_sync
         if batch_size is None:
             raise ValueError("The momentum queue needs a static batch size: batch the data with "
                              "drop_remainder=True.")
@@ -57,8 +91,11 @@ class MomentumQueue:
     def step(self, weight_pairs, keys, ids):
         """After an optimizer step: EMA of the key tower, then enqueue; no-op when disabled.
 
-        `weight_pairs` are (query weight, key weight) pairs of the two towers.
+        `weight_pairs` are (query weight, key weight) pairs of the two towers;
+        `keys` and `ids` this replica's, gathered here from all replicas.
         """
+        # Outside the cond: a collective must not sit in a branch.
+        (keys, ids), _ = gather_replicas(keys, ids)
 
         def update():
             m = self.momentum

@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmm import data, metrics
+from tfmm import data, distribute, metrics
 from tfmm.callbacks import EpochRecord, write_json
 from tfmm.config import SettingsError, as_flags, default_of
 from tfmm.data import schema
@@ -75,9 +75,13 @@ class PretrainConfig:
     batch_size: int = 128
     learning_rate: float = 1e-3
     seed: int = 0
+    strategy: str = "none"  # tfmm.distribute.STRATEGIES
     verbose: int = 2
 
     def validate(self):
+        if self.strategy not in distribute.STRATEGIES:
+            raise ValueError(f"--strategy={self.strategy!r} is not one of "
+                             f"{distribute.STRATEGIES}.")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective={self.objective!r} is not one of {OBJECTIVES}.")
         if self.modality not in MODALITIES:
@@ -120,7 +124,7 @@ class Catalogue:
         self.titles = np.concatenate([b["title"].numpy() for b in batches])
         self.categories = np.concatenate([b["category_id"].numpy() for b in batches])
         self.has_image = np.concatenate([b["has_image"].numpy() for b in batches])
-        self.has_title = np.array([bool(t.strip()) for t in self.titles], bool)
+        self.has_title = np.concatenate([b["has_title"].numpy() for b in batches])
         self.row = np.full(self.ids.max() + 1, -1, np.int64)
         self.row[self.ids] = np.arange(len(self.ids))
 
@@ -272,12 +276,15 @@ def _query_texts(data_dir):
         yield from (t.decode() for t in batch["query_text"].numpy())
 
 
-def embed(tower, inputs, batch_size=512):
-    return np.concatenate([tower.predict_on_batch(inputs[i:i + batch_size])
+def embed(tower, inputs, batch_size=512, strategy=None):
+    # Under a strategy the chief embeds alone (tfmm.distribute.predictor).
+    predict = (tower.predict_on_batch if strategy is None
+               else lambda x: distribute.predictor(tower)(x).numpy())
+    return np.concatenate([predict(inputs[i:i + batch_size])
                            for i in range(0, len(inputs), batch_size)])
 
 
-def evaluate(config, tower, catalogue, ns=(1, 5)):
+def evaluate(config, tower, catalogue, ns=(1, 5), strategy=None):
     """Acc@N on the held-out triplets, queries against all their positives, and
     their count (``test_pairs``: 0, and no Acc@N, where the data has none)."""
     if "pretrain/test" not in schema.read_metadata(config.data_dir)["files"]:
@@ -288,8 +295,9 @@ def evaluate(config, tower, catalogue, ns=(1, 5)):
     batches = list(data.triplets(config.data_dir, "test", batch_size=1024))
     queries = np.concatenate([b[key].numpy() for b in batches])
     positives = np.concatenate([b["positive_item_id"].numpy() for b in batches])
-    q = embed(tower, queries)
-    p = embed(tower, catalogue.content(config.modality)[catalogue.row[positives]])
+    q = embed(tower, queries, strategy=strategy)
+    p = embed(tower, catalogue.content(config.modality)[catalogue.row[positives]],
+              strategy=strategy)
     return dict(metrics.acc_at_n(q, p, ns), test_pairs=len(positives))
 
 
@@ -313,9 +321,15 @@ def run(config, fallback=False):
 
     Raises SettingsError, before writing anything, when the data directory
     cannot feed `config`; with `fallback`, trains on the best source it has
-    instead (`choose_source`), which ``source`` in the result names.
+    instead (`choose_source`), which ``source`` in the result names. Under a
+    ``strategy`` only the chief evaluates and writes; the others return None.
     """
     config.validate()
+    try:  # first: a multi-worker strategy must exist before TensorFlow runs anything
+        strategy = distribute.strategy(config.strategy)
+    except ValueError as e:
+        raise SettingsError(f"--strategy={config.strategy}: {e}") from None
+    chief = distribute.is_chief(strategy)
     start = time.time()
     catalogue = Catalogue(config.data_dir)
     config, source = choose_source(config, catalogue, fallback)
@@ -328,32 +342,51 @@ def run(config, fallback=False):
     keras.utils.set_random_seed(config.seed)
     make_tower = build_tower(config, catalogue)
     try:  # before anything is written: a preset may not load
-        tower = make_tower()
+        with distribute.scope(strategy):
+            tower = make_tower()
     except BackboneError as e:
         raise SettingsError(f"--{e}") from None
-    os.makedirs(config.model_dir, exist_ok=True)
+    if chief:
+        os.makedirs(config.model_dir, exist_ok=True)
     content = catalogue.content(config.modality)[present]
     trains = config.objective != "random" and config.epochs
-    untrained = embed(tower, content) if trains else None
+    untrained = embed(tower, content, strategy=strategy) if trains and chief else None
     history = {}
     if trains:
-        model = SCLModel(tower, make_key_tower=make_tower, queue_size=config.queue_size,
-                         momentum=config.momentum, triplet_weight=config.triplet_weight,
-                         margin=config.margin, temperature=config.temperature,
-                         mask_own_positive=config.mask_own_positive,
-                         positive_tower=config.positive_tower)
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
-        ds, steps = training_data(config, catalogue)
+        with distribute.scope(strategy):
+            model = SCLModel(tower, make_key_tower=make_tower, queue_size=config.queue_size,
+                             momentum=config.momentum, triplet_weight=config.triplet_weight,
+                             margin=config.margin, temperature=config.temperature,
+                             mask_own_positive=config.mask_own_positive,
+                             positive_tower=config.positive_tower)
+            model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
         backup = os.path.join(config.model_dir, "backup")
         # Each epoch's losses, kept across a kill (fit's history has only the resumed epochs).
         record = EpochRecord(os.path.join(config.model_dir, "epochs.json"), backup)
-        callbacks = [record, keras.callbacks.BackupAndRestore(backup),
-                     keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"))]
-        model.fit(ds, epochs=config.epochs, steps_per_epoch=steps, callbacks=callbacks,
-                  verbose=config.verbose)
+        tensorboard = keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"))
+        steps = _steps(config, catalogue)
+        if strategy is None:
+            callbacks = [record, keras.callbacks.BackupAndRestore(backup), tensorboard]
+            model.fit(training_data(config, catalogue)[0], epochs=config.epochs,
+                      steps_per_epoch=steps, callbacks=callbacks, verbose=config.verbose)
+        else:
+            with strategy.scope():  # what SCLModel.fit does
+                model.optimizer.build(model.trained_weights())
+            queue = [MomentumQueueCallback(config.momentum)] if model.queue is not None else []
+            replicas = strategy.num_replicas_in_sync
+            distribute.fit(
+                model, strategy, lambda c: distribute.replica_slices(c, replicas, weights=False)(
+                    training_data(config, catalogue)[0]),
+                config.epochs, backup, steps=steps, callbacks=queue,
+                chief_callbacks=[record, tensorboard], verbose=config.verbose)
+            distribute.weights_digest(model, strategy)
+        if not chief:
+            return None
         history = {k: [v[k] for v in record.values] for k in record.values[0] if k != "epoch"}
-    vectors = embed(tower, content)
-    result = evaluate(config, tower, catalogue)
+    elif not chief:
+        return None
+    vectors = embed(tower, content, strategy=strategy)
+    result = evaluate(config, tower, catalogue, strategy=strategy)
     result.update(label_free_check(catalogue, present, vectors,
                                    vectors if untrained is None else untrained))
     result.update(source=source, items_without_content=int((~present).sum()), history=history,

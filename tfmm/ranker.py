@@ -25,7 +25,8 @@ from types import FunctionType
 import tensorflow as tf
 
 from tfmm.keras_compat import keras, register
-from tfmm.layers import DINAttention, KnownIds, MAKEBlock, SimScore, SimTierLayer, VectorFeature
+from tfmm.layers import (DINAttention, KnownIds, MAKEBlock, ShardedEmbedding, SimScore, SimTierLayer,
+                         VectorFeature)
 
 METHODS = ("id", "vector", "simscore", "simtier", "make", "simtier_make")
 ID_INPUTS = ("user_id", "item_id", "category_id", "history_item_ids", "history_category_ids",
@@ -73,6 +74,9 @@ class DINRanker(keras.Model):
         batch_norm: batch-normalise the concatenated features before the MLP,
             as the DIN reference code does (off: it cost AUC on time-ordered
             batches here).
+        embedding_shards: above 1, each ID table is a `ShardedEmbedding` of
+            that many row shards, which ``ParameterServerStrategy`` places on
+            its parameter servers (`tfmm.parameter_server`).
 
     Example:
 
@@ -93,7 +97,7 @@ class DINRanker(keras.Model):
     def __init__(self, vocab, max_history, method="id", vector_dim=None, make=None,
                  embedding_dim=16, attention_units=(80, 40), mlp_units=(200, 80),
                  activation="relu", num_tiers=10, simtier_output="fraction", batch_norm=False,
-                 **kwargs):
+                 embedding_shards=1, **kwargs):
         if method not in METHODS:
             raise ValueError(f"DINRanker: method={method!r} is not one of {METHODS}.")
         if method != "id" and not vector_dim:
@@ -109,13 +113,15 @@ class DINRanker(keras.Model):
         # when it is built. The layers after the attention are made (lambdas)
         # when the graph first reaches them, so a seed gives the same weights
         # as the ranker built its layers in that order before.
+        def embedding(rows, name):
+            if embedding_shards > 1:
+                return ShardedEmbedding(rows, embedding_dim, embedding_shards, name=name)
+            return keras.layers.Embedding(rows, embedding_dim, name=name)
+
         layers = {
-            "item_embedding": keras.layers.Embedding(vocab["num_items"], embedding_dim,
-                                                     name="item_embedding"),
-            "category_embedding": keras.layers.Embedding(vocab["num_categories"], embedding_dim,
-                                                         name="category_embedding"),
-            "user_embedding": keras.layers.Embedding(vocab["num_users"], embedding_dim,
-                                                     name="user_embedding"),
+            "item_embedding": embedding(vocab["num_items"], "item_embedding"),
+            "category_embedding": embedding(vocab["num_categories"], "category_embedding"),
+            "user_embedding": embedding(vocab["num_users"], "user_embedding"),
             # New items and users (created after training) look up the padding row.
             "known_items": KnownIds(vocab["num_items"], name="known_items"),
             "known_categories": KnownIds(vocab["num_categories"], name="known_categories"),
@@ -130,8 +136,10 @@ class DINRanker(keras.Model):
             "make": lambda: ((make or MAKEBlock(return_knowledge=True, name="make"))
                              if uses_make else None),
             "features_concat": keras.layers.Concatenate(name="features"),
-            "features_bn": lambda: (keras.layers.BatchNormalization(name="features_bn")
-                                    if batch_norm else None),
+            # Under tf.distribute, statistics of the global batch, as in one process.
+            "features_bn": lambda: (keras.layers.BatchNormalization(
+                synchronized=tf.distribute.has_strategy(), name="features_bn")
+                if batch_norm else None),
             "mlp": lambda: [keras.layers.Dense(units, activation=activation)
                             for units in mlp_units],
             "ctr": lambda: keras.layers.Dense(1, activation="sigmoid", name="ctr"),
@@ -150,6 +158,7 @@ class DINRanker(keras.Model):
         self.embedding_dim, self.activation = embedding_dim, activation
         self.attention_units, self.mlp_units = tuple(attention_units), tuple(mlp_units)
         self.num_tiers, self.simtier_output, self.batch_norm = num_tiers, simtier_output, batch_norm
+        self.embedding_shards = int(embedding_shards)
         self.rank_input_signature = rank_input_signature(self.max_history, self.vector_dim)
 
     def rank(self, inputs, training=False):
@@ -173,7 +182,8 @@ class DINRanker(keras.Model):
                 "embedding_dim": self.embedding_dim,
                 "attention_units": list(self.attention_units), "mlp_units": list(self.mlp_units),
                 "activation": self.activation, "num_tiers": self.num_tiers,
-                "simtier_output": self.simtier_output, "batch_norm": self.batch_norm}
+                "simtier_output": self.simtier_output, "batch_norm": self.batch_norm,
+                "embedding_shards": self.embedding_shards}
 
     @classmethod
     def from_config(cls, config):

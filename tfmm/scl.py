@@ -11,6 +11,13 @@ L2-normalised, so scores are dot products.
   an EMA of the query tower, and enter the queue after each step
   (`tfmm.momentum_queue`).
 - ``queue_size == 0``: one tower encodes both sides (in-batch negatives only).
+
+Under tf.distribute (``strategy.run(model.train_step, ...)`` on N replicas) a
+step equals one process on the global batch: each replica's queries contrast
+with the positives of all replicas (gathered), the queue takes every
+replica's keys, each replica's loss is its share of the global mean (Keras'
+optimizer sums the replicas' gradients), and the towers' BatchNormalization
+layers are synchronized (statistics of the global batch).
 """
 
 import math
@@ -19,21 +26,24 @@ import keras
 import tensorflow as tf
 
 from tfmm.keras_compat import register
-from tfmm.momentum_queue import EMPTY, MomentumQueue, MomentumQueueCallback
+from tfmm.momentum_queue import (EMPTY, MomentumQueue, MomentumQueueCallback, gather_replicas,
+                                  replica_context)
 
 NEG_INF = -1e9
 POSITIVE_TOWERS = ("momentum", "query")
 
 
 def info_nce(query, keys, inverse_temperature, extra=None, key_ids=None, extra_ids=None,
-             mask_own_positive=True):
-    """InfoNCE of eq. 1 with the positive of row i at keys[i].
+             mask_own_positive=True, start=0):
+    """InfoNCE of eq. 1 with the positive of row i at keys[start + i].
 
     Args:
-        query: [B, d]; keys: [B, d] (positives of the batch, in-batch negatives).
+        query: [B, d]; keys: [N, d] (positives of the batch, in-batch negatives;
+            N > B where they were gathered from several replicas, this
+            replica's at `start`).
         inverse_temperature: scalar 1/tau.
         extra: optional [K, d] more negatives (the queue).
-        key_ids, extra_ids: item ids of keys [B] and extra [K]; with
+        key_ids, extra_ids: item ids of keys [N] and extra [K]; with
             `mask_own_positive`, entries that are the query's own positive item
             (other than its diagonal) are left out, and extra entries with id
             -1 (empty queue slots) always are.
@@ -45,18 +55,20 @@ def info_nce(query, keys, inverse_temperature, extra=None, key_ids=None, extra_i
     # concatenating: the queue's [B, K] block is touched as few times as possible.
     q = query * tf.cast(inverse_temperature, query.dtype)
     logits = tf.matmul(q, keys, transpose_b=True)
-    b = tf.shape(query)[0]
+    own = start + tf.range(tf.shape(query)[0])  # each row's positive in keys
     if key_ids is not None and mask_own_positive:
-        same = tf.equal(key_ids[:, None], key_ids[None, :]) & ~tf.eye(b, dtype=tf.bool)
+        own_ids = tf.gather(key_ids, own)
+        same = (tf.equal(own_ids[:, None], key_ids[None, :])
+                & ~tf.equal(own[:, None], tf.range(tf.shape(keys)[0])[None, :]))
         logits += tf.where(same, NEG_INF, 0.0)
-    positive = tf.linalg.diag_part(logits)
+    positive = tf.gather(logits, own, batch_dims=1)
     lse = tf.reduce_logsumexp(logits, axis=1)
     if extra is not None:
         more = tf.matmul(q, extra, transpose_b=True)
         if extra_ids is not None:
             penalty = tf.where(tf.equal(extra_ids, EMPTY), NEG_INF, 0.0)[None, :]
             if key_ids is not None and mask_own_positive:
-                penalty = penalty + tf.where(tf.equal(extra_ids[None, :], key_ids[:, None]),
+                penalty = penalty + tf.where(tf.equal(extra_ids[None, :], own_ids[:, None]),
                                              NEG_INF, 0.0)
             more += penalty
         lse = tf.experimental.numpy.logaddexp(lse, tf.reduce_logsumexp(more, axis=1))
@@ -131,6 +143,7 @@ class SCLModel(keras.Model):
             initializer=keras.initializers.Constant(math.log(1.0 / temperature)))
         self.key_tower = None
         self.queue = None
+        towers = [tower]
         if queue_size:
             self.key_tower = (make_key_tower or (lambda: keras.models.clone_model(tower)))()
             self.key_tower.set_weights(tower.get_weights())
@@ -140,6 +153,12 @@ class SCLModel(keras.Model):
             self._weight_pairs = list(zip(tower.trainable_weights,
                                           self.key_tower.trainable_weights))
             self.queue = MomentumQueue(self, queue_size, self.dim)
+            towers.append(self.key_tower)
+        if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            # Global-batch statistics, as in one process (MoCo shuffles BN instead).
+            for layer in (l for t in towers for l in t._flatten_layers()):
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.synchronized = True
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.nce_tracker = keras.metrics.Mean(name="info_nce")
         self.triplet_tracker = keras.metrics.Mean(name="triplet")
@@ -187,15 +206,18 @@ class SCLModel(keras.Model):
         return self._keys(batch["positive"], training, tower="momentum")
 
     def compute_losses(self, batch, training=False):
-        """(InfoNCE, triplet, the batch's encoded positives, their ids)."""
+        """(InfoNCE, triplet, the batch's encoded positives, their ids), of this
+        replica's rows under tf.distribute."""
         query = self.tower(batch["query"], training=training)
         positive = self._keys(batch["positive"], training)
         ids = tf.cast(batch["positive_id"], tf.int64)
         extra = extra_ids = None
         if self.queue is not None:
             extra, extra_ids = tf.cast(self.queue.keys, query.dtype), self.queue.ids
-        nce = tf.reduce_mean(info_nce(query, positive, self.inverse_temperature(), extra, ids,
-                                      extra_ids, self.mask_own_positive))
+        # The in-batch negatives: every replica's positives.
+        (keys, key_ids), start = gather_replicas(positive, ids)
+        nce = tf.reduce_mean(info_nce(query, keys, self.inverse_temperature(), extra, key_ids,
+                                      extra_ids, self.mask_own_positive, start))
         trip = tf.constant(0.0)
         if self.triplet_weight:
             negative = self._keys(batch["negative"], training)
@@ -206,10 +228,13 @@ class SCLModel(keras.Model):
         if self.queue is not None:
             self.queue.check_batch(batch["positive_id"].shape[0])
         trainable = self.trained_weights()
+        context = replica_context()
         with tf.GradientTape() as tape:
             nce, trip, positive, ids = self.compute_losses(batch, training=True)
             loss = nce + self.triplet_weight * trip
-        self.optimizer.apply(tape.gradient(loss, trainable), trainable)
+            # The optimizer sums the replicas' gradients: each adds its share of the mean.
+            share = loss / context.num_replicas_in_sync if context else loss
+        self.optimizer.apply(tape.gradient(share, trainable), trainable)
         if self.queue is not None:
             self.queue.step(self._weight_pairs, self.queue_keys(batch, positive, True), ids)
         return self._track(loss, nce, trip)
@@ -232,5 +257,6 @@ class SCLModel(keras.Model):
             callbacks.append(MomentumQueueCallback(self.default_momentum))
         kwargs.setdefault("shuffle", False)  # datasets arrive shuffled
         if not self.optimizer.built:  # else BackupAndRestore builds it for other variables
-            self.optimizer.build(self.trained_weights())
+            with self.distribute_strategy.scope():  # the model's, which made its variables
+                self.optimizer.build(self.trained_weights())
         return super().fit(*args, callbacks=callbacks, **kwargs)

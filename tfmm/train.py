@@ -28,6 +28,11 @@ or in a flagfile); another ``--data_dir`` without data is an error, so a
 mistyped path does not train on a new world. Any flag overrides the flagfile.
 A refused run prints one line naming the flag, file or record and writes
 nothing.
+
+``--strategy=multi_worker`` trains on the machines named by ``$TF_CONFIG``
+(the same command on every worker; `tfmm.distribute`), ``mirrored`` on the
+devices of this one; the chief (worker 0) alone writes metrics, logs and
+exports.
 """
 
 import json
@@ -36,7 +41,7 @@ import sys
 
 from absl import app, flags, logging
 
-from tfmm import ctr, pretrain as pretraining
+from tfmm import ctr, distribute, pretrain as pretraining
 from tfmm.config import SettingsError, define_flags, from_flags
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.ranker import METHODS
@@ -88,11 +93,14 @@ define_flags(CTR, {
     "batch_norm": "Batch-normalise the ranker's MLP input (as the DIN reference code does).",
     "refresh_vectors": "Re-read the index table at every epoch, so vectors the encoder "
                        "service writes meanwhile join training (near-line).",
+    "strategy": "tf.distribute strategy: none (one process, Keras fit), mirrored (this "
+                "machine's devices) or multi_worker (the cluster in $TF_CONFIG, the same "
+                "command on every worker; worker 0 writes metrics, logs and exports).",
     "optimizer": "Ranker optimizer: adam is Keras 3's, whose second moment of an embedding "
                  "row looked up n times in a batch sums n squares instead of squaring the "
                  "sum; dense_adam is Adam's (as tf-keras'), and faster.",
 }, choices={"model": METHODS, "simtier_output": SIMTIER_OUTPUTS,
-            "optimizer": list(ctr.OPTIMIZERS)})
+            "optimizer": list(ctr.OPTIMIZERS), "strategy": distribute.STRATEGIES})
 flags.DEFINE_integer("pretrain_epochs", PRETRAIN.epochs, "Pre-training epochs when --task=ctr "
                      "finds the index empty.", lower_bound=0)
 flags.DEFINE_integer("pretrain_batch_size", PRETRAIN.batch_size, "Its batch size.",
@@ -194,6 +202,8 @@ def run_pretrain():
         result = pretraining.run(config)
     except SettingsError as e:
         fail(str(e))
+    if result is None:  # a worker that is not the chief: it writes nothing
+        return
     summary = {k: v for k, v in result.items() if k not in ("history", "config")}
     print(json.dumps(summary, indent=1))
     print(f"metrics: {os.path.join(config.model_dir, 'metrics.json')}")
@@ -217,6 +227,8 @@ def run_ctr():
         result = ctr.run(config, pretrain_config=encoder)
     except SettingsError as e:
         fail(str(e))
+    if result is None:  # a worker that is not the chief: it writes nothing
+        return
     print(ctr.summary_table(result))
     print(f"metrics: {os.path.join(config.model_dir, 'metrics.json')}")
     if config.export_dir:
@@ -228,6 +240,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # TensorFlow's INFO lines would bury the progress
         logging.set_verbosity(logging.WARNING)
+    try:  # before anything runs TensorFlow operations (generating a world does)
+        distribute.strategy(FLAGS.strategy)
+    except ValueError as e:
+        fail(f"--strategy={FLAGS.strategy}: {e}")
     run_pretrain() if FLAGS.task == "pretrain" else run_ctr()
 
 

@@ -114,6 +114,10 @@ flags.DEFINE_string("runner", None, "Run as an Apache Beam pipeline on this runn
                     "pipeline options follow a `--`. Default: in this process, without Beam.")
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.csv as pa_csv  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfmm.data import schema  # noqa: E402
@@ -122,45 +126,137 @@ from tfmm.data.writer import DataDirWriter  # noqa: E402
 
 IMPRESSION_COLUMNS = ("user_id", "item_id", "label", "timestamp")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+HISTORY = ("history_item_ids", "history_category_ids", "history_timestamps")
+
+
+READ_BLOCK = 4 << 20  # bytes of CSV parsed at once
+RECORDS_PER_CHUNK = 4096  # records serialised at once (their temporaries: ~30 MB)
+_ID = pa.dictionary(pa.int32(), pa.string())
 
 
 class Table:
-    """Columns of a CSV or Parquet file as lists, with row names for errors."""
+    """A CSV or Parquet file read by pyarrow: columns named in `ints` as int64
+    arrays, the others dictionary-encoded (int32 codes into their sorted distinct
+    values, "" for empty and null cells); with row names for errors. A cell that
+    is not an integer is reported when its column is asked for."""
 
-    def __init__(self, path):
+    def __init__(self, path, ints=()):
         self.path = path
         if not os.path.exists(path):
             raise ValueError(f"{path}: file not found.")
         if schema.is_parquet(path):
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            try:
-                self._values = pq.read_table(path).to_pydict()
-            except (pa.ArrowException, OSError) as e:
-                raise ValueError(f"{path}: not a readable Parquet file: "
-                                 f"{str(e).splitlines()[0]}") from None
-            self.columns = {k: [None if v is None else str(v) for v in vals]
-                            for k, vals in self._values.items()}
-            self._first_row = 1
+            table, self._first_row = self._read_parquet(), 1
         elif path.endswith(".csv"):
-            rows = _csv_rows(path)
-            if not rows:
-                raise ValueError(f"{path}: empty file, expected a header row.")
-            header, body = rows[0], rows[1:]
-            for i, row in enumerate(body):
-                if len(row) != len(header):
-                    raise ValueError(f"{path}: row {i + 2}: {len(row)} fields, the header has "
-                                     f"{len(header)}.")
-            self.columns = {name: [row[j] for row in body] for j, name in enumerate(header)}
-            self._values = self.columns
-            self._first_row = 2  # spreadsheet rows: the header is row 1
+            table, self._first_row = self._read_csv(ints), 2  # spreadsheet rows: header is 1
         else:
             raise ValueError(f"{path}: unknown format, expected CSV (.csv) or Parquet "
                              "(.parquet*, .pq, or content starting with PAR1).")
-        self.num_rows = len(next(iter(self.columns.values()), []))
+        index = {name: j for j, name in enumerate(table.column_names)}  # repeated: last wins
+        self.columns = list(index)
+        self.num_rows = table.num_rows
         if not self.num_rows:
             raise ValueError(f"{path}: no data rows.")
+        self._ints, self._codes, self._errors = {}, {}, {}
+        # Column by column, each freed once converted: one column's copy at a time.
+        columns = {name: table.column(j).chunks for name, j in index.items()}
+        del table
+        for name in index:
+            chunks = columns.pop(name)
+            if name in ints:
+                starts = np.cumsum([0] + [len(c) for c in chunks])
+                self._ints[name] = np.concatenate(
+                    [self._int_chunk(name, c, first) for c, first in zip(chunks, starts)])
+            else:
+                self._codes[name] = _unify([_ids(c) for c in chunks])
+            del chunks
+        pa.default_memory_pool().release_unused()  # the parsed text, before arrays grow
+        # A blank CSV line reads as a row of empty cells; Python's csv module, which
+        # names structural errors, tells it (and any other) apart.
+        if self._first_row == 2 and (self._errors or any(
+                len(v) and v[0].as_py() == "" for _, v in self._codes.values())):
+            self._check_csv_structure()
+
+    def _read_csv(self, ints):
+        try:
+            with open(self.path, encoding="utf-8-sig", newline="") as f:
+                header = next(csv.reader(f), None)
+        except UnicodeDecodeError:
+            _raise_utf8_error(self.path)
+        except csv.Error:
+            self._check_csv_structure()
+        if header is None:
+            raise ValueError(f"{self.path}: empty file, expected a header row.")
+        for types in ({n: pa.int64() if n in ints else _ID for n in header},
+                      {n: pa.string() if n in ints else _ID for n in header}):
+            try:
+                return pa_csv.read_csv(
+                    self.path,
+                    read_options=pa_csv.ReadOptions(block_size=READ_BLOCK, use_threads=False),
+                    parse_options=pa_csv.ParseOptions(newlines_in_values=True,
+                                                      ignore_empty_lines=False),
+                    convert_options=pa_csv.ConvertOptions(
+                        column_types=types, strings_can_be_null=False,
+                        quoted_strings_can_be_null=False))
+            except pa.ArrowInvalid as e:
+                error = e
+                if "conversion error" not in str(e):
+                    break  # else read the int columns as text, for int() to judge
+        self._check_csv_structure()
+        raise ValueError(f"{self.path}: {str(error).splitlines()[0]}")
+
+    def _read_parquet(self):
+        try:
+            texts = [f.name for f in pq.read_schema(self.path) if pa.types.is_string(f.type)]
+            return pq.read_table(self.path, use_threads=False, read_dictionary=texts)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{self.path}: not a readable Parquet file: "
+                             f"{str(e).splitlines()[0]}") from None
+
+    def _check_csv_structure(self):
+        """Raises the first structural error of the CSV file, as Python's csv module sees it."""
+        rows = 0
+        try:
+            with open(self.path, encoding="utf-8-sig", newline="") as f:
+                reader = csv.reader(f)
+                header = next(reader)
+                rows = 1
+                for row in reader:
+                    rows += 1
+                    if len(row) != len(header):
+                        raise ValueError(f"{self.path}: row {rows}: {len(row)} fields, the "
+                                         f"header has {len(header)}.")
+        except csv.Error as e:
+            raise ValueError(f"{self.path}: row {rows + 1}: {e}.") from None
+        except UnicodeDecodeError:
+            _raise_utf8_error(self.path)
+
+    def _int_chunk(self, name, column, first):
+        """int64 values of a column's chunk (rows from `first`), as Python's int() reads
+        them (text, whole floats, bools); a bad cell is recorded for `ints` to report."""
+        kind = column.type
+        if column.null_count == 0 and (pa.types.is_integer(kind) or pa.types.is_boolean(kind)
+                                       or pa.types.is_string(kind) or pa.types.is_floating(kind)
+                                       and pc.all(pc.equal(column, pc.floor(column))).as_py()
+                                       and pc.all(pc.is_finite(column)).as_py()):
+            try:
+                return pc.cast(column, pa.int64()).to_numpy()
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass  # outside int64, or text int() may still read (" 7", "+7")
+        out = np.zeros(len(column), np.int64)
+        for i, v in enumerate(column.to_pylist()):
+            try:
+                if isinstance(v, float) and not v.is_integer():
+                    raise ValueError  # NaN, inf or a fraction, which int() would truncate
+                out[i] = int(v)
+            except (TypeError, ValueError):
+                self._errors.setdefault(name, f"{self.row(first + i)}, column {name!r}: {v!r} "
+                                              "is not an integer.")
+                break
+            except OverflowError:
+                self._errors.setdefault(name, f"{self.row(first + i)}, column {name!r}: {v!r} "
+                                              "is outside the int64 range.")
+                break
+        return out
 
     def row(self, i):
         return f"{self.path}: row {i + self._first_row}"
@@ -172,60 +268,86 @@ class Table:
                              f"{sorted(self.columns)}.")
 
     def ints(self, name):
-        out = np.empty(self.num_rows, np.int64)
-        for i, v in enumerate(self._values[name]):
-            try:
-                if isinstance(v, float) and not v.is_integer():
-                    raise ValueError  # NaN, inf or a fraction, which int() would truncate
-                out[i] = int(v)
-            except (TypeError, ValueError):
-                raise ValueError(f"{self.row(i)}, column {name!r}: {v!r} is not an integer.") \
-                    from None
-            except OverflowError:
-                raise ValueError(f"{self.row(i)}, column {name!r}: {v!r} is outside the int64 "
-                                 "range.") from None
-        return out
+        if name in self._errors:
+            raise ValueError(self._errors[name])
+        return self._ints[name]
+
+    def codes(self, name):
+        """(int32 codes [num_rows], sorted distinct values: a pyarrow string array) of an
+        id column; an empty id is an error."""
+        codes, values = self._codes[name]
+        if len(values) and values[0].as_py() == "":
+            raise ValueError(f"{self.row(int(np.argmax(codes == 0)))}, column {name!r}: "
+                             "empty id.")
+        return codes, values
+
+    def value(self, name, i):
+        """The text of one cell."""
+        codes, values = self._codes[name]
+        return values[int(codes[i])].as_py()
 
     def texts(self, name):
         """A column as str, "" where a cell is empty or null or the column absent."""
-        return np.array([v or "" for v in self.columns.get(name, [None] * self.num_rows)],
-                        dtype=object)
+        if name not in self._codes:
+            return np.full(self.num_rows, "", object)
+        codes, values = self._codes[name]
+        return values.to_numpy(zero_copy_only=False)[codes]
 
     def ids(self, name):
-        values = self.columns[name]
-        for i, v in enumerate(values):
-            if v is None or v == "":
-                raise ValueError(f"{self.row(i)}, column {name!r}: empty id.")
-        return np.array(values, dtype=object)
+        codes, values = self.codes(name)
+        return values.to_numpy(zero_copy_only=False)[codes]
 
 
-def _csv_rows(path):
-    """The rows of a UTF-8 CSV file; a leading byte order mark is skipped."""
+def _ids(column):
+    """A column chunk of any type as a dictionary array of text, as Python's str()
+    writes each value; "" for nulls."""
+    if pa.types.is_dictionary(column.type):
+        if pa.types.is_string(column.type.value_type) and not column.null_count:
+            return column
+        column = column.dictionary_decode()
+    if pa.types.is_large_string(column.type) or pa.types.is_integer(column.type):
+        column = pc.cast(column, pa.string())
+    elif not pa.types.is_string(column.type):
+        column = pa.array([None if v is None else str(v) for v in column.to_pylist()],
+                          pa.string())
+    return pc.dictionary_encode(pc.fill_null(column, ""))
+
+
+def _unify(parts):
+    """Dictionary arrays as one (int32 codes, sorted distinct values)."""
+    dictionaries = pa.concat_arrays([p.dictionary for p in parts])
+    values = vocabulary(dictionaries)
+    remap = pc.index_in(dictionaries, value_set=values).to_numpy()
+    offsets = np.cumsum([0] + [len(p.dictionary) for p in parts])
+    return (np.concatenate([remap[o + p.indices.to_numpy()] for o, p in zip(offsets, parts)])
+            .astype(np.int32), values)
+
+
+def _raise_utf8_error(path):
     with open(path, "rb") as f:
         data = f.read().removeprefix(codecs.BOM_UTF8)
     try:
-        text = data.decode("utf-8")
+        data.decode("utf-8")
     except UnicodeDecodeError as e:
         # The rows before the bad byte, plus the one it is in ("x" starts it if none is open).
         row = len(list(csv.reader(io.StringIO(data[:e.start].decode("utf-8") + "x", newline=""))))
         raise ValueError(f"{path}: row {row}: byte 0x{data[e.start]:02x} is not UTF-8; save the "
                          "file as UTF-8.") from None
-    rows = []
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        rows.extend(reader)
-    except csv.Error as e:
-        raise ValueError(f"{path}: row {len(rows) + 1}: {e}.") from None
-    return rows
 
 
 def vocabulary(values):
-    """Sorted distinct raw values -> dense ids from schema.FIRST_ID."""
-    return {v: i + schema.FIRST_ID for i, v in enumerate(sorted(set(values)))}
+    """Sorted distinct raw values (a pyarrow string array): value k is dense id
+    k + schema.FIRST_ID."""
+    distinct = pc.unique(pa.array(values, pa.string()) if not isinstance(values, pa.Array)
+                         else values)
+    return distinct.take(pc.array_sort_indices(distinct))
 
 
 def lookup(vocab, values):
-    return np.array([vocab.get(v, schema.OOV_ID) for v in values], np.int64)
+    """Dense int64 ids of raw `values` in `vocab` (schema.OOV_ID where absent)."""
+    values = pa.array(values, pa.string()) if not isinstance(values, pa.Array) else values
+    position = pc.fill_null(pc.index_in(values, value_set=vocab), -1).to_numpy()
+    return np.where(position < 0, schema.OOV_ID, position.astype(np.int64) + schema.FIRST_ID)
 
 
 def image_paths(table, column, images_dir, absolute_image_paths, ids=None):
@@ -236,9 +358,10 @@ def image_paths(table, column, images_dir, absolute_image_paths, ids=None):
     """
     root = os.path.abspath(images_dir)
     paths = np.full(table.num_rows, None, object)
+    cells = table.texts(column) if column else None
     for i in range(table.num_rows):
         if column:
-            where, names = f"{table.row(i)}, column {column!r}", [table.columns[column][i]]
+            where, names = f"{table.row(i)}, column {column!r}", [cells[i]]
             if not names[0]:
                 continue
         else:
@@ -277,26 +400,74 @@ def read_image(path, where=None):
 def read_items(path):
     items = Table(path)
     items.require(["item_id"])
-    ids = items.ids("item_id")
-    first = {}
-    for i, v in enumerate(ids):
-        if v in first:
-            raise ValueError(f"{items.row(i)}: duplicate item_id {v!r} (first at "
-                             f"{items.row(first[v])}).")
-        first[v] = i
-    return items, ids
+    codes, _ = items.codes("item_id")
+    repeats = _repeats([codes])
+    if repeats.any():
+        i = int(np.argmax(repeats))
+        raise ValueError(f"{items.row(i)}: duplicate item_id {items.value('item_id', i)!r} "
+                         f"(first at {items.row(int(np.argmax(codes == codes[i])))}).")
+    return items, items.ids("item_id")
 
 
-def item_record(raw, item_id, category_id, image, title, where):
-    """An item's record; `image` is its file (None: none), `where` its row."""
-    return schema.example(
-        ints={"item_id": item_id, "category_id": category_id, "first_day": 0},
-        strings={"image": read_image(image, f"item {raw!r}, {where}"), "title": title.encode()})
+def _repeats(columns):
+    """Whether each row equals an earlier one in every column (equal-length int arrays)."""
+    # Columns whose value ranges multiply within int64 are one sort key (fewer to sort by).
+    keys, key, span = [], None, 1
+    for column in columns:
+        low, high = int(column.min()), int(column.max())
+        if key is not None and span * (high - low + 1) < 2**62:
+            key = key * (high - low + 1) + (column.astype(np.int64) - low)
+            span *= high - low + 1
+        else:
+            if key is not None:
+                keys.append(key)
+            # A column spanning more than 2**62 (int64 timestamps) is a key as it is.
+            key = column.astype(np.int64) - low if high - low < 2**62 else column
+            span = high - low + 1
+    columns = keys + [key]
+    order = np.lexsort(columns[::-1])  # stable: equal rows stay in file order
+    same = np.ones(len(order) - 1, bool)
+    for column in columns:
+        sorted_column = column[order]
+        same &= sorted_column[1:] == sorted_column[:-1]
+    repeats = np.zeros(len(order), bool)
+    repeats[order[1:][same]] = True
+    return repeats
+
+
+def item_image(raw, path, row):
+    """An item's image bytes (b"": none), checked to decode; `row` names the item's row."""
+    return read_image(path, f"item {raw!r}, {row}")
+
+
+def item_features(item_id, category_id, image, title):
+    """An item record's features, for `schema.example` (one item's values) or
+    `schema.examples` (arrays of them): dense ids, image bytes, encoded title."""
+    return {"ints": {"item_id": item_id, "category_id": category_id,
+                     "first_day": np.zeros_like(item_id)},
+            "strings": {"image": image, "title": title}}
+
+
+def impression_features(user_id, item_id, category_id, timestamp, label, is_new_item, side,
+                        history):
+    """An impression record's features, for `schema.example` or `schema.examples`
+    (as `item_features`): `side` maps each side column to its dense ids, `history`
+    holds the history's (item ids, category ids, timestamps), as lists or as
+    `schema.examples` int_lists triples."""
+    return {"ints": {"user_id": user_id, "item_id": item_id, "category_id": category_id,
+                     "timestamp": timestamp, "label": label, "is_new_item": is_new_item,
+                     **side},
+            "int_lists": dict(zip(HISTORY, history))}
 
 
 def item_records(items, ids, item_vocab, categories, images, titles):
-    for i, raw in enumerate(ids):
-        yield item_record(raw, item_vocab[raw], categories[i], images[i], titles[i], items.row(i))
+    dense = lookup(item_vocab, ids)
+    for a in range(0, len(ids), RECORDS_PER_CHUNK):
+        rows = range(a, min(a + RECORDS_PER_CHUNK, len(ids)))
+        yield from schema.examples(**item_features(
+            dense[rows], categories[rows],
+            [item_image(ids[i], images[i], items.row(i)) for i in rows],
+            [titles[i].encode() for i in rows]))
 
 
 def read_catalogue(path, images_dir, absolute_image_paths):
@@ -317,17 +488,19 @@ def no_image_error(items_path, images_dir):
 
 
 def read_log(path):
-    """An impressions file: (table, raw users, raw items, timestamps, labels,
-    {side column: raw values})."""
-    log = Table(path)
+    """An impressions file, its ids and labels checked: (table, user (codes, values),
+    item (codes, values), int64 timestamps, int8 labels, {side column: (codes,
+    values)}), codes as `Table.codes` gives them."""
+    log = Table(path, ints=("label", "timestamp"))
     log.require(IMPRESSION_COLUMNS)
-    users, timestamp, label = log.ids("user_id"), log.ints("timestamp"), log.ints("label")
+    users = log.codes("user_id")
+    timestamp, label = log.ints("timestamp"), log.ints("label")
     bad = np.flatnonzero((label != 0) & (label != 1))
     if len(bad):
         raise ValueError(f"{log.row(bad[0])}, column 'label': {label[bad[0]]} is not 0 or 1.")
-    raw_items = log.ids("item_id")
-    side = {c: log.ids(c) for c in log.columns if c not in IMPRESSION_COLUMNS}
-    return log, users, raw_items, timestamp, label, side
+    items = log.codes("item_id")
+    side = {c: log.codes(c) for c in log.columns if c not in IMPRESSION_COLUMNS}
+    return log, users, items, timestamp, label.astype(np.int8), side
 
 
 def unknown_item_error(where, raw, items_path, count):
@@ -341,8 +514,9 @@ def split_error(impressions_path, cut):
 
 
 def write_vocabulary(path, vocab):
+    """`vocab` (a `vocabulary`) as text: line k is dense id k + schema.FIRST_ID."""
     with open(path, "w") as f:
-        f.writelines(f"{v}\n" for v in sorted(vocab, key=vocab.get))
+        f.writelines(f"{v}\n" for v in vocab.to_pylist())
 
 
 def metadata(impressions_path, items_path, images_dir, pairs, vocab_sizes, max_history, side,
@@ -378,7 +552,7 @@ def file_pairs(path, items_path, item_vocab, images_dir, absolute_image_paths, u
     """Pairs of a --pairs file: (query image paths, query texts, dense positives,
     given negatives (0: mine one), is_test, where-for-errors per pair, metadata),
     in time order."""
-    table = Table(path)
+    table = Table(path, ints=("timestamp",))
     table.require(["item_id"])
     if "query_text" not in table.columns and "query_image" not in table.columns:
         raise ValueError(f"{path}: needs a 'query_text' or 'query_image' column; it has "
@@ -402,7 +576,7 @@ def file_pairs(path, items_path, item_vocab, images_dir, absolute_image_paths, u
         unknown = np.flatnonzero(ids == schema.OOV_ID)
         if len(unknown) and unknown_items == "error":
             raise ValueError(f"{table.row(unknown[0])}, column {column!r}: "
-                             f"{table.columns[column][unknown[0]]!r} is not in {items_path} "
+                             f"{table.value(column, unknown[0])!r} is not in {items_path} "
                              f"({len(unknown)} such rows; --unknown_items=oov skips those "
                              "pairs).")
     same = np.flatnonzero((negative == positive) & (positive != schema.OOV_ID))
@@ -426,6 +600,15 @@ def file_pairs(path, items_path, item_vocab, images_dir, absolute_image_paths, u
     where = np.array([f"{table.row(i)}, column 'query_image'" for i in rows], dtype=object)
     return (image[rows], text[rows], positive[rows], negative[rows], is_test, where,
             {"source": os.path.abspath(path), "skipped_unknown": int((~known).sum())})
+
+
+def _train_vocabulary(codes, values, train):
+    """The vocabulary of the `values` (sorted distinct) that training rows hold, and
+    each code's dense id: what `vocabulary` and `lookup` give, from the codes."""
+    seen = np.zeros(len(values), bool)
+    seen[codes[train]] = True
+    dense = np.where(seen, np.cumsum(seen) - 1 + schema.FIRST_ID, schema.OOV_ID)
+    return values.filter(pa.array(seen)), dense
 
 
 def click_pairs(user, item, timestamp, label, is_test, window, max_gap):
@@ -495,57 +678,60 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
         category_vocab = vocabulary(raw_categories)
         item_category = lookup(category_vocab, raw_categories)
     else:
-        category_vocab, item_category = {}, np.full(len(item_ids), schema.OOV_ID, np.int64)
+        category_vocab = vocabulary([])
+        item_category = np.full(len(item_ids), schema.OOV_ID, np.int64)
     category_of = np.full(len(item_vocab) + schema.FIRST_ID, schema.OOV_ID, np.int64)
     item_dense = lookup(item_vocab, item_ids)
     category_of[item_dense] = item_category
     if images_dir and "image" not in items.columns and (images == None).all():  # noqa: E711
         raise no_image_error(items_path, images_dir)
 
-    log, users, raw_items, timestamp, label, side_raw = read_log(impressions_path)
-    side = list(side_raw)
-    item = lookup(item_vocab, raw_items)
+    log, (user_codes, user_values), (item_codes, item_values), timestamp, label, side_codes = \
+        read_log(impressions_path)
+    item = lookup(item_vocab, item_values).astype(np.int32)[item_codes]
     unknown = np.flatnonzero(item == schema.OOV_ID)
     if len(unknown) and unknown_items == "error":
-        raise unknown_item_error(log.row(unknown[0]), raw_items[unknown[0]], items_path,
-                                 len(unknown))
+        raise unknown_item_error(log.row(unknown[0]), log.value("item_id", unknown[0]),
+                                 items_path, len(unknown))
+    side = list(side_codes)
+    del log  # what is left of it: the item codes and int64 labels
 
-    seen = set()
-    duplicate = np.zeros(log.num_rows, bool)
-    for i, row in enumerate(zip(users, raw_items, label.tolist(), timestamp.tolist(),
-                                *side_raw.values())):
-        duplicate[i] = row in seen
-        seen.add(row)
+    duplicate = _repeats([user_codes, item_codes, label, timestamp,
+                          *(codes for codes, _ in side_codes.values())])
+    del item_codes
     if drop_duplicates:
-        users, item, label, timestamp = (a[~duplicate] for a in (users, item, label, timestamp))
-        side_raw = {c: v[~duplicate] for c, v in side_raw.items()}
+        keep = ~duplicate
+        user_codes, item, label, timestamp = (a[keep] for a in (user_codes, item, label,
+                                                                 timestamp))
+        side_codes = {c: (codes[keep], values) for c, (codes, values) in side_codes.items()}
 
     order = np.argsort(timestamp, kind="stable")
     if split_timestamp is None:
-        cut = timestamp[order][first_test(len(order), test_fraction)]
+        cut = timestamp[order[first_test(len(order), test_fraction)]]
     else:
         cut = split_timestamp
     is_test = timestamp >= cut
     if is_test.all() or not is_test.any():
         raise split_error(impressions_path, cut)
-    train_rows = order[~is_test[order]]
-    test_rows = order[is_test[order]]
+    train_rows = order[~is_test[order]].astype(np.int32)  # int32 halves what is held
+    test_rows = order[is_test[order]].astype(np.int32)
+    del order
 
-    user_vocab = vocabulary(users[train_rows])
-    user_id = lookup(user_vocab, users)
-    user_index = np.unique(users, return_inverse=True)[1]  # OOV users keep their own history
-    clicks, start, end = history_ranges(user_index, timestamp, label, max_history)
-    side_vocab = {c: vocabulary(side_raw[c][train_rows]) for c in side}
-    side_ids = {c: lookup(side_vocab[c], side_raw[c]) for c in side}
+    user_vocab, user_of_code = _train_vocabulary(user_codes, user_values, ~is_test)
+    # OOV users keep their own history: histories go by raw user (code), not dense id.
+    clicks, start, end = history_ranges(user_codes, timestamp, label, max_history)
+    side_vocab, side_of_code = {}, {}
+    for c, (codes, values) in side_codes.items():
+        side_vocab[c], side_of_code[c] = _train_vocabulary(codes, values, ~is_test)
     trained = np.zeros(len(category_of), bool)
-    trained[item[train_rows]] = True
+    trained[item[~is_test]] = True
 
     if pairs:
         (query_image, query_text, positive, negative, pair_test, where,
          pair_meta) = file_pairs(pairs, items_path, item_vocab, images_dir, absolute_image_paths,
                                  unknown_items, cut, test_fraction)
     elif pairs_from:
-        first, second = click_pairs(user_index, item, timestamp, label, is_test, pair_window,
+        first, second = click_pairs(user_codes, item, timestamp, label, is_test, pair_window,
                                     pair_max_gap)
         pair_test = is_test[second]
         if pair_test.all() or not pair_test.any():
@@ -569,20 +755,26 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
                          mined_negatives=int(mine.sum()), seed=seed)
 
     def triplets(rows):
-        for i in rows:
-            yield schema.triplet_example(read_image(query_image[i], where[i]), query_text[i],
-                                         positive[i], negative[i])
+        for a in range(0, len(rows), RECORDS_PER_CHUNK):
+            chunk = rows[a:a + RECORDS_PER_CHUNK]
+            yield from schema.examples(
+                ints={"positive_item_id": positive[chunk], "negative_item_id": negative[chunk]},
+                strings={"query_image": [read_image(query_image[i], where[i]) for i in chunk],
+                         "query_text": [query_text[i].encode() for i in chunk]})
+
+    # A history is a run of its user's clicks: their varints are made once.
+    history = [schema.Varints(v) for v in (item[clicks], category_of[item[clicks]],
+                                           timestamp[clicks])]
 
     def records(rows):
-        for i in rows:
-            h = clicks[start[i]:end[i]]
-            yield schema.example(
-                ints={"user_id": user_id[i], "item_id": item[i], "category_id": category_of[item[i]],
-                      "timestamp": timestamp[i], "label": label[i],
-                      "is_new_item": int(not trained[item[i]]),
-                      **{c: side_ids[c][i] for c in side}},
-                int_lists={"history_item_ids": item[h], "history_category_ids": category_of[item[h]],
-                           "history_timestamps": timestamp[h]})
+        for a in range(0, len(rows), RECORDS_PER_CHUNK):
+            chunk = rows[a:a + RECORDS_PER_CHUNK]
+            chunk_item = item[chunk]
+            yield from schema.examples(**impression_features(
+                user_of_code[user_codes[chunk]], chunk_item, category_of[chunk_item],
+                timestamp[chunk], label[chunk], ~trained[chunk_item],
+                {c: side_of_code[c][side_codes[c][0][chunk]] for c in side},
+                [(v, start[chunk], end[chunk]) for v in history]))
 
     with DataDirWriter(out_dir) as w:
         w.write("impressions/train", records(train_rows), len(train_rows))
@@ -602,9 +794,10 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
                  "categories": len(category_vocab), **{c: len(side_vocab[c]) for c in side}}
         w.finish(metadata(
             impressions_path, items_path, images_dir, pairs, sizes, max_history, side, cut,
-            (user_id[test_rows] == schema.OOV_ID).sum(), (item == schema.OOV_ID).sum(),
-            duplicate.sum(), drop_duplicates, (images == None).sum(),  # noqa: E711
-            (titles == "").sum(), pair_meta if pairs or pairs_from else None))
+            (user_of_code[user_codes[test_rows]] == schema.OOV_ID).sum(),
+            (item == schema.OOV_ID).sum(), duplicate.sum(), drop_duplicates,
+            (images == None).sum(), (titles == "").sum(),  # noqa: E711 (elementwise)
+            pair_meta if pairs or pairs_from else None))
     return schema.read_metadata(out_dir)
 
 
@@ -629,10 +822,10 @@ def main(argv):
         run = functools.partial(prepare_beam.prepare, runner=FLAGS.runner, beam_args=argv[1:])
     try:
         meta = run(FLAGS.impressions, FLAGS.items, FLAGS.out_dir, FLAGS.images_dir,
-                       FLAGS.max_history, FLAGS.test_fraction, FLAGS.split_timestamp,
-                       FLAGS.unknown_items, FLAGS.drop_duplicates, FLAGS.absolute_image_paths,
-                       FLAGS.pairs, FLAGS.pairs_from, FLAGS.pair_window, FLAGS.pair_max_gap,
-                       FLAGS.seed)
+                   FLAGS.max_history, FLAGS.test_fraction, FLAGS.split_timestamp,
+                   FLAGS.unknown_items, FLAGS.drop_duplicates, FLAGS.absolute_image_paths,
+                   FLAGS.pairs, FLAGS.pairs_from, FLAGS.pair_window, FLAGS.pair_max_gap,
+                   FLAGS.seed)
     except (ValueError, OSError) as e:  # bad input: one line naming the file, not a trace
         sys.exit(str(e))
     print(f"wrote {FLAGS.out_dir}: {meta['counts']}, vocab {meta['vocab']}, oov {meta['oov']}, "

@@ -5,9 +5,10 @@ runner), the runner's pipeline options after a ``--``::
         --items=items.csv --images_dir=img --out_dir=data/mine -- --direct_num_workers=2
 
 The flags, checks and output are the local path's (prepare.py's helpers read
-and check each file): the same vocabularies, metadata (plus ``runner``) and
-set of records per table, in no particular order, in as many shards as the
-runner makes (``impressions-train-00000-of-00002.tfrecord``).
+and check each file, and lay out each record, serialised here one at a time by
+``schema.example``): the same vocabularies, metadata (plus ``runner``) and set
+of records per table, byte for byte, in no particular order, in as many shards
+as the runner makes (``impressions-train-00000-of-00002.tfrecord``).
 ``--impressions`` and ``--items`` may be glob patterns: each file is read
 whole by one worker, so sharded input is read in parallel. Files are read and
 the data directory written through the local file system, which the workers
@@ -29,11 +30,13 @@ import os
 from typing import Any, Tuple
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import AsDict, AsSingleton, TaggedOutput
 
 from tfmm.data import prepare as local
 from tfmm.data import schema
+from tfmm.data.history import history_ranges
 from tfmm.data.writer import DataDirWriter
 
 SUMMARY = "beam-summary.json"  # the pipeline's counts and first error, read after it
@@ -91,20 +94,24 @@ def _category(item):
 
 
 def _vocabulary(values):
-    return local.vocabulary(values)
+    return local.vocabulary(list(values))
+
+
+def _dense(vocab):
+    """{raw value: dense id} of a prepare.vocabulary."""
+    return {v: k + schema.FIRST_ID for k, v in enumerate(vocab.to_pylist())}
 
 
 class _Vocabulary(beam.PTransform):
-    """Raw values -> one dict {value: dense id}: prepare.vocabulary on one worker."""
+    """Raw values -> one prepare.vocabulary (sorted distinct values), on one worker."""
 
     def expand(self, values):
         return values | beam.combiners.ToSet() | beam.Map(_vocabulary)
 
 
-def _item_ids(item, item_vocab, category_vocab):
+def _item_ids(item, item_ids, category_ids):
     raw, (_, category, _, _, _) = item
-    return raw, (item_vocab[raw],
-                 schema.OOV_ID if category is None else category_vocab[category])
+    return raw, (item_ids[raw], schema.OOV_ID if category is None else category_ids[category])
 
 
 def _item_record(item, ids):
@@ -113,7 +120,8 @@ def _item_record(item, ids):
     yield TaggedOutput("stats", ("missing_images", int(image is None)))
     yield TaggedOutput("stats", ("missing_titles", int(title == "")))
     try:
-        yield local.item_record(raw, *ids[raw], image, title, row)
+        yield schema.example(**local.item_features(*ids[raw], local.item_image(raw, image, row),
+                                                   title.encode()))
     except (ValueError, OSError) as e:
         yield TaggedOutput("errors", (IMAGE, position, str(e)))
 
@@ -123,14 +131,15 @@ def _read_log(indexed, items):
     category, label, side values)); "unknown": (position, row, raw item)."""
     index, path = indexed
     try:
-        log, users, raw_items, timestamp, label, side = local.read_log(path)
+        log, _, _, timestamp, label, side = local.read_log(path)
     except (ValueError, OSError) as e:
         yield TaggedOutput("errors", (LOG_FILE, (index,), str(e)))
         return
     yield TaggedOutput("columns", (index, path, tuple(side)))
-    side_values = zip(*side.values()) if side else itertools.repeat(())
+    side_values = zip(*(log.ids(c).tolist() for c in side)) if side else itertools.repeat(())
     for i, (user, raw, t, y, values) in enumerate(zip(
-            users.tolist(), raw_items.tolist(), timestamp.tolist(), label.tolist(), side_values)):
+            log.ids("user_id").tolist(), log.ids("item_id").tolist(), timestamp.tolist(),
+            label.tolist(), side_values)):
         item, category = items.get(raw, (schema.OOV_ID, schema.OOV_ID))
         if item == schema.OOV_ID:
             yield TaggedOutput("unknown", ((index, i), log.row(i), raw))
@@ -157,28 +166,28 @@ def _unknown_error(first, items_path, count):
 
 
 def _histories(user_rows, max_history, drop_duplicates):
-    """A user's impressions, each with the user's latest clicks strictly before
-    it (as prepare.history_ranges: time order, ties in file order)."""
+    """A user's impressions, each with its history (`history_ranges` over the
+    user's rows in time order, ties in file order)."""
     user, rows = user_rows
-    seen, clicks, duplicates = set(), [], 0
-    for _, same_time in itertools.groupby(sorted(rows), key=_first):
-        history = tuple(clicks[-max_history:])
-        for t, _, raw, item, category, label, side in same_time:
-            key = (raw, label, t, side)  # with the user: every column
-            if key in seen:
-                duplicates += 1
-                if drop_duplicates:
-                    continue
-            seen.add(key)
-            yield user, item, category, label, t, side, history
-            if label:
-                clicks.append((item, category, t))
-        del clicks[:-max_history]
+    seen, kept, duplicates = set(), [], 0
+    for row in sorted(rows):
+        t, _, raw, _, _, label, side = row
+        key = (raw, label, t, side)  # with the user: every column
+        if key in seen:
+            duplicates += 1
+            if drop_duplicates:
+                continue
+        seen.add(key)
+        kept.append(row)
+    t = np.array([row[0] for row in kept], np.int64)
+    clicks, start, end = history_ranges(np.zeros(len(kept), np.int64), t,
+                                        np.array([row[5] for row in kept]), max_history)
+    clicks = clicks.tolist()
+    for (t, _, _, item, category, label, side), a, b in zip(kept, start.tolist(), end.tolist()):
+        history = [kept[k] for k in clicks[a:b]]
+        yield user, item, category, label, t, side, tuple(
+            tuple(h[j] for h in history) for j in (3, 4, 0))  # items, categories, times
     yield TaggedOutput("stats", ("duplicates", duplicates))
-
-
-def _first(row):
-    return row[0]
 
 
 def _timestamp(row):
@@ -214,10 +223,15 @@ def _side_values(row):
 
 def _column_vocabulary(column_values):
     column, values = column_values
-    return column, local.vocabulary(values)
+    return column, _vocabulary(values)
 
 
-def _impression(row, cut, columns, users, side_vocabs, trained):
+def _column_dense(column_vocab):
+    column, vocab = column_vocab
+    return column, _dense(vocab)
+
+
+def _impression(row, cut, columns, users, side_ids, trained):
     user, item, category, label, t, side, history = row
     split = "test" if t >= cut else "train"
     user_id = users.get(user, schema.OOV_ID)
@@ -225,14 +239,10 @@ def _impression(row, cut, columns, users, side_vocabs, trained):
     yield TaggedOutput("stats", ("test_oov_users", int(split == "test" and
                                                        user_id == schema.OOV_ID)))
     yield TaggedOutput("stats", ("unknown_items", int(item == schema.OOV_ID)))
-    yield TaggedOutput(split, schema.example(
-        ints={"user_id": user_id, "item_id": item, "category_id": category, "timestamp": t,
-              "label": label, "is_new_item": int(item not in trained),
-              **{c: side_vocabs.get(j, {}).get(v, schema.OOV_ID)
-                 for j, (c, v) in enumerate(zip(columns, side))}},
-        int_lists={"history_item_ids": [h[0] for h in history],
-                   "history_category_ids": [h[1] for h in history],
-                   "history_timestamps": [h[2] for h in history]}))
+    yield TaggedOutput(split, schema.example(**local.impression_features(
+        user_id, item, category, t, label, int(item not in trained),
+        {c: side_ids.get(j, {}).get(v, schema.OOV_ID)
+         for j, (c, v) in enumerate(zip(columns, side))}, history)))
 
 
 def _write_vocabulary(vocab, out, name):
@@ -273,8 +283,10 @@ def build(p, out, log_files, item_files, items_path, images_dir=None, max_histor
     item_vocab = items | "Item ids" >> beam.Keys() | "Item vocabulary" >> _Vocabulary()
     category_vocab = (items | "Categories" >> beam.FlatMap(_category)
                       | "Category vocabulary" >> _Vocabulary())
-    ids = AsDict(items | "Dense ids" >> beam.Map(_item_ids, AsSingleton(item_vocab),
-                                                 AsSingleton(category_vocab)))
+    item_ids = item_vocab | "Item dense ids" >> beam.Map(_dense)
+    category_ids = category_vocab | "Category dense ids" >> beam.Map(_dense)
+    ids = AsDict(items | "Dense ids" >> beam.Map(_item_ids, AsSingleton(item_ids),
+                                                 AsSingleton(category_ids)))
     records = (items | "Item records" >> beam.FlatMap(_item_record, ids)
                .with_outputs("errors", "stats", main="records"))
     errors.append(records.errors)
@@ -311,8 +323,10 @@ def build(p, out, log_files, item_files, items_path, images_dir=None, max_histor
                   | "By column" >> beam.GroupByKey()
                   | "Side vocabularies" >> beam.Map(_column_vocabulary))
     trained = train | "Trained items" >> beam.Map(_item) | "Item set" >> beam.combiners.ToSet()
+    user_ids = user_vocab | "User dense ids" >> beam.Map(_dense)
+    side_ids = side_vocab | "Side dense ids" >> beam.Map(_column_dense)
     impressions = (rows | "Impressions" >> beam.FlatMap(
-        _impression, AsSingleton(cut), columns, AsSingleton(user_vocab), AsDict(side_vocab),
+        _impression, AsSingleton(cut), columns, AsSingleton(user_ids), AsDict(side_ids),
         AsSingleton(trained)).with_outputs("train", "test", "stats"))
     stats.append(impressions.stats)
     for split in ("train", "test"):

@@ -154,7 +154,8 @@ def _join_vectors(vectors):
 
 def impressions(data_dir, split="train", batch_size=256, max_history=None, shuffle=False,
                 shuffle_buffer=100_000, seed=None, deterministic=True, repeat=False,
-                drop_remainder=False, vectors=None, features=None, validate=True):
+                drop_remainder=False, vectors=None, features=None, validate=True,
+                slices=None):
     """Impression batches ``(features, label)`` of one split, in time order unless shuffled.
 
     Args:
@@ -167,6 +168,9 @@ def impressions(data_dir, split="train", batch_size=256, max_history=None, shuff
         features: keep only these feature names (a Keras model's inputs).
         validate: first read every record once, so that a truncated or
             malformed record fails with its file and number before training.
+        slices: under tf.distribute, `tfmm.distribute.replica_slices`: keeps
+            this replica's rows of every batch, before they are parsed, and
+            adds a third element, the rows' loss weights.
     """
     meta = schema.read_metadata(data_dir)
     paths = schema.files(data_dir, meta, f"impressions/{split}")
@@ -184,58 +188,75 @@ def impressions(data_dir, split="train", batch_size=256, max_history=None, shuff
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(_parse_impressions(length, side, features), num_parallel_calls=AUTOTUNE,
-                deterministic=deterministic)
+    parse = _parse_impressions(length, side, features)
+    if slices is not None:
+        ds = slices(ds)
+        parse = _with_weights(parse)
+    ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     if vectors is not None:
-        ds = ds.map(_join_vectors(vectors), num_parallel_calls=AUTOTUNE,
-                    deterministic=deterministic)
+        ds = ds.map(_with_weights(_join_vectors(vectors)) if slices else _join_vectors(vectors),
+                    num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     if features is not None:
         available = set(ds.element_spec[0])
         missing = [k for k in features if k not in available]
         if missing:
             raise ValueError(f"impressions: features {missing} are not in {data_dir} "
                              f"(it has {sorted(available)}; vector features need `vectors`).")
-        ds = ds.map(lambda f, y: ({k: f[k] for k in features}, y))
+        ds = ds.map(lambda f, *rest: ({k: f[k] for k in features}, *rest))
     return ds.prefetch(AUTOTUNE)
 
 
+def _with_weights(fn):
+    """`fn` of an element, carrying one more, last (the weights), through unchanged."""
+    return lambda *x: (*fn(*x[:-1]), x[-1])
+
+
 def _decode_image(size):
-    """PNG/JPEG bytes -> uint8 [size, size, 3], resized only when needed; no
-    bytes (no image) -> zeros."""
+    """PNG/JPEG bytes -> uint8 [h, w, 3] (`size` is h = w, or (h, w)), resized only when
+    needed; no bytes (no image) -> zeros."""
+    shape = [size, size] if isinstance(size, int) else list(size)
 
     def decode_present(encoded):
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
         image.set_shape([None, None, 3])
         resized = lambda: tf.cast(  # noqa: E731
-            tf.image.resize(image, [size, size], antialias=True) + 0.5, tf.uint8)
-        same = tf.reduce_all(tf.equal(tf.shape(image)[:2], size))
-        return tf.ensure_shape(tf.cond(same, lambda: image, resized), [size, size, 3])
+            tf.image.resize(image, shape, antialias=True) + 0.5, tf.uint8)
+        same = tf.reduce_all(tf.equal(tf.shape(image)[:2], shape))
+        return tf.ensure_shape(tf.cond(same, lambda: image, resized), shape + [3])
 
     def decode(encoded):
         return tf.cond(tf.strings.length(encoded) > 0, lambda: decode_present(encoded),
-                       lambda: tf.zeros([size, size, 3], tf.uint8))
+                       lambda: tf.zeros(shape + [3], tf.uint8))
 
     return decode
 
 
-def items(data_dir, batch_size=256, image_size=None, validate=True):
-    """Catalogue batches: item_id, category_id, first_day, title, image (uint8),
-    has_image (bool; an item without one has zeros, one without a title b"")."""
+def item_parser(data_dir, image_size=None):
+    """One serialised item record -> the features of an `items` batch row."""
     meta = schema.read_metadata(data_dir)
-    paths = schema.files(data_dir, meta, "items")
-    if validate:
-        check_records(paths, schema.item_spec())
-    size = image_size or meta.get("image_size") or 64
-    decode = _decode_image(size)
+    decode = _decode_image(image_size or meta.get("image_size") or 64)
 
     def parse(serialized):
         raw = tf.io.parse_single_example(serialized, schema.item_spec())
         raw["has_image"] = tf.strings.length(raw["image"]) > 0
+        raw["has_title"] = tf.strings.length(tf.strings.strip(raw["title"])) > 0
         raw["image"] = decode(raw["image"])
         return raw
 
+    return parse
+
+
+def items(data_dir, batch_size=256, image_size=None, validate=True):
+    """Catalogue batches: item_id, category_id, first_day, title, image (uint8; `image_size`
+    is h = w or (h, w), default the data's), has_image and has_title (bool; an item
+    without an image has zeros, one without a title b"" or blanks)."""
+    meta = schema.read_metadata(data_dir)
+    paths = schema.files(data_dir, meta, "items")
+    if validate:
+        check_records(paths, schema.item_spec())
     return (tf.data.TFRecordDataset(paths)
-            .map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
+            .map(item_parser(data_dir, image_size), num_parallel_calls=AUTOTUNE,
+                 deterministic=True)
             .batch(batch_size).prefetch(AUTOTUNE))
 
 

@@ -6,6 +6,7 @@ directory of the same name. On an error the temporary directory is removed and
 whatever was at ``out_dir`` before is untouched.
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -46,13 +47,14 @@ class DataDirWriter:
         records = iter(records)
         written = 0
         for name in names:
+            want = min(per_shard, count - written)
             with tf.io.TFRecordWriter(os.path.join(self.tmp_dir, name)) as w:
-                for _ in range(min(per_shard, count - written)):
-                    record = next(records, None)
-                    if record is None:
-                        raise ValueError(f"{table}: {written} records, {count} announced.")
-                    w.write(record)
-                    written += 1
+                write, got = w.write, 0
+                for got, record in enumerate(itertools.islice(records, want), 1):
+                    write(record)
+            written += got
+            if got < want:
+                raise ValueError(f"{table}: {written} records, {count} announced.")
         if next(records, None) is not None:
             raise ValueError(f"{table}: more records than the {count} announced.")
         self.files[table] = names

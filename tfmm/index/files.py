@@ -359,7 +359,7 @@ def write_vectors(path, raw_ids, vectors, ids=None):
     fmt = _write_format(path)
     vectors = np.asarray(vectors, np.float32)
     n, d = vectors.shape
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         if fmt == "npy":
             with open(tmp, "wb") as f:
                 np.save(f, vectors)
@@ -376,7 +376,7 @@ def write_vectors(path, raw_ids, vectors, ids=None):
                 columns.update({f"v{j}": pa.array(vectors[:, j]) for j in range(d)})
                 pa_csv.write_csv(pa.table(columns), tmp)
     if fmt == "npy":
-        with _replacing(ids) as tmp:
+        with replacing(ids) as tmp:
             if str(ids).lower().endswith(".npy"):
                 with open(tmp, "wb") as f:
                     np.save(f, np.array(raw_ids, dtype=str))
@@ -386,7 +386,7 @@ def write_vectors(path, raw_ids, vectors, ids=None):
 
 
 @contextlib.contextmanager
-def _replacing(path):
+def replacing(path):
     """A temporary sibling of `path`, renamed to it when the block succeeds."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -7,8 +7,10 @@ from tfmm.layers.dice import Dice
 from tfmm.layers.din_attention import DINAttention
 from tfmm.layers.known_ids import KnownIds
 from tfmm.layers.make import MAKEBlock
+from tfmm.layers.sharded_embedding import ShardedEmbedding
 from tfmm.layers.simscore import SimScore
 from tfmm.layers.simtier import SimTierLayer
 from tfmm.layers.vector import VectorFeature
 
-__all__ = ["DINAttention", "Dice", "KnownIds", "MAKEBlock", "SimScore", "SimTierLayer", "VectorFeature"]
+__all__ = ["DINAttention", "Dice", "KnownIds", "MAKEBlock", "ShardedEmbedding", "SimScore",
+           "SimTierLayer", "VectorFeature"]

@@ -18,12 +18,10 @@ import logging
 import sys
 import time
 
-import numpy as np
-import tensorflow as tf
 from absl import app, flags
 
-from tfmm.export import latest_version
 from tfmm.index import open_index
+from tfmm.serving.encoding import Encoder
 from tfmm.serving.events import BadEvent, open_events
 
 FLAGS = flags.FLAGS
@@ -40,66 +38,6 @@ flags.DEFINE_integer("max_events", 0, "Stop after this many events (0: run until
 flags.DEFINE_float("idle_exit", 0.0, "Stop after this many seconds without events (0: never).")
 
 log = logging.getLogger("tfmm.serving.encoder")
-
-
-class Encoder:
-    """An exported encoder's ``serving_default``, fed from new-item events.
-
-    Args:
-        path: the SavedModel (a version dir or a base dir).
-    """
-
-    def __init__(self, path):
-        self.path = latest_version(path)
-        signatures = tf.saved_model.load(self.path).signatures
-        if "serving_default" not in signatures:
-            raise ValueError(f"{self.path} is not an encoder export: it has no serving_default "
-                             "signature.")
-        self._serve = signatures["serving_default"]
-        inputs = self._serve.structured_input_signature[1]
-        outputs = self._serve.structured_outputs
-        image = text = False
-        if len(inputs) == len(outputs) == 1:
-            (spec,), (out,) = inputs.values(), outputs.values()
-            image = (spec.dtype == tf.uint8 and spec.shape.rank == 4 and spec.shape[-1] == 3
-                     and None not in spec.shape[1:3] and out.shape.rank == 2)
-            text = spec.dtype == tf.string and spec.shape.rank == 1 and out.shape.rank == 2
-        if not (image or text):
-            raise ValueError(
-                f"{self.path} is not an encoder export: its serving_default takes "
-                f"{', '.join(sorted(inputs))} and returns {', '.join(sorted(outputs))}; an "
-                "encoder takes one uint8 [n, h, w, 3] image or string [n] text input and "
-                "returns [n, d] vectors.")
-        self.input_name = next(iter(inputs))
-        self.modality = "image" if image else "text"
-        self.image_size = tuple(spec.shape[1:3]) if image else None
-        self.dim = int(out.shape[-1])
-
-    def content(self, event):
-        """The model input of one event; BadEvent when it has none or it does not decode."""
-        if self.modality == "text":
-            if not event["title"]:
-                raise BadEvent(f"item {event['item_id']}: the encoder embeds titles; "
-                               "the event has none.")
-            return event["title"]
-        if not event["image"]:
-            raise BadEvent(f"item {event['item_id']}: the encoder embeds images; "
-                           "the event has none.")
-        try:
-            image = tf.io.decode_image(event["image"], channels=3, expand_animations=False)
-        except tf.errors.OpError as e:  # pure decoding: any failure is the content's
-            raise BadEvent(f"item {event['item_id']}: the image does not decode "
-                           f"({e.message.splitlines()[0]}).") from None
-        if tuple(image.shape[:2]) != self.image_size:
-            image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, self.image_size)),
-                                             0, 255), tf.uint8)
-        return image.numpy()
-
-    def __call__(self, contents):
-        """Vectors [n, dim] of model inputs built by `content`."""
-        batch = np.stack(contents) if self.modality == "image" else np.array(contents, object)
-        out = self._serve(**{self.input_name: tf.constant(batch)})
-        return next(iter(out.values())).numpy()
 
 
 def process(encoder, events, index, consumer, batch_size=64, block=0.5):

@@ -1,0 +1,253 @@
+"""Data-parallel training on TensorFlow's own engine, `tf.distribute` (``--strategy``).
+
+- ``none``: one process, Keras' ``model.fit`` (the jobs' own path).
+- ``mirrored``: `tf.distribute.MirroredStrategy`, the devices of one machine.
+- ``multi_worker``: `tf.distribute.MultiWorkerMirroredStrategy`, machines
+  named by the standard ``TF_CONFIG``; every worker runs the same command.
+
+Keras 3's ``fit`` fails under MultiWorkerMirroredStrategy ("Attempt to
+convert a value (PerReplica...)"), so `fit` here is a loop of
+``strategy.run(model.train_step)`` in a `tf.function`: the model's own step
+(one definition of a step), Keras' own callbacks (`keras.callbacks.CallbackList`),
+and checkpoints of model, optimizer and epoch with `tf.train.CheckpointManager`.
+Keras 3 scales a compiled loss by 1 / replicas and its optimizer sums the
+replicas' gradients, so a step equals the one-process step on the global
+batch when every replica weighs its rows as in that batch (`replica_slices`).
+
+The chief (worker 0, or the task of type ``chief``) alone writes records,
+logs and exports; every worker writes its checkpoint, as `tf.distribute`
+requires (saving may read variables through collectives), the others into a
+temporary directory they delete. A killed job restarted with the same command
+resumes on every worker from the chief's last checkpoint, which must be on a
+file system every worker reads.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+STRATEGIES = ("none", "mirrored", "multi_worker")
+_strategies = {}
+_sums = weakref.WeakKeyDictionary()  # strategy -> its all-reduce of a number
+_predictors = weakref.WeakKeyDictionary()  # model -> its `predictor`
+
+
+def strategy(name):
+    """The process's `tf.distribute.Strategy` of `name` (None for ``none``).
+
+    Made once per process: MultiWorkerMirroredStrategy must exist before
+    TensorFlow runs its first operation, so callers create it first thing.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy={name!r} is not one of {STRATEGIES}.")
+    if name == "none":
+        return None
+    if name not in _strategies:
+        if name == "mirrored":
+            _strategies[name] = tf.distribute.MirroredStrategy()
+        else:
+            if "TF_CONFIG" not in os.environ:
+                raise ValueError("strategy='multi_worker' needs the cluster in $TF_CONFIG.")
+            try:
+                json.loads(os.environ["TF_CONFIG"])
+            except ValueError as e:
+                raise ValueError(f"$TF_CONFIG is not JSON: {e}") from None
+            _strategies[name] = tf.distribute.MultiWorkerMirroredStrategy()
+    return _strategies[name]
+
+
+def is_chief(strategy):
+    """Whether this process writes the run's records, logs and exports."""
+    return strategy is None or strategy.extended.should_checkpoint
+
+
+def scope(strategy):
+    """Where models and optimizers trained under `strategy` are made."""
+    return contextlib.nullcontext() if strategy is None else strategy.scope()
+
+
+def worker_id(strategy):
+    """This worker's index among its task type's (0 without a cluster)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return getattr(resolver, "task_id", None) or 0
+
+
+def chief_value(strategy, value):
+    """The chief's integer `value` on every worker; also a barrier (all must call it)."""
+    if strategy is None:
+        return value
+
+    if strategy not in _sums:  # traced once per value (a tensor made outside the
+        # replica function has no device for the all-reduce to start from)
+        _sums[strategy] = tf.function(lambda v: strategy.run(
+            lambda: tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.constant(v, tf.int64))))
+    mine = int(value) if is_chief(strategy) else 0
+    # Every local replica of the chief's machine adds it once.
+    total = int(strategy.experimental_local_results(_sums[strategy](mine))[0])
+    local = strategy.num_replicas_in_sync // max(1, _num_workers(strategy))
+    return total // local
+
+
+def _num_workers(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return sum(len(spec.get(t, [])) for t in ("chief", "worker")) or 1
+
+
+def replica_slices(context, num_replicas, weights=True):
+    """A function of a dataset of global batches that keeps this input pipeline's rows.
+
+    Every worker reads the same global batches; replica r of R keeps the r-th
+    of R contiguous slices of each (sizes differing by at most one, a last
+    short batch included), so the k-th step of R replicas holds the k-th
+    global batch's rows, as in one process. A pipeline feeding several local
+    replicas yields their slices in turn. With `weights`, each slice comes
+    with a weight per row, R * n_r / N (1 for equal slices): Keras averages a
+    replica's loss over its n_r rows and scales it by 1 / R, so that every row
+    weighs 1 / N, as in the global batch.
+
+    Args:
+        context: the `tf.distribute.InputContext` of
+            ``distribute_datasets_from_function``.
+        num_replicas: replicas in sync (R).
+    """
+    local = num_replicas // context.num_input_pipelines
+    first = context.input_pipeline_id * local
+
+    def cut(batch, r):
+        first_part = tf.nest.flatten(batch)[0]
+        rows = tf.shape(first_part, out_type=tf.int64)[0]
+        start, stop = (rows * r) // num_replicas, (rows * (r + 1)) // num_replicas
+        part = tf.nest.map_structure(lambda t: t[start:stop], batch)
+        static = first_part.shape[0]
+        if static is not None and static % num_replicas == 0:  # equal slices stay static
+            part = tf.nest.map_structure(
+                lambda t: tf.ensure_shape(t, [static // num_replicas, *t.shape[1:]]), part)
+        if not weights:
+            return part
+        weight = tf.cast(num_replicas * (stop - start), tf.float32) / tf.cast(
+            tf.maximum(rows, 1), tf.float32)
+        return part, tf.fill([stop - start], weight)
+
+    def apply(ds):
+        if local == 1:
+            return ds.map(lambda *b: cut(b if len(b) > 1 else b[0], first))
+        return ds.flat_map(lambda *b: tf.data.Dataset.range(first, first + local).map(
+            lambda r: cut(b if len(b) > 1 else b[0], r)))
+
+    return apply
+
+
+def predictor(model):
+    """``model(x, training=False)`` as a `tf.function` that runs on this process alone.
+
+    Keras' ``predict`` on a model made under a multi-worker strategy gathers
+    through collectives, which would wait for the other workers; the chief
+    evaluates alone with this instead (the variables' values are the same on
+    every worker).
+    """
+    if model not in _predictors:
+        _predictors[model] = tf.function(lambda x: model(x, training=False),
+                                         reduce_retracing=True)
+    return _predictors[model]
+
+
+def weights_digest(model, strategy):
+    """SHA-256 of the model's weights, which every worker prints: they are equal
+    after every step."""
+    digest = hashlib.sha256()
+    for w in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
+    digest = digest.hexdigest()
+    print(f"trained weights (worker {worker_id(strategy)}): sha256 {digest}", flush=True)
+    return digest
+
+
+def _temporary_dir(directory, strategy):
+    """Where a worker that is not the chief writes what must be written, then deleted."""
+    return os.path.join(os.path.dirname(os.path.normpath(directory)),
+                        f"workertemp_{worker_id(strategy)}", os.path.basename(directory))
+
+
+def step_function(model, strategy, element_spec):
+    """One training step of `model` on a distributed batch: its logs, averaged over the
+    replicas."""
+
+    @tf.function(input_signature=[element_spec])
+    def step(batch):
+        logs = strategy.run(model.train_step, args=(batch,))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                for k, v in logs.items()}
+
+    return step
+
+
+def fit(model, strategy, dataset_fn, epochs, backup, steps=None, callbacks=(),
+        chief_callbacks=(), verbose=2):
+    """Trains `model` (compiled under ``strategy.scope()``) like ``fit``, under `strategy`.
+
+    Args:
+        dataset_fn: of a `tf.distribute.InputContext`, the pipeline's dataset
+            (``strategy.distribute_datasets_from_function``), e.g. global batches
+            cut by `replica_slices`.
+        epochs: epochs in all, the resumed ones included.
+        backup: the checkpoint directory (model, optimizer, finished epochs);
+            a run finds it there when resuming and deletes it when done, as
+            `keras.callbacks.BackupAndRestore` does.
+        steps: steps per epoch of a repeating dataset; None: one pass.
+        callbacks: Keras callbacks every worker runs (that change the training).
+        chief_callbacks: Keras callbacks only the chief runs (that write).
+
+    Returns the last epoch's logs (averaged over the replicas).
+    """
+    chief = is_chief(strategy)
+    callbacks = keras.callbacks.CallbackList(
+        list(callbacks) + (list(chief_callbacks) if chief else []), add_history=False,
+        add_progbar=chief and verbose != 0, model=model, verbose=verbose, epochs=epochs,
+        steps=steps)
+    if not model.optimizer.built:
+        with strategy.scope():
+            model.optimizer.build(model.trainable_variables)
+    done = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_done")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epochs_done=done)
+    write_dir = backup if chief else _temporary_dir(backup, strategy)
+    manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=1)
+    latest = tf.train.latest_checkpoint(backup)
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    step = step_function(model, strategy, dataset.element_spec)
+    callbacks.on_train_begin()
+    logs = {}
+    iterator = iter(dataset) if steps else None
+    model.stop_training = False
+    for epoch in range(int(done.numpy()), epochs):
+        for metric in model.metrics:
+            metric.reset_state()
+        callbacks.on_epoch_begin(epoch)
+        batches = (next(iterator) for _ in range(steps)) if steps else iter(dataset)
+        for k, batch in enumerate(batches):
+            callbacks.on_train_batch_begin(k)
+            logs = step(batch)
+            callbacks.on_train_batch_end(k, logs)
+        logs = {k: float(v) for k, v in logs.items()}
+        callbacks.on_epoch_end(epoch, logs)  # records first: see tfmm.callbacks
+        done.assign(epoch + 1)
+        manager.save()
+        if not chief:
+            shutil.rmtree(os.path.dirname(write_dir), ignore_errors=True)
+        if model.stop_training:
+            break
+    callbacks.on_train_end(logs)
+    chief_value(strategy, 0)  # no worker still needs the backup the chief deletes
+    if chief:
+        shutil.rmtree(backup, ignore_errors=True)
+    return logs

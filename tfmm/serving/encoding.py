@@ -1,0 +1,225 @@
+"""An exported encoder as a callable, and a whole catalogue embedded with it.
+
+`Encoder` wraps the SCL encoder's SavedModel (``python -m tfmm.train
+--task=pretrain --export_dir=...``): image or text in, whichever its
+``serving_default`` takes. The near-line service (`tfmm.serving.encoder`) feeds
+it new-item events; the batch job (`embed_catalogue`, ``python -m
+tfmm.serving.embed``) every item of a data directory, into an `IndexSink` or a
+`PartSink` (Parquet parts by raw item id).
+"""
+
+import contextlib
+import glob
+import json
+import os
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfmm import data
+from tfmm.data import schema
+from tfmm.export import latest_version
+from tfmm.index import files, open_index
+from tfmm.serving.events import BadEvent
+
+MANIFEST = "_embed.json"
+
+
+class Encoder:
+    """An exported encoder's ``serving_default``: `content` makes its input from a
+    new-item event, a call embeds a batch of inputs.
+
+    Args:
+        path: the SavedModel (a version dir or a base dir).
+    """
+
+    def __init__(self, path):
+        self.path = latest_version(path)
+        signatures = tf.saved_model.load(self.path).signatures
+        if "serving_default" not in signatures:
+            raise ValueError(f"{self.path} is not an encoder export: it has no serving_default "
+                             "signature.")
+        self._serve = signatures["serving_default"]
+        inputs = self._serve.structured_input_signature[1]
+        outputs = self._serve.structured_outputs
+        image = text = False
+        if len(inputs) == len(outputs) == 1:
+            (spec,), (out,) = inputs.values(), outputs.values()
+            image = (spec.dtype == tf.uint8 and spec.shape.rank == 4 and spec.shape[-1] == 3
+                     and None not in spec.shape[1:3] and out.shape.rank == 2)
+            text = spec.dtype == tf.string and spec.shape.rank == 1 and out.shape.rank == 2
+        if not (image or text):
+            raise ValueError(
+                f"{self.path} is not an encoder export: its serving_default takes "
+                f"{', '.join(sorted(inputs))} and returns {', '.join(sorted(outputs))}; an "
+                "encoder takes one uint8 [n, h, w, 3] image or string [n] text input and "
+                "returns [n, d] vectors.")
+        self.input_name = next(iter(inputs))
+        self.modality = "image" if image else "text"
+        self.image_size = tuple(spec.shape[1:3]) if image else None
+        self.dim = int(out.shape[-1])
+
+    def content(self, event):
+        """The model input of one event; BadEvent when it has none or it does not decode."""
+        if self.modality == "text":
+            if not event["title"]:
+                raise BadEvent(f"item {event['item_id']}: the encoder embeds titles; "
+                               "the event has none.")
+            return event["title"]
+        if not event["image"]:
+            raise BadEvent(f"item {event['item_id']}: the encoder embeds images; "
+                           "the event has none.")
+        try:
+            image = tf.io.decode_image(event["image"], channels=3, expand_animations=False)
+        except tf.errors.OpError as e:  # pure decoding: any failure is the content's
+            raise BadEvent(f"item {event['item_id']}: the image does not decode "
+                           f"({e.message.splitlines()[0]}).") from None
+        if tuple(image.shape[:2]) != self.image_size:
+            image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, self.image_size)),
+                                             0, 255), tf.uint8)
+        return image.numpy()
+
+    def __call__(self, contents):
+        """Vectors [n, dim] of model inputs built by `content`."""
+        batch = np.stack(contents) if self.modality == "image" else np.array(contents, object)
+        out = self._serve(**{self.input_name: tf.constant(batch)})
+        return next(iter(out.values())).numpy()
+
+
+def content_key(encoder):
+    """The `data.items` feature the encoder takes, and the flag saying an item has it."""
+    return ("image", "has_image") if encoder.modality == "image" else ("title", "has_title")
+
+
+class IndexSink:
+    """Vectors into an index table, claimed for the catalogue; one put per batch."""
+
+    def __init__(self, spec, dim, catalogue):
+        self.index = open_index(spec, dim=dim)
+        self.index.claim(catalogue)
+
+    def done(self, positions):
+        return np.zeros(len(positions), bool)
+
+    def write(self, positions, ids, vectors):
+        if len(ids):
+            self.index.put(ids, vectors)
+
+    def advance(self, seen):
+        pass
+
+    def finish(self, seen):
+        self.index.close()
+
+    def __str__(self):
+        return repr(self.index)
+
+
+class PartSink:
+    """Vectors into Parquet parts by raw id: part N holds the items with content at
+    catalogue positions [N * part_size, (N + 1) * part_size)."""
+
+    def __init__(self, out_dir, data_dir, manifest, part_size):
+        self.out_dir, self.part_size = out_dir, part_size
+        self.raw = schema.item_raw_ids(data_dir)
+        claim_dir(out_dir, dict(manifest, layout=f"local parts of {part_size} items"))
+        for path in glob.glob(os.path.join(out_dir, "part-*.parquet.tmp-*")):
+            os.remove(path)  # a killed run's half-written part
+        self.buffered = {}  # part -> [(ids, vectors)]
+        self.next_part = 0  # the first part not flushed yet
+
+    def path(self, part):
+        return os.path.join(self.out_dir, f"part-{part:05d}.parquet")
+
+    def done(self, positions):
+        parts = positions // self.part_size
+        complete = {p: os.path.exists(self.path(p)) for p in np.unique(parts).tolist()}
+        return np.array([complete[p] for p in parts.tolist()], bool)
+
+    def write(self, positions, ids, vectors):
+        parts = positions // self.part_size
+        for p in np.unique(parts).tolist():
+            self.buffered.setdefault(p, []).append((ids[parts == p], vectors[parts == p]))
+
+    def advance(self, seen):
+        """Flushes the parts whose positions all lie below `seen`."""
+        while (self.next_part + 1) * self.part_size <= seen:
+            self._flush()
+
+    def finish(self, seen):
+        self.advance(seen)
+        if self.next_part * self.part_size < seen:
+            self._flush()
+
+    def _flush(self):
+        part = self.buffered.pop(self.next_part, [])
+        if not os.path.exists(self.path(self.next_part)):
+            ids = np.concatenate([i for i, _ in part]) if part else np.zeros(0, np.int64)
+            vectors = np.concatenate([v for _, v in part]) if part else np.zeros((0, 0))
+            files.write_vectors(self.path(self.next_part),
+                                [self.raw[i - schema.FIRST_ID] for i in ids.tolist()], vectors)
+        self.next_part += 1
+
+    def __str__(self):
+        return f"{self.out_dir}/part-*.parquet"
+
+
+def claim_dir(out_dir, manifest):
+    """Records the job `manifest` describes in `out_dir`; ValueError if it holds another's."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            held = json.load(f)
+        if held != manifest:
+            changed = sorted(k for k in set(held) | set(manifest)
+                             if held.get(k) != manifest.get(k))
+            raise ValueError(f"{out_dir} holds the vectors of another embedding job ({path} "
+                             f"differs in {', '.join(changed)}); use another directory.")
+        return
+    with files.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+
+
+def job_manifest(encoder, data_dir):
+    """What a Parquet directory records of its job (`claim_dir`)."""
+    return {"catalogue": schema.catalogue_fingerprint(data_dir),
+            "encoder": os.path.abspath(encoder.path), "modality": encoder.modality,
+            "dim": encoder.dim}
+
+
+def embed_catalogue(encoder, data_dir, sink, batch_size=256, verbose=1):
+    """Embeds every item of `data_dir` with content for `encoder` into `sink` (an
+    `IndexSink` or a `PartSink`), `batch_size` items per model call; `verbose`: 1
+    shows a progress bar on stderr, 0 none.
+
+    Returns {"items", "embedded", "without_content", "already_done"}: catalogue
+    items, items embedded now, items skipped for lack of content, and items
+    with content in parts a killed run had completed.
+    """
+    feature, flag = content_key(encoder)
+    total = schema.read_metadata(data_dir)["vocab"]["num_items"] - schema.FIRST_ID
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the summary
+        bar = keras.utils.Progbar(total, verbose=verbose, unit_name="item",
+                                  stateful_metrics=["embedded", "without content"])
+    seen = embedded = without = already = 0
+    for batch in data.items(data_dir, batch_size, image_size=encoder.image_size):
+        ids, has = batch["item_id"].numpy(), batch[flag].numpy()
+        positions = np.arange(seen, seen + len(ids))
+        todo = has & ~sink.done(positions)
+        if todo.any():
+            sink.write(positions[todo], ids[todo], encoder(batch[feature].numpy()[todo]))
+        seen += len(ids)
+        sink.advance(seen)
+        embedded, without = embedded + int(todo.sum()), without + int((~has).sum())
+        already += int((has & ~todo).sum())
+        with contextlib.redirect_stdout(sys.stderr):
+            bar.update(seen, [("embedded", embedded), ("without content", without)],
+                       finalize=seen == total)
+    sink.finish(seen)
+    return {"items": seen, "embedded": embedded, "without_content": without,
+            "already_done": already}
+
+
