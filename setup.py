@@ -33,7 +33,7 @@ setup(
     extras_require={
         "test": ["pytest==9.*", "hypothesis==6.*"],
         "tfrs": ["tensorflow-recommenders==0.7.7", "tf-keras==2.21.*"],
-        "beam": ["apache-beam==2.77.*"],  # prepare and embed as Beam pipelines (--runner)
+        "beam": ["apache-beam[tfrecord]==2.77.*"],  # prepare and embed as Beam pipelines (--runner)
         "bench": ["deepctr==0.9.4", "tf-keras==2.21.*"],  # the DIN peer of benchmarks.ctr_step (runs under tf-keras)
     },
 )

@@ -1,9 +1,11 @@
 """Data preparation: impressions/s and peak memory per impression of
 `python -m tfmm.data.prepare` on a synthetic log, next to an older version of
-the code (default: the row-by-row one before vectorisation) in the same run.
+the code (default: the row-by-row one before vectorisation) in the same run,
+and, with --runners, as a Beam pipeline (`--runner=NAME`).
 
     python -m benchmarks.prepare --rows=1000000
     python -m benchmarks.prepare --rows=10000000 --old_ref=
+    python -m benchmarks.prepare --rows=1000000 --old_ref= --runners=local,DirectRunner
 
 The log has the columns user_id, item_id, label, timestamp (string ids "u123",
 "i456"; --click_rate of labels 1; timestamps uniform over 30 days, not in
@@ -12,9 +14,14 @@ runs in its own process; its peak RSS is compared with that of a process that
 only imports TensorFlow and the pyarrow modules prepare uses (the baseline),
 and its time includes that import. With --old_ref, the code at that git ref
 (`git archive`) runs on the same files and the outputs are compared byte for
-byte.
+byte. A Beam runner gets --beam_options (by default the DirectRunner in this
+one process, one worker: the pipeline's cost per impression, not a cluster's
+speed); its baseline also imports apache_beam, and its output is compared
+with the local one's: the same vocabularies byte for byte and the same set of
+records in each table (their order differs).
 """
 
+import collections
 import filecmp
 import os
 import subprocess
@@ -31,6 +38,8 @@ flags.DEFINE_float("click_rate", 0.2, "Fraction of impressions that are clicks."
 flags.DEFINE_string("old_ref", "1510c7a", "Git ref of the code to compare with ('' for none).")
 flags.DEFINE_list("runners", ["local"], "How to run this checkout's prepare: 'local', or a "
                   "Beam runner name, passed as --runner.")
+flags.DEFINE_list("beam_options", ["--direct_num_workers=1", "--direct_running_mode=in_memory"],
+                  "Pipeline options of the Beam runners (after prepare's `--`).")
 flags.DEFINE_string("work_dir", None, "Where the log and outputs go (default: a temp dir).")
 FLAGS = flags.FLAGS
 
@@ -38,6 +47,9 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.csv as pa_csv  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tfmm.data import schema  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYARROW = ("pyarrow", "pyarrow.csv", "pyarrow.compute", "pyarrow.parquet")  # prepare's
@@ -84,6 +96,21 @@ def measure(args, pythonpath):
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
+def same_output(local_out, beam_out):
+    """Whether a Beam run wrote the local run's vocabularies and, per table, the
+    same multiset of records."""
+    vocab = sorted(os.listdir(os.path.join(local_out, "vocab")))
+    if sorted(os.listdir(os.path.join(beam_out, "vocab"))) != vocab or not all(
+            filecmp.cmp(os.path.join(local_out, "vocab", v), os.path.join(beam_out, "vocab", v),
+                        shallow=False) for v in vocab):
+        return False
+    metas = schema.read_metadata(local_out), schema.read_metadata(beam_out)
+    if set(metas[0]["files"]) != set(metas[1]["files"]):
+        return False
+    return all(collections.Counter(tf.data.TFRecordDataset(
+        schema.files(local_out, metas[0], table)).as_numpy_iterator()) == collections.Counter(
+            tf.data.TFRecordDataset(schema.files(beam_out, metas[1], table))
+            .as_numpy_iterator()) for table in metas[0]["files"])
 
 
 def main(argv):
@@ -101,7 +128,14 @@ def main(argv):
     print(f"baseline (import tensorflow, {', '.join(PYARROW)}): peak RSS "
           f"{baseline / 2**20:,.0f} MiB; {(baseline - bare) / 2**20:,.0f} MiB of it the modules "
           "beyond pyarrow's core")
-    runs = [(name, ROOT, [] if name == "local" else [f"--runner={name}"])
+    beam_baseline = None
+    if set(FLAGS.runners) - {"local"}:
+        _, _, beam_baseline = measure(
+            ["-c", f"import tensorflow, {', '.join(PYARROW)}, apache_beam"], ROOT)
+        print(f"Beam baseline (the same and apache_beam): peak RSS "
+              f"{beam_baseline / 2**20:,.0f} MiB")
+    runs = [(name, ROOT, [] if name == "local" else [f"--runner={name}", "--",
+                                                      *FLAGS.beam_options])
             for name in FLAGS.runners]
     if FLAGS.old_ref:
         old = os.path.join(work_dir, "old-code")
@@ -116,9 +150,11 @@ def main(argv):
         wall, cpu, peak = measure(["-m", "tfmm.data.prepare", f"--impressions={log}",
                                    f"--items={items}", f"--out_dir={out}", *extra], code_dir)
         results[name] = wall, cpu, out
+        beam = name in FLAGS.runners and name != "local"
         print(f"{name:16s} {FLAGS.rows / wall:12,.0f} impressions/s ({wall:.1f} s wall, "
               f"{cpu:.1f} s CPU), peak RSS {peak / 2**20:,.0f} MiB: "
-              f"{(peak - baseline) / FLAGS.rows:,.0f} bytes/impression above the baseline")
+              f"{(peak - (beam_baseline if beam else baseline)) / FLAGS.rows:,.0f} "
+              f"bytes/impression above the {'Beam ' if beam else ''}baseline", flush=True)
     if FLAGS.old_ref and "local" in results:
         (new_wall, new_cpu, new_out), (old_wall, old_cpu, old_out) = (
             results["local"], results[runs[-1][0]])
@@ -127,6 +163,12 @@ def main(argv):
         print(f"local vs old: {old_wall / new_wall:.1f}x faster in wall time, "
               f"{old_cpu / new_cpu:.1f}x in CPU time; outputs "
               f"{'identical' if same else 'DIFFER'} ({', '.join(TABLES)})")
+    for name in FLAGS.runners:
+        if name != "local" and "local" in results:
+            (local_wall, local_cpu, local_out), (wall, cpu, out) = results["local"], results[name]
+            print(f"{name} vs local: {wall / local_wall:.1f}x the wall time, "
+                  f"{cpu / local_cpu:.1f}x the CPU time; vocabularies and sets of records "
+                  f"{'identical' if same_output(local_out, out) else 'DIFFER'}")
 
 
 if __name__ == "__main__":

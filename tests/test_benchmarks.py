@@ -4,6 +4,7 @@ The figures themselves are for BENCHMARKS.md, on real sizes; these runs keep
 the scripts (and their peers: DeepCTR under tf-keras, a private Redis) working.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -45,6 +46,10 @@ def test_benchmark_smoke_run(name, tmp_path):
         args = args + [f"--data_dir={tmp_path / 'tiny'}"]
     if name == "prepare":
         args = args + [f"--work_dir={tmp_path}"]
+        if importlib.util.find_spec("apache_beam"):  # the beam extra: a DirectRunner column
+            args, expected = args + ["--runners=local,DirectRunner"], expected + [
+                "bytes/impression above the Beam baseline",
+                "DirectRunner vs local: ", "vocabularies and sets of records identical"]
     proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args],
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
                               os.path.abspath(__file__))), timeout=600)

@@ -2,7 +2,12 @@
 
     python -m tfmm.data.prepare --impressions=impressions.csv --items=items.csv \\
         [--images_dir=DIR] --out_dir=DIR [--max_history=50] [--test_fraction=0.1] \\
-        [--pairs=pairs.csv | --pairs_from=clicks [--pair_window=1] [--pair_max_gap=T]]
+        [--pairs=pairs.csv | --pairs_from=clicks [--pair_window=1] [--pair_max_gap=T]] \\
+        [--runner=DirectRunner|DataflowRunner|... [-- BEAM_PIPELINE_OPTIONS...]]
+
+With ``--runner``, the same preparation runs as an Apache Beam pipeline
+(tfmm/data/prepare_beam.py, the ``beam`` extra), the arguments after ``--``
+being the runner's pipeline options.
 
 Files are CSV (a header row) or Parquet. A file is read as Parquet when it
 starts with Parquet's magic bytes ``PAR1`` or its name holds ``.parquet``
@@ -75,6 +80,7 @@ line and ``metadata.json`` (``pairs``).
 
 import codecs
 import csv
+import functools
 import io
 import os
 import sys
@@ -105,6 +111,9 @@ flags.DEFINE_integer("pair_window", 1, "--pairs_from=clicks: pair each click wit
 flags.DEFINE_integer("pair_max_gap", None, "--pairs_from=clicks: the most timestamp units "
                      "between a pair's two clicks (default: any).")
 flags.DEFINE_integer("seed", 0, "Seed of the mined hard negatives.")
+flags.DEFINE_string("runner", None, "Run as an Apache Beam pipeline on this runner "
+                    "(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...); its "
+                    "pipeline options follow a `--`. Default: in this process, without Beam.")
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -119,6 +128,7 @@ from tfmm.data.writer import DataDirWriter  # noqa: E402
 
 IMPRESSION_COLUMNS = ("user_id", "item_id", "label", "timestamp")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+HISTORY = ("history_item_ids", "history_category_ids", "history_timestamps")
 
 
 READ_BLOCK = 4 << 20  # bytes of CSV parsed at once
@@ -427,16 +437,111 @@ def _repeats(columns):
     return repeats
 
 
+def item_image(raw, path, row):
+    """An item's image bytes (b"": none), checked to decode; `row` names the item's row."""
+    return read_image(path, f"item {raw!r}, {row}")
+
+
+def item_features(item_id, category_id, image, title):
+    """An item record's features, for `schema.example` (one item's values) or
+    `schema.examples` (arrays of them): dense ids, image bytes, encoded title."""
+    return {"ints": {"item_id": item_id, "category_id": category_id,
+                     "first_day": np.zeros_like(item_id)},
+            "strings": {"image": image, "title": title}}
+
+
+def impression_features(user_id, item_id, category_id, timestamp, label, is_new_item, side,
+                        history):
+    """An impression record's features, for `schema.example` or `schema.examples`
+    (as `item_features`): `side` maps each side column to its dense ids, `history`
+    holds the history's (item ids, category ids, timestamps), as lists or as
+    `schema.examples` int_lists triples."""
+    return {"ints": {"user_id": user_id, "item_id": item_id, "category_id": category_id,
+                     "timestamp": timestamp, "label": label, "is_new_item": is_new_item,
+                     **side},
+            "int_lists": dict(zip(HISTORY, history))}
+
+
 def item_records(items, ids, item_vocab, categories, images, titles):
     dense = lookup(item_vocab, ids)
     for a in range(0, len(ids), RECORDS_PER_CHUNK):
         rows = range(a, min(a + RECORDS_PER_CHUNK, len(ids)))
-        yield from schema.examples(
-            ints={"item_id": dense[rows], "category_id": categories[rows],
-                  "first_day": np.zeros(len(rows), np.int64)},
-            strings={"image": [read_image(images[i], f"item {ids[i]!r}, {items.row(i)}")
-                               for i in rows],
-                     "title": [titles[i].encode() for i in rows]})
+        yield from schema.examples(**item_features(
+            dense[rows], categories[rows],
+            [item_image(ids[i], images[i], items.row(i)) for i in rows],
+            [titles[i].encode() for i in rows]))
+
+
+def read_catalogue(path, images_dir, absolute_image_paths):
+    """An items file: (table, raw ids, raw categories (None without the column),
+    titles, image files (None: none))."""
+    items, ids = read_items(path)
+    categories = items.ids("category_id") if "category_id" in items.columns else None
+    images = np.full(len(ids), None, object)
+    if images_dir:
+        column = "image" if "image" in items.columns else None
+        images = image_paths(items, column, images_dir, absolute_image_paths, ids)
+    return items, ids, categories, items.texts("title"), images
+
+
+def no_image_error(items_path, images_dir):
+    return ValueError(f"{items_path}: no item has an image in --images_dir={images_dir} "
+                      "(looked for <item_id>.png, .jpg, .jpeg).")
+
+
+def read_log(path):
+    """An impressions file, its ids and labels checked: (table, user (codes, values),
+    item (codes, values), int64 timestamps, int8 labels, {side column: (codes,
+    values)}), codes as `Table.codes` gives them."""
+    log = Table(path, ints=("label", "timestamp"))
+    log.require(IMPRESSION_COLUMNS)
+    users = log.codes("user_id")
+    timestamp, label = log.ints("timestamp"), log.ints("label")
+    bad = np.flatnonzero((label != 0) & (label != 1))
+    if len(bad):
+        raise ValueError(f"{log.row(bad[0])}, column 'label': {label[bad[0]]} is not 0 or 1.")
+    items = log.codes("item_id")
+    side = {c: log.codes(c) for c in log.columns if c not in IMPRESSION_COLUMNS}
+    return log, users, items, timestamp, label.astype(np.int8), side
+
+
+def unknown_item_error(where, raw, items_path, count):
+    return ValueError(f"{where}, column 'item_id': {raw!r} is not in {items_path} ({count} such "
+                      "rows; --unknown_items=oov maps them to id 1).")
+
+
+def split_error(impressions_path, cut):
+    return ValueError(f"{impressions_path}: the split at timestamp {cut} leaves an empty train "
+                      "or test split.")
+
+
+def write_vocabulary(path, vocab):
+    """`vocab` (a `vocabulary`) as text: line k is dense id k + schema.FIRST_ID."""
+    with open(path, "w") as f:
+        f.writelines(f"{v}\n" for v in vocab.to_pylist())
+
+
+def metadata(impressions_path, items_path, images_dir, pairs, vocab_sizes, max_history, side,
+             cut, test_oov_users, unknown_items, duplicates, drop_duplicates, missing_images,
+             missing_titles, pair_meta=None):
+    """metadata.json of a prepared directory, less what DataDirWriter adds;
+    `vocab_sizes` counts the raw values of "items", "users", "categories" and
+    of each side column."""
+    return {
+        "source": "prepared",
+        "inputs": {"impressions": os.path.abspath(impressions_path),
+                   "items": os.path.abspath(items_path), "images_dir": images_dir,
+                   "pairs": pairs and os.path.abspath(pairs)},
+        "vocab": {f"num_{k}": n + schema.FIRST_ID for k, n in vocab_sizes.items()},
+        "max_history": max_history,
+        "image_size": None,
+        "side_features": side,
+        "split_timestamp": int(cut),
+        "oov": {"test_users": int(test_oov_users), "unknown_items": int(unknown_items)},
+        "duplicates": {"impressions": int(duplicates), "dropped": drop_duplicates},
+        "missing": {"images": int(missing_images), "titles": int(missing_titles)},
+        **({"pairs": pair_meta} if pair_meta is not None else {}),
+    }
 
 
 def first_test(n, test_fraction):
@@ -545,11 +650,8 @@ def hard_negatives(positive, category_of, rng):
     return members[start + draw]
 
 
-def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=50,
-            test_fraction=0.1, split_timestamp=None, unknown_items="error",
-            drop_duplicates=False, absolute_image_paths=False, pairs=None, pairs_from=None,
-            pair_window=1, pair_max_gap=None, seed=0):
-    """Writes the data directory; returns its metadata."""
+def check_options(max_history, test_fraction, split_timestamp, pairs, pairs_from, pair_window,
+                  pair_max_gap):
     if max_history < 1:
         raise ValueError(f"--max_history={max_history}: must be >= 1.")
     if not 0.0 < test_fraction < 1.0 and (split_timestamp is None or pairs):
@@ -562,43 +664,38 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
         raise ValueError(f"--pair_window={pair_window}: must be >= 1.")
     if pair_max_gap is not None and pair_max_gap < 0:
         raise ValueError(f"--pair_max_gap={pair_max_gap}: must be >= 0.")
-    items, item_ids = read_items(items_path)
+
+
+def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=50,
+            test_fraction=0.1, split_timestamp=None, unknown_items="error",
+            drop_duplicates=False, absolute_image_paths=False, pairs=None, pairs_from=None,
+            pair_window=1, pair_max_gap=None, seed=0):
+    """Writes the data directory; returns its metadata."""
+    check_options(max_history, test_fraction, split_timestamp, pairs, pairs_from, pair_window,
+                  pair_max_gap)
+    items, item_ids, raw_categories, titles, images = read_catalogue(
+        items_path, images_dir, absolute_image_paths)
     item_vocab = vocabulary(item_ids)
-    if "category_id" in items.columns:
-        category_vocab = vocabulary(items.ids("category_id"))
-        item_category = lookup(category_vocab, items.ids("category_id"))
+    if raw_categories is not None:
+        category_vocab = vocabulary(raw_categories)
+        item_category = lookup(category_vocab, raw_categories)
     else:
         category_vocab = vocabulary([])
         item_category = np.full(len(item_ids), schema.OOV_ID, np.int64)
     category_of = np.full(len(item_vocab) + schema.FIRST_ID, schema.OOV_ID, np.int64)
     item_dense = lookup(item_vocab, item_ids)
     category_of[item_dense] = item_category
-    titles = items.texts("title")
-    images = np.full(len(item_ids), None, object)
-    if images_dir:
-        column = "image" if "image" in items.columns else None
-        images = image_paths(items, column, images_dir, absolute_image_paths, item_ids)
-        if column is None and (images == None).all():  # noqa: E711 (elementwise)
-            raise ValueError(f"{items_path}: no item has an image in --images_dir={images_dir} "
-                             "(looked for <item_id>.png, .jpg, .jpeg).")
+    if images_dir and "image" not in items.columns and (images == None).all():  # noqa: E711
+        raise no_image_error(items_path, images_dir)
 
-    log = Table(impressions_path, ints=("label", "timestamp"))
-    log.require(IMPRESSION_COLUMNS)
-    user_codes, user_values = log.codes("user_id")
-    timestamp, label = log.ints("timestamp"), log.ints("label")
-    bad = np.flatnonzero((label != 0) & (label != 1))
-    if len(bad):
-        raise ValueError(f"{log.row(bad[0])}, column 'label': {label[bad[0]]} is not 0 or 1.")
-    label = label.astype(np.int8)
-    item_codes, item_values = log.codes("item_id")
+    log, (user_codes, user_values), (item_codes, item_values), timestamp, label, side_codes = \
+        read_log(impressions_path)
     item = lookup(item_vocab, item_values).astype(np.int32)[item_codes]
     unknown = np.flatnonzero(item == schema.OOV_ID)
     if len(unknown) and unknown_items == "error":
-        raise ValueError(f"{log.row(unknown[0])}, column 'item_id': "
-                         f"{log.value('item_id', unknown[0])!r} is not in {items_path} "
-                         f"({len(unknown)} such rows; --unknown_items=oov maps them to id 1).")
-    side = [c for c in log.columns if c not in IMPRESSION_COLUMNS]
-    side_codes = {c: log.codes(c) for c in side}
+        raise unknown_item_error(log.row(unknown[0]), log.value("item_id", unknown[0]),
+                                 items_path, len(unknown))
+    side = list(side_codes)
     del log  # what is left of it: the item codes and int64 labels
 
     duplicate = _repeats([user_codes, item_codes, label, timestamp,
@@ -617,8 +714,7 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
         cut = split_timestamp
     is_test = timestamp >= cut
     if is_test.all() or not is_test.any():
-        raise ValueError(f"{impressions_path}: the split at timestamp {cut} leaves an empty "
-                         "train or test split.")
+        raise split_error(impressions_path, cut)
     train_rows = order[~is_test[order]].astype(np.int32)  # int32 halves what is held
     test_rows = order[is_test[order]].astype(np.int32)
     del order
@@ -669,21 +765,18 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
                          "query_text": [query_text[i].encode() for i in chunk]})
 
     # A history is a run of its user's clicks: their varints are made once.
-    history = {"history_item_ids": item[clicks],
-               "history_category_ids": category_of[item[clicks]],
-               "history_timestamps": timestamp[clicks]}
-    history = {k: schema.Varints(v) for k, v in history.items()}
+    history = [schema.Varints(v) for v in (item[clicks], category_of[item[clicks]],
+                                           timestamp[clicks])]
 
     def records(rows):
         for a in range(0, len(rows), RECORDS_PER_CHUNK):
             chunk = rows[a:a + RECORDS_PER_CHUNK]
             chunk_item = item[chunk]
-            yield from schema.examples(
-                ints={"user_id": user_of_code[user_codes[chunk]], "item_id": chunk_item,
-                      "category_id": category_of[chunk_item], "timestamp": timestamp[chunk],
-                      "label": label[chunk], "is_new_item": ~trained[chunk_item],
-                      **{c: side_of_code[c][side_codes[c][0][chunk]] for c in side}},
-                int_lists={k: (v, start[chunk], end[chunk]) for k, v in history.items()})
+            yield from schema.examples(**impression_features(
+                user_of_code[user_codes[chunk]], chunk_item, category_of[chunk_item],
+                timestamp[chunk], label[chunk], ~trained[chunk_item],
+                {c: side_of_code[c][side_codes[c][0][chunk]] for c in side},
+                [(v, start[chunk], end[chunk]) for v in history]))
 
     with DataDirWriter(out_dir) as w:
         w.write("impressions/train", records(train_rows), len(train_rows))
@@ -698,44 +791,43 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
         for name, vocab in (("users", user_vocab), ("items", item_vocab),
                             ("categories", category_vocab),
                             *((f"side-{c}", side_vocab[c]) for c in side)):
-            with open(w.path(f"vocab/{name}.txt"), "w") as f:
-                f.writelines(f"{v}\n" for v in vocab.to_pylist())
-        w.finish({
-            "source": "prepared",
-            "inputs": {"impressions": os.path.abspath(impressions_path),
-                       "items": os.path.abspath(items_path), "images_dir": images_dir,
-                       "pairs": pairs and os.path.abspath(pairs)},
-            "vocab": {"num_items": len(item_vocab) + schema.FIRST_ID,
-                      "num_users": len(user_vocab) + schema.FIRST_ID,
-                      "num_categories": len(category_vocab) + schema.FIRST_ID,
-                      **{f"num_{c}": len(side_vocab[c]) + schema.FIRST_ID for c in side}},
-            "max_history": max_history,
-            "image_size": None,
-            "side_features": side,
-            "split_timestamp": int(cut),
-            "oov": {"test_users": int((user_of_code[user_codes[test_rows]] == schema.OOV_ID)
-                                      .sum()),
-                    "unknown_items": int((item == schema.OOV_ID).sum())},
-            "duplicates": {"impressions": int(duplicate.sum()), "dropped": drop_duplicates},
-            "missing": {"images": int((images == None).sum()),  # noqa: E711 (elementwise)
-                        "titles": int((titles == "").sum())},
-            **({"pairs": pair_meta} if pairs or pairs_from else {}),
-        })
+            write_vocabulary(w.path(f"vocab/{name}.txt"), vocab)
+        sizes = {"items": len(item_vocab), "users": len(user_vocab),
+                 "categories": len(category_vocab), **{c: len(side_vocab[c]) for c in side}}
+        w.finish(metadata(
+            impressions_path, items_path, images_dir, pairs, sizes, max_history, side, cut,
+            (user_of_code[user_codes[test_rows]] == schema.OOV_ID).sum(),
+            (item == schema.OOV_ID).sum(), duplicate.sum(), drop_duplicates,
+            (images == None).sum(), (titles == "").sum(),  # noqa: E711 (elementwise)
+            pair_meta if pairs or pairs_from else None))
     return schema.read_metadata(out_dir)
 
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"unexpected arguments: {argv[1:]}")
+    if len(argv) > 1 and not FLAGS.runner:
+        sys.exit(f"unexpected arguments: {argv[1:]} (pipeline options need --runner)")
     for name in ("impressions", "items", "out_dir"):
         if not FLAGS[name].value:
             sys.exit(f"--{name} is required.")
+    run = prepare
+    if FLAGS.runner:
+        # prepare_beam imports this module's helpers: let it find this one (run as __main__)
+        # rather than import it again and define its flags twice.
+        sys.modules.setdefault("tfmm.data.prepare", sys.modules[__name__])
+        try:
+            from tfmm.data import prepare_beam
+        except ImportError as e:
+            if (e.name or "").partition(".")[0] != "apache_beam":
+                raise
+            sys.exit(f"--runner={FLAGS.runner} needs Apache Beam, an extra of tfmm: "
+                     'pip install -e ".[beam]"')
+        run = functools.partial(prepare_beam.prepare, runner=FLAGS.runner, beam_args=argv[1:])
     try:
-        meta = prepare(FLAGS.impressions, FLAGS.items, FLAGS.out_dir, FLAGS.images_dir,
-                       FLAGS.max_history, FLAGS.test_fraction, FLAGS.split_timestamp,
-                       FLAGS.unknown_items, FLAGS.drop_duplicates, FLAGS.absolute_image_paths,
-                       FLAGS.pairs, FLAGS.pairs_from, FLAGS.pair_window, FLAGS.pair_max_gap,
-                       FLAGS.seed)
+        meta = run(FLAGS.impressions, FLAGS.items, FLAGS.out_dir, FLAGS.images_dir,
+                   FLAGS.max_history, FLAGS.test_fraction, FLAGS.split_timestamp,
+                   FLAGS.unknown_items, FLAGS.drop_duplicates, FLAGS.absolute_image_paths,
+                   FLAGS.pairs, FLAGS.pairs_from, FLAGS.pair_window, FLAGS.pair_max_gap,
+                   FLAGS.seed)
     except (ValueError, OSError) as e:  # bad input: one line naming the file, not a trace
         sys.exit(str(e))
     print(f"wrote {FLAGS.out_dir}: {meta['counts']}, vocab {meta['vocab']}, oov {meta['oov']}, "

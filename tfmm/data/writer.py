@@ -60,6 +60,12 @@ class DataDirWriter:
         self.files[table] = names
         self.counts[table] = count
 
+    def add(self, table, names, count):
+        """Lists a table whose `count` records someone else (a Beam pipeline)
+        wrote into the files `names` of this directory."""
+        self.files[table] = list(names)
+        self.counts[table] = count
+
     def path(self, name):
         """A path inside the directory being written, for extra files."""
         return os.path.join(self.tmp_dir, name)

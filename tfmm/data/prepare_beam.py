@@ -1,0 +1,390 @@
+"""`tfmm.data.prepare` as an Apache Beam pipeline: ``--runner=NAME`` (any Beam
+runner), the runner's pipeline options after a ``--``::
+
+    python -m tfmm.data.prepare --runner=DirectRunner --impressions='logs/part-*.csv' \\
+        --items=items.csv --images_dir=img --out_dir=data/mine -- --direct_num_workers=2
+
+The flags, checks and output are the local path's (prepare.py's helpers read
+and check each file, and lay out each record, serialised here one at a time by
+``schema.example``): the same vocabularies, metadata (plus ``runner``) and set
+of records per table, byte for byte, in no particular order, in as many shards
+as the runner makes (``impressions-train-00000-of-00002.tfrecord``).
+``--impressions`` and ``--items`` may be glob patterns: each file is read
+whole by one worker, so sharded input is read in parallel. Files are read and
+the data directory written through the local file system, which the workers
+must share (a mount on a cluster). Each vocabulary (sorted distinct values),
+the items' dense ids and the split's timestamp counts are built on one worker
+and handed to the others as side inputs; the rest is per impression, histories
+per user. Pre-training pairs (``--pairs``, ``--pairs_from``) are not built here.
+
+Bad input is collected in the pipeline and reported after it, as the local
+path does: the first error in the order the local path checks, one line;
+``out_dir`` is then untouched.
+"""
+
+import glob
+import importlib.util
+import itertools
+import json
+import os
+from typing import Any, Tuple
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.pvalue import AsDict, AsSingleton, TaggedOutput
+
+from tfmm.data import prepare as local
+from tfmm.data import schema
+from tfmm.data.history import history_ranges
+from tfmm.data.writer import DataDirWriter
+
+SUMMARY = "beam-summary.json"  # the pipeline's counts and first error, read after it
+SHARDS = "-SSSSS-of-NNNNN"
+CRC32C_MODULES = ("crcmod", "google_crc32c", "snappy")  # WriteToTFRecord's checksum, any one
+# The order in which the local path meets each kind of error.
+ITEMS_FILE, ITEM_TWICE, NO_IMAGE, LOG_FILE, UNKNOWN_ITEM, SPLIT, IMAGE = range(7)
+
+# Functions given to Beam live here (pickled by reference): `local` may be the
+# __main__ module of the command, which workers do not have.
+
+
+def _files(pattern):
+    """A path, or the files of a glob pattern in name order (their order as one log)."""
+    if not glob.has_magic(pattern):
+        return [pattern]  # one that is not there is named by prepare.Table
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise ValueError(f"{pattern}: no file matches.")
+    return paths
+
+
+def _read_items(indexed, images_dir, absolute_image_paths):
+    """One items file: (raw id, (position, raw category, title, image file, row))."""
+    index, path = indexed
+    try:
+        items, ids, categories, titles, images = local.read_catalogue(path, images_dir,
+                                                                      absolute_image_paths)
+    except (ValueError, OSError) as e:
+        yield TaggedOutput("errors", (ITEMS_FILE, (index,), str(e)))
+        return
+    if "image" not in items.columns:
+        yield TaggedOutput("stats", ("files_without_image_column", 1))
+    for i, raw in enumerate(ids.tolist()):
+        yield raw, ((index, i), None if categories is None else categories[i], titles[i],
+                    images[i], items.row(i))
+
+
+def _item_row(item):
+    raw, (position, _, _, _, row) = item
+    return raw, (position, row)
+
+
+def _item_twice(found):
+    """An item id in two files (prepare.read_items finds it within one)."""
+    raw, rows = found
+    if len(rows) > 1:
+        (_, first), (position, row) = sorted(rows)[:2]
+        yield ITEM_TWICE, position, f"{row}: duplicate item_id {raw!r} (first at {first})."
+
+
+def _category(item):
+    if item[1][1] is not None:
+        yield item[1][1]
+
+
+def _vocabulary(values):
+    return local.vocabulary(list(values))
+
+
+def _dense(vocab):
+    """{raw value: dense id} of a prepare.vocabulary."""
+    return {v: k + schema.FIRST_ID for k, v in enumerate(vocab.to_pylist())}
+
+
+class _Vocabulary(beam.PTransform):
+    """Raw values -> one prepare.vocabulary (sorted distinct values), on one worker."""
+
+    def expand(self, values):
+        return values | beam.combiners.ToSet() | beam.Map(_vocabulary)
+
+
+def _item_ids(item, item_ids, category_ids):
+    raw, (_, category, _, _, _) = item
+    return raw, (item_ids[raw], schema.OOV_ID if category is None else category_ids[category])
+
+
+def _item_record(item, ids):
+    raw, (position, _, title, image, row) = item
+    yield TaggedOutput("stats", ("items", 1))
+    yield TaggedOutput("stats", ("missing_images", int(image is None)))
+    yield TaggedOutput("stats", ("missing_titles", int(title == "")))
+    try:
+        yield schema.example(**local.item_features(*ids[raw], local.item_image(raw, image, row),
+                                                   title.encode()))
+    except (ValueError, OSError) as e:
+        yield TaggedOutput("errors", (IMAGE, position, str(e)))
+
+
+def _read_log(indexed, items):
+    """One impressions file: (raw user, (timestamp, position, raw item, dense item,
+    category, label, side values)); "unknown": (position, row, raw item)."""
+    index, path = indexed
+    try:
+        log, _, _, timestamp, label, side = local.read_log(path)
+    except (ValueError, OSError) as e:
+        yield TaggedOutput("errors", (LOG_FILE, (index,), str(e)))
+        return
+    yield TaggedOutput("columns", (index, path, tuple(side)))
+    side_values = zip(*(log.ids(c).tolist() for c in side)) if side else itertools.repeat(())
+    for i, (user, raw, t, y, values) in enumerate(zip(
+            log.ids("user_id").tolist(), log.ids("item_id").tolist(), timestamp.tolist(),
+            label.tolist(), side_values)):
+        item, category = items.get(raw, (schema.OOV_ID, schema.OOV_ID))
+        if item == schema.OOV_ID:
+            yield TaggedOutput("unknown", ((index, i), log.row(i), raw))
+        yield user, (t, (index, i), raw, item, category, y, tuple(values))
+
+
+def _side_columns(found):
+    """The side columns of the first impressions file."""
+    return min(found)[2] if found else ()
+
+
+def _other_columns(found):
+    if found:
+        _, first_path, first = min(found)
+        for index, path, columns in found:
+            if columns != first:
+                yield (LOG_FILE, (index,), f"{path}: side columns {list(columns)}, but "
+                       f"{first_path} has {list(first)}.")
+
+
+def _unknown_error(first, items_path, count):
+    for position, row, raw in first:
+        yield UNKNOWN_ITEM, position, str(local.unknown_item_error(row, raw, items_path, count))
+
+
+def _histories(user_rows, max_history, drop_duplicates):
+    """A user's impressions, each with its history (`history_ranges` over the
+    user's rows in time order, ties in file order)."""
+    user, rows = user_rows
+    seen, kept, duplicates = set(), [], 0
+    for row in sorted(rows):
+        t, _, raw, _, _, label, side = row
+        key = (raw, label, t, side)  # with the user: every column
+        if key in seen:
+            duplicates += 1
+            if drop_duplicates:
+                continue
+        seen.add(key)
+        kept.append(row)
+    t = np.array([row[0] for row in kept], np.int64)
+    clicks, start, end = history_ranges(np.zeros(len(kept), np.int64), t,
+                                        np.array([row[5] for row in kept]), max_history)
+    clicks = clicks.tolist()
+    for (t, _, _, item, category, label, side), a, b in zip(kept, start.tolist(), end.tolist()):
+        history = [kept[k] for k in clicks[a:b]]
+        yield user, item, category, label, t, side, tuple(
+            tuple(h[j] for h in history) for j in (3, 4, 0))  # items, categories, times
+    yield TaggedOutput("stats", ("duplicates", duplicates))
+
+
+def _timestamp(row):
+    return row[4]
+
+
+def _cut(counts, test_fraction, split_timestamp):
+    """The split timestamp: given, or the one at prepare.first_test in time order."""
+    if split_timestamp is not None or not counts:
+        return split_timestamp or 0
+    counts = sorted(counts)
+    first = local.first_test(sum(n for _, n in counts), test_fraction)
+    for t, seen in zip((t for t, _ in counts), itertools.accumulate(n for _, n in counts)):
+        if seen > first:
+            return t
+
+
+def _train(row, cut):
+    return row[4] < cut
+
+
+def _user(row):
+    return row[0]
+
+
+def _item(row):
+    return row[1]
+
+
+def _side_values(row):
+    return enumerate(row[5])
+
+
+def _column_vocabulary(column_values):
+    column, values = column_values
+    return column, _vocabulary(values)
+
+
+def _column_dense(column_vocab):
+    column, vocab = column_vocab
+    return column, _dense(vocab)
+
+
+def _impression(row, cut, columns, users, side_ids, trained):
+    user, item, category, label, t, side, history = row
+    split = "test" if t >= cut else "train"
+    user_id = users.get(user, schema.OOV_ID)
+    yield TaggedOutput("stats", (f"impressions/{split}", 1))
+    yield TaggedOutput("stats", ("test_oov_users", int(split == "test" and
+                                                       user_id == schema.OOV_ID)))
+    yield TaggedOutput("stats", ("unknown_items", int(item == schema.OOV_ID)))
+    yield TaggedOutput(split, schema.example(**local.impression_features(
+        user_id, item, category, t, label, int(item not in trained),
+        {c: side_ids.get(j, {}).get(v, schema.OOV_ID)
+         for j, (c, v) in enumerate(zip(columns, side))}, history)))
+
+
+def _write_vocabulary(vocab, out, name):
+    local.write_vocabulary(os.path.join(out, "vocab", f"{name}.txt"), vocab)
+    return f"vocab/{name}", len(vocab)
+
+
+def _write_side_vocabulary(column_vocab, out, columns):
+    column, vocab = column_vocab
+    return _write_vocabulary(vocab, out, f"side-{columns[column]}")
+
+
+def _write_summary(path, stats, first_error, cut, columns):
+    with open(path, "w") as f:
+        json.dump({"stats": stats, "errors": first_error, "split_timestamp": cut,
+                   "side_features": list(columns)}, f)
+
+
+def _write_records(records, out, stem):
+    return records | f"Write {stem} records" >> beam.io.WriteToTFRecord(
+        os.path.join(out, stem), file_name_suffix=".tfrecord", shard_name_template=SHARDS)
+
+
+def build(p, out, log_files, item_files, items_path, images_dir=None, max_history=50,
+          test_fraction=0.1, split_timestamp=None, unknown_items="error",
+          drop_duplicates=False, absolute_image_paths=False):
+    """Adds the preparation to pipeline `p`: tables, ``vocab/`` and the summary
+    into the existing directory `out`."""
+    stats, errors = [], []
+    items = (p | "Item files" >> beam.Create(list(enumerate(item_files)))
+             | "Read items" >> beam.FlatMap(_read_items, images_dir, absolute_image_paths)
+             .with_outputs("errors", "stats", main="items"))
+    errors.append(items.errors)
+    stats.append(items.stats)
+    items = items.items
+    errors.append(items | "Item rows" >> beam.Map(_item_row) | "By item" >> beam.GroupByKey()
+                  | "Items twice" >> beam.FlatMap(_item_twice))
+    item_vocab = items | "Item ids" >> beam.Keys() | "Item vocabulary" >> _Vocabulary()
+    category_vocab = (items | "Categories" >> beam.FlatMap(_category)
+                      | "Category vocabulary" >> _Vocabulary())
+    item_ids = item_vocab | "Item dense ids" >> beam.Map(_dense)
+    category_ids = category_vocab | "Category dense ids" >> beam.Map(_dense)
+    ids = AsDict(items | "Dense ids" >> beam.Map(_item_ids, AsSingleton(item_ids),
+                                                 AsSingleton(category_ids)))
+    records = (items | "Item records" >> beam.FlatMap(_item_record, ids)
+               .with_outputs("errors", "stats", main="records"))
+    errors.append(records.errors)
+    stats.append(records.stats)
+    _write_records(records.records, out, "items")
+
+    log = (p | "Log files" >> beam.Create(list(enumerate(log_files)))
+           | "Read log" >> beam.FlatMap(_read_log, ids)
+           .with_output_types(Tuple[str, Any])  # as inferred, it would include the tagged ones
+           .with_outputs("errors", "columns", "unknown", main="rows"))
+    errors.append(log.errors)
+    found = log.columns | "All columns" >> beam.combiners.ToList()
+    columns = AsSingleton(found | "Side columns" >> beam.Map(_side_columns))
+    errors.append(found | "Other columns" >> beam.FlatMap(_other_columns))
+    if unknown_items == "error":
+        count = log.unknown | "Count unknown" >> beam.combiners.Count.Globally()
+        errors.append(log.unknown | "First unknown" >> beam.combiners.Top.Smallest(1)
+                      | "Unknown error" >> beam.FlatMap(_unknown_error, items_path,
+                                                        AsSingleton(count)))
+
+    rows = (log.rows | "By user" >> beam.GroupByKey()
+            | "Histories" >> beam.FlatMap(_histories, max_history, drop_duplicates)
+            .with_outputs("stats", main="rows"))
+    stats.append(rows.stats)
+    rows = rows.rows
+    cut = (rows | "Timestamps" >> beam.Map(_timestamp)
+           | "Count timestamps" >> beam.combiners.Count.PerElement()
+           | "All timestamps" >> beam.combiners.ToList()
+           | "Cut" >> beam.Map(_cut, test_fraction, split_timestamp))
+    train = rows | "Train" >> beam.Filter(_train, AsSingleton(cut))
+    user_vocab = train | "Users" >> beam.Map(_user) | "User vocabulary" >> _Vocabulary()
+    side_vocab = (train | "Side values" >> beam.FlatMap(_side_values)
+                  | "Distinct side values" >> beam.Distinct()
+                  | "By column" >> beam.GroupByKey()
+                  | "Side vocabularies" >> beam.Map(_column_vocabulary))
+    trained = train | "Trained items" >> beam.Map(_item) | "Item set" >> beam.combiners.ToSet()
+    user_ids = user_vocab | "User dense ids" >> beam.Map(_dense)
+    side_ids = side_vocab | "Side dense ids" >> beam.Map(_column_dense)
+    impressions = (rows | "Impressions" >> beam.FlatMap(
+        _impression, AsSingleton(cut), columns, AsSingleton(user_ids), AsDict(side_ids),
+        AsSingleton(trained)).with_outputs("train", "test", "stats"))
+    stats.append(impressions.stats)
+    for split in ("train", "test"):
+        _write_records(impressions[split], out, f"impressions-{split}")
+
+    for name, vocab in (("users", user_vocab), ("items", item_vocab),
+                        ("categories", category_vocab)):
+        stats.append(vocab | f"Write {name} vocabulary" >> beam.Map(_write_vocabulary, out, name))
+    stats.append(side_vocab | "Write side" >> beam.Map(_write_side_vocabulary, out, columns))
+    stats = tuple(stats) | "All stats" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum)
+    first_error = (tuple(errors) | "All errors" >> beam.Flatten()
+                   | "First error" >> beam.combiners.Top.Smallest(1))
+    (p | "Summary" >> beam.Create([os.path.join(out, SUMMARY)])
+     | "Write summary" >> beam.Map(_write_summary, AsDict(stats), AsSingleton(first_error),
+                                   AsSingleton(cut), columns))
+
+
+def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=50,
+            test_fraction=0.1, split_timestamp=None, unknown_items="error",
+            drop_duplicates=False, absolute_image_paths=False, pairs=None, pairs_from=None,
+            pair_window=1, pair_max_gap=None, seed=0, runner="DirectRunner", beam_args=()):
+    """`tfmm.data.prepare.prepare` as a Beam pipeline on `runner`, with the
+    pipeline options `beam_args` (``["--project=...", ...]``)."""
+    local.check_options(max_history, test_fraction, split_timestamp, pairs, pairs_from,
+                        pair_window, pair_max_gap)
+    if pairs or pairs_from:
+        raise ValueError(f"--runner={runner}: pre-training pairs (--pairs, --pairs_from) are "
+                         "prepared without --runner only.")
+    if not any(map(importlib.util.find_spec, CRC32C_MODULES)):
+        raise ValueError("Beam writes TFRecords with crcmod (or google-crc32c, python-snappy), "
+                         'which is not installed: pip install -e ".[beam]"')
+    log_files, item_files = _files(impressions_path), _files(items_path)
+    with DataDirWriter(out_dir) as w:
+        os.makedirs(w.path("vocab"))
+        with beam.Pipeline(options=PipelineOptions([f"--runner={runner}", *beam_args])) as p:
+            build(p, w.tmp_dir, log_files, item_files, items_path, images_dir, max_history,
+                  test_fraction, split_timestamp, unknown_items, drop_duplicates,
+                  absolute_image_paths)
+        with open(w.path(SUMMARY)) as f:
+            summary = json.load(f)
+        os.remove(w.path(SUMMARY))
+        stats, cut, side = summary["stats"], summary["split_timestamp"], summary["side_features"]
+        errors = summary["errors"]
+        if images_dir and stats.get("files_without_image_column") and \
+                stats.get("missing_images") == stats.get("items"):
+            errors.append([NO_IMAGE, [], str(local.no_image_error(items_path, images_dir))])
+        if not stats.get("impressions/train") or not stats.get("impressions/test"):
+            errors.append([SPLIT, [], str(local.split_error(impressions_path, cut))])
+        if errors:
+            raise ValueError(min(errors)[2])
+        for table in ("impressions/train", "impressions/test", "items"):
+            names = glob.glob(w.path(f"{table.replace('/', '-')}-*-of-*.tfrecord"))
+            w.add(table, sorted(map(os.path.basename, names)), stats[table])
+        sizes = {"items": stats["vocab/items"], "users": stats["vocab/users"],
+                 "categories": stats["vocab/categories"],
+                 **{c: stats[f"vocab/side-{c}"] for c in side}}
+        w.finish(dict(local.metadata(
+            impressions_path, items_path, images_dir, pairs, sizes, max_history, side, cut,
+            stats["test_oov_users"], stats["unknown_items"], stats["duplicates"],
+            drop_duplicates, stats["missing_images"], stats["missing_titles"]), runner=runner))
+    return schema.read_metadata(out_dir)
