@@ -28,8 +28,8 @@ flags.DEFINE_string("data_dir", None, "A tfmm data directory (generated if missi
 flags.DEFINE_enum("world", "small", ["tiny", "small", "large"], "World to generate if missing.")
 flags.DEFINE_integer("dim", 128, "Width of the default encoder.")
 flags.DEFINE_integer("batch_size", 256, "Items per model call and put of the batch job.")
-flags.DEFINE_multi_string("beam_option", [], "Beam pipeline options key=value for the "
-                          "DirectRunner run, e.g. direct_num_workers=2.")
+flags.DEFINE_list("beam_options", [], "Pipeline options of the DirectRunner run, e.g. "
+                  "--direct_num_workers=2.")
 FLAGS = flags.FLAGS
 
 import tensorflow as tf  # noqa: E402
@@ -92,7 +92,7 @@ def compare(data_dir, work):
         return embed_catalogue(encoder, data_dir, sink, FLAGS.batch_size, verbose=0)["embedded"]
 
     def beam():
-        options = ["--runner=DirectRunner"] + [f"--{o}" for o in FLAGS.beam_option]
+        options = ["--runner=DirectRunner", *FLAGS.beam_options]
         return embed_beam.run(encoder, data_dir, job, options, index=f"{work}/beam.db",
                               batch_size=FLAGS.batch_size)["embedded"]
 

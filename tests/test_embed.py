@@ -216,8 +216,9 @@ def test_cli_errors_are_one_line(world, tmp_path):
             ([f"--index={tmp_path}/v.db", "--runner=DirectRunner"],
              '--runner=DirectRunner needs Apache Beam, which is not installed: '
              'pip install -e ".[beam]"', env),
-            ([f"--index={tmp_path}/v.db", "--runner=DirectRunner", "--beam_option=workers"],
-             "--beam_option='workers': want key=value.", None),
+            ([f"--index={tmp_path}/v.db", "--", "--direct_num_workers=2"],
+             "unexpected arguments: ['--direct_num_workers=2'] (pipeline options need --runner)",
+             None),
             ([f"--index={tmp_path}/other.db"], "holds vectors of another catalogue", None),
             ([f"--index={tmp_path}/v.db", f"--out_dir={tmp_path}/o"],
              "give one of --index (an index table) or --out_dir (Parquet files).", None)):

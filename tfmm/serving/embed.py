@@ -3,7 +3,7 @@ r"""Catalogue embedding as a batch job: every item of a data dir -> exported enc
     python -m tfmm.serving.embed --encoder=runs/small/export/encoder \
         --data_dir=data/small --index=runs/small/index/vectors.db      # or --index=redis://...
     python -m tfmm.serving.embed ... --out_dir=runs/small/vectors      # Parquet by raw item id
-    python -m tfmm.serving.embed ... --runner=DirectRunner [--beam_option=direct_num_workers=2]
+    python -m tfmm.serving.embed ... --runner=DirectRunner [-- --direct_num_workers=2]
 
 embeds every item of ``--data_dir``'s catalogue that has content for the
 encoder (an image, or a non-blank title: whichever its signature takes, see
@@ -27,8 +27,9 @@ A rerun after a kill finishes the job, with no item missing or repeated:
 
 With ``--runner`` the job is an Apache Beam pipeline (``pip install -e
 ".[beam]"``; `tfmm.serving.embed_beam`): Beam's RunInference feeds the encoder,
-and ``--beam_option=key=value`` (repeated) passes pipeline options to the runner,
-e.g. ``--beam_option=direct_num_workers=2`` or Dataflow's project and region.
+and the arguments after ``--`` are the runner's pipeline options, as
+``python -m tfmm.data.prepare`` takes them (e.g. ``-- --direct_num_workers=2``,
+or Dataflow's ``--project``, ``--region``, ``--temp_location``).
 """
 
 import sys
@@ -51,23 +52,11 @@ flags.DEFINE_integer("part_size", 100_000, "Local Parquet output: catalogue item
 flags.DEFINE_integer("shards", 4, "Beam Parquet output: number of files.")
 flags.DEFINE_string("runner", None, "Run as an Apache Beam pipeline on this runner "
                     "(DirectRunner, DataflowRunner, FlinkRunner, ...).")
-flags.DEFINE_multi_string("beam_option", [], "A Beam pipeline option key=value for --runner "
-                          "(repeat the flag for more).")
-
-
-def beam_options(runner, options):
-    """Beam's command-line form of `--runner` and the `--beam_option=key=value` flags."""
-    args = [f"--runner={runner}"]
-    for option in options:
-        key, eq, value = option.partition("=")
-        if not key or not eq:
-            raise ValueError(f"--beam_option={option!r}: want key=value.")
-        args.append(f"--{key.lstrip('-')}={value}")
-    return args
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1 and not FLAGS.runner:
+        sys.exit(f"unexpected arguments: {argv[1:]} (pipeline options need --runner)")
     for name in ("encoder", "data_dir"):
         if not FLAGS[name].value:
             sys.exit(f"--{name} is required.")
@@ -98,7 +87,7 @@ def main(argv):
             print(f"embedding {FLAGS.data_dir} with {encoder.path} ({what}) into {target} on "
                   f"{FLAGS.runner}", flush=True)
             result = embed_beam.run(encoder, FLAGS.data_dir, job,
-                                    beam_options(FLAGS.runner, FLAGS.beam_option),
+                                    [f"--runner={FLAGS.runner}", *argv[1:]],
                                     index=FLAGS.index, out_dir=FLAGS.out_dir,
                                     batch_size=FLAGS.batch_size, shards=FLAGS.shards)
         else:
