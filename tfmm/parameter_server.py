@@ -9,12 +9,15 @@ one `ShardedEmbedding` shard per parameter server, so a table
 needs 1/P of its size on each of P servers and none of it on a worker:
 lookups gather rows on the servers and the optimizer updates each shard
 where it lives. Training is asynchronous (workers apply their gradients
-without waiting for each other) and, as in TensorFlow's own, a worker's
-input is not a slice of the others': `dataset_fn` runs on every worker.
+without waiting for each other). `train` runs steps of a given loss; the
+CTR job (``--strategy=parameter_server``) trains epochs of the model's own
+``train_step`` through `tfmm.distribute.fit` (`epoch_function`), each worker
+reading its own share of the batches (`per_worker_dataset`), and exports
+the ranker with its shards joined (`joined`).
 
 Every task reads the standard ``TF_CONFIG`` (a ``chief``, ``worker`` and
-``ps`` cluster); ``python -m tfmm.parameter_server`` runs a ``worker`` or
-``ps`` task's server until it is killed. Why not Keras 3's Embedding with
+``ps`` cluster); ``python -m tfmm.parameter_server``, or the job's own
+command, runs a ``worker`` or ``ps`` task's server until it is killed. Why not Keras 3's Embedding with
 the strategy's ``variable_partitioner``: BUILD.md, "Embedding tables bigger
 than one worker".
 """
