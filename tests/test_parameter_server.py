@@ -3,16 +3,19 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tests import parameter_server_chief as chief
-from tfmm import data
+from tests.test_ctr import serve_test_set
+from tfmm import ctr, data, distribute, parameter_server
 from tfmm.data import schema
 from tfmm.keras_compat import keras
 from tfmm.layers import ShardedEmbedding
+from tfmm.metrics import auc, logloss
 from tfmm.ranker import DINRanker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,18 +41,8 @@ def start(task_type, index, cluster, args, log):
 
 
 def reference_weights(saved, prefix):
-    """The single-table ranker's weights, in order, from a sharded ranker's
-    (``prefix:index:path`` keys; each table's shards concatenated)."""
-    keys = sorted(k for k in saved if k.startswith(prefix + ":"))
-    out, tables = [], []
-    for key in keys:
-        table, _, shard = key.split(":", 2)[2].rpartition("/embeddings_")
-        if shard.isdigit() and tables and tables[-1] == table:
-            out[-1] = np.concatenate([out[-1], saved[key]])
-        else:
-            out.append(saved[key])
-        tables.append(table if shard.isdigit() else None)
-    return out
+    """The single-table ranker's weights, in order (saved as ``prefix:index``)."""
+    return [saved[k] for k in sorted(saved) if k.startswith(prefix + ":")]
 
 
 def bce(model, features, label, training=False):
@@ -87,6 +80,8 @@ def test_ranker_trains_with_tables_split_over_two_parameter_servers(tiny_dir, tm
                                                     for i in range(2)]
     assert [s["shape"] for s in shards] == [[num_items - num_items // 2, 8],
                                              [num_items // 2, 8]]
+    # Each worker reads its own input shard.
+    assert sorted(set(run["input_shards"])) == [0, 1]
 
     # The first step equals one step of the single-table ranker on the first batch.
     model = DINRanker(meta["vocab"], **chief.RANKER)
@@ -128,8 +123,10 @@ def test_sharded_ranker_scores_like_the_single_table_ranker():
     vocab = {"num_items": 11, "num_users": 5, "num_categories": 4}
     args = {"max_history": 3, "embedding_dim": 4, "attention_units": (4,), "mlp_units": (4,)}
     sharded = DINRanker(vocab, embedding_shards=2, **args)
-    single = DINRanker(vocab, **args)
-    single.set_weights(reference_weights(chief.weights(sharded, "w"), "w"))
+    single = parameter_server.joined(sharded)
+    assert single.embedding_shards == 1
+    np.testing.assert_array_equal(single.item_embedding.embeddings.numpy(), np.concatenate(
+        [w.numpy() for w in sharded.item_embedding.weights]))
     rng = np.random.default_rng(0)
     x = {"user_id": rng.integers(0, 5, 6), "item_id": rng.integers(0, 11, 6),
          "category_id": rng.integers(0, 4, 6), "history_item_ids": rng.integers(0, 11, (6, 3)),
@@ -137,3 +134,90 @@ def test_sharded_ranker_scores_like_the_single_table_ranker():
          "history_mask": np.ones((6, 3), bool)}
     np.testing.assert_allclose(sharded(x).numpy(), single(x).numpy(), rtol=1e-6)
     assert DINRanker.from_config(sharded.get_config()).embedding_shards == 2
+
+
+@pytest.mark.slow
+def test_ctr_job_on_parameter_servers_resumes_and_exports_one_ranker(tiny_dir, tmp_path):
+    ports = free_ports(4)
+    cluster = {"chief": [f"localhost:{ports[0]}"], "worker": [f"localhost:{ports[1]}"],
+               "ps": [f"localhost:{p}" for p in ports[2:]]}
+    out = tmp_path / "run"
+    # The same command on every task.
+    args = ["tfmm.train", "--task=ctr", "--model=id", "--strategy=parameter_server",
+            f"--data_dir={tiny_dir}", f"--model_dir={out}", f"--export_dir={tmp_path}/export",
+            "--epochs=3", "--batch_size=64", "--embedding_dim=8", "--attention_units=8",
+            "--mlp_units=16"]
+    procs = [start(t, i, cluster, args, tmp_path / f"{t}{i}.log")
+             for t in ("ps", "worker") for i in range(len(cluster[t]))]
+    try:
+        # The chief killed once its first epoch's checkpoint is written ...
+        procs.append(start("chief", 0, cluster, args, tmp_path / "chief.log"))
+        deadline = time.time() + 120
+        while tf.train.latest_checkpoint(str(out / "backup")) is None:
+            assert procs[-1].poll() is None, (tmp_path / "chief.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        procs[-1].kill()
+        procs[-1].wait()
+        # ... and started again: it resumes with the servers that kept running.
+        procs.append(start("chief", 0, cluster, args, tmp_path / "chief2.log"))
+        returncode = procs[-1].wait(timeout=120)
+        log = (tmp_path / "chief2.log").read_text()
+        assert returncode == 0, log[-3000:]
+    finally:
+        for proc in procs:  # the servers run until killed
+            proc.kill()
+            proc.wait()
+    assert "Epoch 1/3" not in log and "Epoch 2/3" in log
+    with open(out / "metrics.json") as f:
+        result = json.load(f)
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3]
+    with open(out / "epochs.json") as f:
+        assert json.load(f) == result["epochs"]
+    assert not (out / "backup").exists()
+
+    # The item table: one block of rows on each parameter server.
+    num_items = schema.read_metadata(tiny_dir)["vocab"]["num_items"]
+    assert result["embedding_shards"]["item_embedding"] == [
+        {"device": f"/job:ps/replica:0/task:{i}/device:CPU:0", "rows": num_items // 2}
+        for i in range(2)]
+
+    # The export is one table per ID (the shards joined) and scores the test days as the
+    # sharded ranker did.
+    loaded = tf.saved_model.load(result["export_path"])
+    shapes = {v.name: v.shape.as_list() for v in loaded.variables}
+    assert shapes["item_embedding/embeddings:0"] == [num_items, 8]
+    _, y, users, p = serve_test_set(result["export_path"], tiny_dir)
+    assert auc(y, p) == pytest.approx(result["auc"], abs=1e-6)
+    assert logloss(y, p) == pytest.approx(result["logloss"], rel=1e-5)
+
+
+def test_what_parameter_servers_cannot_run_is_refused_in_one_line(tiny_dir, tmp_path,
+                                                                  monkeypatch):
+    base = dict(data_dir=tiny_dir, model_dir=str(tmp_path), index="x.db",
+                strategy="parameter_server")
+    with pytest.raises(ctr.SettingsError, match="--optimizer=dense_adam cannot run with "
+                                                "--strategy=parameter_server"):
+        ctr.CTRConfig(optimizer="dense_adam", **base).validate()
+    with pytest.raises(ctr.SettingsError, match="--refresh_vectors cannot run with"):
+        ctr.CTRConfig(model="simtier", refresh_vectors=True, **base).validate()
+    ctr.CTRConfig(**base).validate()
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="needs the cluster in"):
+        distribute.strategy("parameter_server")
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"chief": ["localhost:1"], "worker": ["localhost:2"], "ps": ["localhost:3"]},
+         "task": {"type": "ps", "index": 0}}))
+    with pytest.raises(ValueError, match="names a worker or ps task"):
+        distribute.strategy("parameter_server")
+    monkeypatch.delenv("TF_CONFIG")  # (a ps task's command would serve)
+    # Pre-training's tables are small: the command says so, and writes nothing.
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfmm.train", "--task=pretrain", "--strategy=parameter_server",
+         f"--data_dir={tiny_dir}", f"--model_dir={tmp_path}/pretrain"], cwd=ROOT,
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "--strategy=parameter_server is for --task=ctr, whose ID tables may outgrow a machine; "
+        "pre-training's are small: use multi_worker.")
+    assert not (tmp_path / "pretrain").exists()

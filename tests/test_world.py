@@ -162,6 +162,22 @@ def test_shuffle_is_seeded_and_order_is_deterministic(tiny):
     assert not np.array_equal(first_ids(shuffle=True, seed=3), in_order)
 
 
+def test_shards_of_a_repeated_stream_interleave_into_it(tiny):
+    _, path = tiny
+    rows = schema.read_metadata(path)["counts"]["impressions/train"]
+
+    def batches(n, **kw):  # n batches of 1000 rows: over two passes of the split
+        ds = data.impressions(path, "train", batch_size=1000, repeat=True,
+                              features=["item_id", "timestamp"], **kw)
+        return [f["timestamp"].numpy() for f, _ in ds.take(n)]
+
+    whole = batches(2 * 6)
+    assert sum(map(len, whole)) > 2 * rows
+    shards = [batches(6, shard=(2, 0)), batches(6, shard=(2, tf.constant(1, tf.int64)))]
+    for k, batch in enumerate(whole):
+        np.testing.assert_array_equal(shards[k % 2][k // 2], batch)
+
+
 def test_visual_taste_knob_drives_clicks():
     """On `small`, an oracle knowing the visual attributes beats one knowing only
     categories; with visual_weight=0 it does not (no signal in the pictures)."""

@@ -36,7 +36,13 @@ that is refused (settings, data, index) writes nothing.
 With ``strategy`` ``mirrored`` or ``multi_worker`` the rankers train under
 `tf.distribute` (`tfmm.distribute.fit`): each step is the one-process step
 on the global batch ``batch_size``; the chief alone evaluates (the whole
-test split, as one process does) and writes.
+test split, as one process does) and writes. With ``parameter_server`` the
+chief (the coordinator) runs the job alone: each ID table is split in rows
+over the ``ps`` tasks (`DINRanker`'s ``embedding_shards``), every epoch is
+``ceil(train impressions / batch_size)`` asynchronous steps on the workers
+(`tfmm.parameter_server`), each worker reading its share of the batches;
+the export joins the shards into a one-machine ranker, and
+``embedding_shards`` in metrics.json says where each table's rows were.
 
 The vectors are a snapshot of the index taken at the start; with
 ``refresh_vectors`` the snapshot is taken again at every epoch (of MAKE's
@@ -53,7 +59,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmm import data, distribute, metrics
+from tfmm import data, distribute, metrics, parameter_server
 from tfmm.config import SettingsError, default_of
 from tfmm.data import schema
 from tfmm.export import export_saved_model
@@ -130,6 +136,15 @@ class CTRConfig:
                                 f"{e}") from None
         if self.model != "id" and not self.index:
             raise SettingsError(f"--model={self.model} needs item vectors: set --index.")
+        if self.strategy == "parameter_server":
+            if self.refresh_vectors:
+                raise SettingsError("--refresh_vectors cannot run with "
+                                    "--strategy=parameter_server: the workers read the vectors "
+                                    "the chief had at the start.")
+            if self.optimizer == "dense_adam":
+                raise SettingsError("--optimizer=dense_adam cannot run with "
+                                    "--strategy=parameter_server: it makes every table's whole "
+                                    "gradient on a worker; use adam, adagrad or sgd.")
         if self.refresh_vectors and self.model == "id":
             raise SettingsError("--refresh_vectors needs a multimodal --model; id reads no "
                                 "vectors.")
@@ -275,14 +290,21 @@ def _fit(model, config, train, epochs, test, out, callbacks=(), weights=None, st
     """Fits with checkpoints (resume), TensorBoard logs and per-epoch test metrics
     (and weights, with `weights`: see `EpochRecord`).
 
-    `train(slices)` makes the training batches; under a `strategy`, with
-    `tfmm.distribute.replica_slices`, and only the chief evaluates and writes.
+    `train(slices, shard)` makes the training batches: under a `strategy`, with
+    `tfmm.distribute.replica_slices`, under a ParameterServerStrategy a worker's
+    `shard`, repeated; only the chief evaluates and writes.
     """
     backup = os.path.join(out, "backup")
     evaluation = EpochEvaluation(test, os.path.join(out, "epochs.json"), backup, weights)
     with distribute.scope(strategy):
         model.compile(OPTIMIZERS[config.optimizer](config.learning_rate), "binary_crossentropy")
     tensorboard = keras.callbacks.TensorBoard(os.path.join(out, "logs"))
+    if isinstance(strategy, tf.distribute.ParameterServerStrategy):
+        rows = schema.read_metadata(config.data_dir)["counts"]["impressions/train"]
+        distribute.fit(model, strategy, lambda workers, index: train(shard=(workers, index)),
+                       epochs, backup, steps=-(-rows // config.batch_size), callbacks=callbacks,
+                       chief_callbacks=[evaluation, tensorboard], verbose=config.verbose)
+        return evaluation.values
     if strategy is not None:
         replicas = strategy.num_replicas_in_sync
         distribute.fit(model, strategy, lambda c: train(distribute.replica_slices(c, replicas)),
@@ -291,7 +313,7 @@ def _fit(model, config, train, epochs, test, out, callbacks=(), weights=None, st
         return evaluation.values
     # The evaluation first: an epoch's metrics are written before its backup marks it done.
     callbacks = [evaluation, keras.callbacks.BackupAndRestore(backup), tensorboard, *callbacks]
-    model.fit(train(None), epochs=epochs, shuffle=False, callbacks=callbacks,
+    model.fit(train(), epochs=epochs, shuffle=False, callbacks=callbacks,
               verbose=config.verbose)
     return evaluation.values
 
@@ -375,9 +397,10 @@ def pretrain_make(config, vectors, test, length, refresh=(), strategy=None):
 
 def _train_data(config, length, vectors, model):
     """The training batches for `model` in time order, as `_fit` takes them."""
-    return lambda slices: data.impressions(
+    return lambda slices=None, shard=None: data.impressions(
         config.data_dir, "train", batch_size=config.batch_size, max_history=length,
-        vectors=vectors, features=list(model.input), validate=False, slices=slices)
+        vectors=vectors, features=list(model.input), validate=False, slices=slices,
+        shard=shard, repeat=shard is not None)
 
 
 def run(config, vectors=None, pretrain_config=None):
@@ -427,13 +450,16 @@ def _run(config, vectors, pretrain_config):
     test = TestSet(config, meta, vectors, strategy) if chief else None
     make, make_epochs = (pretrain_make(config, vectors, test, length, refresh, strategy)
                          if config.uses_make else (None, []))
+    parameter_servers = isinstance(strategy, tf.distribute.ParameterServerStrategy)
+    shards = (parameter_server.num_parameter_servers(parameter_server.cluster_resolver(strategy))
+              if parameter_servers else 1)
     with distribute.scope(strategy):
         model = DINRanker(vocab, length, method=config.model,
                           vector_dim=None if vectors is None else vectors.table.shape[1],
                           make=make, embedding_dim=config.embedding_dim,
                           attention_units=config.attention_units, mlp_units=config.mlp_units,
                           num_tiers=config.num_tiers, simtier_output=config.simtier_output,
-                          batch_norm=config.batch_norm)
+                          batch_norm=config.batch_norm, embedding_shards=shards)
     print(f"training the {config.model} ranker for {config.epochs} epoch(s) ...", flush=True)
     epochs = _fit(model, config, _train_data(config, length, vectors, model), config.epochs, test,
                   config.model_dir, refresh, strategy=strategy)
@@ -446,6 +472,8 @@ def _run(config, vectors, pretrain_config):
               "epochs": epochs}
     if digest:
         result["weights_sha256"] = digest
+    if parameter_servers:
+        result["embedding_shards"] = parameter_server.placement(model)
     if config.uses_make:
         result["make"] = {"pretrain_epochs": config.make_epochs,
                           "trainable": config.make_trainable, "epochs": make_epochs}
@@ -454,7 +482,9 @@ def _run(config, vectors, pretrain_config):
     if source:
         result["pretrain_source"] = source
     if config.export_dir:
-        result["export_path"] = export_saved_model(model, config.export_dir, "probability")
+        result["export_path"] = export_saved_model(
+            parameter_server.joined(model) if parameter_servers else model, config.export_dir,
+            "probability")
     result.update(train_seconds=time.time() - start, config=config_json(config))
     write_json(os.path.join(config.model_dir, "metrics.json"), result)
     return result

@@ -4,6 +4,10 @@
 - ``mirrored``: `tf.distribute.MirroredStrategy`, the devices of one machine.
 - ``multi_worker``: `tf.distribute.MultiWorkerMirroredStrategy`, machines
   named by the standard ``TF_CONFIG``; every worker runs the same command.
+- ``parameter_server``: `tf.distribute.ParameterServerStrategy`
+  (`tfmm.parameter_server`): the chief alone runs the job, asynchronous steps
+  on the workers, variables on the ``ps`` tasks; the ``worker`` and ``ps``
+  tasks run servers.
 
 Keras 3's ``fit`` fails under MultiWorkerMirroredStrategy ("Attempt to
 convert a value (PerReplica...)"), so `fit` here is a loop of
@@ -33,7 +37,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-STRATEGIES = ("none", "mirrored", "multi_worker")
+from tfmm import parameter_server
+
+STRATEGIES = ("none", "mirrored", "multi_worker", "parameter_server")
 _strategies = {}
 _sums = weakref.WeakKeyDictionary()  # strategy -> its all-reduce of a number
 _predictors = weakref.WeakKeyDictionary()  # model -> its `predictor`
@@ -54,18 +60,30 @@ def strategy(name):
             _strategies[name] = tf.distribute.MirroredStrategy()
         else:
             if "TF_CONFIG" not in os.environ:
-                raise ValueError("strategy='multi_worker' needs the cluster in $TF_CONFIG.")
+                raise ValueError(f"strategy={name!r} needs the cluster in $TF_CONFIG.")
             try:
                 json.loads(os.environ["TF_CONFIG"])
             except ValueError as e:
                 raise ValueError(f"$TF_CONFIG is not JSON: {e}") from None
-            _strategies[name] = tf.distribute.MultiWorkerMirroredStrategy()
+            if name == "multi_worker":
+                _strategies[name] = tf.distribute.MultiWorkerMirroredStrategy()
+            elif parameter_server.is_server():
+                raise ValueError("$TF_CONFIG names a worker or ps task: it runs its server "
+                                 "(tfmm.parameter_server.serve); the chief trains.")
+            else:
+                _strategies[name] = parameter_server.strategy()
     return _strategies[name]
 
 
 def is_chief(strategy):
     """Whether this process writes the run's records, logs and exports."""
-    return strategy is None or strategy.extended.should_checkpoint
+    return alone(strategy) or strategy.extended.should_checkpoint
+
+
+def alone(strategy):
+    """Whether this process runs the job alone: no strategy, or the chief (coordinator)
+    of a `tf.distribute.ParameterServerStrategy`, the only one that runs it."""
+    return strategy is None or isinstance(strategy, tf.distribute.ParameterServerStrategy)
 
 
 def scope(strategy):
@@ -81,7 +99,7 @@ def worker_id(strategy):
 
 def chief_value(strategy, value):
     """The chief's integer `value` on every worker; also a barrier (all must call it)."""
-    if strategy is None:
+    if alone(strategy):
         return value
 
     if strategy not in _sums:  # traced once per value (a tensor made outside the
@@ -190,19 +208,46 @@ def step_function(model, strategy, element_spec):
     return step
 
 
+def _epoch_function(model, strategy, dataset_fn, steps, callbacks):
+    """A function that trains `model` for one epoch in step on every worker; it returns
+    the last step's logs."""
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    step = step_function(model, strategy, dataset.element_spec)
+    iterator = iter(dataset) if steps else None
+
+    def epoch():
+        logs = {}
+        batches = (next(iterator) for _ in range(steps)) if steps else iter(dataset)
+        for k, batch in enumerate(batches):
+            callbacks.on_train_batch_begin(k)
+            logs = step(batch)
+            callbacks.on_train_batch_end(k, logs)
+        return logs
+
+    return epoch
+
+
 def fit(model, strategy, dataset_fn, epochs, backup, steps=None, callbacks=(),
         chief_callbacks=(), verbose=2):
     """Trains `model` (compiled under ``strategy.scope()``) like ``fit``, under `strategy`.
 
+    Under a `tf.distribute.ParameterServerStrategy` the chief schedules
+    ``steps`` steps an epoch on the workers (`tfmm.parameter_server.epoch_function`),
+    then runs the epoch's callbacks and checkpoint alone, reading the variables
+    from the parameter servers.
+
     Args:
         dataset_fn: of a `tf.distribute.InputContext`, the pipeline's dataset
             (``strategy.distribute_datasets_from_function``), e.g. global batches
-            cut by `replica_slices`.
+            cut by `replica_slices`; under a ParameterServerStrategy, of
+            ``(num_workers, index)``, a worker's share of repeated batches
+            (`tfmm.parameter_server.per_worker_dataset`).
         epochs: epochs in all, the resumed ones included.
         backup: the checkpoint directory (model, optimizer, finished epochs);
             a run finds it there when resuming and deletes it when done, as
             `keras.callbacks.BackupAndRestore` does.
-        steps: steps per epoch of a repeating dataset; None: one pass.
+        steps: steps per epoch of a repeating dataset; None: one pass (not under a
+            ParameterServerStrategy).
         callbacks: Keras callbacks every worker runs (that change the training).
         chief_callbacks: Keras callbacks only the chief runs (that write).
 
@@ -223,22 +268,19 @@ def fit(model, strategy, dataset_fn, epochs, backup, steps=None, callbacks=(),
     latest = tf.train.latest_checkpoint(backup)
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
-    dataset = strategy.distribute_datasets_from_function(dataset_fn)
-    step = step_function(model, strategy, dataset.element_spec)
+    if isinstance(strategy, tf.distribute.ParameterServerStrategy):
+        train_epoch = parameter_server.epoch_function(model, strategy, dataset_fn, steps,
+                                                      callbacks)
+    else:
+        train_epoch = _epoch_function(model, strategy, dataset_fn, steps, callbacks)
     callbacks.on_train_begin()
     logs = {}
-    iterator = iter(dataset) if steps else None
     model.stop_training = False
     for epoch in range(int(done.numpy()), epochs):
         for metric in model.metrics:
             metric.reset_state()
         callbacks.on_epoch_begin(epoch)
-        batches = (next(iterator) for _ in range(steps)) if steps else iter(dataset)
-        for k, batch in enumerate(batches):
-            callbacks.on_train_batch_begin(k)
-            logs = step(batch)
-            callbacks.on_train_batch_end(k, logs)
-        logs = {k: float(v) for k, v in logs.items()}
+        logs = {k: float(v) for k, v in train_epoch().items()}
         callbacks.on_epoch_end(epoch, logs)  # records first: see tfmm.callbacks
         done.assign(epoch + 1)
         manager.save()

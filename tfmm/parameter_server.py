@@ -9,24 +9,38 @@ one `ShardedEmbedding` shard per parameter server, so a table
 needs 1/P of its size on each of P servers and none of it on a worker:
 lookups gather rows on the servers and the optimizer updates each shard
 where it lives. Training is asynchronous (workers apply their gradients
-without waiting for each other) and, as in TensorFlow's own, a worker's
-input is not a slice of the others': `dataset_fn` runs on every worker.
+without waiting for each other). `train` runs steps of a given loss; the
+CTR job (``--strategy=parameter_server``) trains epochs of the model's own
+``train_step`` through `tfmm.distribute.fit` (`epoch_function`), each worker
+reading its own share of the batches (`per_worker_dataset`), and exports
+the ranker with its shards joined (`joined`).
 
 Every task reads the standard ``TF_CONFIG`` (a ``chief``, ``worker`` and
-``ps`` cluster); ``python -m tfmm.parameter_server`` runs a ``worker`` or
-``ps`` task's server until it is killed. Why not Keras 3's Embedding with
+``ps`` cluster); ``python -m tfmm.parameter_server``, or the job's own
+command, runs a ``worker`` or ``ps`` task's server until it is killed. Why not Keras 3's Embedding with
 the strategy's ``variable_partitioner``: BUILD.md, "Embedding tables bigger
 than one worker".
 """
 
 import os
+import weakref
 
+import numpy as np
 import tensorflow as tf
 from absl import app
 
-from tfmm.keras_compat import keras
+from tfmm.keras_compat import LEGACY, keras
+from tfmm.layers import ShardedEmbedding
 
 SERVER_TASKS = ("worker", "ps")
+_coordinators = weakref.WeakKeyDictionary()  # strategy -> its one ClusterCoordinator
+
+
+def is_server(resolver=None):
+    """Whether ``TF_CONFIG`` (or `resolver`) names a ``worker`` or ``ps`` task: one that
+    runs `serve` while the chief trains."""
+    resolver = resolver or tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    return resolver.task_type in SERVER_TASKS
 
 
 def serve(resolver=None):
@@ -50,11 +64,102 @@ def strategy(resolver=None):
     return tf.distribute.ParameterServerStrategy(resolver)
 
 
+def cluster_resolver(strategy):
+    """The cluster resolver `strategy` was made with (in TF 2.21 its public
+    ``cluster_resolver`` is None)."""
+    return strategy.cluster_resolver or strategy._cluster_resolver
+
+
 def num_parameter_servers(resolver=None):
     """The ``ps`` tasks of ``TF_CONFIG``'s cluster (or of `resolver`'s): a `DINRanker`'s
     ``embedding_shards``, one shard of each table on every server."""
     resolver = resolver or tf.distribute.cluster_resolver.TFConfigClusterResolver()
     return resolver.cluster_spec().num_tasks("ps")
+
+
+def cluster_coordinator(strategy):
+    """The `ClusterCoordinator` of `strategy` (a strategy has at most one)."""
+    if strategy not in _coordinators:
+        _coordinators[strategy] = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    return _coordinators[strategy]
+
+
+def per_worker_dataset(strategy, dataset_fn):
+    """``dataset_fn(num_workers, index)`` on every worker, each with its own `index`.
+
+    The strategy gives every worker the same input context, so each worker
+    draws its index from a counter on a parameter server when it makes its
+    iterator (a worker that is restarted draws again; indexes wrap around).
+    """
+    with strategy.scope():
+        drawn = tf.Variable(0, dtype=tf.int64, trainable=False, name="input_shards_drawn")
+    workers = cluster_resolver(strategy).cluster_spec().num_tasks("worker")
+
+    @tf.autograph.experimental.do_not_convert  # the coordinator traces it: Python as is
+    def worker_dataset():
+        return dataset_fn(workers, (drawn.assign_add(1) - 1) % workers)
+
+    return cluster_coordinator(strategy).create_per_worker_dataset(worker_dataset)
+
+
+def epoch_function(model, strategy, dataset_fn, steps, callbacks):
+    """A function that trains compiled `model` for one epoch of `steps` steps of
+    ``model.train_step``, scheduled on the workers; it returns the epoch's last logs.
+
+    Args:
+        dataset_fn: `per_worker_dataset`'s, of repeated batches.
+        callbacks: a `keras.callbacks.CallbackList`; its batch hooks see no logs
+            (a step's logs stay on its worker until it is fetched).
+    """
+    batches = iter(per_worker_dataset(strategy, dataset_fn))
+
+    @tf.function
+    def step(batches):
+        return strategy.run(model.train_step, args=(next(batches),))
+
+    def epoch():
+        for k in range(steps):
+            callbacks.on_train_batch_begin(k)
+            logs = cluster_coordinator(strategy).schedule(step, args=(batches,))
+            callbacks.on_train_batch_end(k)
+        cluster_coordinator(strategy).join()
+        return logs.fetch()
+
+    return epoch
+
+
+def placement(model):
+    """Where the rows of each of `model`'s `ShardedEmbedding` tables are:
+    ``{table: [{"device", "rows"}, ...]}``, in shard order."""
+    return {layer.name: [{"device": (s if LEGACY else s.value).device,
+                          "rows": int(s.shape[0])} for s in layer.weights]
+            for layer in model._flatten_layers() if isinstance(layer, ShardedEmbedding)}
+
+
+def joined_weights(model):
+    """`model`'s weights as the same model with one variable per `ShardedEmbedding`
+    lists them: each table's shards concatenated, in place of its first shard."""
+    tables = {id(w): layer for layer in model._flatten_layers()
+              if isinstance(layer, ShardedEmbedding) for w in layer.weights}
+    out, done = [], set()
+    for w in model.weights:
+        table = tables.get(id(w))
+        if table is None:
+            out.append(w.numpy())
+        elif id(table) not in done:
+            done.add(id(table))
+            out.append(np.concatenate([s.numpy() for s in table.weights]))
+    return out
+
+
+def joined(model):
+    """A `DINRanker` equal to sharded `model` with each table in one variable, made on
+    this process (outside any strategy): what one machine exports and serves."""
+    from tfmm.ranker import DINRanker
+
+    single = DINRanker.from_config({**model.get_config(), "embedding_shards": 1})
+    single.set_weights(joined_weights(model))
+    return single
 
 
 def train(strategy, model, optimizer, dataset_fn, steps, coordinator=None):
@@ -66,12 +171,12 @@ def train(strategy, model, optimizer, dataset_fn, steps, coordinator=None):
             the strategy it was made under); built here on first use.
         dataset_fn: no arguments to ``(features, label)`` batches, repeated;
             each worker runs it and takes the next batch for every step.
-        coordinator: the strategy's `ClusterCoordinator` (one is made if None;
-            a strategy has at most one).
+        coordinator: the strategy's `ClusterCoordinator` (default
+            `cluster_coordinator`'s).
 
     The loss is binary cross-entropy, the mean over the batch.
     """
-    coordinator = coordinator or tf.distribute.coordinator.ClusterCoordinator(strategy)
+    coordinator = coordinator or cluster_coordinator(strategy)
     if not optimizer.built:
         with strategy.scope():
             # Slots next to their variables, before a step (steps cannot make variables).

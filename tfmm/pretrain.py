@@ -91,6 +91,10 @@ class PretrainConfig:
         if self.strategy not in distribute.STRATEGIES:
             raise ValueError(f"--strategy={self.strategy!r} is not one of "
                              f"{distribute.STRATEGIES}.")
+        if self.strategy == "parameter_server":
+            raise ValueError("--strategy=parameter_server is for --task=ctr, whose ID tables "
+                             "may outgrow a machine; pre-training's are small: use "
+                             "multi_worker.")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective={self.objective!r} is not one of {OBJECTIVES}.")
         if self.modality not in MODALITIES:

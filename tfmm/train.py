@@ -32,7 +32,10 @@ nothing.
 ``--strategy=multi_worker`` trains on the machines named by ``$TF_CONFIG``
 (the same command on every worker; `tfmm.distribute`), ``mirrored`` on the
 devices of this one; the chief (worker 0) alone writes metrics, logs and
-exports.
+exports. ``--strategy=parameter_server`` (``--task=ctr``) splits the ranker's
+ID tables over the ``ps`` tasks of ``$TF_CONFIG``; the same command on a
+``worker`` or ``ps`` task runs its server, on the ``chief`` the job
+(`tfmm.parameter_server`).
 """
 
 import json
@@ -41,7 +44,7 @@ import sys
 
 from absl import app, flags, logging
 
-from tfmm import ctr, distribute, pretrain as pretraining
+from tfmm import ctr, distribute, parameter_server, pretrain as pretraining
 from tfmm.config import SettingsError, define_flags, from_flags
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.ranker import METHODS
@@ -95,7 +98,10 @@ define_flags(CTR, {
                        "service writes meanwhile join training (near-line).",
     "strategy": "tf.distribute strategy: none (one process, Keras fit), mirrored (this "
                 "machine's devices) or multi_worker (the cluster in $TF_CONFIG, the same "
-                "command on every worker; worker 0 writes metrics, logs and exports).",
+                "command on every worker; worker 0 writes metrics, logs and exports) or "
+                "parameter_server (--task=ctr: ID tables split over the cluster's ps tasks, "
+                "asynchronous steps on its workers; on a worker or ps task the command runs "
+                "its server, on the chief the job).",
     "optimizer": "Ranker optimizer: adam is Keras 3's, whose second moment of an embedding "
                  "row looked up n times in a batch sums n squares instead of squaring the "
                  "sum; dense_adam is Adam's (as tf-keras'), and faster.",
@@ -221,12 +227,16 @@ def run_ctr():
                      index=_default("index", _runs(path, "index", "vectors.db")),
                      epochs=_default("epochs", CTR.epochs),
                      batch_size=_default("batch_size", CTR.batch_size))
-    encoder = None if config.model == "id" else pretrain_config(
-        path, _default("pretrain_model_dir", _runs(path, "pretrain")),
-        _default("encoder_export_dir", _runs(path, "export", "encoder")), FLAGS.pretrain_epochs,
-        FLAGS.pretrain_batch_size, FLAGS.pretrain_learning_rate,
-        renamed={name: f"pretrain_{name}" for name in ("epochs", "batch_size", "learning_rate")}
-        | {"export_dir": "encoder_export_dir", "model_dir": "pretrain_model_dir"})
+    encoder = None
+    # Pre-training does not run under parameter servers: the index must hold vectors.
+    if config.model != "id" and config.strategy != "parameter_server":
+        encoder = pretrain_config(
+            path, _default("pretrain_model_dir", _runs(path, "pretrain")),
+            _default("encoder_export_dir", _runs(path, "export", "encoder")),
+            FLAGS.pretrain_epochs, FLAGS.pretrain_batch_size, FLAGS.pretrain_learning_rate,
+            renamed={name: f"pretrain_{name}" for name in ("epochs", "batch_size",
+                                                            "learning_rate")}
+            | {"export_dir": "encoder_export_dir", "model_dir": "pretrain_model_dir"})
     try:
         result = ctr.run(config, pretrain_config=encoder)
     except SettingsError as e:
@@ -245,6 +255,11 @@ def main(argv):
     if not FLAGS["verbosity"].present:  # TensorFlow's INFO lines would bury the progress
         logging.set_verbosity(logging.WARNING)
     try:  # before anything runs TensorFlow operations (generating a world does)
+        if FLAGS.strategy == "parameter_server":
+            if "TF_CONFIG" in os.environ and parameter_server.is_server():
+                parameter_server.serve()  # until killed
+            if FLAGS.task == "pretrain":  # its config refuses the strategy
+                return run_pretrain()
         distribute.strategy(FLAGS.strategy)
     except ValueError as e:
         fail(f"--strategy={FLAGS.strategy}: {e}")

@@ -155,7 +155,7 @@ def _join_vectors(vectors):
 def impressions(data_dir, split="train", batch_size=256, max_history=None, shuffle=False,
                 shuffle_buffer=100_000, seed=None, deterministic=True, repeat=False,
                 drop_remainder=False, vectors=None, features=None, validate=True,
-                slices=None):
+                slices=None, shard=None):
     """Impression batches ``(features, label)`` of one split, in time order unless shuffled.
 
     Args:
@@ -171,6 +171,9 @@ def impressions(data_dir, split="train", batch_size=256, max_history=None, shuff
         slices: under tf.distribute, `tfmm.distribute.replica_slices`: keeps
             this replica's rows of every batch, before they are parsed, and
             adds a third element, the rows' loss weights.
+        shard: ``(num_shards, index)`` (integers or scalar tensors): keeps every
+            num_shards-th batch from the index-th, before they are parsed (a
+            parameter-server worker's share, `tfmm.parameter_server`).
     """
     meta = schema.read_metadata(data_dir)
     paths = schema.files(data_dir, meta, f"impressions/{split}")
@@ -188,6 +191,8 @@ def impressions(data_dir, split="train", batch_size=256, max_history=None, shuff
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if shard is not None:
+        ds = ds.shard(*shard)
     parse = _parse_impressions(length, side, features)
     if slices is not None:
         ds = slices(ds)
