@@ -19,7 +19,6 @@ workers follows, from the 1-worker step time and stated network assumptions.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -97,18 +96,8 @@ def run_worker(data_dir, method):
         print(json.dumps({"steps_per_s": rate}))
 
 
-def _ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def steps_per_s(data_dir, method, workers):
-    cluster = {"worker": [f"localhost:{p}" for p in _ports(workers)]}
+    cluster = distribute.loopback_cluster(worker=workers)
     argv = [a for a in sys.argv[1:] if not a.startswith(("--only", "--data_dir"))]
     procs = [subprocess.Popen(
         [sys.executable, "-m", "benchmarks.distribute", f"--only={method}",

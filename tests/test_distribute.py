@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,19 +18,9 @@ from tests.test_ctr import ENV, _cli
 TIMEOUT = 240  # a worker whose peer died waits for it forever: never the test
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _start_workers(cmd, n=2):
     """`cmd` on `n` workers of a fresh loopback cluster (TF_CONFIG), output to pipes."""
-    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(n)]}
+    cluster = distribute.loopback_cluster(worker=n)
     return [subprocess.Popen(
         [*cmd, "--strategy=multi_worker"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, env=dict(ENV, TF_CONFIG=json.dumps(

@@ -1,6 +1,5 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +18,6 @@ from tfmm.metrics import auc, logloss
 from tfmm.ranker import DINRanker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def start(task_type, index, cluster, args, log):
@@ -52,10 +41,7 @@ def bce(model, features, label, training=False):
 
 @pytest.mark.slow
 def test_ranker_trains_with_tables_split_over_two_parameter_servers(tiny_dir, tmp_path):
-    ports = free_ports(5)
-    cluster = {"chief": [f"localhost:{ports[0]}"],
-               "worker": [f"localhost:{p}" for p in ports[1:3]],
-               "ps": [f"localhost:{p}" for p in ports[3:]]}
+    cluster = distribute.loopback_cluster(chief=1, worker=2, ps=2)
     out = str(tmp_path / "run")
     procs = [start(t, i, cluster, ["tfmm.parameter_server"], tmp_path / f"{t}{i}.log")
              for t in ("ps", "worker") for i in range(len(cluster[t]))]
@@ -138,9 +124,7 @@ def test_sharded_ranker_scores_like_the_single_table_ranker():
 
 @pytest.mark.slow
 def test_ctr_job_on_parameter_servers_resumes_and_exports_one_ranker(tiny_dir, tmp_path):
-    ports = free_ports(4)
-    cluster = {"chief": [f"localhost:{ports[0]}"], "worker": [f"localhost:{ports[1]}"],
-               "ps": [f"localhost:{p}" for p in ports[2:]]}
+    cluster = distribute.loopback_cluster(chief=1, worker=1, ps=2)
     out = tmp_path / "run"
     # The same command on every task.
     args = ["tfmm.train", "--task=ctr", "--model=id", "--strategy=parameter_server",

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import weakref
 
 import keras
@@ -43,6 +44,18 @@ STRATEGIES = ("none", "mirrored", "multi_worker", "parameter_server")
 _strategies = {}
 _sums = weakref.WeakKeyDictionary()  # strategy -> its all-reduce of a number
 _predictors = weakref.WeakKeyDictionary()  # model -> its `predictor`
+
+
+def loopback_cluster(**tasks):
+    """A ``TF_CONFIG`` cluster of ``tasks`` (e.g. ``worker=2`` or ``chief=1, worker=1,
+    ps=2``) on free ports of this machine: a multi-worker job tried on one machine."""
+    sockets = [socket.socket() for _ in range(sum(tasks.values()))]
+    for s in sockets:  # all bound at once, so no two tasks get the same port
+        s.bind(("localhost", 0))
+    ports = iter([s.getsockname()[1] for s in sockets])
+    for s in sockets:
+        s.close()
+    return {task: [f"localhost:{next(ports)}" for _ in range(n)] for task, n in tasks.items()}
 
 
 def strategy(name):
