@@ -204,8 +204,8 @@ def test_each_starting_point_ends_in_a_ranker_an_export_and_a_prediction(route, 
 def test_pretraining_on_behaviour_pairs_beats_the_untrained_tower(route):
     root, _ = route("clicks")
     trained = json.load(open(root / "runs" / "mine" / "pretrain" / "metrics.json"))
-    # The same tower untrained (same seed: the same initial weights; centred as README's
-    # block centres), on the same test pairs.
+    # Centred without being asked: the pairs are clicks. The same tower untrained (same
+    # seed: the same initial weights; centred too), on the same test pairs.
     assert trained["config"]["center_vectors"]
     proc = subprocess.run([sys.executable, "-m", "tfmm.train", "--task=pretrain",
                            "--data_dir=data/mine", "--objective=random", "--center_vectors",

@@ -46,6 +46,7 @@ from absl import app, flags, logging
 
 from tfmm import ctr, distribute, parameter_server, pretrain as pretraining
 from tfmm.config import SettingsError, define_flags, from_flags
+from tfmm.data import schema
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.ranker import METHODS
 from tfmm.scl import POSITIVE_TOWERS
@@ -142,7 +143,8 @@ define_flags(PRETRAIN, {
     "center_vectors": "End the trained tower with subtracting the mean of the catalogue's "
                       "vectors (then re-normalising): the exported encoder, the index and "
                       "Acc@N see centred vectors. Weak pairs (--pairs_from=clicks) leave all "
-                      "vectors in a narrow cone that SimTier's tiers cannot resolve.",
+                      "vectors in a narrow cone that SimTier's tiers cannot resolve. Default: "
+                      "on where the data dir's pairs come from clicks, else off.",
 }, choices={"modality": pretraining.MODALITIES, "objective": pretraining.OBJECTIVES,
             "positive_tower": POSITIVE_TOWERS})
 
@@ -193,9 +195,19 @@ def _verbose():
     return 1 if os.isatty(1) else 2
 
 
+def _pairs_from_clicks(data_dir):
+    try:
+        return schema.read_metadata(data_dir).get("pairs", {}).get("source") == "clicks"
+    except (OSError, ValueError):  # the job's own checks name what is wrong
+        return False
+
+
 def pretrain_config(data_dir, model_dir, export_dir, epochs, batch_size, learning_rate,
                     renamed=None):
-    return _config(PRETRAIN, list(FLAGS), renamed, data_dir=data_dir,
+    # Centred by default where the pairs are clicks: their vectors need it (BUILD.md).
+    center = (FLAGS.center_vectors if FLAGS["center_vectors"].present
+              else _pairs_from_clicks(data_dir))
+    return _config(PRETRAIN, list(FLAGS), renamed, data_dir=data_dir, center_vectors=center,
                    model_dir=model_dir, export_dir=export_dir, epochs=epochs,
                    batch_size=batch_size, learning_rate=learning_rate, verbose=_verbose(),
                    index=_default("index", _runs(data_dir, "index", "vectors.db")))

@@ -68,8 +68,9 @@ one of two sources:
   units apart. The query is the first item's content (its image as
   ``query_image``, its title as ``query_text``; empty where it has none), the
   positive the second item. Such pairs mostly tell which categories go
-  together; pre-train on them with ``tfmm.train --center_vectors``, without
-  which the vectors all lie in a cone too narrow for SimTier's tiers.
+  together; ``tfmm.train`` pre-trains on them with ``--center_vectors`` (its
+  default for such a data dir), without which the vectors all lie in a cone
+  too narrow for SimTier's tiers.
 
 A pair without a given negative gets a hard negative: a random other item of
 the positive's category (of the whole catalogue when the category has no
