@@ -3,6 +3,7 @@
 import collections
 import filecmp
 import os
+import re
 import subprocess
 import sys
 
@@ -186,6 +187,9 @@ def test_cli_passes_pipeline_options_and_names_the_extra_without_beam(inputs):
     assert done.returncode == 0, done.stderr
     assert f"wrote {tmp / 'out'}: " in done.stdout
     assert schema.read_metadata(tmp / "out")["runner"] == "DirectRunner"
+    # Quiet by default: none of Beam's Python INFO lines ("I1130 12:00:00.1 140 x.py:449] ...").
+    assert not re.search(r"^I\d{4} [\d:.]+ +\d+ \S+\.py:\d+\]", done.stderr, re.M), (
+        done.stderr[-2000:])
 
     refused = run_cli(*common, "--runner=DirectRunner", block_beam=True)
     assert refused.returncode == 1

@@ -51,3 +51,13 @@ def quiet_tensorflow(argv=None):
         os.close(devnull)
         # TensorFlow has read the level; tools this one starts choose their own.
         del os.environ["TF_CPP_MIN_LOG_LEVEL"]
+
+
+def quiet_logging():
+    """INFO lines of absl/Python logging hidden (TensorFlow's, Beam's would bury a tool's
+    own output), unless ``--verbosity`` or ``--verbose`` asks for them."""
+    from absl import flags, logging
+
+    verbose = "verbose" in flags.FLAGS and flags.FLAGS.verbose  # defined by quiet_tensorflow
+    if not flags.FLAGS["verbosity"].present and not verbose:
+        logging.set_verbosity(logging.WARNING)

@@ -42,9 +42,9 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from tfmm import ctr, distribute, parameter_server, pretrain as pretraining
+from tfmm import _startup, ctr, distribute, parameter_server, pretrain as pretraining
 from tfmm.config import SettingsError, define_flags, from_flags
 from tfmm.data import schema
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
@@ -264,8 +264,7 @@ def run_ctr():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:  # TensorFlow's INFO lines would bury the progress
-        logging.set_verbosity(logging.WARNING)
+    _startup.quiet_logging()
     try:  # before anything runs TensorFlow operations (generating a world does)
         if FLAGS.strategy == "parameter_server":
             if "TF_CONFIG" in os.environ and parameter_server.is_server():

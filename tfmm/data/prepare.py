@@ -123,6 +123,7 @@ import pyarrow.csv as pa_csv  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from tfmm import _startup  # noqa: E402
 from tfmm.data import schema  # noqa: E402
 from tfmm.data.history import history_ranges  # noqa: E402
 from tfmm.data.writer import DataDirWriter  # noqa: E402
@@ -812,6 +813,7 @@ def main(argv):
             sys.exit(f"--{name} is required.")
     run = prepare
     if FLAGS.runner:
+        _startup.quiet_logging()  # Beam logs every step at INFO
         # prepare_beam imports this module's helpers: let it find this one (run as __main__)
         # rather than import it again and define its flags twice.
         sys.modules.setdefault("tfmm.data.prepare", sys.modules[__name__])

@@ -36,6 +36,7 @@ import sys
 
 from absl import app, flags
 
+from tfmm import _startup
 from tfmm.index import redact
 from tfmm.serving.encoding import Encoder, IndexSink, PartSink, embed_catalogue, job_manifest
 
@@ -66,6 +67,7 @@ def main(argv):
         if FLAGS[name].value < 1:
             sys.exit(f"--{name}={FLAGS[name].value} must be >= 1.")
     if FLAGS.runner:
+        _startup.quiet_logging()  # Beam logs every step at INFO
         try:
             import apache_beam  # noqa: F401
         except ImportError:
