@@ -201,18 +201,23 @@ def test_each_starting_point_ends_in_a_ranker_an_export_and_a_prediction(route, 
         assert exported == with_image  # by raw id, every item with an image
 
 
+def _untrained(root, *flags):
+    """The metrics of the route's tower untrained (same seed: the same initial weights)."""
+    proc = subprocess.run([sys.executable, "-m", "tfmm.train", "--task=pretrain",
+                           "--data_dir=data/mine", *flags, "--objective=random",
+                           "--model_dir=runs/mine/untrained", "--export_dir=", "--index="],
+                          cwd=root, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.load(open(root / "runs" / "mine" / "untrained" / "metrics.json"))
+
+
 def test_pretraining_on_behaviour_pairs_beats_the_untrained_tower(route):
     root, _ = route("clicks")
     trained = json.load(open(root / "runs" / "mine" / "pretrain" / "metrics.json"))
     # Centred without being asked: the pairs are clicks. The same tower untrained (same
     # seed: the same initial weights; centred too), on the same test pairs.
     assert trained["config"]["center_vectors"]
-    proc = subprocess.run([sys.executable, "-m", "tfmm.train", "--task=pretrain",
-                           "--data_dir=data/mine", "--objective=random", "--center_vectors",
-                           "--model_dir=runs/mine/untrained", "--export_dir=", "--index="],
-                          cwd=root, env=ENV, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    untrained = json.load(open(root / "runs" / "mine" / "untrained" / "metrics.json"))
+    untrained = _untrained(root, "--center_vectors")
     assert trained["test_pairs"] == untrained["test_pairs"] > 30
     key = "neighbours_same_category@10"
     assert untrained[key] == trained[f"{key}_untrained"]
@@ -228,11 +233,6 @@ def test_pretraining_on_query_pairs_learns_despite_items_without_titles(route):
     """Pairs whose item or mined negative has no title once made every text vector NaN."""
     root, _ = route("pairs")
     trained = json.load(open(root / "runs" / "mine" / "pretrain" / "metrics.json"))
-    proc = subprocess.run([sys.executable, "-m", "tfmm.train", "--task=pretrain",
-                           "--data_dir=data/mine", "--modality=text", "--objective=random",
-                           "--model_dir=runs/mine/untrained", "--export_dir=", "--index="],
-                          cwd=root, env=ENV, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    untrained = json.load(open(root / "runs" / "mine" / "untrained" / "metrics.json"))
+    untrained = _untrained(root, "--modality=text")
     assert trained["test_pairs"] == untrained["test_pairs"] > 30
     assert trained["acc@5"] > untrained["acc@5"] + 0.1, (trained, untrained)
