@@ -401,7 +401,7 @@ def run(config, fallback=False):
     vectors = embed(tower, content, strategy=strategy)
     if config.center_vectors and len(vectors) > 1:
         tower = centred(tower, vectors.mean(axis=0))
-        vectors = embed(tower, content, strategy=strategy)
+        vectors = tower.get_layer("centre")(vectors).numpy()  # its output; not embedded again
         if untrained is not None:  # compared as it would be indexed
             untrained = Centring(untrained.mean(axis=0))(untrained).numpy()
     result = evaluate(config, tower, catalogue, strategy=strategy)
