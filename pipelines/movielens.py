@@ -62,7 +62,7 @@ import time
 
 from absl import app, flags
 
-from tfmm import ctr, pretrain
+from tfmm import ctr, outputs, pretrain
 
 flags.DEFINE_string("ratings", None, "ratings.csv (userId,movieId,rating,timestamp) or "
                     "ratings.dat (UserID::MovieID::Rating::Timestamp).")
@@ -200,11 +200,15 @@ def main(argv):
 def run():
     start = time.time()
     work, out = FLAGS.work_dir, FLAGS.out_dir
+    given = [FLAGS.ratings, FLAGS.movies, FLAGS.posters_dir, FLAGS.plots]
+    # A work directory made before the marker has its inputs.json.
+    owned = lambda d: (outputs.written_by_tfmm(d)  # noqa: E731
+                       or os.path.exists(os.path.join(d, "inputs.json")))
+    for path, flag in ((work, "work_dir"), (out, "out_dir")):  # before anything is written
+        outputs.check_output_dir(path, flag, given, owned)
     if FLAGS.tfds:
         if FLAGS.ratings or FLAGS.movies:
             raise ValueError(f"--tfds={FLAGS.tfds} and --ratings/--movies: pass one source.")
-        paths = export_tfds(FLAGS.tfds, os.path.join(work, "tfds"))
-        ratings, movies = paths["ratings"], paths["movies"]
     elif not (FLAGS.ratings and FLAGS.movies):
         raise ValueError("--ratings and --movies are required (or --tfds).")
     else:
@@ -220,7 +224,11 @@ def run():
     except ValueError:
         raise ValueError(f"--seeds={','.join(FLAGS.seeds)}: want integers.") from None
     modality = FLAGS.modality or ("image" if FLAGS.posters_dir else "text")
-    os.makedirs(work, exist_ok=True)
+    for path, flag in ((work, "work_dir"), (out, "out_dir")):
+        outputs.claim_dir(path, flag, given, owned, "pipelines.movielens")
+    if FLAGS.tfds:
+        paths = export_tfds(FLAGS.tfds, os.path.join(work, "tfds"))
+        ratings, movies = paths["ratings"], paths["movies"]
     data_dir, counts = prepared(work, ratings, movies)
     meta = schema.read_metadata(data_dir)
 
@@ -235,7 +243,6 @@ def run():
     vectors, encoder, index = runs.encoder(data_dir, FLAGS.pretrain_epochs, modality)
     results = runs.methods(data_dir, vectors, index, modality, seeds, FLAGS.methods)
     table, summary = method_table(results)
-    os.makedirs(out, exist_ok=True)
     gains_lines, gains = frequency_gains(results, os.path.join(out, "gains.png"),
                                          "MovieLens: gains over ID by item training frequency")
 

@@ -77,7 +77,8 @@ def test_histories_split_and_vocabularies(inputs):
     meta = prepare(log, items, out, images_dir=images, max_history=2, test_fraction=0.25)
     assert meta["counts"] == {"impressions/train": 9, "impressions/test": 3, "items": 4}
     assert meta["split_timestamp"] == 170 and meta["side_features"] == ["device"]
-    assert meta["oov"] == {"test_users": 1, "unknown_items": 0}
+    assert meta["oov"] == {"test_users": 1, "test_user_impressions": 1,  # carol, once
+                           "unknown_item_impressions": 0}
     users, item_names, devices = vocab(out, "users"), vocab(out, "items"), vocab(out, "side-device")
     assert sorted(users.values()) == ["alice", "bob"]
 
@@ -306,7 +307,7 @@ def test_unknown_items_can_map_to_oov(inputs):
     tmp, _, items, _ = inputs
     log, _ = _bad_inputs(tmp, "unknown item")
     meta = prepare(log, items, str(tmp / "out"), unknown_items="oov")
-    assert meta["oov"]["unknown_items"] == 1
+    assert meta["oov"]["unknown_item_impressions"] == 1
     f, _ = read_split(str(tmp / "out"), "train")
     assert (f["item_id"] == schema.OOV_ID).sum() == 1
 
@@ -600,8 +601,12 @@ def test_records_and_vocabularies_equal_a_row_by_row_reference(tmp_path, drop_du
     assert parsed(out, "impressions/test") == test
     for name, raw in vocabs.items():
         assert list(vocab(out, name).values()) == raw, name
-    assert meta["oov"]["test_users"] == sum(r["user_id"] == [schema.OOV_ID] for r in test) > 0
-    assert meta["oov"]["unknown_items"] == sum(
+    # Users and their impressions, each counted as what it is: 3 users, many impressions.
+    unseen = {r[0] for r in log if r[3] >= 150} - {r[0] for r in log if r[3] < 150}
+    assert meta["oov"]["test_users"] == len(unseen) == 3
+    assert meta["oov"]["test_user_impressions"] == sum(
+        r["user_id"] == [schema.OOV_ID] for r in test) > 3
+    assert meta["oov"]["unknown_item_impressions"] == sum(
         r["item_id"] == [schema.OOV_ID] for r in train + test) > 0
     assert meta["duplicates"]["impressions"] == len(log) - len(set(log)) > 0
 

@@ -46,8 +46,8 @@ from tfmm import data, distribute, metrics
 from tfmm.callbacks import EpochRecord, write_json
 from tfmm.config import SettingsError, as_flags, default_of
 from tfmm.data import schema
-from tfmm.export import export_saved_model
-from tfmm.index import open_index, redact
+from tfmm.export import check_export_dir, export_saved_model
+from tfmm.index import local_index, open_index, redact
 from tfmm.momentum_queue import MomentumQueueCallback
 from tfmm.scl import SCLModel, check_arguments
 from tfmm.towers import (BACKBONES, BackboneError, Centring, centred, check_backbone,
@@ -119,6 +119,8 @@ class PretrainConfig:
             check_backbone(self.backbone)
         except BackboneError as e:
             raise ValueError(f"--{e}") from None
+        if self.export_dir:  # before anything runs: a base of user files is refused
+            check_export_dir(self.export_dir, (self.data_dir, local_index(self.index)))
         if self.modality == "text" and self.backbone not in BACKBONES and self.export_dir:
             raise ValueError(f"--backbone={self.backbone} --modality=text: the preset's tokenizer "
                              "runs tensorflow-text ops, which TF Serving need not have; set "

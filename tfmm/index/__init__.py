@@ -472,6 +472,11 @@ def is_redis(spec):
     return str(spec).startswith(("redis://", "rediss://", "unix://"))
 
 
+def local_index(spec):
+    """The file of a SQLite index spec; None for a Redis URL (or no spec)."""
+    return None if not spec or is_redis(spec) else spec
+
+
 def open_index(spec, dim=None):
     """The index at `spec`: a ``redis://``, ``rediss://`` or ``unix://`` URL (`RedisIndex`)
     or a file path (`SQLiteIndex`).
