@@ -386,6 +386,30 @@ def _kill_after_backup(cmd, out, epoch):
     return [e["epoch"] for e in json.load(open(out / "epochs.json"))]
 
 
+def _torn_backup(cmd, out, epoch):
+    """Runs `cmd` (a ``python -m`` command) and kills it while it writes `out`'s backup of
+    `epoch`, leaving that file truncated (tests/torn_backup.py); the epochs epochs.json
+    lists at the kill."""
+    module = cmd.index("-m") + 1
+    proc = subprocess.run([*cmd[:module], "tests.torn_backup", str(epoch), str(out / "backup"),
+                           *cmd[module:]], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    return [e["epoch"] for e in json.load(open(out / "epochs.json"))]
+
+
+def test_a_kill_while_the_backup_is_written_resumes(tiny_dir, tmp_path):
+    cmd = _cli(tiny_dir, tmp_path, "--model=id", "--epochs=3", "--batch_size=32", "--export_dir=")
+    # Epoch 2's metrics were written before its backup, which the kill tore.
+    assert _torn_backup(cmd, tmp_path / "ctr", 2) == [1, 2]
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # Resumed from epoch 1's backup: epoch 2 trained again, its entry replaced.
+    assert "Epoch 1/3" not in rerun.stdout and "Epoch 2/3" in rerun.stdout
+    result = json.load(open(tmp_path / "ctr" / "metrics.json"))
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3]
+    assert not (tmp_path / "ctr" / "backup").exists()
+
+
 def test_killed_run_resumes_from_its_last_epoch_with_every_epochs_metrics(tiny_dir, tmp_path):
     cmd = _cli(tiny_dir, tmp_path, "--model=id", "--epochs=3", "--batch_size=32")
     # Killed right after the backup of epoch 1: its test metrics were written before it.
@@ -424,3 +448,19 @@ def test_killed_make_pretraining_leaves_its_directory_to_one_run(tiny_dir, oracl
     result = json.load(open(tmp_path / "ctr" / "metrics.json"))
     assert [e["epoch"] for e in result["make"]["epochs"]] == [1, 2, 3]
     assert result["make"]["epochs"][:2] == shared["make"]["epochs"]
+
+
+def test_a_kill_while_makes_backup_is_written_resumes(tiny_dir, oracle, tmp_path):
+    index = SQLiteIndex(tmp_path / "index.db", dim=oracle.table.shape[1])
+    index.claim(schema.catalogue_fingerprint(tiny_dir))
+    ids = np.flatnonzero(oracle.present)
+    index.put(ids, oracle.table[ids])
+    index.close()
+    cmd = _cli(tiny_dir, tmp_path, "--model=make", "--make_epochs=3", "--make_units=16,8,4,1",
+               "--batch_size=64", "--export_dir=")
+    assert _torn_backup(cmd, tmp_path / "ctr" / "make", 2) == [1, 2]
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Epoch 2/3" in rerun.stdout  # MAKE's epoch 2 again, from epoch 1's backup
+    result = json.load(open(tmp_path / "ctr" / "metrics.json"))
+    assert [e["epoch"] for e in result["make"]["epochs"]] == [1, 2, 3]

@@ -68,7 +68,7 @@ from tfmm.layers import MAKEBlock
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.optimizers import DenseGradientAdam
 from tfmm.ranker import METHODS, DINRanker, build_make_pretrainer
-from tfmm.callbacks import EpochRecord, RefreshVectors, write_json
+from tfmm.callbacks import BackupAndRestore, EpochRecord, RefreshVectors, write_json
 
 # "adam" is Keras 3's, whose update for an embedding table's sparse gradient is
 # not Adam's (see DenseGradientAdam); "dense_adam" is Adam's, and faster. The
@@ -317,7 +317,7 @@ def _fit(model, config, train, epochs, test, out, callbacks=(), weights=None, st
                        chief_callbacks=[evaluation, tensorboard], verbose=config.verbose)
         return evaluation.values
     # The evaluation first: an epoch's metrics are written before its backup marks it done.
-    callbacks = [evaluation, keras.callbacks.BackupAndRestore(backup), tensorboard, *callbacks]
+    callbacks = [evaluation, BackupAndRestore(backup), tensorboard, *callbacks]
     model.fit(train(), epochs=epochs, shuffle=False, callbacks=callbacks,
               verbose=config.verbose)
     return evaluation.values

@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmm import data, distribute, metrics
-from tfmm.callbacks import EpochRecord, write_json
+from tfmm.callbacks import BackupAndRestore, EpochRecord, write_json
 from tfmm.config import SettingsError, as_flags, default_of
 from tfmm.data import schema
 from tfmm.export import check_export_dir, export_saved_model
@@ -381,7 +381,7 @@ def run(config, fallback=False):
         tensorboard = keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"))
         steps = _steps(config, catalogue)
         if strategy is None:
-            callbacks = [record, keras.callbacks.BackupAndRestore(backup), tensorboard]
+            callbacks = [record, BackupAndRestore(backup), tensorboard]
             model.fit(training_data(config, catalogue)[0], epochs=config.epochs,
                       steps_per_epoch=steps, callbacks=callbacks, verbose=config.verbose)
         else:

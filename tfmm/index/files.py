@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from tfmm import outputs
 from tfmm.data import schema
-from tfmm.index import IndexNotFound, is_redis, local_index, open_index, redact
+from tfmm.index import IndexNotFound, is_redis, local_index, open_index, redact, remove_files
 
 WRITTEN_BY = b"written_by"  # Parquet metadata: a file an export may replace
 # A vector whose norm is this close to 1 is a unit vector: kept bit for bit, so
@@ -318,11 +318,17 @@ def import_vectors(index, data_dir, path, ids=None, vector_column="vector", unkn
             if theirs not in (None, catalogue):
                 raise ValueError(f"{held!r} holds vectors of another catalogue ({theirs}, not "
                                  f"{catalogue} of {data_dir}); nothing was imported.")
-    with contextlib.closing(open_index(index, dim=dim)) as target:
-        target.claim(catalogue)
-        version = target.put(dense[rows], vectors)
-        return {"items": len(rows), "skipped": len(missing), "dim": dim, "version": version,
-                "index": repr(target)}
+    new = not _exists(index)
+    try:
+        with contextlib.closing(open_index(index, dim=dim)) as target:
+            target.claim(catalogue)
+            version = target.put(dense[rows], vectors)
+            return {"items": len(rows), "skipped": len(missing), "dim": dim,
+                    "version": version, "index": repr(target)}
+    except BaseException:
+        if new:  # a failed import (a full disk) leaves no index behind
+            remove_files(os.path.abspath(index))
+        raise
 
 
 def export_vectors(index, data_dir, path, ids=None):
