@@ -363,6 +363,46 @@ def test_cli_bad_flags_are_one_line_errors(tiny_dir, tmp_path):
     assert not typo.exists()
 
 
+def damaged_copy(tiny_dir, tmp_path, edit):
+    """A copy of the tiny world whose metadata.json `edit` (a function of the dict) changed."""
+    copy = tmp_path / "damaged"
+    shutil.copytree(tiny_dir, copy)
+    meta = json.load(open(copy / "metadata.json"))
+    edit(meta)
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    return copy
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("vocab"), "'vocab' is missing (want {'num_items': int, 'num_users': int, "
+     "'num_categories': int, ...}); the data directory is damaged: prepare or generate it "
+     "again."),
+    (lambda m: m["counts"].update({"impressions/train": 9000}),
+     "counts 9000 records of impressions/train, its files hold 4500; the data directory is "
+     "damaged: prepare or generate it again."),
+])
+def test_metadata_that_the_files_contradict_is_one_line_before_anything_is_written(
+        tiny_dir, tmp_path, edit, message):
+    data_dir = damaged_copy(tiny_dir, tmp_path, edit)
+    path = data_dir / "metadata.json"
+    assert _refused(_cli(str(data_dir), tmp_path, "--model=id")) == f"--data_dir: {path}" + (
+        ": " if "vocab" in message else " ") + message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]  # no ctr/, no export/
+
+
+@pytest.mark.parametrize("url, server", [
+    ("redis://:pw-s3cret@127.0.0.1:1/0", "127.0.0.1:1"),
+    ("unix:///nonexistent/redis.sock?prefix=x", "/nonexistent/redis.sock"),
+])
+def test_an_unreachable_index_server_is_one_line_before_anything_is_written(
+        tiny_dir, tmp_path, url, server):
+    proc = subprocess.run(_cli(tiny_dir, tmp_path, "--model=simtier", f"--index={url}"),
+                          capture_output=True, text=True, env=ENV)
+    assert _error_line(proc).startswith(f"--index: Redis index at {server} is unreachable: ")
+    assert "pw-s3cret" not in proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def _kill_after_backup(cmd, out, epoch):
     """Runs `cmd` and kills it with SIGKILL as soon as `out`'s backup marks `epoch` done.
 

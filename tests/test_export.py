@@ -34,6 +34,9 @@ def test_versions_increase_and_text_signature(tmp_path):
     (tmp_path / "notes").mkdir()
     assert next_version(str(tmp_path)) == 8
     tower = text_tower(["red", "mug"], dim=4)
+    with pytest.raises(ValueError, match="is a non-empty directory tfmm did not write"):
+        export_saved_model(tower, str(tmp_path), "vector")  # a base holds versions only
+    (tmp_path / "notes").rmdir()
     path = export_saved_model(tower, str(tmp_path), "vector")
     assert path.endswith("8")
     serve = tf.saved_model.load(path).signatures["serving_default"]

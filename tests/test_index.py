@@ -719,25 +719,6 @@ def test_parquet_is_recognised_by_its_bytes_or_any_parquet_name(prepared, tmp_pa
     assert files.import_vectors(str(tmp_path / "i.db"), prepared, path)["items"] == 1
 
 
-def _tree(root):
-    """Every file under `root` with its bytes: what a refused command must leave as it was."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
-
-
-def _disk_limit(size):
-    """preexec_fn of a process whose files cannot grow past `size` bytes: its writes fail
-    with EFBIG, as on a full disk (SIGXFSZ ignored, so the write returns the error)."""
-    import resource
-    import signal
-
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-
-    return limit
-
-
 def test_import_to_a_folder_is_one_line_and_creates_nothing(prepared, tmp_path):
     path, _ = _write(tmp_path / "v.parquet", RAW_ITEMS, np.eye(4, 6), "parquet")
     folder = tmp_path / "folder"
@@ -751,6 +732,8 @@ def test_import_to_a_folder_is_one_line_and_creates_nothing(prepared, tmp_path):
 
 @pytest.mark.slow
 def test_import_onto_a_full_disk_is_one_line_and_leaves_no_index(prepared, tmp_path):
+    from tests.test_prepare import _disk_limit
+
     # 4 x 32768 float32: 512 KB, past the 64 KB the process may write.
     path, _ = _write(tmp_path / "v.parquet", RAW_ITEMS,
                      np.random.default_rng(0).normal(size=(4, 32768)), "parquet")

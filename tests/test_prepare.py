@@ -4,6 +4,7 @@ import csv
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -323,6 +324,8 @@ def test_cli_reports_bad_input_in_one_line_and_keeps_old_output(inputs):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "duplicates {'dropped': False, 'impressions': 2}" in proc.stdout
+    assert ("out of vocabulary: 1 test users not in training (1 test impressions, user id 1), "
+            "0 impressions of items not in --items (item id 1)") in proc.stdout
     assert "2 impressions repeat an earlier one in every column; kept (--drop_duplicates " \
            "drops them)." in proc.stdout
     before = json.loads((out / "metadata.json").read_text())
@@ -336,6 +339,30 @@ def test_cli_reports_bad_input_in_one_line_and_keeps_old_output(inputs):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"{log}: row 7, column 'timestamp': '{10**30}' is outside the int64 range.")
     assert json.loads((out / "metadata.json").read_text()) == before
+
+    # A full disk: the process may write 2 KB (its writes past that fail with EFBIG).
+    write_csv(log, ["user_id", "item_id", "label", "timestamp", "device"], LOG)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
+                          preexec_fn=_disk_limit(2048))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.fullmatch(
+        rf"{out}: cannot write (impressions/train|impressions/test|items) \(File too large\); "
+        rf"{out} is left as it was\.", proc.stderr.strip().splitlines()[-1]), proc.stderr
+    assert json.loads((out / "metadata.json").read_text()) == before
+    assert sorted(os.listdir(tmp)) == sorted(["impressions.csv", "items.csv", "images", "out"])
+
+
+def _disk_limit(size):
+    """preexec_fn of a process whose files cannot grow past `size` bytes: its writes fail
+    with EFBIG, as on a full disk (SIGXFSZ ignored, so the write returns the error)."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return limit
 
 
 def write_parquet(path, columns, compression="snappy"):

@@ -63,7 +63,7 @@ from tfmm import data, distribute, metrics, parameter_server
 from tfmm.config import SettingsError, default_of
 from tfmm.data import schema
 from tfmm.export import check_export_dir, export_saved_model
-from tfmm.index import is_empty, local_index, open_index, redact
+from tfmm.index import IndexUnavailable, is_empty, local_index, open_index, redact
 from tfmm.layers import MAKEBlock
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.optimizers import DenseGradientAdam
@@ -262,7 +262,7 @@ def load_vectors(config, num_items, pretrain_config=None, strategy=None):
     """
     try:
         empty = distribute.chief_value(strategy, int(is_empty(config.index)))
-    except ValueError as e:  # a corrupt index file
+    except (ValueError, OSError, IndexUnavailable) as e:  # a corrupt file, a server down
         raise SettingsError(f"--index: {e}") from None
     if empty:
         if pretrain_config is None:

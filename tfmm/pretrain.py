@@ -47,7 +47,7 @@ from tfmm.callbacks import BackupAndRestore, EpochRecord, write_json
 from tfmm.config import SettingsError, as_flags, default_of
 from tfmm.data import schema
 from tfmm.export import check_export_dir, export_saved_model
-from tfmm.index import local_index, open_index, redact
+from tfmm.index import IndexUnavailable, is_empty, local_index, open_index, redact
 from tfmm.momentum_queue import MomentumQueueCallback
 from tfmm.scl import SCLModel, check_arguments
 from tfmm.towers import (BACKBONES, BackboneError, Centring, centred, check_backbone,
@@ -149,6 +149,22 @@ class Catalogue:
     def present(self, modality):
         """Which items have content for `modality`: image bytes, or a non-blank title."""
         return self.has_image if modality == "image" else self.has_title
+
+
+def check_data(config):
+    """The data directory's `Catalogue`, after reading every record of its tables once.
+
+    A damaged metadata.json, a count its files do not hold, a missing or corrupt
+    file fails here as a SettingsError naming it, before the run writes anything.
+    """
+    try:
+        meta = schema.read_metadata(config.data_dir)
+        for table in ("pretrain/train", "pretrain/test"):
+            if table in meta["files"]:
+                data.triplets(config.data_dir, table.split("/")[1])  # validates
+        return Catalogue(config.data_dir)
+    except (OSError, ValueError, tf.errors.NotFoundError) as e:
+        raise SettingsError(f"--data_dir: {e}") from None
 
 
 def choose_source(config, catalogue, fallback=False):
@@ -346,7 +362,11 @@ def run(config, fallback=False):
         raise SettingsError(f"--strategy={config.strategy}: {e}") from None
     chief = distribute.is_chief(strategy)
     start = time.time()
-    catalogue = Catalogue(config.data_dir)
+    catalogue = check_data(config)
+    try:  # before training: the vectors must have somewhere to go
+        config.index and chief and is_empty(config.index)
+    except (ValueError, OSError, IndexUnavailable) as e:  # a corrupt file, a server down
+        raise SettingsError(f"--index: {e}") from None
     config, source = choose_source(config, catalogue, fallback)
     print(f"pre-training: {source}", flush=True)
     present = catalogue.present(config.modality)

@@ -348,8 +348,10 @@ class RedisIndex(VectorIndex):
         parts = urllib.parse.urlsplit(redis_url(url))
         query = dict(urllib.parse.parse_qsl(parts.query))
         self.prefix = query.pop("prefix", prefix)  # ours, not a redis-py option
-        self._redis, self.address = redis_client(
-            parts._replace(query=urllib.parse.urlencode(query)).geturl(), **client)
+        url = parts._replace(query=urllib.parse.urlencode(query)).geturl()
+        if not parts.netloc:  # unix:///path: urlunsplit drops the empty authority's "//"
+            url = url.replace(f"{parts.scheme}:", f"{parts.scheme}://", 1)
+        self._redis, self.address = redis_client(url, **client)
         db = self._redis.connection_pool.connection_kwargs.get("db", 0)
         # Never the password: this names the index in errors and logs.
         self.location = f"{parts.scheme}://{self.address}/{db} prefix={self.prefix}"

@@ -375,7 +375,8 @@ def written_vectors(path, ids=None):
             return (pq.read_schema(path).metadata or {}).get(WRITTEN_BY) == b"tfmm"
         if fmt == "csv":
             with open(path, encoding="utf-8") as f:
-                return re.fullmatch(r"item_id(,v\d+)+", f.readline().rstrip("\n")) is not None
+                header = f.readline().rstrip("\n").replace('"', "")  # pyarrow quotes it
+                return re.fullmatch(r"item_id(,v\d+)+", header) is not None
         vectors = np.load(path, mmap_mode="r", allow_pickle=False)
         return (vectors.dtype == np.float32 and vectors.ndim == 2
                 and len(read_vectors(path, ids).raw_ids) == len(vectors))
