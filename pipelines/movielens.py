@@ -112,7 +112,7 @@ from tfmm.data import schema  # noqa: E402
 
 from pipelines.movielens_data import convert, export_tfds  # noqa: E402
 from pipelines.runs import (NAMES, Runs, frequency_gains, mean_std, method_table,  # noqa: E402
-                            write_report)
+                            pipeline_dir, write_report)
 
 # Everything the work directory's contents depend on; --seeds and --methods add runs.
 SETTINGS = ("click_rating", "category", "genres_in_title", "test_fraction", "max_history",
@@ -201,11 +201,8 @@ def run():
     start = time.time()
     work, out = FLAGS.work_dir, FLAGS.out_dir
     given = [FLAGS.ratings, FLAGS.movies, FLAGS.posters_dir, FLAGS.plots]
-    # A work directory made before the marker has its inputs.json.
-    owned = lambda d: (outputs.written_by_tfmm(d)  # noqa: E731
-                       or os.path.exists(os.path.join(d, "inputs.json")))
     for path, flag in ((work, "work_dir"), (out, "out_dir")):  # before anything is written
-        outputs.check_output_dir(path, flag, given, owned)
+        outputs.check_output_dir(path, flag, given, pipeline_dir)
     if FLAGS.tfds:
         if FLAGS.ratings or FLAGS.movies:
             raise ValueError(f"--tfds={FLAGS.tfds} and --ratings/--movies: pass one source.")
@@ -224,8 +221,7 @@ def run():
     except ValueError:
         raise ValueError(f"--seeds={','.join(FLAGS.seeds)}: want integers.") from None
     modality = FLAGS.modality or ("image" if FLAGS.posters_dir else "text")
-    for path, flag in ((work, "work_dir"), (out, "out_dir")):
-        outputs.claim_dir(path, flag, given, owned, "pipelines.movielens")
+    outputs.claim_dir(work, "work_dir", given, pipeline_dir, "pipelines.movielens")
     if FLAGS.tfds:
         paths = export_tfds(FLAGS.tfds, os.path.join(work, "tfds"))
         ratings, movies = paths["ratings"], paths["movies"]
@@ -243,6 +239,7 @@ def run():
     vectors, encoder, index = runs.encoder(data_dir, FLAGS.pretrain_epochs, modality)
     results = runs.methods(data_dir, vectors, index, modality, seeds, FLAGS.methods)
     table, summary = method_table(results)
+    outputs.claim_dir(out, "out_dir", given, pipeline_dir, "pipelines.movielens")
     gains_lines, gains = frequency_gains(results, os.path.join(out, "gains.png"),
                                          "MovieLens: gains over ID by item training frequency")
 

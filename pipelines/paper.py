@@ -56,7 +56,7 @@ from tfmm.data import world as world_lib  # noqa: E402
 from tfmm.data.synthetic import ensure_world, write_world  # noqa: E402
 
 from pipelines.runs import (NAMES, Runs, frequency_gains, line_plot, method_table,  # noqa: E402
-                            write_report)
+                            pipeline_dir, write_report)
 
 
 def table3(runs, data_dir, seeds, tag, methods):
@@ -89,7 +89,7 @@ def main(argv):
                              f"{list(NAMES)}, id and simtier_make among them.")
     out = FLAGS.out_dir
     try:
-        outputs.claim_dir(out, "out_dir", command="pipelines.paper")
+        outputs.claim_dir(out, "out_dir", owned=pipeline_dir, command="pipelines.paper")
     except ValueError as e:  # a folder of user files
         sys.exit(str(e))
     seeds = [int(s) for s in FLAGS.seeds]

@@ -324,8 +324,8 @@ def test_cli_reports_bad_input_in_one_line_and_keeps_old_output(inputs):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "duplicates {'dropped': False, 'impressions': 2}" in proc.stdout
-    assert ("out of vocabulary: 1 test users not in training (1 test impressions, user id 1), "
-            "0 impressions of items not in --items (item id 1)") in proc.stdout
+    assert ("out of vocabulary: 0 test users not in training (0 test impressions, user id 1), "
+            "0 impressions of items not in --items (item id 1)") in proc.stdout  # bob at 190
     assert "2 impressions repeat an earlier one in every column; kept (--drop_duplicates " \
            "drops them)." in proc.stdout
     before = json.loads((out / "metadata.json").read_text())

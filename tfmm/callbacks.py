@@ -79,9 +79,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 class EpochRecord(keras.callbacks.Callback):
     """A JSON list with one entry per finished epoch, ``{"epoch": k, ...}``.
 
-    Put it before ``BackupAndRestore(backup)`` in the callback list. The list is kept while `backup` exists (a killed run
-    resuming); a fresh run empties it before its first epoch, so it never
-    lists another run's epochs.
+    Put it before ``BackupAndRestore(backup)`` in the callback list. The list
+    is kept while `backup` exists (a killed run resuming); a fresh run empties
+    it before its first epoch, so it never lists another run's epochs.
 
     Args:
         path: the JSON file.

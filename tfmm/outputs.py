@@ -11,6 +11,10 @@ written, an output directory that
   ``.tfmm-output`` marker, or a data directory's ``metadata.json``; a command
   may recognise its own kind, e.g. a SavedModel base of version directories).
 
+A command that writes a file (``tfmm.index export --out``) calls
+`check_output_file`: never an input or a file inside an input directory, never
+an existing file it cannot tell is its own.
+
 So a rerun into tfmm's own output works, and a slip of the flag loses nothing::
 
     check_output_dir("data/mine", "out_dir", inputs=["my_data/impressions.csv"])
@@ -52,8 +56,9 @@ def check_output_file(path, flag, inputs=(), owned=lambda path: False):
     real = os.path.realpath(path)
     for source in inputs:
         if source and _inside(real, os.path.realpath(source)):
-            raise ValueError(f"--{flag}={path} {'is' if real == os.path.realpath(source) else 'lies in'} "
-                             f"the input {source}: choose another --{flag}.")
+            where = "is" if real == os.path.realpath(source) else "lies in"
+            raise ValueError(f"--{flag}={path} {where} the input {source}: choose another "
+                             f"--{flag}.")
     if os.path.isdir(path):
         raise ValueError(f"--{flag}={path} is a directory; name a file.")
     if os.path.exists(path) and not owned(path):

@@ -815,7 +815,8 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
                  "categories": len(category_vocab), **{c: len(side_vocab[c]) for c in side}}
         w.finish(metadata(
             impressions_path, items_path, images_dir, pairs, sizes, max_history, side, cut,
-            oov_users(user_codes[test_rows], user_of_code), (item == schema.OOV_ID).sum(), duplicate.sum(), drop_duplicates,
+            oov_users(user_codes[test_rows], user_of_code), (item == schema.OOV_ID).sum(),
+            duplicate.sum(), drop_duplicates,
             (images == None).sum(), (titles == "").sum(),  # noqa: E711 (elementwise)
             pair_meta if pairs or pairs_from else None))
     return schema.read_metadata(out_dir)
