@@ -92,7 +92,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("impressions", None, "Impression log: CSV or Parquet.")
 flags.DEFINE_string("items", None, "Item content: CSV or Parquet.")
 flags.DEFINE_string("images_dir", None, "Directory of item images.")
-flags.DEFINE_string("out_dir", None, "Directory to write (replaced atomically).")
+flags.DEFINE_string("out_dir", None, "Directory to write (replaced atomically; one that is "
+                    "or holds an input, or holds files tfmm did not write, is refused).")
 flags.DEFINE_integer("max_history", 50, "Longest history kept (the most recent).")
 flags.DEFINE_float("test_fraction", 0.1, "Latest fraction of impressions used for test.")
 flags.DEFINE_integer("split_timestamp", None, "Impressions at or after it are test "
