@@ -235,7 +235,8 @@ def test_raw_export_prepares_into_the_generated_impressions(tiny, tmp_path):
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert f"prepare it with: python -m tfmm.data.prepare --flagfile={raw}/prepare.flags" in (
         gen.stdout)
-    assert sorted(os.listdir(raw)) == ["images", "impressions.csv", "items.csv", "prepare.flags"]
+    assert sorted(os.listdir(raw)) == [".tfmm-output", "images", "impressions.csv",
+                                       "items.csv", "prepare.flags"]
     assert len(os.listdir(raw / "images")) == TINY.num_items
     prep = subprocess.run([sys.executable, "-m", "tfmm.data.prepare",
                            f"--flagfile={raw}/prepare.flags", f"--out_dir={out}"],
