@@ -499,17 +499,15 @@ def test_pairs_from_clicks_stay_within_their_split(inputs, window, max_gap, trai
     assert meta["pairs"] == {"source": "clicks", "window": window, "max_gap": max_gap,
                              "train": len(train), "test": len(test),
                              "mined_negatives": len(train) + len(test), "seed": 0}
-    titles = {i: t for i, _, t in ITEMS}
-    catalogue = next(iter(data.items(out, batch_size=10)))
-    image_of = dict(zip([vocab(out, "items")[i] for i in catalogue["item_id"].numpy()],
-                        catalogue["image"].numpy()))
+    names = vocab(out, "items")
     other = {"i1": "i2", "i2": "i1", "i3": "i4", "i4": "i3"}  # the same category's other item
     for split, expected in (("train", train), ("test", test)):
-        got, query_images = read_triplets(out, split)
-        # the query is the first item's content, the negative from the positive's category
-        assert got == [(titles[a], True, b, other[b]) for a, b in expected]
-        for (a, _), image in zip(expected, query_images):
-            np.testing.assert_array_equal(image, image_of[a])
+        # the query is the first item, by id: no image or title of its own (pre-training
+        # reads the catalogue's); the negative from the positive's category
+        got = [(names[r["query_item_id"]], r["query_image"], r["query_text"],
+                names[r["positive_item_id"]], names[r["negative_item_id"]])
+               for r in records(out, f"pretrain/{split}")]
+        assert got == [(a, b"", b"", b, other[b]) for a, b in expected]
 
 
 @pytest.mark.slow
@@ -622,11 +620,11 @@ def test_pairs_from_clicks_equal_a_row_by_row_reference(tmp_path):
     pairs = sorted((b[1], b[2], a[2]) for a, b in zip(clicks, clicks[1:])
                    if a[0] == b[0] and (a[1] >= 70) == (b[1] >= 70)
                    and log[a[2]][1] != log[b[2]][1])
-    names, title = vocab(out, "items"), {i: t for i, _, t in items}
-    category = {i: c for i, c, _ in items}
+    names, category = vocab(out, "items"), {i: c for i, c, _ in items}
     got = parsed(out, "pretrain/train") + parsed(out, "pretrain/test")
-    assert [(r["query_text"], names[r["positive_item_id"][0]]) for r in got] == [
-        ([title[log[a][1]].encode()], log[b][1]) for _, b, a in pairs]
+    assert [(names[r["query_item_id"][0]], names[r["positive_item_id"][0]]) for r in got] == [
+        (log[a][1], log[b][1]) for _, b, a in pairs]
+    assert {(*r["query_image"], *r["query_text"]) for r in got} == {(b"", b"")}
     for r in got:
         positive, negative = (names[r[k][0]] for k in ("positive_item_id", "negative_item_id"))
         assert negative != positive and category[negative] == category[positive]

@@ -13,7 +13,11 @@ A data directory holds TFRecords of `tf.train.Example`s and `metadata.json`:
   bytes: the item has none (a prepared catalogue's missing content).
 - ``pretrain-{train,test}.tfrecord``: SCL triplets: ``query_image``,
   ``query_text`` (either may be empty: the query has none),
-  ``positive_item_id``, ``negative_item_id``.
+  ``positive_item_id``, ``negative_item_id``, and ``query_item_id``: where it
+  is a dense item id, the query is that catalogue item (a pair from clicks)
+  and its content is looked up in ``items.tfrecord`` rather than copied into
+  every pair (``query_image``/``query_text`` are then empty); 0 or absent
+  (format ``tfmm-logs/1``): the query is the record's own image and text.
 
 Ids are dense int64: 0 is padding, 1 is out-of-vocabulary, real ids start at 2.
 A prepared directory maps its raw ids to them in ``vocab/<name>.txt`` (line k
@@ -27,7 +31,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
-FORMAT = "tfmm-logs/1"
+# What is written; what is read. /2 added ``query_item_id`` to the triplets: /1 readers would
+# take such a query for an empty one, so they refuse /2 by its name.
+FORMAT = "tfmm-logs/2"
+FORMATS = ("tfmm-logs/1", FORMAT)
 PAD_ID = 0
 OOV_ID = 1
 FIRST_ID = 2
@@ -38,6 +45,7 @@ ITEM_INTS = ("item_id", "category_id", "first_day")
 ITEM_BYTES = ("title", "image")
 TRIPLET_INTS = ("positive_item_id", "negative_item_id")
 TRIPLET_BYTES = ("query_image", "query_text")
+QUERY_ITEM = "query_item_id"
 
 
 def impression_spec(side_features=()):
@@ -55,6 +63,7 @@ def item_spec():
 def triplet_spec():
     spec = {k: tf.io.FixedLenFeature([], tf.int64) for k in TRIPLET_INTS}
     spec.update({k: tf.io.FixedLenFeature([], tf.string) for k in TRIPLET_BYTES})
+    spec[QUERY_ITEM] = tf.io.FixedLenFeature([], tf.int64, default_value=PAD_ID)
     return spec
 
 
@@ -219,8 +228,9 @@ def read_metadata(data_dir):
         )
     with open(path) as f:
         meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}.")
+    if meta.get("format") not in FORMATS:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected one of {FORMATS} "
+                         "(written by another version of tfmm).")
     return meta
 
 
