@@ -447,6 +447,36 @@ def test_pairs_file_split_by_time_with_given_or_mined_negatives(inputs):
     assert [t[2] for t in read_triplets(str(tmp / "out"), "test")[0]] == ["i4"]
 
 
+def test_records_with_images_are_serialised_in_runs_of_bounded_bytes(inputs, monkeypatch):
+    from tfmm.data import prepare as module
+
+    tmp, log, items, images = inputs
+    sizes = [10, 20, 30, None, 5, 50, 1]
+    paths = []
+    for k, size in enumerate(sizes):
+        paths.append(None if size is None else str(tmp / f"f{k}"))
+        if size is not None:
+            (tmp / f"f{k}").write_bytes(b"x" * size)
+    monkeypatch.setattr(module, "IMAGE_BYTES_PER_CHUNK", 30)
+    # Up to 30 bytes of files a run; a file alone past it is a run of its own.
+    assert [list(r) for r in module.image_chunks(range(7), paths)] == [
+        [0, 1], [2, 3], [4], [5], [6]]
+    monkeypatch.setattr(module, "RECORDS_PER_CHUNK", 1)
+    assert [list(r) for r in module.image_chunks(np.array([3, 4]), paths)] == [[3], [4]]
+
+    # The catalogue and pairs with query photos are the same records in runs of any size.
+    (tmp / "images" / "q.png").write_bytes((tmp / "images" / "i1.png").read_bytes())
+    pairs = write_csv(tmp / "pairs.csv", ["query_image", "item_id", "timestamp"],
+                      [("q.png", "i2", 100), ("i3.png", "i1", 120), ("q.png", "i4", 195)])
+    monkeypatch.setattr(module, "IMAGE_BYTES_PER_CHUNK", 1)  # one image a run
+    prepare(log, items, str(tmp / "small-runs"), images_dir=images, pairs=pairs)
+    monkeypatch.undo()
+    prepare(log, items, str(tmp / "out"), images_dir=images, pairs=pairs)
+    for table in ("items", "pretrain-train", "pretrain-test"):
+        assert filecmp.cmp(tmp / "out" / f"{table}.tfrecord",
+                           tmp / "small-runs" / f"{table}.tfrecord", shallow=False), table
+
+
 @pytest.mark.parametrize("rows, message", [
     ([("mug", "i1", "i1")], r"pairs.csv: row 2, column 'negative_item_id': 'i1' is the pair's "
                             r"own item_id"),

@@ -136,6 +136,7 @@ HISTORY = ("history_item_ids", "history_category_ids", "history_timestamps")
 
 READ_BLOCK = 4 << 20  # bytes of CSV parsed at once
 RECORDS_PER_CHUNK = 4096  # records serialised at once (their temporaries: ~30 MB)
+IMAGE_BYTES_PER_CHUNK = 16 << 20  # and at most about this many bytes of image files
 _ID = pa.dictionary(pa.int32(), pa.string())
 
 
@@ -465,10 +466,21 @@ def impression_features(user_id, item_id, category_id, timestamp, label, is_new_
             "int_lists": dict(zip(HISTORY, history))}
 
 
+def image_chunks(rows, paths):
+    """`rows` in runs of at most RECORDS_PER_CHUNK whose image files (`paths` by row, None:
+    none) hold about IMAGE_BYTES_PER_CHUNK at most: what is serialised at once."""
+    ends = np.cumsum([0 if paths[i] is None else os.path.getsize(paths[i]) for i in rows])
+    a = 0
+    while a < len(rows):
+        fits = np.searchsorted(ends, (ends[a - 1] if a else 0) + IMAGE_BYTES_PER_CHUNK, "right")
+        b = min(a + RECORDS_PER_CHUNK, max(a + 1, int(fits)))
+        yield rows[a:b]
+        a = b
+
+
 def item_records(items, ids, item_vocab, categories, images, titles):
     dense = lookup(item_vocab, ids)
-    for a in range(0, len(ids), RECORDS_PER_CHUNK):
-        rows = range(a, min(a + RECORDS_PER_CHUNK, len(ids)))
+    for rows in image_chunks(range(len(ids)), images):
         yield from schema.examples(**item_features(
             dense[rows], categories[rows],
             [item_image(ids[i], images[i], items.row(i)) for i in rows],
@@ -760,8 +772,7 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
                          mined_negatives=int(mine.sum()), seed=seed)
 
     def triplets(rows):
-        for a in range(0, len(rows), RECORDS_PER_CHUNK):
-            chunk = rows[a:a + RECORDS_PER_CHUNK]
+        for chunk in image_chunks(rows, query_image):
             yield from schema.examples(
                 ints={"positive_item_id": positive[chunk], "negative_item_id": negative[chunk],
                       schema.QUERY_ITEM: query_item[chunk]},
