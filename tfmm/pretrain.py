@@ -271,12 +271,21 @@ def training_data(config, catalogue):
                        seed=config.seed, repeat=True, drop_remainder=True)
 
     def triple(t):
-        return {"query": t[key], "positive_id": t["positive_item_id"],
+        return {"query": queries(t, key, content, row), "positive_id": t["positive_item_id"],
                 "positive": tf.gather(content, tf.gather(row, t["positive_item_id"])),
                 "negative": tf.gather(content, tf.gather(row, t["negative_item_id"]))}
 
     return (ds.map(triple, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2),
             _steps(config, catalogue))
+
+
+def queries(triplets, key, content, row):
+    """A triplet batch's queries: each record's own (its `key`), or, where it names a query
+    item (pairs from clicks), that item's `content` (a catalogue's, `row`: its row by id)."""
+    item = triplets[schema.QUERY_ITEM]
+    looked_up = tf.gather(content, tf.maximum(tf.gather(row, item), 0))  # row -1: not an item
+    by_id = tf.reshape(item != schema.PAD_ID, [-1] + [1] * (content.shape.rank - 1))
+    return tf.where(by_id, looked_up, triplets[key])
 
 
 def _steps(config, catalogue):
@@ -324,9 +333,10 @@ def evaluate(config, tower, catalogue, ns=(1, 5), strategy=None):
         return {"test_pairs": 0}
     key = "query_image" if config.modality == "image" else "query_text"
     batches = list(data.triplets(config.data_dir, "test", batch_size=1024))
-    queries = np.concatenate([b[key].numpy() for b in batches])
+    content, row = tf.constant(catalogue.content(config.modality)), tf.constant(catalogue.row)
+    q = embed(tower, np.concatenate([queries(b, key, content, row).numpy() for b in batches]),
+              strategy=strategy)
     positives = np.concatenate([b["positive_item_id"].numpy() for b in batches])
-    q = embed(tower, queries, strategy=strategy)
     p = embed(tower, catalogue.content(config.modality)[catalogue.row[positives]],
               strategy=strategy)
     return dict(metrics.acc_at_n(q, p, ns), test_pairs=len(positives))
