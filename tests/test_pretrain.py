@@ -23,8 +23,8 @@ from tfmm.metrics import acc_at_n, neighbours_same_label, same_label_chance
 from tfmm.pretrain import (Catalogue, PretrainConfig, SettingsError, build_tower, choose_source,
                            evaluate, run, training_data, word_dropout)
 from tfmm.towers import BACKBONES, image_tower, preset_text_tower
-from tests.test_ctr import (ENV, _error_line, _kill_after_backup, _refused, blank_content,
-                            own_data_dir)
+from tests.test_ctr import (ENV, _error_line, _kill_after_backup, _refused, _torn_backup,
+                            blank_content, damaged_copy, own_data_dir)
 
 pytestmark = pytest.mark.slow  # trains models or runs the CLIs
 
@@ -112,6 +112,35 @@ def test_killed_run_keeps_every_epochs_losses(tiny_dir, tmp_path):
     assert "Epoch 1/3" not in rerun.stdout and "Epoch 2/3" in rerun.stdout
     loss = json.load(open(tmp_path / "m" / "metrics.json"))["history"]["loss"]
     assert len(loss) == 3 and loss[0] == first
+
+
+def test_a_kill_while_the_backup_is_written_resumes(tiny_dir, tmp_path):
+    cmd = [sys.executable, "-m", "tfmm.train", "--task=pretrain", f"--data_dir={tiny_dir}",
+           f"--model_dir={tmp_path}/m", "--export_dir=", "--index=", "--modality=text",
+           "--queue_size=32", "--dim=8", "--epochs=3", "--batch_size=16"]
+    assert _torn_backup(cmd, tmp_path / "m", 2) == [1, 2]
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Epoch 1/3" not in rerun.stdout and "Epoch 2/3" in rerun.stdout
+    assert len(json.load(open(tmp_path / "m" / "metrics.json"))["history"]["loss"]) == 3
+    assert [e["epoch"] for e in json.load(open(tmp_path / "m" / "epochs.json"))] == [1, 2, 3]
+
+
+def test_damaged_data_and_an_unreachable_index_are_one_line_before_anything_is_written(
+        tiny_dir, tmp_path):
+    data_dir = damaged_copy(tiny_dir, tmp_path, lambda m: m["counts"].update(
+        {"pretrain/train": 700}))
+    cmd = [sys.executable, "-m", "tfmm.train", "--task=pretrain", f"--model_dir={tmp_path}/m",
+           f"--export_dir={tmp_path}/e", "--modality=text", "--dim=8", "--epochs=1"]
+    assert _refused(cmd + [f"--data_dir={data_dir}", f"--index={tmp_path}/i.db"]) == (
+        f"--data_dir: {data_dir}/metadata.json counts 700 records of pretrain/train, its files "
+        "hold 600; the data directory is damaged: prepare or generate it again.")
+    proc = subprocess.run(
+        cmd + [f"--data_dir={tiny_dir}", "--index=redis://:pw-s3cret@127.0.0.1:1/0"],
+        capture_output=True, text=True, env=ENV)
+    assert _error_line(proc).startswith("--index: Redis index at 127.0.0.1:1 is unreachable: ")
+    assert "pw-s3cret" not in proc.stdout + proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]
 
 
 @pytest.mark.parametrize("objective, modality, queue, triplet", [

@@ -93,7 +93,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("impressions", None, "Impression log: CSV or Parquet.")
 flags.DEFINE_string("items", None, "Item content: CSV or Parquet.")
 flags.DEFINE_string("images_dir", None, "Directory of item images.")
-flags.DEFINE_string("out_dir", None, "Directory to write (replaced atomically).")
+flags.DEFINE_string("out_dir", None, "Directory to write (replaced atomically; one that is "
+                    "or holds an input, or holds files tfmm did not write, is refused).")
 flags.DEFINE_integer("max_history", 50, "Longest history kept (the most recent).")
 flags.DEFINE_float("test_fraction", 0.1, "Latest fraction of impressions used for test.")
 flags.DEFINE_integer("split_timestamp", None, "Impressions at or after it are test "
@@ -537,11 +538,12 @@ def write_vocabulary(path, vocab):
 
 
 def metadata(impressions_path, items_path, images_dir, pairs, vocab_sizes, max_history, side,
-             cut, test_oov_users, unknown_items, duplicates, drop_duplicates, missing_images,
+             cut, oov_users, unknown_items, duplicates, drop_duplicates, missing_images,
              missing_titles, pair_meta=None):
     """metadata.json of a prepared directory, less what DataDirWriter adds;
     `vocab_sizes` counts the raw values of "items", "users", "categories" and
-    of each side column."""
+    of each side column; `oov_users` is (test users not in training, their test
+    impressions); `unknown_items` impressions of items missing from the items."""
     return {
         "source": "prepared",
         "inputs": {"impressions": os.path.abspath(impressions_path),
@@ -552,11 +554,26 @@ def metadata(impressions_path, items_path, images_dir, pairs, vocab_sizes, max_h
         "image_size": None,
         "side_features": side,
         "split_timestamp": int(cut),
-        "oov": {"test_users": int(test_oov_users), "unknown_items": int(unknown_items)},
+        "oov": {"test_users": int(oov_users[0]), "test_user_impressions": int(oov_users[1]),
+                "unknown_item_impressions": int(unknown_items)},
         "duplicates": {"impressions": int(duplicates), "dropped": drop_duplicates},
         "missing": {"images": int(missing_images), "titles": int(missing_titles)},
         **({"pairs": pair_meta} if pair_meta is not None else {}),
     }
+
+
+def oov_users(codes, dense_of_code):
+    """(distinct users, impressions) among the raw user `codes` of test impressions whose
+    user is out of the training vocabulary."""
+    oov = dense_of_code[codes] == schema.OOV_ID
+    return len(np.unique(codes[oov])), int(oov.sum())
+
+
+def oov_line(oov):
+    """The output line's words for metadata's "oov"."""
+    return (f"{oov['test_users']} test users not in training ({oov['test_user_impressions']} "
+            f"test impressions, user id 1), {oov['unknown_item_impressions']} impressions of "
+            "items not in --items (item id 1)")
 
 
 def first_test(n, test_fraction):
@@ -688,6 +705,7 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
     """Writes the data directory; returns its metadata."""
     check_options(max_history, test_fraction, split_timestamp, pairs, pairs_from, pair_window,
                   pair_max_gap)
+    writer = DataDirWriter(out_dir, inputs=(impressions_path, items_path, images_dir, pairs))
     items, item_ids, raw_categories, titles, images = read_catalogue(
         items_path, images_dir, absolute_image_paths)
     item_vocab = vocabulary(item_ids)
@@ -793,7 +811,7 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
                 {c: side_of_code[c][side_codes[c][0][chunk]] for c in side},
                 [(v, start[chunk], end[chunk]) for v in history]))
 
-    with DataDirWriter(out_dir) as w:
+    with writer as w:
         w.write("impressions/train", records(train_rows), len(train_rows))
         w.write("impressions/test", records(test_rows), len(test_rows))
         w.write("items", item_records(items, item_ids, item_vocab, item_category, images,
@@ -811,8 +829,8 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
                  "categories": len(category_vocab), **{c: len(side_vocab[c]) for c in side}}
         w.finish(metadata(
             impressions_path, items_path, images_dir, pairs, sizes, max_history, side, cut,
-            (user_of_code[user_codes[test_rows]] == schema.OOV_ID).sum(),
-            (item == schema.OOV_ID).sum(), duplicate.sum(), drop_duplicates,
+            oov_users(user_codes[test_rows], user_of_code), (item == schema.OOV_ID).sum(),
+            duplicate.sum(), drop_duplicates,
             (images == None).sum(), (titles == "").sum(),  # noqa: E711 (elementwise)
             pair_meta if pairs or pairs_from else None))
     return schema.read_metadata(out_dir)
@@ -846,7 +864,8 @@ def main(argv):
                    FLAGS.seed)
     except (ValueError, OSError) as e:  # bad input: one line naming the file, not a trace
         sys.exit(str(e))
-    print(f"wrote {FLAGS.out_dir}: {meta['counts']}, vocab {meta['vocab']}, oov {meta['oov']}, "
+    print(f"wrote {FLAGS.out_dir}: {meta['counts']}, vocab {meta['vocab']}, "
+          f"out of vocabulary: {oov_line(meta['oov'])}, "
           f"duplicates {meta['duplicates']}, items without {meta['missing']}"
           + (f", pairs {meta['pairs']}" if "pairs" in meta else ""))
     if meta["duplicates"]["impressions"] and not FLAGS.drop_duplicates:
