@@ -272,6 +272,7 @@ class ImageTitleModel(keras.Model):
              self.key_text_tower(batch["title"], training=self.trains_text)], axis=1))
 
     def train_step(self, batch):
+        batch = keras.utils.unpack_x_y_sample_weight(batch)[0]  # (x,) from train_on_batch
         if self.queue is not None:
             self.queue.check_batch(batch["item_id"].shape[0])
         trainable = self.trained_weights()
@@ -286,6 +287,7 @@ class ImageTitleModel(keras.Model):
         return self._track(loss, image_to_title, title_to_image, pairs)
 
     def test_step(self, batch):
+        batch = keras.utils.unpack_x_y_sample_weight(batch)[0]
         image_to_title, title_to_image = self.compute_losses(batch, training=False)
         pairs = self.pair_loss(batch, training=False)
         return self._track((image_to_title + title_to_image) / 2 + pairs, image_to_title,
