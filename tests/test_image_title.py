@@ -206,16 +206,18 @@ def test_sources_the_ctr_job_falls_back_to(own_dir, tiny_dir, tmp_path):
     chosen, source = choose_source(config, catalogue, fallback=True)
     assert (chosen.objective, chosen.index_vector) == ("image_title", "fused")
     assert source == ("image_title, on the 216 items with an image and a title (24 held out "
-                      "for Acc@N); both towers' vectors fused")
+                      "for Acc@N); both towers' vectors fused (no triplets for SCL)")
     # The world's triplets: SCL on them.
     chosen, source = choose_source(dataclasses.replace(config, data_dir=tiny_dir),
                                    Catalogue(tiny_dir), fallback=True)
     assert chosen.objective == "scl" and source.startswith("SCL on the 600 triplets")
-    # Images only: the generic objective; titles only: the text tower's generic objective.
+    # Images only: SCL on the impressions' click pairs, centred (as such pairs need).
     catalogue.has_title[:] = False
     chosen, source = choose_source(config, catalogue, fallback=True)
-    assert (chosen.objective, chosen.modality) == ("generic", "image")
-    assert source.endswith("(no triplets for SCL)")
+    assert (chosen.objective, chosen.modality, chosen.pairs_from, chosen.center_vectors) == (
+        "scl", "image", "clicks", True)
+    assert source == ("SCL on the 751 click pairs of the training impressions (a click and the "
+                      "same user's next click); image tower, centred (no triplets for SCL)")
     # Asked for explicitly, image_title without titles is one line saying what to do.
     with pytest.raises(SettingsError, match=r"^--objective=image_title needs items with both an "
                        r"image and a title: 0 of 240 in .* have both"):

@@ -7,10 +7,15 @@ data has them) and the label-free check, exports the tower as a SavedModel
 with content for the modality (an image, a title) into the index table; items
 without are counted (``items_without_content``) and left out.
 
-SCL trains on the triplets (table ``pretrain/train``); ``generic`` and
-``random`` need only the items. An epoch is one pass over the training
-triplets where the data has them, for every objective (the generic baseline
-gets SCL's compute), else over the items with content.
+SCL trains on the triplets (table ``pretrain/train``), or with ``pairs_from
+="clicks"`` on click pairs it mines from the training impressions;
+``image_title``, ``generic`` and ``random`` need only the items. An epoch is
+one pass over the training triplets where the data has them, for every
+objective (the generic baseline gets SCL's compute), else over the mined
+pairs, image_title's training items or the items with content; a run takes
+at least ``min_steps`` steps in all (a small catalogue's epochs are
+stretched): 2 epochs of a 4,000-item catalogue in batches of 128 are 62
+steps, which leave the generic objective where it started.
 
 With ``center_vectors``, the trained tower gets a last step
 that subtracts the mean of the catalogue's vectors and re-normalises
@@ -32,6 +37,15 @@ Objectives:
   two word-dropout views of the same title for text.
 - ``scl``: query -> purchased item, with ``queue_size`` (0: in-batch negatives
   only; > 0: MoCo) and ``triplet_weight`` (0: no hard-negative triplet loss).
+- ``image_title``: an item's image and its own title are a pair, for an image
+  and a text tower (`tfmm.image_title`); the index gets ``index_vector``: the
+  image tower's vectors, the text tower's, or both fused (the encoder then
+  takes an image and a title).
+
+`choose_source` with ``fallback`` (the CTR job's empty index) follows what
+measured best on ``small`` (README, "Your own data"): the data dir's triplets;
+else image_title where items have images and titles; else the generic
+objective on the modality the items have.
 """
 
 import dataclasses
@@ -185,87 +199,102 @@ class Catalogue:
 def choose_source(config, catalogue, fallback=False):
     """`config` as the data directory supports it, and a line saying what it trains on.
 
-    SCL needs the training triplets; image_title at least a batch of items
-    with both an image and a title; every objective needs items with content
-    for the modality. With `fallback` (the CTR job's pre-training), SCL without
-    triplets becomes image_title where the items have images and titles, else
-    the generic objective on the items; an image tower without images a text
-    tower on the titles. Raises SettingsError saying what is missing and what
-    to run otherwise, or when no item has any content.
+    SCL needs the training triplets (or, with ``pairs_from="clicks"``, a batch
+    of click pairs in the training impressions); image_title at least a batch
+    of items with both an image and a title once some are held out; every
+    objective needs items with content for the modality. Without `fallback`,
+    raises SettingsError saying what is missing and what to run otherwise.
+    With `fallback` (the CTR job's pre-training), an objective the data cannot
+    feed becomes the first of these it can, in the order they measured on
+    ``small`` (README, "Your own data"): image_title (fused vectors), SCL on
+    click pairs mined from the training impressions (centred, as such pairs
+    need), the generic objective; an image tower without images becomes a
+    text tower. SettingsError too when no item has any content.
     """
     meta = schema.read_metadata(config.data_dir)
     if not (catalogue.has_image.any() or catalogue.has_title.any()):
         raise SettingsError(f"{config.data_dir}: no item has an image or a title, so there is "
                             "nothing to pre-train the encoder on or to embed; prepare the items "
                             "with --images_dir and/or a 'title' column.")
-    both = int((catalogue.has_image & catalogue.has_title).sum())
-    pairs = len(image_title_split(config, catalogue)[0]) >= config.batch_size
-    changes, why = {}, []
-    if config.objective == "image_title":
-        if pairs:
-            held = len(image_title_split(config, catalogue)[1])
-            what = {"image": "the image tower's vectors", "text": "the text tower's vectors",
-                    "fused": "both towers' vectors fused"}[config.index_vector]
-            clicks = ""
-            if config.pairs_from == "clicks":
-                clicks = (f", and the {len(mined_pairs(config.data_dir, 'train', config.seed)[0])}"
-                          " click pairs of the training impressions (a click and the same "
-                          "user's next click)")
-            return config, (f"image_title, on the {both - held} items with an image and a "
-                            f"title ({held} held out for Acc@N){clicks}; {what}")
-        if not fallback:
-            raise SettingsError(
-                f"--objective=image_title needs items with both an image and a title: "
-                f"{both} of {len(catalogue.ids)} in {config.data_dir} have both, fewer than "
-                f"a batch (--batch_size={config.batch_size}) once {HELD_OUT_WORDS} are held "
-                "out; prepare the items with --images_dir and a 'title' column, or use "
-                "--objective=generic --triplet_weight=0.")
-        changes.update(objective="generic", triplet_weight=0.0)
-        why.append("too few items with an image and a title")
-    if not catalogue.present(config.modality).any():
-        other = "text" if config.modality == "image" else "image"
+    why = []
+    if fallback and not catalogue.present(config.modality).any():
+        why.append(f"no item has {'an image' if config.modality == 'image' else 'a title'}")
+        config = dataclasses.replace(config, modality=MODALITIES[config.modality == "image"])
+    missing = _missing(config, catalogue, meta)
+    if missing and fallback:
+        why.append(missing[0])
+        candidates = (dict(objective="image_title", pairs_from="data"),
+                      dict(objective="scl", pairs_from="clicks", center_vectors=True),
+                      dict(objective="generic", pairs_from="data", triplet_weight=0.0))
+        for changes in candidates:
+            candidate = dataclasses.replace(config, **changes)
+            if not _missing(candidate, catalogue, meta):
+                config = candidate
+                break
+    elif missing:
+        raise SettingsError(missing[1])
+    line = _source_line(config, catalogue, meta)
+    return config, line + (f" ({', '.join(why)})" if why else "")
+
+
+def _missing(config, catalogue, meta):
+    """None where the data can feed `config`, else (a short reason, the error line)."""
+    if config.objective != "image_title" and not catalogue.present(config.modality).any():
+        other = MODALITIES[config.modality == "image"]
         what = "an image" if config.modality == "image" else "a title"
-        if not fallback:
-            raise SettingsError(f"--modality={config.modality}: no item in {config.data_dir} "
-                                f"has {what}; use --modality={other}.")
-        changes["modality"] = other
-        why.append(f"no item has {what}")
+        return (f"no item has {what}", f"--modality={config.modality}: no item in "
+                f"{config.data_dir} has {what}; use --modality={other}.")
+    if config.objective == "image_title":
+        if len(image_title_split(config, catalogue)[0]) >= config.batch_size:
+            return None
+        both = int((catalogue.has_image & catalogue.has_title).sum())
+        return ("too few items with an image and a title",
+                f"--objective=image_title needs items with both an image and a title: {both} "
+                f"of {len(catalogue.ids)} in {config.data_dir} have both, fewer than a batch "
+                f"(--batch_size={config.batch_size}) once {HELD_OUT_WORDS} are held out; "
+                "prepare the items with --images_dir and a 'title' column, or use "
+                "--objective=generic --triplet_weight=0.")
     if config.objective == "scl" and config.pairs_from == "clicks":
         mined = len(mined_pairs(config.data_dir, "train", config.seed)[0])
-        if mined < config.batch_size:
-            raise SettingsError(
+        if mined >= config.batch_size:
+            return None
+        return ("too few click pairs",
                 f"--pairs_from=clicks: the training impressions of {config.data_dir} hold "
                 f"{mined} click pairs (a click and the same user's next click of another "
                 f"item), fewer than a batch (--batch_size={config.batch_size}).")
-    elif config.objective == "scl" and "pretrain/train" not in meta["files"]:
-        missing = [t for t in ("pretrain/train", "pretrain/test") if t not in meta["files"]]
-        if not fallback:
-            raise SettingsError(
+    if config.objective == "scl" and "pretrain/train" not in meta["files"]:
+        tables = [t for t in ("pretrain/train", "pretrain/test") if t not in meta["files"]]
+        return ("no triplets for SCL",
                 f"--objective=scl needs query -> item pairs: {config.data_dir} has no table "
-                f"{' or '.join(map(repr, missing))}; make them with `python -m "
+                f"{' or '.join(map(repr, tables))}; make them with `python -m "
                 "tfmm.data.prepare --pairs=FILE` (your pairs) or `--pairs_from=clicks` (from "
-                "behaviour), or pre-train on the items alone: --objective=generic "
-                "--triplet_weight=0.")
-        if pairs:
-            return choose_source(dataclasses.replace(config, objective="image_title"),
-                                 catalogue, fallback)
-        changes.update(objective="generic", triplet_weight=0.0)
-        why.append("no triplets for SCL")
-    config = dataclasses.replace(config, **changes)
-    image = config.modality == "image"
-    if config.objective == "scl" and config.pairs_from == "clicks":
-        source = (f"SCL on the {len(mined_pairs(config.data_dir, 'train', config.seed)[0])} "
-                  "click pairs of the training impressions (a click and the same user's next "
-                  "click)")
-    elif config.objective == "scl":
-        source = f"SCL on the {meta['counts']['pretrain/train']} triplets of pretrain/train"
+                "behaviour), or pre-train on the items alone: --objective=image_title (images "
+                "and titles) or --objective=generic --triplet_weight=0.")
+    return None
+
+
+def _source_line(config, catalogue, meta):
+    """What `config` trains on, in words."""
+    clicks = (f"the {len(mined_pairs(config.data_dir, 'train', config.seed)[0])} click pairs "
+              "of the training impressions (a click and the same user's next click)"
+              if config.pairs_from == "clicks" else "")
+    if config.objective == "image_title":
+        train, held = (len(ids) for ids in image_title_split(config, catalogue))
+        what = {"image": "the image tower's vectors", "text": "the text tower's vectors",
+                "fused": "both towers' vectors fused"}[config.index_vector]
+        return (f"image_title, on the {train} items with an image and a title ({held} held "
+                f"out for Acc@N)" + (f", and {clicks}" if clicks else "") + f"; {what}")
+    if config.objective == "scl":
+        source = (f"SCL on {clicks}" if clicks else
+                  f"SCL on the {meta['counts']['pretrain/train']} triplets of pretrain/train")
     elif config.objective == "generic":
         source = (f"generic, on the {int(catalogue.present(config.modality).sum())} item "
-                  + ("images (two augmentations of an image are a pair)" if image
+                  + ("images (two augmentations of an image are a pair)"
+                     if config.modality == "image"
                      else "titles (two word-dropout views of a title are a pair)"))
     else:
         source = "random: the untrained tower"
-    return config, f"{source}; {config.modality} tower" + (f" ({', '.join(why)})" if why else "")
+    return f"{source}; {config.modality} tower" + (", centred" if config.center_vectors else "")
 
 
 def augment_images(seed):
