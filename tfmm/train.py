@@ -8,8 +8,10 @@
 reads item vectors from ``--index``, running the pre-training first
 (the pre-training flags, with ``--pretrain_*`` for its epochs, batch size,
 learning rate and directories) when the index is empty, on the best source
-the data directory has: SCL on its triplets, else the generic objective on
-the item images (or titles, where no item has an image), and says which
+the data directory has: SCL on its triplets, else image <-> title pairs
+(items with both), else SCL on click pairs mined from its training
+impressions, else the generic objective (`tfmm.pretrain.choose_source`), and
+says which
 (``pretrain_source`` in metrics.json); pre-trains MAKE for
 ``--make_epochs`` when the model has it; trains, evaluates after each epoch,
 writes ``<model_dir>/metrics.json`` and exports the ranker under
