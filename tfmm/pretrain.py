@@ -15,7 +15,9 @@ objective (the generic baseline gets SCL's compute), else over the mined
 pairs, image_title's training items or the items with content; a run takes
 at least ``min_steps`` steps in all (a small catalogue's epochs are
 stretched): 2 epochs of a 4,000-item catalogue in batches of 128 are 62
-steps, which leave the generic objective where it started.
+steps, after which the generic objective's vectors group categories worse
+than the untrained tower's (``small``: 0.71 against 0.82; after 500 steps
+0.87).
 
 With ``center_vectors``, the trained tower gets a last step
 that subtracts the mean of the catalogue's vectors and re-normalises
