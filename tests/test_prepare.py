@@ -447,6 +447,36 @@ def test_pairs_file_split_by_time_with_given_or_mined_negatives(inputs):
     assert [t[2] for t in read_triplets(str(tmp / "out"), "test")[0]] == ["i4"]
 
 
+def test_records_with_images_are_serialised_in_runs_of_bounded_bytes(inputs, monkeypatch):
+    from tfmm.data import prepare as module
+
+    tmp, log, items, images = inputs
+    sizes = [10, 20, 30, None, 5, 50, 1]
+    paths = []
+    for k, size in enumerate(sizes):
+        paths.append(None if size is None else str(tmp / f"f{k}"))
+        if size is not None:
+            (tmp / f"f{k}").write_bytes(b"x" * size)
+    monkeypatch.setattr(module, "IMAGE_BYTES_PER_CHUNK", 30)
+    # Up to 30 bytes of files a run; a file alone past it is a run of its own.
+    assert [list(r) for r in module.image_chunks(range(7), paths)] == [
+        [0, 1], [2, 3], [4], [5], [6]]
+    monkeypatch.setattr(module, "RECORDS_PER_CHUNK", 1)
+    assert [list(r) for r in module.image_chunks(np.array([3, 4]), paths)] == [[3], [4]]
+
+    # The catalogue and pairs with query photos are the same records in runs of any size.
+    (tmp / "images" / "q.png").write_bytes((tmp / "images" / "i1.png").read_bytes())
+    pairs = write_csv(tmp / "pairs.csv", ["query_image", "item_id", "timestamp"],
+                      [("q.png", "i2", 100), ("i3.png", "i1", 120), ("q.png", "i4", 195)])
+    monkeypatch.setattr(module, "IMAGE_BYTES_PER_CHUNK", 1)  # one image a run
+    prepare(log, items, str(tmp / "small-runs"), images_dir=images, pairs=pairs)
+    monkeypatch.undo()
+    prepare(log, items, str(tmp / "out"), images_dir=images, pairs=pairs)
+    for table in ("items", "pretrain-train", "pretrain-test"):
+        assert filecmp.cmp(tmp / "out" / f"{table}.tfrecord",
+                           tmp / "small-runs" / f"{table}.tfrecord", shallow=False), table
+
+
 @pytest.mark.parametrize("rows, message", [
     ([("mug", "i1", "i1")], r"pairs.csv: row 2, column 'negative_item_id': 'i1' is the pair's "
                             r"own item_id"),
@@ -499,17 +529,15 @@ def test_pairs_from_clicks_stay_within_their_split(inputs, window, max_gap, trai
     assert meta["pairs"] == {"source": "clicks", "window": window, "max_gap": max_gap,
                              "train": len(train), "test": len(test),
                              "mined_negatives": len(train) + len(test), "seed": 0}
-    titles = {i: t for i, _, t in ITEMS}
-    catalogue = next(iter(data.items(out, batch_size=10)))
-    image_of = dict(zip([vocab(out, "items")[i] for i in catalogue["item_id"].numpy()],
-                        catalogue["image"].numpy()))
+    names = vocab(out, "items")
     other = {"i1": "i2", "i2": "i1", "i3": "i4", "i4": "i3"}  # the same category's other item
     for split, expected in (("train", train), ("test", test)):
-        got, query_images = read_triplets(out, split)
-        # the query is the first item's content, the negative from the positive's category
-        assert got == [(titles[a], True, b, other[b]) for a, b in expected]
-        for (a, _), image in zip(expected, query_images):
-            np.testing.assert_array_equal(image, image_of[a])
+        # the query is the first item, by id: no image or title of its own (pre-training
+        # reads the catalogue's); the negative from the positive's category
+        got = [(names[r["query_item_id"]], r["query_image"], r["query_text"],
+                names[r["positive_item_id"]], names[r["negative_item_id"]])
+               for r in records(out, f"pretrain/{split}")]
+        assert got == [(a, b"", b"", b, other[b]) for a, b in expected]
 
 
 @pytest.mark.slow
@@ -622,11 +650,11 @@ def test_pairs_from_clicks_equal_a_row_by_row_reference(tmp_path):
     pairs = sorted((b[1], b[2], a[2]) for a, b in zip(clicks, clicks[1:])
                    if a[0] == b[0] and (a[1] >= 70) == (b[1] >= 70)
                    and log[a[2]][1] != log[b[2]][1])
-    names, title = vocab(out, "items"), {i: t for i, _, t in items}
-    category = {i: c for i, c, _ in items}
+    names, category = vocab(out, "items"), {i: c for i, c, _ in items}
     got = parsed(out, "pretrain/train") + parsed(out, "pretrain/test")
-    assert [(r["query_text"], names[r["positive_item_id"][0]]) for r in got] == [
-        ([title[log[a][1]].encode()], log[b][1]) for _, b, a in pairs]
+    assert [(names[r["query_item_id"][0]], names[r["positive_item_id"][0]]) for r in got] == [
+        (log[a][1], log[b][1]) for _, b, a in pairs]
+    assert {(*r["query_image"], *r["query_text"]) for r in got} == {(b"", b"")}
     for r in got:
         positive, negative = (names[r[k][0]] for k in ("positive_item_id", "negative_item_id"))
         assert negative != positive and category[negative] == category[positive]

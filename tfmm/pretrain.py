@@ -370,7 +370,7 @@ def training_data(config, catalogue):
         key = "query_image" if config.modality == "image" else "query_text"
         ds = data.triplets(config.data_dir, "train", batch_size=config.batch_size, shuffle=True,
                            seed=config.seed, repeat=True, drop_remainder=True)
-        query = lambda t: t[key]  # noqa: E731
+        query = lambda t: queries(t, key, content, row)  # noqa: E731
 
     def triple(t):
         return {"query": query(t), "positive_id": t["positive_item_id"],
@@ -379,6 +379,15 @@ def training_data(config, catalogue):
 
     return (ds.map(triple, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2),
             _steps(config, catalogue))
+
+
+def queries(triplets, key, content, row):
+    """A triplet batch's queries: each record's own (its `key`), or, where it names a query
+    item (pairs from clicks), that item's `content` (a catalogue's, `row`: its row by id)."""
+    item = triplets[schema.QUERY_ITEM]
+    looked_up = tf.gather(content, tf.maximum(tf.gather(row, item), 0))  # row -1: not an item
+    by_id = tf.reshape(item != schema.PAD_ID, [-1] + [1] * (content.shape.rank - 1))
+    return tf.where(by_id, looked_up, triplets[key])
 
 
 def _steps(config, catalogue):
@@ -472,7 +481,7 @@ def evaluate(config, tower, catalogue, ns=(1, 5), strategy=None, towers=None):
             print(f"no click pairs in the test impressions of {config.data_dir}: no Acc@N, "
                   "only the label-free check.", flush=True)
             return {"test_pairs": 0}
-        queries = content[catalogue.row[first]]
+        query_inputs = content[catalogue.row[first]]
     elif "pretrain/test" not in schema.read_metadata(config.data_dir)["files"]:
         print(f"no test pairs in {config.data_dir} (no table 'pretrain/test'): no Acc@N, "
               "only the label-free check.", flush=True)
@@ -480,9 +489,10 @@ def evaluate(config, tower, catalogue, ns=(1, 5), strategy=None, towers=None):
     else:
         key = "query_image" if config.modality == "image" else "query_text"
         batches = list(data.triplets(config.data_dir, "test", batch_size=1024))
-        queries = np.concatenate([b[key].numpy() for b in batches])
+        by_id, row = tf.constant(content), tf.constant(catalogue.row)
+        query_inputs = np.concatenate([queries(b, key, by_id, row).numpy() for b in batches])
         positives = np.concatenate([b["positive_item_id"].numpy() for b in batches])
-    q = embed(tower, queries, strategy=strategy)
+    q = embed(tower, query_inputs, strategy=strategy)
     p = embed(tower, content[catalogue.row[positives]], strategy=strategy)
     return dict(metrics.acc_at_n(q, p, ns), test_pairs=len(positives))
 

@@ -65,9 +65,10 @@ one of two sources:
   in file order), kept when both are in the same split (training pairs from
   training clicks only, test pairs from test clicks only), are of two
   different items and, with ``--pair_max_gap``, at most that many timestamp
-  units apart. The query is the first item's content (its image as
-  ``query_image``, its title as ``query_text``; empty where it has none), the
-  positive the second item. Such pairs mostly tell which categories go
+  units apart. The query is the first item, written as its id
+  (``query_item_id``; pre-training reads its image and title from the
+  catalogue, so no image is copied into each pair), the positive the second
+  item. Such pairs mostly tell which categories go
   together; ``tfmm.train`` pre-trains on them with ``--center_vectors`` (its
   default for such a data dir), without which the vectors all lie in a cone
   too narrow for SimTier's tiers.
@@ -136,6 +137,7 @@ HISTORY = ("history_item_ids", "history_category_ids", "history_timestamps")
 
 READ_BLOCK = 4 << 20  # bytes of CSV parsed at once
 RECORDS_PER_CHUNK = 4096  # records serialised at once (their temporaries: ~30 MB)
+IMAGE_BYTES_PER_CHUNK = 16 << 20  # and at most about this many bytes of image files
 _ID = pa.dictionary(pa.int32(), pa.string())
 
 
@@ -465,10 +467,21 @@ def impression_features(user_id, item_id, category_id, timestamp, label, is_new_
             "int_lists": dict(zip(HISTORY, history))}
 
 
+def image_chunks(rows, paths):
+    """`rows` in runs of at most RECORDS_PER_CHUNK whose image files (`paths` by row, None:
+    none) hold about IMAGE_BYTES_PER_CHUNK at most: what is serialised at once."""
+    ends = np.cumsum([0 if paths[i] is None else os.path.getsize(paths[i]) for i in rows])
+    a = 0
+    while a < len(rows):
+        fits = np.searchsorted(ends, (ends[a - 1] if a else 0) + IMAGE_BYTES_PER_CHUNK, "right")
+        b = min(a + RECORDS_PER_CHUNK, max(a + 1, int(fits)))
+        yield rows[a:b]
+        a = b
+
+
 def item_records(items, ids, item_vocab, categories, images, titles):
     dense = lookup(item_vocab, ids)
-    for a in range(0, len(ids), RECORDS_PER_CHUNK):
-        rows = range(a, min(a + RECORDS_PER_CHUNK, len(ids)))
+    for rows in image_chunks(range(len(ids)), images):
         yield from schema.examples(**item_features(
             dense[rows], categories[rows],
             [item_image(ids[i], images[i], items.row(i)) for i in rows],
@@ -717,6 +730,7 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
         (query_image, query_text, positive, negative, pair_test, where,
          pair_meta) = file_pairs(pairs, items_path, item_vocab, images_dir, absolute_image_paths,
                                  unknown_items, cut, test_fraction)
+        query_item = np.full(len(positive), schema.PAD_ID, np.int64)  # queries of their own
     elif pairs_from:
         first, second = click_pairs(user_codes, item, timestamp, label, is_test, pair_window,
                                     pair_max_gap)
@@ -725,11 +739,10 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
             raise ValueError(f"--pairs_from=clicks: no {'train' if pair_test.all() else 'test'} "
                              "pairs (no user clicks two items in that split within "
                              "--pair_window and --pair_max_gap).")
-        # The query is the first item's content; its image was checked with the items.
-        item_row = np.zeros(len(category_of), np.int64)
-        item_row[item_dense] = np.arange(len(item_dense))
-        query_image, query_text = images[item_row[item[first]]], titles[item_row[item[first]]]
-        positive, where = item[second], np.full(len(first), None)
+        # The query is the first item, by id: its content is in the catalogue, once.
+        query_item, positive = item[first], item[second]
+        query_image, query_text = np.full(len(first), None), np.full(len(first), "", object)
+        where = query_image
         negative = np.full(len(second), schema.PAD_ID, np.int64)
         pair_meta = {"source": "clicks", "window": pair_window, "max_gap": pair_max_gap}
     if pairs or pairs_from:
@@ -742,10 +755,10 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
                          mined_negatives=int(mine.sum()), seed=seed)
 
     def triplets(rows):
-        for a in range(0, len(rows), RECORDS_PER_CHUNK):
-            chunk = rows[a:a + RECORDS_PER_CHUNK]
+        for chunk in image_chunks(rows, query_image):
             yield from schema.examples(
-                ints={"positive_item_id": positive[chunk], "negative_item_id": negative[chunk]},
+                ints={"positive_item_id": positive[chunk], "negative_item_id": negative[chunk],
+                      schema.QUERY_ITEM: query_item[chunk]},
                 strings={"query_image": [read_image(query_image[i], where[i]) for i in chunk],
                          "query_text": [query_text[i].encode() for i in chunk]})
 

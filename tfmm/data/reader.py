@@ -268,7 +268,10 @@ def items(data_dir, batch_size=256, image_size=None, validate=True):
 def triplets(data_dir, split="train", batch_size=256, shuffle=False, seed=None, repeat=False,
              image_size=None, drop_remainder=False, validate=True):
     """Pre-training triplet batches: query_image (uint8), query_text, positive/negative ids,
-    has_query_image (bool; a query without one has zeros, one without text b"")."""
+    has_query_image (bool; a query without one has zeros, one without text b""), and
+    query_item_id: a dense item id where the query is that catalogue item, whose image and
+    title are then not in the record (zeros and b"" here; `tfmm.pretrain.Catalogue` looks
+    them up), else 0."""
     meta = schema.read_metadata(data_dir)
     paths = schema.files(data_dir, meta, f"pretrain/{split}")
     if validate:
