@@ -3,7 +3,8 @@
 `Encoder` wraps the encoder's SavedModel (``python -m tfmm.train
 --task=pretrain --export_dir=...``): image or text in, whichever its
 ``serving_default`` takes, or both (``--objective=image_title
---index_vector=fused``: an item needs one of the two). The near-line service (`tfmm.serving.encoder`) feeds
+--index_vector=fused``: an item needs one of the two). The near-line
+service (`tfmm.serving.encoder`) feeds
 it new-item events; the batch job (`embed_catalogue`, ``python -m
 tfmm.serving.embed``) every item of a data directory, into an `IndexSink` or a
 `PartSink` (Parquet parts by raw item id).
@@ -249,7 +250,8 @@ def embed_catalogue(encoder, data_dir, sink, batch_size=256, verbose=1):
         positions = np.arange(seen, seen + len(ids))
         todo = has & ~sink.done(positions)
         if todo.any():
-            sink.write(positions[todo], ids[todo], encoder(item_inputs(encoder.modality, batch, todo)))
+            sink.write(positions[todo], ids[todo],
+                       encoder(item_inputs(encoder.modality, batch, todo)))
         seen += len(ids)
         sink.advance(seen)
         embedded, without = embedded + int(todo.sum()), without + int((~has).sum())
