@@ -95,7 +95,8 @@ def main(argv):
     seeds = [int(s) for s in FLAGS.seeds]
     data_dir = ensure_world(FLAGS.data_dir or os.path.join("data", FLAGS.world), FLAGS.world)
     runs = Runs(FLAGS.runs_dir, FLAGS.batch_size, FLAGS.make_epochs, FLAGS.make_target_in_mlp,
-                pretrain_settings={"momentum": 0.99})
+                # Exactly --pretrain_epochs (Fig. 6a sweeps them): no minimum of steps.
+                pretrain_settings={"momentum": 0.99, "min_steps": 0})
     ranker = runs.ranker
     vectors, encoder, index = runs.encoder(data_dir, FLAGS.pretrain_epochs, "main")
     acc = encoder["acc@1"]

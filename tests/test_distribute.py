@@ -125,7 +125,7 @@ def test_a_worker_killed_mid_epoch_resumes_with_every_epoch_once(tiny_dir, tmp_p
 # 3e-3 from one process after an epoch here (float rounding of the cross-replica variance that
 # Adam magnifies, we believe); tests/scl_replicas.py checks BatchNorm over 3 steps at 1e-5.
 PRETRAIN_FLAGS = ["--epochs=1", "--batch_size=32", "--queue_size=128", "--dim=16",
-                  "--modality=text"]
+                  "--modality=text", "--min_steps=0"]
 
 
 def _pretrain_cmd(tiny_dir, runs):

@@ -358,7 +358,8 @@ def locked(tmp_path_factory):
          f"--data_dir={root}/tiny", f"--model_dir={runs}/ctr", f"--export_dir={runs}/ranker",
          f"--index={url}", f"--pretrain_model_dir={runs}/pretrain",
          f"--encoder_export_dir={runs}/encoder", "--model=simtier", "--pretrain_epochs=1",
-         "--pretrain_batch_size=32", "--queue_size=128", "--dim=8", "--embedding_dim=8",
+         "--min_steps=0", "--pretrain_batch_size=32", "--queue_size=128", "--dim=8",
+         "--embedding_dim=8",
          "--attention_units=8", "--mlp_units=16", "--batch_size=256"],
         capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     yield server, root, proc

@@ -25,7 +25,8 @@ every epoch, exports it and writes ``<model_dir>/metrics.json``:
 Multimodal methods read item vectors from the index table; an empty or
 missing table is first filled by running the pre-training given as
 ``pretrain_config``, on the best source the data has (`tfmm.pretrain.run`'s
-``fallback``: SCL needs triplets, else the generic objective on the items),
+``fallback``: SCL on triplets where the data has them, else image <-> title
+pairs, click pairs mined from the impressions or the generic objective),
 named in ``pretrain_source``. MAKE is pre-trained alone for ``make_epochs`` (0: trained
 jointly with the ranker, from scratch), then frozen or, with
 ``make_trainable``, fine-tuned. A killed run resumes: MAKE's pre-trained

@@ -128,6 +128,7 @@ import tensorflow as tf  # noqa: E402
 from tfmm import _startup  # noqa: E402
 from tfmm.data import schema  # noqa: E402
 from tfmm.data.history import history_ranges  # noqa: E402
+from tfmm.data.pairs import hard_negatives  # noqa: E402
 from tfmm.data.writer import DataDirWriter  # noqa: E402
 
 IMPRESSION_COLUMNS = ("user_id", "item_id", "label", "timestamp")
@@ -662,24 +663,6 @@ def click_pairs(user, item, timestamp, label, is_test, window, max_gap):
     first, second = np.concatenate(first), np.concatenate(second)
     order = np.lexsort((first, second, timestamp[second]))
     return first[order], second[order]
-
-
-def hard_negatives(positive, category_of, rng):
-    """For each dense id in `positive`, a random other item of its category (of
-    every item when its category has no other). `category_of` is indexed by
-    dense id; the catalogue is ids FIRST_ID.. and must hold two items."""
-    ids = np.arange(schema.FIRST_ID, len(category_of))
-    members = ids[np.argsort(category_of[ids], kind="stable")]  # items grouped by category
-    rank = np.empty(len(category_of), np.int64)
-    rank[members] = np.arange(len(members))
-    grouped = category_of[members]
-    start = np.searchsorted(grouped, category_of[positive], "left")
-    size = np.searchsorted(grouped, category_of[positive], "right") - start
-    alone = size == 1
-    start, size = np.where(alone, 0, start), np.where(alone, len(members), size)
-    draw = rng.integers(0, size - 1)
-    draw += draw >= rank[positive] - start  # skip the positive itself
-    return members[start + draw]
 
 
 def check_options(max_history, test_fraction, split_timestamp, pairs, pairs_from, pair_window,
