@@ -119,6 +119,12 @@ class PretrainConfig:
             check_backbone(self.backbone)
         except BackboneError as e:
             raise ValueError(f"--{e}") from None
+        if self.freeze_backbone and self.backbone in BACKBONES:
+            raise ValueError(f"--freeze_backbone keeps a pretrained backbone's weights, but "
+                             f"--backbone={self.backbone} is a config backbone, randomly "
+                             "initialised (only the projection head would learn); give a "
+                             "KerasHub preset or preset directory as --backbone, or drop "
+                             "--freeze_backbone.")
         if self.modality == "text" and self.backbone not in BACKBONES and self.export_dir:
             raise ValueError(f"--backbone={self.backbone} --modality=text: the preset's tokenizer "
                              "runs tensorflow-text ops, which TF Serving need not have; set "
