@@ -58,11 +58,13 @@ def loopback_cluster(**tasks):
     return {task: [f"localhost:{next(ports)}" for _ in range(n)] for task, n in tasks.items()}
 
 
-def strategy(name):
+def strategy(name, cluster_timeout=300.0):
     """The process's `tf.distribute.Strategy` of `name` (None for ``none``).
 
     Made once per process: MultiWorkerMirroredStrategy must exist before
     TensorFlow runs its first operation, so callers create it first thing.
+    A ``parameter_server`` chief waits up to `cluster_timeout` seconds (0: no
+    limit) for its cluster's servers (`tfmm.parameter_server.wait_for_servers`).
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy={name!r} is not one of {STRATEGIES}.")
@@ -79,7 +81,7 @@ def strategy(name):
                 raise ValueError("$TF_CONFIG names a worker or ps task: it runs its server "
                                  "(tfmm.parameter_server.serve); the chief trains.")
             else:
-                _strategies[name] = parameter_server.strategy()
+                _strategies[name] = parameter_server.strategy(timeout=cluster_timeout)
     return _strategies[name]
 
 
