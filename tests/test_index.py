@@ -300,7 +300,7 @@ def test_a_snapshot_with_ids_below_2_names_the_index_and_the_ids(tmp_path):
         index.snapshot(num_items=9)
 
 
-def test_a_corrupt_sqlite_file_is_named_at_open_and_at_reads(tmp_path):
+def test_a_corrupt_sqlite_file_is_named_at_open_reads_and_puts(tmp_path):
     real = SQLiteIndex(tmp_path / "real.db", dim=16)
     real.put(np.arange(2, 5002), np.ones((5000, 16)))
     real.close()
@@ -315,10 +315,10 @@ def test_a_corrupt_sqlite_file_is_named_at_open_and_at_reads(tmp_path):
     # A data page overwritten: the file opens, its reads fail.
     damaged.write_bytes(data[:50 * 4096] + b"\xff" * 4096 + data[51 * 4096:])
     index = open_index(str(damaged))
-    for read in (index.count, index.ids, lambda: index.get(np.arange(2, 5002)),
-                 lambda: index.snapshot(6000)):
+    for call in (index.count, index.ids, lambda: index.get(np.arange(2, 5002)),
+                 lambda: index.snapshot(6000), lambda: index.put([3], np.zeros((1, 16)))):
         with pytest.raises(ValueError, match=f"^{damaged} is not a valid index"):
-            read()
+            call()
 
 
 SECRET = "pw-Le4k-7f3a"

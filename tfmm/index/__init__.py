@@ -151,15 +151,17 @@ class SQLiteIndex(VectorIndex):
         ids, vectors = self.check(ids, vectors)
         now = time.time()
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            version = int(db.execute("SELECT COALESCE(MAX(version), 0) FROM vectors").fetchone()[0]) + 1
-            db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?)",
-                           ((int(i), v.tobytes(), version, now) for i, v in zip(ids, vectors)))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        with self._valid():
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                version = int(db.execute("SELECT COALESCE(MAX(version), 0) FROM vectors")
+                              .fetchone()[0]) + 1
+                db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?)",
+                               ((int(i), v.tobytes(), version, now) for i, v in zip(ids, vectors)))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
         return version
 
     def _rows(self, ids, columns):
