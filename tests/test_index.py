@@ -217,10 +217,33 @@ def test_password_and_address_from_the_environment(tmp_path, monkeypatch):
     ("redis://ann:p%40ss:w@h:1/0", "redis://ann:***@h:1/0"),
     ("redis://h:6379/0", "redis://h:6379/0"),
     ("redis://ann@h:6379/0", "redis://ann@h:6379/0"),  # a user name alone
+    ("redis://h:6379/0?password=p@ss&prefix=a@b", "redis://h:6379/0?password=***&prefix=a%40b"),
     ("runs/x/index.db", "runs/x/index.db"),
 ])
 def test_redact_hides_only_the_password(spec, shown):
     assert redact(spec) == shown
+
+
+@pytest.mark.parametrize("spec, shown", [
+    # An unescaped '?', '#' or '/' ends the host part early: urllib and redis-py then read
+    # part of the password as the port ("Port could not be cast to integer value as 'PWa'").
+    ("redis://:PWa?PWb@h", "redis://***@h"),
+    ("redis://:PWa?x=PWb@h", "redis://***@h"),
+    ("redis://:PWa#PWb@h:6379/0", "redis://***@h:6379/0"),
+    ("redis://ann:PWa/PWb@h:6379/0", "redis://***@h:6379/0"),
+    ("unix://:PWa?PWb@/run/redis.sock?db=0", "unix://***@/run/redis.sock?db=0"),
+])
+def test_a_malformed_redis_url_is_refused_without_any_of_its_password(spec, shown):
+    from tfmm.serving.events import open_events
+
+    assert redact(spec) == shown
+    for opener in (open_index, open_events):
+        with pytest.raises(ValueError) as refused:
+            opener(spec)
+        message = str(refused.value)
+        assert message.startswith(f"{shown} is not a valid Redis URL: ") and \
+            "percent-encoded" in message
+        assert "PWa" not in message and "PWb" not in message
 
 
 def test_a_password_in_the_index_url_stays_out_of_settings_files():

@@ -232,6 +232,8 @@ def redact(spec):
     ``***``, the rest kept: safe for logs, metrics files and errors."""
     if not is_redis(spec):
         return spec
+    if _misplaced_at(spec):  # where the password ends is unknown: all up to the last '@'
+        return f"{urllib.parse.urlsplit(str(spec)).scheme}://***@{str(spec).rpartition('@')[2]}"
     parts = urllib.parse.urlsplit(str(spec))
     netloc, query = parts.netloc, urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     if parts.password is not None:
@@ -247,9 +249,37 @@ def redact(spec):
             + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
+def _misplaced_at(spec):
+    """Whether an '@' follows a URL's host part where a password holding an unescaped '?',
+    '#' or '/' ended it early: the host part then does not parse (a parser takes part of
+    the password for the port) or the '@' is where none belongs (path, a query name).
+    An '@' in a query value (``?password=p@ss``) is fine."""
+    spec = str(spec)
+    parts = urllib.parse.urlsplit(spec)
+    if "@" not in spec[spec.index("://") + 3 + len(parts.netloc):]:
+        return False
+    try:
+        _ = parts.port  # ValueError unless a number in range
+        host = parts.path if parts.scheme == "unix" else parts.hostname
+    except ValueError:
+        host = None
+    names = [k for k, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+    return not host or "@" in parts.path + parts.fragment or any("@" in k for k in names)
+
+
 def redis_url(url=None):
     """`url`, else ``$TFMM_REDIS_URL``, else the local default server."""
     return url or os.environ.get("TFMM_REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+
+def _checked_url(url=None):
+    """`redis_url(url)`; ValueError, showing none of the password, when it is malformed."""
+    url = redis_url(url)
+    if _misplaced_at(url):
+        raise ValueError(f"{redact(url)} is not a valid Redis URL: an '@' after the host; a "
+                         "password holding '?', '#', '/' or '@' must be percent-encoded (%3F, "
+                         "%23, %2F, %40), or given in $TFMM_REDIS_PASSWORD.")
+    return url
 
 
 def redis_client(url=None, retries=3, backoff=0.01, connect_timeout=0.5, timeout=5.0):
@@ -271,10 +301,16 @@ def redis_client(url=None, retries=3, backoff=0.01, connect_timeout=0.5, timeout
         ``retries + 1`` timeouts: an online predictor wants a far smaller
         `timeout` than the default, which leaves room for bulk writes.
     """
-    client = redis.Redis.from_url(
-        redis_url(url), password=os.environ.get("TFMM_REDIS_PASSWORD"),  # the URL's wins
-        retry=Retry(ExponentialBackoff(cap=1.0, base=backoff), retries),
-        socket_connect_timeout=connect_timeout, socket_timeout=timeout)
+    url = _checked_url(url)
+    try:
+        client = redis.Redis.from_url(
+            url, password=os.environ.get("TFMM_REDIS_PASSWORD"),  # the URL's wins
+            retry=Retry(ExponentialBackoff(cap=1.0, base=backoff), retries),
+            socket_connect_timeout=connect_timeout, socket_timeout=timeout)
+    except ValueError as e:  # a port that is no number, an unknown scheme
+        password = urllib.parse.urlsplit(url).password
+        reason = str(e).replace(password, "***") if password else str(e)
+        raise ValueError(f"{redact(url)} is not a valid Redis URL: {reason}") from None
     options = client.connection_pool.connection_kwargs
     return client, options.get("path") or f"{options.get('host')}:{options.get('port')}"
 
@@ -323,7 +359,7 @@ class RedisIndex(VectorIndex):
     CHUNK = 10_000  # keys per MGET of a longer read (one MULTI/EXEC)
 
     def __init__(self, url=None, dim=None, prefix="tfmm", **client):
-        parts = urllib.parse.urlsplit(redis_url(url))
+        parts = urllib.parse.urlsplit(_checked_url(url))
         query = dict(urllib.parse.parse_qsl(parts.query))
         self.prefix = query.pop("prefix", prefix)  # ours, not a redis-py option
         self._redis, self.address = redis_client(
