@@ -147,6 +147,63 @@ def test_reads_of_any_size_see_one_put_while_puts_land(spec):
     assert writer.exitcode == 0
 
 
+def _keys_per_command(entry):
+    """The arguments of a SLOWLOG entry's command (it shows some, then "... (N more
+    arguments)")."""
+    words = entry["command"].split()
+    if words[-1] == b"arguments)":
+        return len(words) - 5 + int(words[-3].lstrip(b"("))
+    return len(words) - 1
+
+
+def test_a_redis_snapshot_never_holds_the_server_for_the_catalogue(redis_url, monkeypatch):
+    """A MULTI of every vector stalled every other client (predictors) for the whole read."""
+    n = 3000
+    index = RedisIndex(redis_url, dim=4)
+    index.put(np.arange(n) + FIRST_ID, np.ones((n, 4)))
+    monkeypatch.setattr(RedisIndex, "SNAPSHOT_CHUNK", 500, raising=False)
+    client = redis.Redis.from_url(redis_url)
+    client.config_set("slowlog-log-slower-than", 0)  # every command
+    client.config_set("slowlog-max-len", 10_000)
+    try:
+        client.slowlog_reset()
+        snap = index.snapshot(n + FIRST_ID)
+        log = client.slowlog_get(10_000)
+    finally:
+        client.config_set("slowlog-log-slower-than", 10_000)
+    assert snap.present.sum() == n
+    biggest = max(log, key=_keys_per_command)
+    assert _keys_per_command(biggest) <= 500, biggest["command"][:60]
+
+
+@pytest.mark.parametrize("catch_up", [3, 0])  # re-read in chunks, or atomically at once
+def test_a_redis_snapshot_shows_the_puts_made_while_it_read(redis_url, monkeypatch, catch_up):
+    n = 2000
+    index = RedisIndex(redis_url, dim=4)
+    index.put(np.arange(n) + FIRST_ID, np.zeros((n, 4)))
+    monkeypatch.setattr(RedisIndex, "SNAPSHOT_CHUNK", 500)
+    monkeypatch.setattr(RedisIndex, "CATCH_UP", catch_up)
+    writer = RedisIndex(redis_url)
+    reads = []
+    mget = index._redis.mget
+
+    def mget_then_put(keys):
+        values = mget(keys)
+        reads.append(len(keys))
+        if len(reads) == 2:  # a put over items read and not read yet, one new item
+            ids = np.array([FIRST_ID, FIRST_ID + 1900, n + FIRST_ID])
+            writer.put(ids, np.ones((3, 4)))
+        return values
+
+    monkeypatch.setattr(index._redis, "mget", mget_then_put)
+    snap = index.snapshot(n + 10)
+    assert reads[:4] == [500] * 4
+    present = np.flatnonzero(snap.present)
+    np.testing.assert_array_equal(present, np.arange(n + 1) + FIRST_ID)
+    ones = snap.table[present][:, 0] == 1
+    np.testing.assert_array_equal(np.flatnonzero(ones), [0, 1900, n])  # the put, whole
+
+
 def test_an_index_belongs_to_one_catalogue(spec):
     index = open_index(spec, dim=2)
     index.claim("abc")
