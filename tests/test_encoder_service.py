@@ -11,6 +11,7 @@ import pytest
 import redis
 import tensorflow as tf
 
+from tests.test_images import huge_png
 from tfmm.export import export_saved_model
 from tfmm.index import open_index
 from tfmm.ranker import DINRanker
@@ -283,3 +284,22 @@ def test_an_id_beyond_int64_is_dead_lettered_and_the_batch_indexed(image_encoder
     reasons = [d["reason"] for d in events.dead_letters()]
     assert "does not fit in a signed 64-bit integer" in reasons[0], reasons
     assert "is not an integer" in reasons[1], reasons
+
+
+def test_an_image_over_the_pixel_limit_is_dead_lettered_before_it_is_decoded(image_encoder,
+                                                                            tmp_path):
+    """A 20000 x 20000 PNG (49 kB) was decoded whole: the encoder peaked at 1.96 GB."""
+    path, tower = image_encoder
+    events = SQLiteEvents(tmp_path / "e.db")
+    good, images = new_items([100, 102])
+    events.publish([good[0], {"item_id": 101, "image": huge_png()}, good[1]])
+    index = open_index(str(tmp_path / "v.db"), dim=8)
+    assert process(Encoder(path), events, index, "w", block=0.1) == (2, 1)
+    np.testing.assert_array_equal(index.ids(), [100, 102])
+    np.testing.assert_allclose(index.get([100, 102])[0], tower(images, training=False).numpy(),
+                               atol=1e-5)
+    [letter] = events.dead_letters()
+    assert letter["item_id"] == 101 and letter["reason"] == (
+        "item 101: the image is 20000x20000 pixels, over the limit of 50,000,000 "
+        "(tfmm.data.images.MAX_PIXELS); downscale it.")
+    assert events.pending() == 0
