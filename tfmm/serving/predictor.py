@@ -8,10 +8,11 @@ padded with 0 after them; category ids from the catalogue; multimodal
 vectors from the index table, zeros where an item has none (the training
 fallback, counted in ``Predictor.stats``). A candidate neither the catalogue
 nor the index knows gets a defined score (``unknown_score``, default 0: after
-every known one), not the ranker's guess; invalid ids are refused. A SavedModel with the ``rank``
-signature (tfmm exports rankers with it, `tfmm.export`) gets one row for the
-user with all candidates and the history once; otherwise ``serving_default``
-gets one row per candidate, each repeating the history. It then calls the
+every known one), not the ranker's guess; invalid ids are refused. A
+SavedModel with the ``rank`` signature (tfmm exports rankers with it,
+`tfmm.export`) gets one row for the user with all candidates and the history
+once; otherwise ``serving_default`` gets one row per candidate, each
+repeating the history. It then calls the
 SavedModel in-process, or TF Serving over REST or gRPC:
 
     predictor = Predictor.from_data_dir(
@@ -377,9 +378,9 @@ class Predictor:
         unknown_score: the P(click) of a candidate the ranker knows nothing
             of: an id that `item_categories` does not list and the index
             has no vector for. The ranker would score it with its padding
-            embedding, an arbitrary value that ranked such ids first; 0
-            ranks them after every known candidate, a base click rate gives
-            them the neutral prior.
+            embedding, a value training never shaped (such ids came out 1st
+            and 2nd of 200 in one run); 0 ranks them after every known
+            candidate, a base click rate gives them the neutral prior.
 
     Candidate ids below 2 (0 is padding, 1 out-of-vocabulary) and negative
     history ids are refused (ValueError naming the field). An item that is
