@@ -168,7 +168,10 @@ def data_dir():
         fail(f"--data_dir={path} " + ("holds no tfmm data (no metadata.json)"
                                        if os.path.isdir(path) else "does not exist")
              + "; give --world to generate a synthetic world there.")
-    return ensure_world(path, FLAGS.world)
+    try:
+        return ensure_world(path, FLAGS.world)
+    except (ValueError, OSError) as e:  # a directory of user files, a full disk
+        fail(str(e))
 
 
 def _config(cls, names, renamed=None, **fixed):
