@@ -101,7 +101,7 @@ def run(encoder, ranker, index_spec, events_spec):
         published = int(np.sum(~np.isnan(created)))
         waiting = np.flatnonzero(np.isnan(served[:published]))[-FLAGS.candidates:]
         candidates = np.concatenate([FIRST_NEW_ID + waiting,
-                                     rng.integers(1, 4002, FLAGS.candidates - len(waiting))])
+                                     rng.integers(2, 4002, FLAGS.candidates - len(waiting))])
         features, missing = predictor.assemble(Request(7, history, candidates))
         predictor.model(features)
         now = time.time()

@@ -289,6 +289,11 @@ def test_word_dropout_keeps_words_and_never_empties():
     ({"objective": "generic", "triplet_weight": 1.0}, "no hard negatives"),
     ({"queue_size": -128}, "--queue_size=-128 is out of range"),
     ({"learning_rate": 0.0}, "--learning_rate=0.0 must be > 0"),
+    # A config backbone is randomly initialised: frozen, only the head would learn.
+    ({"freeze_backbone": True}, "--freeze_backbone keeps a pretrained backbone's weights, "
+     "but --backbone=resnet_tiny is a config backbone, randomly initialised"),
+    ({"freeze_backbone": True, "modality": "text", "backbone": "resnet_small"},
+     "but --backbone=resnet_small is a config backbone"),
 ])
 def test_bad_config(tiny_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -107,6 +107,8 @@ class CTRConfig:
     batch_size: int = 512
     seed: int = 0
     strategy: str = "none"  # tfmm.distribute.STRATEGIES
+    # parameter_server: seconds the chief waits for the cluster's servers (0: no limit)
+    cluster_timeout: float = default_of(distribute.strategy, "cluster_timeout")
     verbose: int = 2
 
     def validate(self):
@@ -126,6 +128,8 @@ class CTRConfig:
                                 f"{SIMTIER_OUTPUTS}.")
         if not self.learning_rate > 0:
             raise SettingsError(f"--learning_rate={self.learning_rate} must be > 0.")
+        if not self.cluster_timeout >= 0:
+            raise SettingsError(f"--cluster_timeout={self.cluster_timeout} must be >= 0.")
         for name in ("attention_units", "mlp_units"):
             if min(getattr(self, name), default=1) < 1:
                 raise SettingsError(f"--{name}={','.join(map(str, getattr(self, name)))}: "

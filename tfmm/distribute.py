@@ -58,11 +58,13 @@ def loopback_cluster(**tasks):
     return {task: [f"localhost:{next(ports)}" for _ in range(n)] for task, n in tasks.items()}
 
 
-def strategy(name):
+def strategy(name, cluster_timeout=300.0):
     """The process's `tf.distribute.Strategy` of `name` (None for ``none``).
 
     Made once per process: MultiWorkerMirroredStrategy must exist before
     TensorFlow runs its first operation, so callers create it first thing.
+    A ``parameter_server`` chief waits up to `cluster_timeout` seconds (0: no
+    limit) for its cluster's servers (`tfmm.parameter_server.wait_for_servers`).
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy={name!r} is not one of {STRATEGIES}.")
@@ -72,20 +74,44 @@ def strategy(name):
         if name == "mirrored":
             _strategies[name] = tf.distribute.MirroredStrategy()
         else:
-            if "TF_CONFIG" not in os.environ:
-                raise ValueError(f"strategy={name!r} needs the cluster in $TF_CONFIG.")
-            try:
-                json.loads(os.environ["TF_CONFIG"])
-            except ValueError as e:
-                raise ValueError(f"$TF_CONFIG is not JSON: {e}") from None
+            check_tf_config(name)
             if name == "multi_worker":
                 _strategies[name] = tf.distribute.MultiWorkerMirroredStrategy()
             elif parameter_server.is_server():
                 raise ValueError("$TF_CONFIG names a worker or ps task: it runs its server "
                                  "(tfmm.parameter_server.serve); the chief trains.")
             else:
-                _strategies[name] = parameter_server.strategy()
+                _strategies[name] = parameter_server.strategy(timeout=cluster_timeout)
     return _strategies[name]
+
+
+def check_tf_config(name):
+    """Raises ValueError unless ``$TF_CONFIG`` names a cluster for strategy `name` and this
+    process's task in it: an empty one (``{}``) would train as one local worker."""
+    if "TF_CONFIG" not in os.environ:
+        raise ValueError(f"strategy={name!r} needs the cluster in $TF_CONFIG.")
+    try:
+        config = json.loads(os.environ["TF_CONFIG"])
+    except ValueError as e:
+        raise ValueError(f"$TF_CONFIG is not JSON: {e}") from None
+    config = config if isinstance(config, dict) else {}
+    cluster, task = config.get("cluster"), config.get("task")
+    # Task lists, or TensorFlow's sparse {"index": "host:port"} form.
+    cluster = {k: v for k, v in cluster.items() if isinstance(v, (list, dict)) and v} \
+        if isinstance(cluster, dict) else {}
+    needs = ("ps", "worker") if name == "parameter_server" else ("worker",)
+    if not all(t in cluster for t in needs) and not (needs == ("worker",) and "chief" in cluster):
+        example = ", ".join(f'"{t}": ["host:port", ...]' for t in needs)
+        raise ValueError(f"$TF_CONFIG names no cluster for strategy={name!r}: it needs "
+                         f'{{"cluster": {{{example}}}, "task": {{"type": ..., "index": ...}}}}, '
+                         "each process its own task.")
+    kind, index = (task.get("type"), task.get("index")) if isinstance(task, dict) else (None, None)
+    tasks = cluster.get(kind, [])
+    if not (isinstance(index, int) and (str(index) in tasks if isinstance(tasks, dict)
+                                        else 0 <= index < len(tasks))):
+        raise ValueError(f"$TF_CONFIG's task {task!r} is not a task of its cluster "
+                         f"({', '.join(f'{t}: {len(v)}' for t, v in cluster.items())}): "
+                         'give this process\'s own as "task": {"type": ..., "index": ...}.')
 
 
 def is_chief(strategy):

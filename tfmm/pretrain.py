@@ -156,6 +156,12 @@ class PretrainConfig:
             check_backbone(self.backbone)
         except BackboneError as e:
             raise ValueError(f"--{e}") from None
+        if self.freeze_backbone and self.backbone in BACKBONES:
+            raise ValueError(f"--freeze_backbone keeps a pretrained backbone's weights, but "
+                             f"--backbone={self.backbone} is a config backbone, randomly "
+                             "initialised (only the projection head would learn); give a "
+                             "KerasHub preset or preset directory as --backbone, or drop "
+                             "--freeze_backbone.")
         if self.export_dir:  # before anything runs: a base of user files is refused
             check_export_dir(self.export_dir, (self.data_dir, local_index(self.index)))
         if self.embeds() != "image" and self.backbone not in BACKBONES and self.export_dir:

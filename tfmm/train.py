@@ -105,6 +105,9 @@ define_flags(CTR, {
                 "parameter_server (--task=ctr: ID tables split over the cluster's ps tasks, "
                 "asynchronous steps on its workers; on a worker or ps task the command runs "
                 "its server, on the chief the job).",
+    "cluster_timeout": "--strategy=parameter_server: seconds the chief waits for the "
+                       "cluster's worker and ps servers to start, saying which, before it "
+                       "gives up (0: no limit).",
     "optimizer": "Ranker optimizer: adam is Keras 3's, whose second moment of an embedding "
                  "row looked up n times in a batch sums n squares instead of squaring the "
                  "sum; dense_adam is Adam's (as tf-keras'), and faster.",
@@ -290,7 +293,7 @@ def main(argv):
                 parameter_server.serve()  # until killed
             if FLAGS.task == "pretrain":  # its config refuses the strategy
                 return run_pretrain()
-        distribute.strategy(FLAGS.strategy)
+        distribute.strategy(FLAGS.strategy, FLAGS.cluster_timeout)
     except ValueError as e:
         fail(f"--strategy={FLAGS.strategy}: {e}")
     run_pretrain() if FLAGS.task == "pretrain" else run_ctr()

@@ -30,7 +30,11 @@ in ``--images_dir``, and an item with none of them has no image (an error only
 if no item has one: the directory is then likely wrong). An image path that
 leaves ``--images_dir`` (through ``..``) is refused; an absolute one is
 refused unless ``--absolute_image_paths`` is passed, and then read as it is.
-Symbolic links inside ``--images_dir`` are followed. Every image must decode.
+Symbolic links inside ``--images_dir`` are followed. Every image must decode,
+and its header may declare at most `tfmm.data.images.MAX_PIXELS` pixels (50
+million), checked before it is decoded: a larger one is an error naming the
+file and row, not a skip (the user's catalogue would lose content without a
+word), and it would be decoded whole at every read.
 
 CSV files are read as UTF-8 whatever the locale, with or without a byte order
 mark (Excel's "CSV UTF-8"); rows are numbered as in a spreadsheet (the header
@@ -128,6 +132,7 @@ import tensorflow as tf  # noqa: E402
 from tfmm import _startup  # noqa: E402
 from tfmm.data import schema  # noqa: E402
 from tfmm.data.history import history_ranges  # noqa: E402
+from tfmm.data.images import too_many_pixels  # noqa: E402
 from tfmm.data.pairs import hard_negatives  # noqa: E402
 from tfmm.data.writer import DataDirWriter  # noqa: E402
 
@@ -392,12 +397,16 @@ def image_paths(table, column, images_dir, absolute_image_paths, ids=None):
 
 
 def read_image(path, where=None):
-    """The file's bytes; with `where` (for the error), checked to decode as an image."""
+    """The file's bytes; with `where` (for the error), checked to decode as an image of at
+    most `tfmm.data.images.MAX_PIXELS` pixels (before it is decoded)."""
     if path is None:
         return b""
     with open(path, "rb") as f:
         data = f.read()
     if where is not None:
+        too_large = too_many_pixels(data)
+        if too_large:
+            raise ValueError(f"{path} ({where}): {too_large}.")
         try:
             tf.io.decode_image(data, channels=3, expand_animations=False)
         except tf.errors.InvalidArgumentError:

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from tfmm import data, outputs
 from tfmm.data import schema
+from tfmm.data.images import too_many_pixels
 from tfmm.export import latest_version
 from tfmm.index import files, open_index
 from tfmm.serving.events import BadEvent
@@ -86,6 +87,9 @@ class Encoder:
         if not event["image"]:
             raise BadEvent(f"item {event['item_id']}: the encoder embeds images; "
                            "the event has none.")
+        too_large = too_many_pixels(event["image"])
+        if too_large:  # before a decoder allocates them
+            raise BadEvent(f"item {event['item_id']}: {too_large}.")
         try:
             image = tf.io.decode_image(event["image"], channels=3, expand_animations=False)
         except tf.errors.OpError as e:  # pure decoding: any failure is the content's
