@@ -364,22 +364,23 @@ class PretrainJob(jobs.Job):
         self.fallback = fallback
 
     def check(self, dist):
-        self.catalogue = catalogue = Catalogue(self.config.data_dir)
-        self.config, self.source = config, source = choose_source(self.config, catalogue,
-                                                                  self.fallback)
+        catalogue = Catalogue(self.config.data_dir)
+        config, source = choose_source(self.config, catalogue, self.fallback)
         print(f"pre-training: {source}", flush=True)
-        self.present = present = catalogue.present(config.modality)
+        present = catalogue.present(config.modality)
         if not present.all():
             print(f"{(~present).sum()} of {len(present)} items have no "
                   f"{'image' if config.modality == 'image' else 'title'}: not embedded, so not "
                   "in the index (the CTR reader flags their vectors missing).", flush=True)
         keras.utils.set_random_seed(config.seed)
-        self.make_tower = build_tower(config, catalogue)
+        make_tower = build_tower(config, catalogue)
         try:  # before anything is written: a preset may not load
             with dist.scope():
-                self.tower = self.make_tower()
+                tower = make_tower()
         except BackboneError as e:
             raise SettingsError(f"--{e}") from None
+        self.config, self.source, self.catalogue, self.present = config, source, catalogue, present
+        self.make_tower, self.tower = make_tower, tower
 
     def train(self, dist):
         config, catalogue, present, tower = self.config, self.catalogue, self.present, self.tower
@@ -401,10 +402,13 @@ class PretrainJob(jobs.Job):
             # Each epoch's losses, kept across a kill (fit's history has only the resumed epochs).
             record = EpochRecord(os.path.join(config.model_dir, "epochs.json"),
                                  distribute.backup_dir(config.model_dir))
-            dist.fit(model, lambda slices=None, shard=None: training_data(config, catalogue,
-                                                                          slices),
-                     config.epochs, config.model_dir, record, steps=_steps(config, catalogue),
-                     callbacks=queue, verbose=config.verbose, weigh_rows=False)
+
+            def batches(slices=None, shard=None):  # no shard: no parameter servers here
+                return training_data(config, catalogue, slices)
+
+            dist.fit(model, batches, config.epochs, config.model_dir, record,
+                     steps=_steps(config, catalogue), callbacks=queue, verbose=config.verbose,
+                     weigh_rows=False)
             distributed, history = dist.describe(model), record.columns()
         if not dist.is_chief:
             return None
