@@ -71,9 +71,14 @@ def test_both_jobs_refuse_bad_settings_with_one_error_type():
         pretrain.PretrainConfig(data_dir="d", model_dir="m", epochs=-1).validate()
     with pytest.raises(SettingsError, match=r"^--momentum=1.0 must be in \[0, 1\)\.$"):
         pretrain.PretrainConfig(data_dir="d", model_dir="m", momentum=1.0).validate()
+    names = {"batch_size": "pretrain_batch_size", "model_dir": "pretrain_model_dir"}
     error = renamed(SettingsError("--queue_size=100 must be a multiple of --batch_size=32."),
-                    {"batch_size": "pretrain_batch_size"})
+                    names)
     assert str(error) == "--queue_size=100 must be a multiple of --pretrain_batch_size=32."
+    assert str(renamed(SettingsError("--model_dir=m holds a run ...; use a fresh --model_dir."),
+                       names)) == ("--pretrain_model_dir=m holds a run ...; use a fresh "
+                                   "--pretrain_model_dir.")
+    assert str(renamed(SettingsError("--batch_size_x=1"), names)) == "--batch_size_x=1"
 
 
 def test_run_tree_puts_every_output_under_one_root():

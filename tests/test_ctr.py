@@ -335,6 +335,22 @@ def test_cli_on_an_empty_index_pretrains_on_what_the_data_has_and_says_so(tmp_pa
     assert not runs.exists()
 
 
+def test_the_pretraining_into_an_empty_index_is_refused_by_its_own_flags(tiny_dir, tmp_path):
+    from tfmm import pretrain, train
+
+    config = ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "ctr"), model="simtier",
+                           index=str(tmp_path / "index.db"), **SMALL_MODEL)
+    encoder = pretrain.PretrainConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "pretrain"),
+                                      index=config.index, epochs=2, dim=8)
+    # Its directory holds a pre-training of another length: refused before anything runs.
+    jobs.claim_dir(encoder.model_dir, jobs.settings(dataclasses.replace(encoder, epochs=1)))
+    with pytest.raises(ctr.SettingsError, match=re.escape(
+            f"--pretrain_model_dir={tmp_path}/pretrain holds a run with other settings "
+            "(epochs); use a fresh --pretrain_model_dir.")):
+        train.ranker(config, encoder)
+    assert sorted(os.listdir(tmp_path)) == ["pretrain"] and not os.path.exists(config.model_dir)
+
+
 def _error_line(proc):
     """The one line a refused CLI run prints (after TensorFlow's start-up lines)."""
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

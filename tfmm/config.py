@@ -140,12 +140,12 @@ def as_flags(error, names):
 
 
 def renamed(error, names):
-    """`error`'s message with ``--setting=`` as ``--flag=`` for each of `names`
+    """`error` (a SettingsError) with ``--setting`` as ``--flag`` for each of `names`
     (setting -> flag): the flags that set another job's settings."""
-    message = str(error)
-    for setting_name, flag in names.items():
-        message = message.replace(f"--{setting_name}=", f"--{flag}=")
-    return SettingsError(message)
+    if not names:
+        return error
+    pattern = r"--(%s)(?!\w)" % "|".join(map(re.escape, names))
+    return SettingsError(re.sub(pattern, lambda m: f"--{names[m.group(1)]}", str(error)))
 
 
 @dataclasses.dataclass(frozen=True)
