@@ -25,7 +25,8 @@ every epoch, exports it and writes ``<model_dir>/metrics.json``:
 Multimodal methods read item vectors from the index table; `tfmm.train.ranker`
 (``--task=ctr``) first fills an empty or missing table by pre-training the
 encoder on the best source the data has (`tfmm.pretrain.run`'s ``fallback``:
-SCL needs triplets, else the generic objective on the items), named in
+SCL on triplets where the data has them, else image <-> title pairs, click
+pairs mined from the impressions or the generic objective), named in
 ``pretrain_source``. MAKE is pre-trained alone for ``make_epochs`` (0: trained
 jointly with the ranker, from scratch), then frozen or, with
 ``make_trainable``, fine-tuned. A killed run resumes: MAKE's pre-trained
@@ -62,8 +63,8 @@ import tensorflow as tf
 from tfmm import data, distribute, jobs, metrics
 from tfmm.config import SettingsError, check_settings, default_of, setting
 from tfmm.data import schema
-from tfmm.export import export_saved_model
-from tfmm.index import is_empty, open_index, redact
+from tfmm.export import check_export_dir, export_saved_model
+from tfmm.index import IndexUnavailable, is_empty, local_index, open_index, redact
 from tfmm.layers import MAKEBlock
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.optimizers import DenseGradientAdam
@@ -155,6 +156,11 @@ class CTRConfig:
                 raise SettingsError("--optimizer=dense_adam cannot run with "
                                     "--strategy=parameter_server: it makes every table's whole "
                                     "gradient on a worker; use adam, adagrad or sgd.")
+        if self.export_dir:  # before anything runs: a base of user files is refused
+            try:
+                check_export_dir(self.export_dir, (self.data_dir, local_index(self.index)))
+            except ValueError as e:
+                raise SettingsError(str(e)) from None
         if self.refresh_vectors and self.model == "id":
             raise SettingsError("--refresh_vectors needs a multimodal --model; id reads no "
                                 "vectors.")
@@ -259,7 +265,7 @@ def index_empty(config, dist):
     calls it)."""
     try:
         return bool(dist.chief_value(int(is_empty(config.index))))
-    except ValueError as e:  # a corrupt index file
+    except (ValueError, OSError, IndexUnavailable) as e:  # a corrupt file, a server down
         raise SettingsError(f"--index: {e}") from None
 
 

@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmm import parameter_server
+from tfmm.callbacks import BackupAndRestore
 
 STRATEGIES = ("none", "mirrored", "multi_worker", "parameter_server")
 _strategies = {}
@@ -391,7 +392,7 @@ class Distribution:
             callbacks: Keras callbacks every worker runs (that change the training).
         """
         model.fit(batches(), epochs=epochs, steps_per_epoch=steps, shuffle=False,
-                  callbacks=[record, keras.callbacks.BackupAndRestore(backup_dir(directory)),
+                  callbacks=[record, BackupAndRestore(backup_dir(directory)),
                              _logs(directory), *callbacks], verbose=verbose)
 
     def predict(self, model, batches):

@@ -8,8 +8,10 @@
 reads item vectors from ``--index``, running the pre-training first
 (the pre-training flags, with ``--pretrain_*`` for its epochs, batch size,
 learning rate and directories) when the index is empty, on the best source
-the data directory has: SCL on its triplets, else the generic objective on
-the item images (or titles, where no item has an image), and says which
+the data directory has: SCL on its triplets, else image <-> title pairs
+(items with both), else SCL on click pairs mined from its training
+impressions, else the generic objective (`tfmm.pretrain.choose_source`), and
+says which
 (``pretrain_source`` in metrics.json); pre-trains MAKE for
 ``--make_epochs`` when the model has it; trains, evaluates after each epoch,
 writes ``<model_dir>/metrics.json`` and exports the ranker under
@@ -155,7 +157,10 @@ def data_dir():
         raise SettingsError(f"--data_dir={path} " + (
             "holds no tfmm data (no metadata.json)" if os.path.isdir(path) else "does not exist")
             + "; give --world to generate a synthetic world there.")
-    return ensure_world(path, FLAGS.world)
+    try:
+        return ensure_world(path, FLAGS.world)
+    except (ValueError, OSError) as e:  # a directory of user files, a full disk
+        raise SettingsError(str(e)) from None
 
 
 def _config(cls, renames=None, **fixed):

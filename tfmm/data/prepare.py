@@ -65,9 +65,10 @@ one of two sources:
   in file order), kept when both are in the same split (training pairs from
   training clicks only, test pairs from test clicks only), are of two
   different items and, with ``--pair_max_gap``, at most that many timestamp
-  units apart. The query is the first item's content (its image as
-  ``query_image``, its title as ``query_text``; empty where it has none), the
-  positive the second item. Such pairs mostly tell which categories go
+  units apart. The query is the first item, written as its id
+  (``query_item_id``; pre-training reads its image and title from the
+  catalogue, so no image is copied into each pair), the positive the second
+  item. Such pairs mostly tell which categories go
   together; ``tfmm.train`` pre-trains on them with ``--center_vectors`` (its
   default for such a data dir), without which the vectors all lie in a cone
   too narrow for SimTier's tiers.
@@ -92,7 +93,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("impressions", None, "Impression log: CSV or Parquet.")
 flags.DEFINE_string("items", None, "Item content: CSV or Parquet.")
 flags.DEFINE_string("images_dir", None, "Directory of item images.")
-flags.DEFINE_string("out_dir", None, "Directory to write (replaced atomically).")
+flags.DEFINE_string("out_dir", None, "Directory to write (replaced atomically; one that is "
+                    "or holds an input, or holds files tfmm did not write, is refused).")
 flags.DEFINE_integer("max_history", 50, "Longest history kept (the most recent).")
 flags.DEFINE_float("test_fraction", 0.1, "Latest fraction of impressions used for test.")
 flags.DEFINE_integer("split_timestamp", None, "Impressions at or after it are test "
@@ -126,6 +128,7 @@ import tensorflow as tf  # noqa: E402
 from tfmm import _startup  # noqa: E402
 from tfmm.data import schema  # noqa: E402
 from tfmm.data.history import history_ranges  # noqa: E402
+from tfmm.data.pairs import hard_negatives  # noqa: E402
 from tfmm.data.writer import DataDirWriter  # noqa: E402
 
 IMPRESSION_COLUMNS = ("user_id", "item_id", "label", "timestamp")
@@ -135,6 +138,7 @@ HISTORY = ("history_item_ids", "history_category_ids", "history_timestamps")
 
 READ_BLOCK = 4 << 20  # bytes of CSV parsed at once
 RECORDS_PER_CHUNK = 4096  # records serialised at once (their temporaries: ~30 MB)
+IMAGE_BYTES_PER_CHUNK = 16 << 20  # and at most about this many bytes of image files
 _ID = pa.dictionary(pa.int32(), pa.string())
 
 
@@ -464,10 +468,21 @@ def impression_features(user_id, item_id, category_id, timestamp, label, is_new_
             "int_lists": dict(zip(HISTORY, history))}
 
 
+def image_chunks(rows, paths):
+    """`rows` in runs of at most RECORDS_PER_CHUNK whose image files (`paths` by row, None:
+    none) hold about IMAGE_BYTES_PER_CHUNK at most: what is serialised at once."""
+    ends = np.cumsum([0 if paths[i] is None else os.path.getsize(paths[i]) for i in rows])
+    a = 0
+    while a < len(rows):
+        fits = np.searchsorted(ends, (ends[a - 1] if a else 0) + IMAGE_BYTES_PER_CHUNK, "right")
+        b = min(a + RECORDS_PER_CHUNK, max(a + 1, int(fits)))
+        yield rows[a:b]
+        a = b
+
+
 def item_records(items, ids, item_vocab, categories, images, titles):
     dense = lookup(item_vocab, ids)
-    for a in range(0, len(ids), RECORDS_PER_CHUNK):
-        rows = range(a, min(a + RECORDS_PER_CHUNK, len(ids)))
+    for rows in image_chunks(range(len(ids)), images):
         yield from schema.examples(**item_features(
             dense[rows], categories[rows],
             [item_image(ids[i], images[i], items.row(i)) for i in rows],
@@ -524,11 +539,12 @@ def write_vocabulary(path, vocab):
 
 
 def metadata(impressions_path, items_path, images_dir, pairs, vocab_sizes, max_history, side,
-             cut, test_oov_users, unknown_items, duplicates, drop_duplicates, missing_images,
+             cut, oov_users, unknown_items, duplicates, drop_duplicates, missing_images,
              missing_titles, pair_meta=None):
     """metadata.json of a prepared directory, less what DataDirWriter adds;
     `vocab_sizes` counts the raw values of "items", "users", "categories" and
-    of each side column."""
+    of each side column; `oov_users` is (test users not in training, their test
+    impressions); `unknown_items` impressions of items missing from the items."""
     return {
         "source": "prepared",
         "inputs": {"impressions": os.path.abspath(impressions_path),
@@ -539,11 +555,26 @@ def metadata(impressions_path, items_path, images_dir, pairs, vocab_sizes, max_h
         "image_size": None,
         "side_features": side,
         "split_timestamp": int(cut),
-        "oov": {"test_users": int(test_oov_users), "unknown_items": int(unknown_items)},
+        "oov": {"test_users": int(oov_users[0]), "test_user_impressions": int(oov_users[1]),
+                "unknown_item_impressions": int(unknown_items)},
         "duplicates": {"impressions": int(duplicates), "dropped": drop_duplicates},
         "missing": {"images": int(missing_images), "titles": int(missing_titles)},
         **({"pairs": pair_meta} if pair_meta is not None else {}),
     }
+
+
+def oov_users(codes, dense_of_code):
+    """(distinct users, impressions) among the raw user `codes` of test impressions whose
+    user is out of the training vocabulary."""
+    oov = dense_of_code[codes] == schema.OOV_ID
+    return len(np.unique(codes[oov])), int(oov.sum())
+
+
+def oov_line(oov):
+    """The output line's words for metadata's "oov"."""
+    return (f"{oov['test_users']} test users not in training ({oov['test_user_impressions']} "
+            f"test impressions, user id 1), {oov['unknown_item_impressions']} impressions of "
+            "items not in --items (item id 1)")
 
 
 def first_test(n, test_fraction):
@@ -634,24 +665,6 @@ def click_pairs(user, item, timestamp, label, is_test, window, max_gap):
     return first[order], second[order]
 
 
-def hard_negatives(positive, category_of, rng):
-    """For each dense id in `positive`, a random other item of its category (of
-    every item when its category has no other). `category_of` is indexed by
-    dense id; the catalogue is ids FIRST_ID.. and must hold two items."""
-    ids = np.arange(schema.FIRST_ID, len(category_of))
-    members = ids[np.argsort(category_of[ids], kind="stable")]  # items grouped by category
-    rank = np.empty(len(category_of), np.int64)
-    rank[members] = np.arange(len(members))
-    grouped = category_of[members]
-    start = np.searchsorted(grouped, category_of[positive], "left")
-    size = np.searchsorted(grouped, category_of[positive], "right") - start
-    alone = size == 1
-    start, size = np.where(alone, 0, start), np.where(alone, len(members), size)
-    draw = rng.integers(0, size - 1)
-    draw += draw >= rank[positive] - start  # skip the positive itself
-    return members[start + draw]
-
-
 def check_options(max_history, test_fraction, split_timestamp, pairs, pairs_from, pair_window,
                   pair_max_gap):
     if max_history < 1:
@@ -675,6 +688,7 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
     """Writes the data directory; returns its metadata."""
     check_options(max_history, test_fraction, split_timestamp, pairs, pairs_from, pair_window,
                   pair_max_gap)
+    writer = DataDirWriter(out_dir, inputs=(impressions_path, items_path, images_dir, pairs))
     items, item_ids, raw_categories, titles, images = read_catalogue(
         items_path, images_dir, absolute_image_paths)
     item_vocab = vocabulary(item_ids)
@@ -734,6 +748,7 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
         (query_image, query_text, positive, negative, pair_test, where,
          pair_meta) = file_pairs(pairs, items_path, item_vocab, images_dir, absolute_image_paths,
                                  unknown_items, cut, test_fraction)
+        query_item = np.full(len(positive), schema.PAD_ID, np.int64)  # queries of their own
     elif pairs_from:
         first, second = click_pairs(user_codes, item, timestamp, label, is_test, pair_window,
                                     pair_max_gap)
@@ -742,11 +757,10 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
             raise ValueError(f"--pairs_from=clicks: no {'train' if pair_test.all() else 'test'} "
                              "pairs (no user clicks two items in that split within "
                              "--pair_window and --pair_max_gap).")
-        # The query is the first item's content; its image was checked with the items.
-        item_row = np.zeros(len(category_of), np.int64)
-        item_row[item_dense] = np.arange(len(item_dense))
-        query_image, query_text = images[item_row[item[first]]], titles[item_row[item[first]]]
-        positive, where = item[second], np.full(len(first), None)
+        # The query is the first item, by id: its content is in the catalogue, once.
+        query_item, positive = item[first], item[second]
+        query_image, query_text = np.full(len(first), None), np.full(len(first), "", object)
+        where = query_image
         negative = np.full(len(second), schema.PAD_ID, np.int64)
         pair_meta = {"source": "clicks", "window": pair_window, "max_gap": pair_max_gap}
     if pairs or pairs_from:
@@ -759,10 +773,10 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
                          mined_negatives=int(mine.sum()), seed=seed)
 
     def triplets(rows):
-        for a in range(0, len(rows), RECORDS_PER_CHUNK):
-            chunk = rows[a:a + RECORDS_PER_CHUNK]
+        for chunk in image_chunks(rows, query_image):
             yield from schema.examples(
-                ints={"positive_item_id": positive[chunk], "negative_item_id": negative[chunk]},
+                ints={"positive_item_id": positive[chunk], "negative_item_id": negative[chunk],
+                      schema.QUERY_ITEM: query_item[chunk]},
                 strings={"query_image": [read_image(query_image[i], where[i]) for i in chunk],
                          "query_text": [query_text[i].encode() for i in chunk]})
 
@@ -780,7 +794,7 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
                 {c: side_of_code[c][side_codes[c][0][chunk]] for c in side},
                 [(v, start[chunk], end[chunk]) for v in history]))
 
-    with DataDirWriter(out_dir) as w:
+    with writer as w:
         w.write("impressions/train", records(train_rows), len(train_rows))
         w.write("impressions/test", records(test_rows), len(test_rows))
         w.write("items", item_records(items, item_ids, item_vocab, item_category, images,
@@ -798,8 +812,8 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
                  "categories": len(category_vocab), **{c: len(side_vocab[c]) for c in side}}
         w.finish(metadata(
             impressions_path, items_path, images_dir, pairs, sizes, max_history, side, cut,
-            (user_of_code[user_codes[test_rows]] == schema.OOV_ID).sum(),
-            (item == schema.OOV_ID).sum(), duplicate.sum(), drop_duplicates,
+            oov_users(user_codes[test_rows], user_of_code), (item == schema.OOV_ID).sum(),
+            duplicate.sum(), drop_duplicates,
             (images == None).sum(), (titles == "").sum(),  # noqa: E711 (elementwise)
             pair_meta if pairs or pairs_from else None))
     return schema.read_metadata(out_dir)
@@ -833,7 +847,8 @@ def main(argv):
                    FLAGS.seed)
     except (ValueError, OSError) as e:  # bad input: one line naming the file, not a trace
         sys.exit(str(e))
-    print(f"wrote {FLAGS.out_dir}: {meta['counts']}, vocab {meta['vocab']}, oov {meta['oov']}, "
+    print(f"wrote {FLAGS.out_dir}: {meta['counts']}, vocab {meta['vocab']}, "
+          f"out of vocabulary: {oov_line(meta['oov'])}, "
           f"duplicates {meta['duplicates']}, items without {meta['missing']}"
           + (f", pairs {meta['pairs']}" if "pairs" in meta else ""))
     if meta["duplicates"]["impressions"] and not FLAGS.drop_duplicates:
