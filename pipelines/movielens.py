@@ -112,8 +112,9 @@ flags.DEFINE_integer("pretrain_batch_size", pretrain.PretrainConfig.batch_size,
 flags.DEFINE_integer("queue_size", pretrain.PretrainConfig.queue_size, "SCL's MoCo queue "
                      "(0: in-batch negatives only); a multiple of --pretrain_batch_size.")
 flags.DEFINE_integer("image_size", pretrain.PretrainConfig.image_size, "Image tower input size.")
-flags.DEFINE_bool("center_vectors", True, "Centre the encoder's vectors (pre-training's "
-                  "--center_vectors: click pairs leave them in a narrow cone, BUILD.md).")
+flags.DEFINE_bool("center_vectors", None, "Centre the encoder's vectors (pre-training's "
+                  "--center_vectors; default: the library's, on for these click pairs, which "
+                  "leave them in a narrow cone, BUILD.md).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Ranker seeds.")
 flags.DEFINE_list("methods", ["id", "simtier", "simtier_make"], "Rankers, id first (any of "
                   "tfmm.ctr's models).")

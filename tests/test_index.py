@@ -305,11 +305,11 @@ def test_a_malformed_redis_url_is_refused_without_any_of_its_password(spec, show
 
 
 def test_a_password_in_the_index_url_stays_out_of_settings_files():
-    from tfmm import ctr
+    from tfmm import ctr, jobs
 
     config = ctr.CTRConfig(data_dir="d", model_dir="m", index="redis://:s3cret@h:1/0")
-    assert ctr.config_json(config)["index"] == "redis://:***@h:1/0"
-    assert "s3cret" not in json.dumps(ctr._settings(config))
+    assert jobs.config_json(config)["index"] == "redis://:***@h:1/0"
+    assert "s3cret" not in json.dumps(jobs.settings(config))
 
 
 @pytest.mark.slow

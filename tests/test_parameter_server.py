@@ -154,6 +154,9 @@ def test_ctr_job_on_parameter_servers_resumes_and_exports_one_ranker(tiny_dir, t
             proc.kill()
             proc.wait()
     assert "Epoch 1/3" not in log and "Epoch 2/3" in log
+    # An epoch is as many steps as one pass over the training days has batches.
+    steps = -(-schema.read_metadata(tiny_dir)["counts"]["impressions/train"] // 64)
+    assert log.count(f"{steps}/{steps} - ") == 2, log[-3000:]
     with open(out / "metrics.json") as f:
         result = json.load(f)
     assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3]
