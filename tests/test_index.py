@@ -436,7 +436,7 @@ def prepared(tmp_path_factory):
     """A data directory prepared from logs with string item ids (vocab/items.txt)."""
     import csv
 
-    from tfmm.data.prepare import prepare
+    from tfmm.data.prepare import PrepareOptions, prepare
 
     root = tmp_path_factory.mktemp("own")
     with open(root / "log.csv", "w", newline="", encoding="utf-8") as f:
@@ -444,7 +444,7 @@ def prepared(tmp_path_factory):
             (f"u{t % 3}", RAW_ITEMS[t % 4], t % 2, t) for t in range(12)])
     with open(root / "items.csv", "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([("item_id",)] + [(i,) for i in RAW_ITEMS])
-    prepare(str(root / "log.csv"), str(root / "items.csv"), str(root / "data"))
+    prepare(PrepareOptions(str(root / "log.csv"), str(root / "items.csv"), str(root / "data")))
     return str(root / "data")
 
 

@@ -1,0 +1,136 @@
+"""What every command-line tool shares (``python -m tfmm...``, ``pipelines.*``, ``benchmarks.*``).
+
+A tool defines its flags only when it runs as the program, so importing it
+(or any tfmm module) defines none; its ``main`` calls library functions with
+typed options::
+
+    from absl import flags
+    from tfmm import cli
+
+    def define_flags():
+        cli.define_data_flags("The catalogue (default data/<world>).")
+        flags.DEFINE_integer("top_k", 5, "Candidates printed.")
+
+    def main(argv):
+        data_dir = cli.data_dir()  # the --world/--data_dir rule
+        ...
+
+    if __name__ == "__main__":
+        define_flags()
+        cli.run(main)
+
+`run` adds ``--verbose``, refuses stray arguments, hides INFO logs and prints
+the library's usage error (`tfmm.config.SettingsError`) as one line.
+"""
+
+import importlib
+import os
+import sys
+
+from absl import app, flags
+
+from tfmm import _startup
+from tfmm.config import SettingsError
+from tfmm.data import world as world_lib
+
+FLAGS = flags.FLAGS
+
+# Optional extras of setup.py a flag may need: extra -> (module, what it is).
+EXTRAS = {"beam": ("apache_beam", "Apache Beam")}
+
+
+def fail(message):
+    """Ends the run with one line on stderr (no traceback, no flag help), exit status 1."""
+    sys.exit(message)
+
+
+def run(main, positional=False, errors=()):
+    """Runs ``main(argv)`` as the program once absl has parsed the flags.
+
+    Adds ``--verbose`` (`tfmm._startup`); hides INFO logs unless ``--verbose``
+    or ``--verbosity``; refuses positional arguments unless `positional`;
+    ends the run with one line for a `SettingsError` or any of `errors`
+    (e.g. ``(ValueError, OSError)`` where the library names the bad file).
+    """
+    if "verbose" not in FLAGS:
+        flags.DEFINE_bool("verbose", False, "Show TensorFlow's C++ log lines (start-up notices, "
+                          "INFO, failed cuInit) and INFO logs, hidden by default.")
+
+    def program(argv):
+        if len(argv) > 1 and not positional:
+            fail(f"unexpected arguments: {argv[1:]}")
+        _startup.quiet_logging()
+        try:
+            return main(argv)
+        except (SettingsError, *errors) as e:
+            fail(str(e))
+
+    app.run(program)
+
+
+def define_data_flags(data_dir_help="tfmm data directory (default data/<world>).",
+                      generates=True):
+    """``--world`` and ``--data_dir``, read by `data_dir`; `generates`: the tool
+    generates a missing world (else ``--world`` only names the default directory)."""
+    flags.DEFINE_enum("world", "small", list(world_lib.PRESETS),
+                      "Synthetic world generated into data/<world>, or into --data_dir when "
+                      "--world is given, when it holds no data." if generates else
+                      "Synthetic world of the default --data_dir, data/<world> (as tfmm.train's "
+                      "--world).")
+    flags.DEFINE_string("data_dir", None, data_dir_help)
+
+
+def data_dir(generate=True):
+    """The data directory of ``--data_dir`` (default ``data/<world>``).
+
+    One that holds no data (no ``metadata.json``) is generated from ``--world``
+    when it is the default or ``--world`` is given (on the command line or in a
+    flagfile), and `generate`; another ``--data_dir`` without data is refused,
+    so that a mistyped path runs on nothing or on a new world.
+    """
+    default = os.path.join("data", FLAGS.world)
+    path = FLAGS.data_dir or default
+    if os.path.exists(os.path.join(path, "metadata.json")):
+        return path
+    if not FLAGS["world"].present and os.path.normpath(path) != default:
+        fail(f"--data_dir={path} " + ("holds no tfmm data (no metadata.json)"
+                                       if os.path.isdir(path) else "does not exist")
+             + ("; give --world to generate a synthetic world there." if generate else "."))
+    if not generate:
+        return path  # the tool names what is missing
+    from tfmm.data.synthetic import ensure_world  # TensorFlow: only when generating
+
+    return ensure_world(path, FLAGS.world)
+
+
+def runs(data_dir, *parts):
+    """Default output paths: ``runs/<data directory's name>/...``, one tree per dataset."""
+    return os.path.join("runs", os.path.basename(os.path.normpath(data_dir)), *parts)
+
+
+def define_runner_flag():
+    """``--runner``: the tool as an Apache Beam pipeline (`require_extra`, `pipeline_options`)."""
+    flags.DEFINE_string("runner", None, "Run as an Apache Beam pipeline on this runner "
+                        "(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...); its "
+                        "pipeline options follow a `--`. Default: in this process, without Beam.")
+
+
+def pipeline_options(argv):
+    """The runner's pipeline options: the arguments after ``--``, refused without ``--runner``.
+    For a tool run with ``positional=True``."""
+    if len(argv) > 1 and not FLAGS.runner:
+        fail(f"unexpected arguments: {argv[1:]} (pipeline options need --runner)")
+    return tuple(argv[1:])
+
+
+def require_extra(extra, flag):
+    """Imports the module of the optional `extra` (a key of `EXTRAS`); when it is not
+    installed, refuses the run with one line naming `flag` (``--runner=X``) and the
+    install command."""
+    module, name = EXTRAS[extra]
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        if (e.name or module).partition(".")[0] != module:
+            raise  # the extra is there; something it needs is broken
+        fail(f"{flag} needs {name}, an extra of tfmm: pip install -e \".[{extra}]\"")
