@@ -451,7 +451,7 @@ def prepared(tmp_path_factory):
 def _dense(data_dir):
     from tfmm.data import schema
 
-    return schema.item_dense_ids(data_dir)
+    return schema.dense_ids(data_dir)
 
 
 def _write(path, raw_ids, vectors, form):
