@@ -31,7 +31,6 @@ from absl import app, flags
 
 from tfmm import _startup
 from tfmm.config import SettingsError
-from tfmm.data import world as world_lib
 
 FLAGS = flags.FLAGS
 
@@ -69,18 +68,21 @@ def run(main, positional=False, errors=()):
 
 
 def define_data_flags(data_dir_help="tfmm data directory (default data/<world>).",
-                      generates=True):
-    """``--world`` and ``--data_dir``, read by `data_dir`; `generates`: the tool
-    generates a missing world (else ``--world`` only names the default directory)."""
-    flags.DEFINE_enum("world", "small", list(world_lib.PRESETS),
+                      generates=True, flag_values=FLAGS):
+    """``--world`` (a preset of `tfmm.data.world.PRESETS`) and ``--data_dir``, read by
+    `data_dir`; `generates`: the tool generates a missing world (else ``--world`` only
+    names the default directory)."""
+    from tfmm.data import world  # TensorFlow (tfmm.data's readers): only where it is a flag
+
+    flags.DEFINE_enum("world", "small", list(world.PRESETS),
                       "Synthetic world generated into data/<world>, or into --data_dir when "
                       "--world is given, when it holds no data." if generates else
                       "Synthetic world of the default --data_dir, data/<world> (as tfmm.train's "
-                      "--world).")
-    flags.DEFINE_string("data_dir", None, data_dir_help)
+                      "--world).", flag_values=flag_values)
+    flags.DEFINE_string("data_dir", None, data_dir_help, flag_values=flag_values)
 
 
-def data_dir(generate=True):
+def data_dir(generate=True, flag_values=FLAGS):
     """The data directory of ``--data_dir`` (default ``data/<world>``).
 
     One that holds no data (no ``metadata.json``) is generated from ``--world``
@@ -88,19 +90,20 @@ def data_dir(generate=True):
     flagfile), and `generate`; another ``--data_dir`` without data is refused,
     so that a mistyped path runs on nothing or on a new world.
     """
-    default = os.path.join("data", FLAGS.world)
-    path = FLAGS.data_dir or default
+    world = flag_values["world"]
+    default = os.path.join("data", world.value)
+    path = flag_values["data_dir"].value or default
     if os.path.exists(os.path.join(path, "metadata.json")):
         return path
-    if not FLAGS["world"].present and os.path.normpath(path) != default:
+    if not world.present and os.path.normpath(path) != default:
         fail(f"--data_dir={path} " + ("holds no tfmm data (no metadata.json)"
                                        if os.path.isdir(path) else "does not exist")
              + ("; give --world to generate a synthetic world there." if generate else "."))
     if not generate:
         return path  # the tool names what is missing
-    from tfmm.data.synthetic import ensure_world  # TensorFlow: only when generating
+    from tfmm.data.synthetic import ensure_world
 
-    return ensure_world(path, FLAGS.world)
+    return ensure_world(path, world.value)
 
 
 def runs(data_dir, *parts):
@@ -108,17 +111,18 @@ def runs(data_dir, *parts):
     return os.path.join("runs", os.path.basename(os.path.normpath(data_dir)), *parts)
 
 
-def define_runner_flag():
+def define_runner_flag(flag_values=FLAGS):
     """``--runner``: the tool as an Apache Beam pipeline (`require_extra`, `pipeline_options`)."""
     flags.DEFINE_string("runner", None, "Run as an Apache Beam pipeline on this runner "
                         "(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...); its "
-                        "pipeline options follow a `--`. Default: in this process, without Beam.")
+                        "pipeline options follow a `--`. Default: in this process, without Beam.",
+                        flag_values=flag_values)
 
 
-def pipeline_options(argv):
+def pipeline_options(argv, flag_values=FLAGS):
     """The runner's pipeline options: the arguments after ``--``, refused without ``--runner``.
     For a tool run with ``positional=True``."""
-    if len(argv) > 1 and not FLAGS.runner:
+    if len(argv) > 1 and not flag_values["runner"].value:
         fail(f"unexpected arguments: {argv[1:]} (pipeline options need --runner)")
     return tuple(argv[1:])
 
