@@ -27,8 +27,8 @@ import weakref
 
 import numpy as np
 import tensorflow as tf
-from absl import app
 
+from tfmm import cli
 from tfmm.keras_compat import LEGACY, keras
 from tfmm.layers import ShardedEmbedding
 
@@ -210,4 +210,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
