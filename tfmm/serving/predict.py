@@ -21,7 +21,6 @@ no vocabulary: its ids are the dense ids. The library's `Predictor` takes dense
 ids; `tfmm.data.schema.dense_ids` and `raw_ids` convert.
 """
 
-import sys
 import time
 
 import numpy as np
