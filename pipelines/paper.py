@@ -25,8 +25,9 @@ import time
 
 from absl import flags
 
-from pipelines.runs import NAMES, Runs, frequency_gains, line_plot, method_table, write_report
-from tfmm import cli, ctr, pretrain
+from pipelines.runs import (NAMES, Runs, frequency_gains, line_plot, method_table, pipeline_dir,
+                            write_report)
+from tfmm import cli, ctr, outputs, pretrain
 from tfmm.data import world as world_lib
 from tfmm.data.synthetic import write_world
 
@@ -87,9 +88,13 @@ def main(argv):
     if unknown or not {"id", "simtier_make"} <= set(FLAGS.methods):
         cli.fail(f"--methods={','.join(FLAGS.methods)}: want some of {list(NAMES)}, id and "
                  "simtier_make among them.")
-    data_dir = cli.data_dir()
     out = FLAGS.out_dir
-    os.makedirs(out, exist_ok=True)
+    try:  # a folder of user files: refused before a world is made
+        outputs.check_output_dir(out, "out_dir", owned=pipeline_dir)
+    except ValueError as e:
+        cli.fail(str(e))
+    data_dir = cli.data_dir()
+    outputs.claim_dir(out, "out_dir", owned=pipeline_dir, command="pipelines.paper")
     seeds = [int(s) for s in FLAGS.seeds]
     runs = Runs(FLAGS.runs_dir, FLAGS.batch_size, FLAGS.make_epochs, FLAGS.make_target_in_mlp,
                 pretrain_settings={"momentum": 0.99})

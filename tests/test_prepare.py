@@ -4,6 +4,7 @@ import csv
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,7 +79,8 @@ def test_histories_split_and_vocabularies(inputs):
                                   test_fraction=0.25))
     assert meta["counts"] == {"impressions/train": 9, "impressions/test": 3, "items": 4}
     assert meta["split_timestamp"] == 170 and meta["side_features"] == ["device"]
-    assert meta["oov"] == {"test_users": 1, "unknown_items": 0}
+    assert meta["oov"] == {"test_users": 1, "test_user_impressions": 1,  # carol, once
+                           "unknown_item_impressions": 0}
     users, item_names, devices = vocab(out, "users"), vocab(out, "items"), vocab(out, "side-device")
     assert sorted(users.values()) == ["alice", "bob"]
 
@@ -312,7 +314,7 @@ def test_unknown_items_can_map_to_oov(inputs):
     tmp, _, items, _ = inputs
     log, _ = _bad_inputs(tmp, "unknown item")
     meta = prepare(PrepareOptions(log, items, str(tmp / "out"), unknown_items="oov"))
-    assert meta["oov"]["unknown_items"] == 1
+    assert meta["oov"]["unknown_item_impressions"] == 1
     f, _ = read_split(str(tmp / "out"), "train")
     assert (f["item_id"] == schema.OOV_ID).sum() == 1
 
@@ -328,6 +330,8 @@ def test_cli_reports_bad_input_in_one_line_and_keeps_old_output(inputs):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "duplicates {'dropped': False, 'impressions': 2}" in proc.stdout
+    assert ("out of vocabulary: 0 test users not in training (0 test impressions, user id 1), "
+            "0 impressions of items not in --items (item id 1)") in proc.stdout  # bob at 190
     assert "2 impressions repeat an earlier one in every column; kept (--drop_duplicates " \
            "drops them)." in proc.stdout
     before = json.loads((out / "metadata.json").read_text())
@@ -341,6 +345,30 @@ def test_cli_reports_bad_input_in_one_line_and_keeps_old_output(inputs):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"{log}: row 7, column 'timestamp': '{10**30}' is outside the int64 range.")
     assert json.loads((out / "metadata.json").read_text()) == before
+
+    # A full disk: the process may write 2 KB (its writes past that fail with EFBIG).
+    write_csv(log, ["user_id", "item_id", "label", "timestamp", "device"], LOG)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
+                          preexec_fn=_disk_limit(2048))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.fullmatch(
+        rf"{out}: cannot write (impressions/train|impressions/test|items) \(File too large\); "
+        rf"{out} is left as it was\.", proc.stderr.strip().splitlines()[-1]), proc.stderr
+    assert json.loads((out / "metadata.json").read_text()) == before
+    assert sorted(os.listdir(tmp)) == sorted(["impressions.csv", "items.csv", "images", "out"])
+
+
+def _disk_limit(size):
+    """preexec_fn of a process whose files cannot grow past `size` bytes: its writes fail
+    with EFBIG, as on a full disk (SIGXFSZ ignored, so the write returns the error)."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return limit
 
 
 def write_parquet(path, columns, compression="snappy"):
@@ -454,6 +482,36 @@ def test_pairs_file_split_by_time_with_given_or_mined_negatives(inputs):
     assert [t[2] for t in read_triplets(str(tmp / "out"), "test")[0]] == ["i4"]
 
 
+def test_records_with_images_are_serialised_in_runs_of_bounded_bytes(inputs, monkeypatch):
+    from tfmm.data import tables as module
+
+    tmp, log, items, images = inputs
+    sizes = [10, 20, 30, None, 5, 50, 1]
+    paths = []
+    for k, size in enumerate(sizes):
+        paths.append(None if size is None else str(tmp / f"f{k}"))
+        if size is not None:
+            (tmp / f"f{k}").write_bytes(b"x" * size)
+    monkeypatch.setattr(module, "IMAGE_BYTES_PER_CHUNK", 30)
+    # Up to 30 bytes of files a run; a file alone past it is a run of its own.
+    assert [list(r) for r in module.image_chunks(range(7), paths)] == [
+        [0, 1], [2, 3], [4], [5], [6]]
+    monkeypatch.setattr(module, "RECORDS_PER_CHUNK", 1)
+    assert [list(r) for r in module.image_chunks(np.array([3, 4]), paths)] == [[3], [4]]
+
+    # The catalogue and pairs with query photos are the same records in runs of any size.
+    (tmp / "images" / "q.png").write_bytes((tmp / "images" / "i1.png").read_bytes())
+    pairs = write_csv(tmp / "pairs.csv", ["query_image", "item_id", "timestamp"],
+                      [("q.png", "i2", 100), ("i3.png", "i1", 120), ("q.png", "i4", 195)])
+    monkeypatch.setattr(module, "IMAGE_BYTES_PER_CHUNK", 1)  # one image a run
+    prepare(PrepareOptions(log, items, str(tmp / "small-runs"), images_dir=images, pairs=pairs))
+    monkeypatch.undo()
+    prepare(PrepareOptions(log, items, str(tmp / "out"), images_dir=images, pairs=pairs))
+    for table in ("items", "pretrain-train", "pretrain-test"):
+        assert filecmp.cmp(tmp / "out" / f"{table}.tfrecord",
+                           tmp / "small-runs" / f"{table}.tfrecord", shallow=False), table
+
+
 @pytest.mark.parametrize("rows, message", [
     ([("mug", "i1", "i1")], r"pairs.csv: row 2, column 'negative_item_id': 'i1' is the pair's "
                             r"own item_id"),
@@ -506,17 +564,15 @@ def test_pairs_from_clicks_stay_within_their_split(inputs, window, max_gap, trai
     assert meta["pairs"] == {"source": "clicks", "window": window, "max_gap": max_gap,
                              "train": len(train), "test": len(test),
                              "mined_negatives": len(train) + len(test), "seed": 0}
-    titles = {i: t for i, _, t in ITEMS}
-    catalogue = next(iter(data.items(out, batch_size=10)))
-    image_of = dict(zip([vocab(out, "items")[i] for i in catalogue["item_id"].numpy()],
-                        catalogue["image"].numpy()))
+    names = vocab(out, "items")
     other = {"i1": "i2", "i2": "i1", "i3": "i4", "i4": "i3"}  # the same category's other item
     for split, expected in (("train", train), ("test", test)):
-        got, query_images = read_triplets(out, split)
-        # the query is the first item's content, the negative from the positive's category
-        assert got == [(titles[a], True, b, other[b]) for a, b in expected]
-        for (a, _), image in zip(expected, query_images):
-            np.testing.assert_array_equal(image, image_of[a])
+        # the query is the first item, by id: no image or title of its own (pre-training
+        # reads the catalogue's); the negative from the positive's category
+        got = [(names[r["query_item_id"]], r["query_image"], r["query_text"],
+                names[r["positive_item_id"]], names[r["negative_item_id"]])
+               for r in records(out, f"pretrain/{split}")]
+        assert got == [(a, b"", b"", b, other[b]) for a, b in expected]
 
 
 @pytest.mark.slow
@@ -607,8 +663,12 @@ def test_records_and_vocabularies_equal_a_row_by_row_reference(tmp_path, drop_du
     assert parsed(out, "impressions/test") == test
     for name, raw in vocabs.items():
         assert list(vocab(out, name).values()) == raw, name
-    assert meta["oov"]["test_users"] == sum(r["user_id"] == [schema.OOV_ID] for r in test) > 0
-    assert meta["oov"]["unknown_items"] == sum(
+    # Users and their impressions, each counted as what it is: 3 users, many impressions.
+    unseen = {r[0] for r in log if r[3] >= 150} - {r[0] for r in log if r[3] < 150}
+    assert meta["oov"]["test_users"] == len(unseen) == 3
+    assert meta["oov"]["test_user_impressions"] == sum(
+        r["user_id"] == [schema.OOV_ID] for r in test) > 3
+    assert meta["oov"]["unknown_item_impressions"] == sum(
         r["item_id"] == [schema.OOV_ID] for r in train + test) > 0
     assert meta["duplicates"]["impressions"] == len(log) - len(set(log)) > 0
 
@@ -629,11 +689,11 @@ def test_pairs_from_clicks_equal_a_row_by_row_reference(tmp_path):
     pairs = sorted((b[1], b[2], a[2]) for a, b in zip(clicks, clicks[1:])
                    if a[0] == b[0] and (a[1] >= 70) == (b[1] >= 70)
                    and log[a[2]][1] != log[b[2]][1])
-    names, title = vocab(out, "items"), {i: t for i, _, t in items}
-    category = {i: c for i, c, _ in items}
+    names, category = vocab(out, "items"), {i: c for i, c, _ in items}
     got = parsed(out, "pretrain/train") + parsed(out, "pretrain/test")
-    assert [(r["query_text"], names[r["positive_item_id"][0]]) for r in got] == [
-        ([title[log[a][1]].encode()], log[b][1]) for _, b, a in pairs]
+    assert [(names[r["query_item_id"][0]], names[r["positive_item_id"][0]]) for r in got] == [
+        (log[a][1], log[b][1]) for _, b, a in pairs]
+    assert {(*r["query_image"], *r["query_text"]) for r in got} == {(b"", b"")}
     for r in got:
         positive, negative = (names[r[k][0]] for k in ("positive_item_id", "negative_item_id"))
         assert negative != positive and category[negative] == category[positive]

@@ -20,11 +20,11 @@ from tfmm.data.prepare import PrepareOptions, prepare
 from tfmm.data.synthetic import write_raw
 from tfmm.index import SQLiteIndex
 from tfmm.metrics import acc_at_n, neighbours_same_label, same_label_chance
-from tfmm.pretrain import (Catalogue, PretrainConfig, SettingsError, choose_source, run,
-                           training_data, word_dropout)
+from tfmm.pretrain import (Catalogue, PretrainConfig, SettingsError, build_tower, choose_source,
+                           evaluate, run, training_data, word_dropout)
 from tfmm.towers import BACKBONES, image_tower, preset_text_tower
-from tests.test_ctr import (ENV, _error_line, _kill_after_backup, _refused, blank_content,
-                            own_data_dir)
+from tests.test_ctr import (ENV, _error_line, _kill_after_backup, _refused, _torn_backup,
+                            blank_content, damaged_copy, own_data_dir)
 
 pytestmark = pytest.mark.slow  # trains models or runs the CLIs
 
@@ -112,6 +112,35 @@ def test_killed_run_keeps_every_epochs_losses(tiny_dir, tmp_path):
     assert "Epoch 1/3" not in rerun.stdout and "Epoch 2/3" in rerun.stdout
     loss = json.load(open(tmp_path / "m" / "metrics.json"))["history"]["loss"]
     assert len(loss) == 3 and loss[0] == first
+
+
+def test_a_kill_while_the_backup_is_written_resumes(tiny_dir, tmp_path):
+    cmd = [sys.executable, "-m", "tfmm.train", "--task=pretrain", f"--data_dir={tiny_dir}",
+           f"--model_dir={tmp_path}/m", "--export_dir=", "--index=", "--modality=text",
+           "--queue_size=32", "--dim=8", "--epochs=3", "--batch_size=16"]
+    assert _torn_backup(cmd, tmp_path / "m", 2) == [1, 2]
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Epoch 1/3" not in rerun.stdout and "Epoch 2/3" in rerun.stdout
+    assert len(json.load(open(tmp_path / "m" / "metrics.json"))["history"]["loss"]) == 3
+    assert [e["epoch"] for e in json.load(open(tmp_path / "m" / "epochs.json"))] == [1, 2, 3]
+
+
+def test_damaged_data_and_an_unreachable_index_are_one_line_before_anything_is_written(
+        tiny_dir, tmp_path):
+    data_dir = damaged_copy(tiny_dir, tmp_path, lambda m: m["counts"].update(
+        {"pretrain/train": 700}))
+    cmd = [sys.executable, "-m", "tfmm.train", "--task=pretrain", f"--model_dir={tmp_path}/m",
+           f"--export_dir={tmp_path}/e", "--modality=text", "--dim=8", "--epochs=1"]
+    assert _refused(cmd + [f"--data_dir={data_dir}", f"--index={tmp_path}/i.db"]) == (
+        f"--data_dir: {data_dir}/metadata.json counts 700 records of pretrain/train, its files "
+        "hold 600; the data directory is damaged: prepare or generate it again.")
+    proc = subprocess.run(
+        cmd + [f"--data_dir={tiny_dir}", "--index=redis://:pw-s3cret@127.0.0.1:1/0"],
+        capture_output=True, text=True, env=ENV)
+    assert _error_line(proc).startswith("--index: Redis index at 127.0.0.1:1 is unreachable: ")
+    assert "pw-s3cret" not in proc.stdout + proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]
 
 
 @pytest.mark.parametrize("objective, modality, queue, triplet", [
@@ -427,6 +456,60 @@ def clicks_dir(tmp_path_factory):
                            split_timestamp=world_lib.T0 + world.config.train_days * world_lib.DAY,
                            pairs_from="clicks"))
     return str(tmp / "data")
+
+
+def with_copied_queries(data_dir, out):
+    """`data_dir` as tfmm-logs/1 wrote it: each click pair holds a copy of its query item's
+    image and title, and no query_item_id."""
+    shutil.copytree(data_dir, out)
+    content = {}
+    for r in tf.data.TFRecordDataset(os.path.join(out, "items.tfrecord")):
+        f = tf.train.Example.FromString(r.numpy()).features.feature
+        content[f["item_id"].int64_list.value[0]] = (f["image"].bytes_list.value[0],
+                                                     f["title"].bytes_list.value[0].decode())
+    for split in ("train", "test"):
+        path = os.path.join(out, f"pretrain-{split}.tfrecord")
+        pairs = [tf.train.Example.FromString(r.numpy()).features.feature
+                 for r in tf.data.TFRecordDataset(path)]
+        with tf.io.TFRecordWriter(path) as w:
+            for f in pairs:
+                w.write(schema.triplet_example(
+                    *content[f["query_item_id"].int64_list.value[0]],
+                    f["positive_item_id"].int64_list.value[0],
+                    f["negative_item_id"].int64_list.value[0]))
+    meta = json.load(open(os.path.join(out, "metadata.json")))
+    json.dump(dict(meta, format="tfmm-logs/1"), open(os.path.join(out, "metadata.json"), "w"))
+    return str(out)
+
+
+def test_click_pairs_name_their_query_item_and_train_as_copies_did(clicks_dir, tmp_path):
+    catalogue = Catalogue(clicks_dir)
+    meta = schema.read_metadata(clicks_dir)
+    for split in ("train", "test"):
+        pairs = [tf.io.parse_single_example(r, schema.triplet_spec()) for r in
+                 tf.data.TFRecordDataset(schema.files(clicks_dir, meta, f"pretrain/{split}"))]
+        assert len(pairs) == meta["counts"][f"pretrain/{split}"] > 0
+        # No image (or title) bytes in any pair: the query is a catalogue item, by id.
+        assert {(p["query_image"].numpy(), p["query_text"].numpy()) for p in pairs} == {
+            (b"", b"")}
+        assert (catalogue.row[[int(p["query_item_id"]) for p in pairs]] >= 0).all()
+
+    # A data dir whose pairs copy the query's content (older tfmm) is still read, and
+    # pre-training gets the same batches and the same Acc@N from both.
+    copied = with_copied_queries(clicks_dir, tmp_path / "copied")
+    for modality in ("image", "text"):
+        config = PretrainConfig(data_dir=clicks_dir, model_dir="unused", modality=modality,
+                                batch_size=32, dim=8, image_size=32)
+        old = dataclasses.replace(config, data_dir=copied)
+        batches = zip(training_data(config, catalogue)[0].take(4),
+                      training_data(old, Catalogue(copied))[0].take(4))
+        for new_batch, old_batch in batches:
+            assert new_batch.keys() == old_batch.keys()
+            for k in new_batch:
+                np.testing.assert_array_equal(new_batch[k], old_batch[k], err_msg=k)
+            assert len({bytes(q) for q in new_batch["query"].numpy()}) > 8  # real content
+        tower = build_tower(config, catalogue)()
+        assert evaluate(config, tower, catalogue) == evaluate(old, tower, Catalogue(copied))
 
 
 def test_centring_spreads_the_narrow_cone_of_click_pair_vectors(clicks_dir, tmp_path):

@@ -1,11 +1,15 @@
 """The record format: bulk serialisation equals the one-record reference."""
 
 import numpy as np
+import pytest
 
 from tfmm.data import schema
 
 
-def test_examples_are_byte_for_byte_those_of_example():
+@pytest.mark.parametrize("gather_bytes", [schema.GATHER_BYTES, 1, 5000])
+def test_examples_are_byte_for_byte_those_of_example(monkeypatch, gather_bytes):
+    # Laid out a row at a time (1), some rows at a time (5000) or all at once.
+    monkeypatch.setattr(schema, "GATHER_BYTES", gather_bytes)
     rng = np.random.default_rng(0)
     n = 500
     edges = np.array([0, 1, 127, 128, 2**14 - 1, 2**14, 2**35, 2**63 - 1, -1, -128, -2**63])

@@ -103,7 +103,10 @@ def data_dir(generate=True, flag_values=FLAGS):
         return path  # the tool names what is missing
     from tfmm.data.synthetic import ensure_world
 
-    return ensure_world(path, world.value)
+    try:
+        return ensure_world(path, world.value)
+    except (ValueError, OSError) as e:  # a directory of user files, a full disk
+        fail(str(e))
 
 
 def runs(data_dir, *parts):

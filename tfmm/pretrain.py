@@ -43,11 +43,11 @@ import numpy as np
 import tensorflow as tf
 
 from tfmm import data, distribute, metrics
-from tfmm.callbacks import EpochRecord, write_json
+from tfmm.callbacks import BackupAndRestore, EpochRecord, write_json
 from tfmm.config import SettingsError, as_flags, default_of
 from tfmm.data import schema
-from tfmm.export import export_saved_model
-from tfmm.index import open_index, redact
+from tfmm.export import check_export_dir, export_saved_model
+from tfmm.index import IndexUnavailable, is_empty, local_index, open_index, redact
 from tfmm.momentum_queue import MomentumQueueCallback
 from tfmm.scl import SCLModel, check_arguments
 from tfmm.towers import (BACKBONES, BackboneError, Centring, centred, check_backbone,
@@ -119,6 +119,8 @@ class PretrainConfig:
             check_backbone(self.backbone)
         except BackboneError as e:
             raise ValueError(f"--{e}") from None
+        if self.export_dir:  # before anything runs: a base of user files is refused
+            check_export_dir(self.export_dir, (self.data_dir, local_index(self.index)))
         if self.modality == "text" and self.backbone not in BACKBONES and self.export_dir:
             raise ValueError(f"--backbone={self.backbone} --modality=text: the preset's tokenizer "
                              "runs tensorflow-text ops, which TF Serving need not have; set "
@@ -147,6 +149,22 @@ class Catalogue:
     def present(self, modality):
         """Which items have content for `modality`: image bytes, or a non-blank title."""
         return self.has_image if modality == "image" else self.has_title
+
+
+def check_data(config):
+    """The data directory's `Catalogue`, after reading every record of its tables once.
+
+    A damaged metadata.json, a count its files do not hold, a missing or corrupt
+    file fails here as a SettingsError naming it, before the run writes anything.
+    """
+    try:
+        meta = schema.read_metadata(config.data_dir)
+        for table in ("pretrain/train", "pretrain/test"):
+            if table in meta["files"]:
+                data.triplets(config.data_dir, table.split("/")[1])  # validates
+        return Catalogue(config.data_dir)
+    except (OSError, ValueError, tf.errors.NotFoundError) as e:
+        raise SettingsError(f"--data_dir: {e}") from None
 
 
 def choose_source(config, catalogue, fallback=False):
@@ -253,12 +271,21 @@ def training_data(config, catalogue):
                        seed=config.seed, repeat=True, drop_remainder=True)
 
     def triple(t):
-        return {"query": t[key], "positive_id": t["positive_item_id"],
+        return {"query": queries(t, key, content, row), "positive_id": t["positive_item_id"],
                 "positive": tf.gather(content, tf.gather(row, t["positive_item_id"])),
                 "negative": tf.gather(content, tf.gather(row, t["negative_item_id"]))}
 
     return (ds.map(triple, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2),
             _steps(config, catalogue))
+
+
+def queries(triplets, key, content, row):
+    """A triplet batch's queries: each record's own (its `key`), or, where it names a query
+    item (pairs from clicks), that item's `content` (a catalogue's, `row`: its row by id)."""
+    item = triplets[schema.QUERY_ITEM]
+    looked_up = tf.gather(content, tf.maximum(tf.gather(row, item), 0))  # row -1: not an item
+    by_id = tf.reshape(item != schema.PAD_ID, [-1] + [1] * (content.shape.rank - 1))
+    return tf.where(by_id, looked_up, triplets[key])
 
 
 def _steps(config, catalogue):
@@ -306,9 +333,10 @@ def evaluate(config, tower, catalogue, ns=(1, 5), strategy=None):
         return {"test_pairs": 0}
     key = "query_image" if config.modality == "image" else "query_text"
     batches = list(data.triplets(config.data_dir, "test", batch_size=1024))
-    queries = np.concatenate([b[key].numpy() for b in batches])
+    content, row = tf.constant(catalogue.content(config.modality)), tf.constant(catalogue.row)
+    q = embed(tower, np.concatenate([queries(b, key, content, row).numpy() for b in batches]),
+              strategy=strategy)
     positives = np.concatenate([b["positive_item_id"].numpy() for b in batches])
-    q = embed(tower, queries, strategy=strategy)
     p = embed(tower, catalogue.content(config.modality)[catalogue.row[positives]],
               strategy=strategy)
     return dict(metrics.acc_at_n(q, p, ns), test_pairs=len(positives))
@@ -344,7 +372,11 @@ def run(config, fallback=False):
         raise SettingsError(f"--strategy={config.strategy}: {e}") from None
     chief = distribute.is_chief(strategy)
     start = time.time()
-    catalogue = Catalogue(config.data_dir)
+    catalogue = check_data(config)
+    try:  # before training: the vectors must have somewhere to go
+        config.index and chief and is_empty(config.index)
+    except (ValueError, OSError, IndexUnavailable) as e:  # a corrupt file, a server down
+        raise SettingsError(f"--index: {e}") from None
     config, source = choose_source(config, catalogue, fallback)
     print(f"pre-training: {source}", flush=True)
     present = catalogue.present(config.modality)
@@ -379,7 +411,7 @@ def run(config, fallback=False):
         tensorboard = keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"))
         steps = _steps(config, catalogue)
         if strategy is None:
-            callbacks = [record, keras.callbacks.BackupAndRestore(backup), tensorboard]
+            callbacks = [record, BackupAndRestore(backup), tensorboard]
             model.fit(training_data(config, catalogue)[0], epochs=config.epochs,
                       steps_per_epoch=steps, callbacks=callbacks, verbose=config.verbose)
         else:

@@ -20,7 +20,7 @@ import time
 
 from absl import flags
 
-from tfmm import cli
+from tfmm import cli, outputs
 from tfmm.data import schema, world as world_lib
 from tfmm.data.synthetic import config_from_flags, write_raw, write_world
 
@@ -29,7 +29,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     flags.DEFINE_enum("world", "small", list(world_lib.PRESETS), "Preset world size.")
-    flags.DEFINE_string("out_dir", None, "Data directory to write (replaced atomically).")
+    flags.DEFINE_string("out_dir", None, "Data directory to write (replaced atomically; one "
+                        "holding files tfmm did not write is refused).")
     flags.DEFINE_string("raw_dir", None, "Directory to write the world to as raw CSV files and "
                         "PNG images, the input of tfmm.data.prepare (replaced atomically).")
     for field in dataclasses.fields(world_lib.WorldConfig):
@@ -43,6 +44,9 @@ def main(argv):
         cli.fail("--out_dir or --raw_dir is required.")
     knobs = {f.name: FLAGS[f.name].value for f in dataclasses.fields(world_lib.WorldConfig)}
     cfg = config_from_flags(FLAGS.world, knobs)
+    for flag in ("out_dir", "raw_dir"):  # before the world is made
+        if FLAGS[flag].value:
+            outputs.check_output_dir(FLAGS[flag].value, flag)
     start = time.time()
     world = world_lib.generate(cfg)
     if FLAGS.out_dir:
@@ -57,4 +61,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main)
+    cli.run(main, errors=(ValueError, OSError))  # a directory of user files, a full disk

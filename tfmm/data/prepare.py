@@ -68,9 +68,10 @@ one of two sources:
   in file order), kept when both are in the same split (training pairs from
   training clicks only, test pairs from test clicks only), are of two
   different items and, with ``--pair_max_gap``, at most that many timestamp
-  units apart. The query is the first item's content (its image as
-  ``query_image``, its title as ``query_text``; empty where it has none), the
-  positive the second item. Such pairs mostly tell which categories go
+  units apart. The query is the first item, written as its id
+  (``query_item_id``; pre-training reads its image and title from the
+  catalogue, so no image is copied into each pair), the positive the second
+  item. Such pairs mostly tell which categories go
   together; ``tfmm.train`` pre-trains on them with ``--center_vectors`` (its
   default for such a data dir), without which the vectors all lie in a cone
   too narrow for SimTier's tiers.
@@ -157,23 +158,41 @@ def prepare(options):
         from tfmm.data import prepare_beam  # the beam extra
 
         return prepare_beam.prepare(options)
+    # Made first: an out_dir that holds an input or user files is refused before any reading.
+    writer = DataDirWriter(options.out_dir, inputs=(options.impressions, options.items,
+                                                    options.images_dir, options.pairs))
     catalogue = read_catalogue(options)
     log = read_log(options, catalogue)
     pairs = read_pairs(options, catalogue, log) if options.pairs or options.pairs_from else None
-    write(options, catalogue, log, pairs)
+    write(writer, options, catalogue, log, pairs)
     return schema.read_metadata(options.out_dir)
 
 
 def summary(meta, options):
     """What the CLI prints of a prepared directory's metadata: its counts, and a note on
     duplicate impressions kept."""
-    lines = [f"wrote {options.out_dir}: {meta['counts']}, vocab {meta['vocab']}, oov "
-             f"{meta['oov']}, duplicates {meta['duplicates']}, items without {meta['missing']}"
+    lines = [f"wrote {options.out_dir}: {meta['counts']}, vocab {meta['vocab']}, "
+             f"out of vocabulary: {oov_line(meta['oov'])}, "
+             f"duplicates {meta['duplicates']}, items without {meta['missing']}"
              + (f", pairs {meta['pairs']}" if "pairs" in meta else "")]
     if meta["duplicates"]["impressions"] and not options.drop_duplicates:
         lines.append(f"{meta['duplicates']['impressions']} impressions repeat an earlier one in "
                      "every column; kept (--drop_duplicates drops them).")
     return "\n".join(lines)
+
+
+def oov_line(oov):
+    """The output line's words for metadata's "oov"."""
+    return (f"{oov['test_users']} test users not in training ({oov['test_user_impressions']} "
+            f"test impressions, user id 1), {oov['unknown_item_impressions']} impressions of "
+            "items not in --items (item id 1)")
+
+
+def oov_users(codes, dense_of_code):
+    """(distinct users, impressions) among the raw user `codes` of test impressions whose
+    user is out of the training vocabulary."""
+    oov = dense_of_code[codes] == schema.OOV_ID
+    return len(np.unique(codes[oov])), int(oov.sum())
 
 
 class Catalogue(NamedTuple):
@@ -282,11 +301,13 @@ def read_log(options, catalogue):
 
 class Pairs(NamedTuple):
     """Pre-training pairs in time order: query image files (None: none), query texts,
+    query items (a click pair's query is an item, by dense id; 0: a query of its own),
     dense positives and negatives, is_test, where each query image is named (for
-    errors; None: checked with the items) and ``metadata.json``'s ``pairs``."""
+    errors) and ``metadata.json``'s ``pairs``."""
 
     query_image: np.ndarray
     query_text: np.ndarray
+    query_item: np.ndarray
     positive: np.ndarray
     negative: np.ndarray
     is_test: np.ndarray
@@ -307,15 +328,12 @@ def read_pairs(options, catalogue, log):
             raise ValueError(f"--pairs_from=clicks: no {'train' if is_test.all() else 'test'} "
                              "pairs (no user clicks two items in that split within "
                              "--pair_window and --pair_max_gap).")
-        # The query is the first item's content; its image was checked with the items.
-        item_row = np.zeros(len(catalogue.category_of), np.int64)
-        item_row[catalogue.dense] = np.arange(len(catalogue.dense))
-        query = item_row[log.item[first]]
-        pairs = Pairs(catalogue.images[query], catalogue.titles[query], log.item[second],
-                      np.full(len(second), schema.PAD_ID, np.int64), is_test,
-                      np.full(len(first), None),
-                      {"source": "clicks", "window": options.pair_window,
-                       "max_gap": options.pair_max_gap})
+        # The query is the first item, by id: its content is in the catalogue, once.
+        no_image = np.full(len(first), None)
+        pairs = Pairs(no_image, np.full(len(first), "", object), log.item[first],
+                      log.item[second], np.full(len(second), schema.PAD_ID, np.int64), is_test,
+                      no_image, {"source": "clicks", "window": options.pair_window,
+                                 "max_gap": options.pair_max_gap})
     mine = pairs.negative == schema.PAD_ID
     if mine.any() and len(catalogue.vocab) < 2:
         raise ValueError(f"{options.items}: one item only; a hard negative needs another.")
@@ -327,14 +345,15 @@ def read_pairs(options, catalogue, log):
     return pairs._replace(negative=negative, meta=meta)
 
 
-def write(options, catalogue, log, pairs=None):
-    """The data directory: impressions, items, pairs, vocabularies and metadata."""
+def write(writer, options, catalogue, log, pairs=None):
+    """The data directory, with `writer` (a `DataDirWriter`): impressions, items, pairs,
+    vocabularies and metadata."""
     def triplets(rows):
-        for a in range(0, len(rows), tables.RECORDS_PER_CHUNK):
-            chunk = rows[a:a + tables.RECORDS_PER_CHUNK]
+        for chunk in tables.image_chunks(rows, pairs.query_image):
             yield from schema.examples(
                 ints={"positive_item_id": pairs.positive[chunk],
-                      "negative_item_id": pairs.negative[chunk]},
+                      "negative_item_id": pairs.negative[chunk],
+                      schema.QUERY_ITEM: pairs.query_item[chunk]},
                 strings={"query_image": [tables.read_image(pairs.query_image[i], pairs.where[i])
                                          for i in chunk],
                          "query_text": [pairs.query_text[i].encode() for i in chunk]})
@@ -354,7 +373,7 @@ def write(options, catalogue, log, pairs=None):
                 {c: log.side_of_code[c][log.side_codes[c][0][chunk]] for c in side},
                 [(v, log.start[chunk], log.end[chunk]) for v in history]))
 
-    with DataDirWriter(options.out_dir) as w:
+    with writer as w:
         w.write("impressions/train", records(log.train_rows), len(log.train_rows))
         w.write("impressions/test", records(log.test_rows), len(log.test_rows))
         w.write("items", tables.item_records(catalogue.table, catalogue.ids, catalogue.vocab,
@@ -374,7 +393,7 @@ def write(options, catalogue, log, pairs=None):
                  **{c: len(log.side_vocab[c]) for c in side}}
         w.finish(tables.metadata(
             options, sizes, side, log.cut,
-            (log.user_of_code[log.user_codes[log.test_rows]] == schema.OOV_ID).sum(),
+            oov_users(log.user_codes[log.test_rows], log.user_of_code),
             (item == schema.OOV_ID).sum(), log.duplicate.sum(),
             (catalogue.images == None).sum(), (catalogue.titles == "").sum(),  # noqa: E711
             None if pairs is None else pairs.meta))
@@ -431,7 +450,8 @@ def file_pairs(options, item_vocab, cut):
         raise ValueError(f"{path}: {split} leaves no {'train' if is_test.all() else 'test'} "
                          "pairs.")
     where = np.array([f"{table.row(i)}, column 'query_image'" for i in rows], dtype=object)
-    return Pairs(image[rows], text[rows], positive[rows], negative[rows], is_test, where,
+    return Pairs(image[rows], text[rows], np.full(len(rows), schema.PAD_ID, np.int64),
+                 positive[rows], negative[rows], is_test, where,
                  {"source": os.path.abspath(path), "skipped_unknown": int((~known).sum())})
 
 
@@ -487,7 +507,8 @@ def define_flags():
     flags.DEFINE_string("impressions", None, "Impression log: CSV or Parquet.")
     flags.DEFINE_string("items", None, "Item content: CSV or Parquet.")
     flags.DEFINE_string("images_dir", o.images_dir, "Directory of item images.")
-    flags.DEFINE_string("out_dir", None, "Directory to write (replaced atomically).")
+    flags.DEFINE_string("out_dir", None, "Directory to write (replaced atomically; one that "
+                        "is or holds an input, or holds files tfmm did not write, is refused).")
     flags.DEFINE_integer("max_history", o.max_history, "Longest history kept (the most recent).")
     flags.DEFINE_float("test_fraction", o.test_fraction, "Latest fraction of impressions used "
                        "for test.")

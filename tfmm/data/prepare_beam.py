@@ -236,13 +236,18 @@ def _impression(row, cut, columns, users, side_ids, trained):
     split = "test" if t >= cut else "train"
     user_id = users.get(user, schema.OOV_ID)
     yield TaggedOutput("stats", (f"impressions/{split}", 1))
-    yield TaggedOutput("stats", ("test_oov_users", int(split == "test" and
-                                                       user_id == schema.OOV_ID)))
+    if split == "test" and user_id == schema.OOV_ID:
+        yield TaggedOutput("stats", ("test_oov_impressions", 1))
+        yield TaggedOutput("oov_users", user)
     yield TaggedOutput("stats", ("unknown_items", int(item == schema.OOV_ID)))
     yield TaggedOutput(split, schema.example(**tables.impression_features(
         user_id, item, category, t, label, int(item not in trained),
         {c: side_ids.get(j, {}).get(v, schema.OOV_ID)
          for j, (c, v) in enumerate(zip(columns, side))}, history)))
+
+
+def _stat(value, name):
+    return name, value
 
 
 def _write_vocabulary(vocab, out, name):
@@ -327,8 +332,11 @@ def build(p, out, log_files, item_files, options):
     side_ids = side_vocab | "Side dense ids" >> beam.Map(_column_dense)
     impressions = (rows | "Impressions" >> beam.FlatMap(
         _impression, AsSingleton(cut), columns, AsSingleton(user_ids), AsDict(side_ids),
-        AsSingleton(trained)).with_outputs("train", "test", "stats"))
+        AsSingleton(trained)).with_outputs("train", "test", "stats", "oov_users"))
     stats.append(impressions.stats)
+    stats.append(impressions.oov_users | "OOV users" >> beam.Distinct()
+                 | "Count OOV users" >> beam.combiners.Count.Globally()
+                 | "OOV users stat" >> beam.Map(_stat, "test_oov_users"))
     for split in ("train", "test"):
         _write_records(impressions[split], out, f"impressions-{split}")
 
@@ -357,7 +365,8 @@ def prepare(options):
         raise ValueError("Beam writes TFRecords with crcmod (or google-crc32c, python-snappy), "
                          'which is not installed: pip install -e ".[beam]"')
     log_files, item_files = _files(options.impressions), _files(options.items)
-    with DataDirWriter(options.out_dir) as w:
+    with DataDirWriter(options.out_dir,
+                       inputs=(*log_files, *item_files, options.images_dir)) as w:
         os.makedirs(w.path("vocab"))
         pipeline = PipelineOptions([f"--runner={runner}", *options.beam_args])
         with beam.Pipeline(options=pipeline) as p:
@@ -382,7 +391,8 @@ def prepare(options):
                  "categories": stats["vocab/categories"],
                  **{c: stats[f"vocab/side-{c}"] for c in side}}
         w.finish(dict(tables.metadata(
-            options, sizes, side, cut, stats["test_oov_users"], stats["unknown_items"],
-            stats["duplicates"], stats["missing_images"], stats["missing_titles"]),
-            runner=runner))
+            options, sizes, side, cut,
+            (stats["test_oov_users"], stats.get("test_oov_impressions", 0)),
+            stats["unknown_items"], stats["duplicates"], stats["missing_images"],
+            stats["missing_titles"]), runner=runner))
     return schema.read_metadata(options.out_dir)

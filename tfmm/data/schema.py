@@ -13,7 +13,11 @@ A data directory holds TFRecords of `tf.train.Example`s and `metadata.json`:
   bytes: the item has none (a prepared catalogue's missing content).
 - ``pretrain-{train,test}.tfrecord``: SCL triplets: ``query_image``,
   ``query_text`` (either may be empty: the query has none),
-  ``positive_item_id``, ``negative_item_id``.
+  ``positive_item_id``, ``negative_item_id``, and ``query_item_id``: where it
+  is a dense item id, the query is that catalogue item (a pair from clicks)
+  and its content is looked up in ``items.tfrecord`` rather than copied into
+  every pair (``query_image``/``query_text`` are then empty); 0 or absent
+  (format ``tfmm-logs/1``): the query is the record's own image and text.
 
 Ids are dense int64: 0 is padding, 1 is out-of-vocabulary, real ids start at 2.
 A prepared directory maps its raw ids to them in ``vocab/<name>.txt`` (line k
@@ -27,7 +31,13 @@ import os
 import numpy as np
 import tensorflow as tf
 
-FORMAT = "tfmm-logs/1"
+# What is written; what is read. /2 added ``query_item_id`` to the triplets: /1 readers would
+# take such a query for an empty one, so they refuse /2 by its name.
+FORMAT = "tfmm-logs/2"
+FORMATS = ("tfmm-logs/1", FORMAT)
+# Keys of metadata.json every reader needs: a dict with these int fields, or an int.
+REQUIRED = {"files": (), "counts": (), "vocab": ("num_items", "num_users", "num_categories"),
+            "max_history": None}
 PAD_ID = 0
 OOV_ID = 1
 FIRST_ID = 2
@@ -38,6 +48,7 @@ ITEM_INTS = ("item_id", "category_id", "first_day")
 ITEM_BYTES = ("title", "image")
 TRIPLET_INTS = ("positive_item_id", "negative_item_id")
 TRIPLET_BYTES = ("query_image", "query_text")
+QUERY_ITEM = "query_item_id"
 
 
 def impression_spec(side_features=()):
@@ -55,6 +66,7 @@ def item_spec():
 def triplet_spec():
     spec = {k: tf.io.FixedLenFeature([], tf.int64) for k in TRIPLET_INTS}
     spec.update({k: tf.io.FixedLenFeature([], tf.string) for k in TRIPLET_BYTES})
+    spec[QUERY_ITEM] = tf.io.FixedLenFeature([], tf.int64, default_value=PAD_ID)
     return spec
 
 
@@ -72,6 +84,7 @@ def example(ints=None, int_lists=None, strings=None):
         deterministic=True)
 
 
+GATHER_BYTES = 1 << 22  # bytes of records `examples` lays out at once (~7x that in temporaries)
 # Varints of 2, 3, ... bytes start at these values (of the uint64 two's complement).
 _VARINT_STARTS = np.array([1 << (7 * k) for k in range(1, 10)], np.uint64)
 
@@ -155,20 +168,28 @@ def examples(ints=None, int_lists=None, strings=None):
             run = []
     parts = [_join([_constant(b"\x0a", n), _varint_matrix(entries)]), *parts,
              *([_join(run)] if run else [])]
-    # One gather: row i's bytes are each part's, in turn; a part's are flat[first[i]:][:size[i]]
+    # Gathers: row i's bytes are each part's, in turn; a part's are flat[first[i]:][:size[i]]
     # (first None: the rows' bytes follow each other).
     source = np.concatenate([flat for flat, _, _ in parts])
     base = np.cumsum([0] + [len(flat) for flat, _, _ in parts])
-    size = np.stack([size for _, _, size in parts], axis=1).ravel()
+    size = np.stack([size for _, _, size in parts], axis=1)  # [n, parts]
     start = np.stack([b + (np.cumsum(s) - s if first is None else first)
-                      for b, (_, first, s) in zip(base, parts)], axis=1).ravel()
-    ends = np.cumsum(size)
+                      for b, (_, first, s) in zip(base, parts)], axis=1)
+    ends = np.cumsum(size.sum(axis=1))
     index = np.int32 if len(source) < 2**31 else np.int64  # halves the largest temporaries
-    out = source[np.repeat((start - (ends - size)).astype(index), size)
-                 + np.arange(ends[-1], dtype=index)]
-    offsets = np.concatenate([[0], ends[len(parts) - 1::len(parts)]])
-    data = out.tobytes()
-    return [data[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    records, a = [], 0
+    while a < n:  # rows of about GATHER_BYTES at a time: the index costs 4-8 bytes a byte
+        done = ends[a - 1] if a else 0
+        b = max(a + 1, int(np.searchsorted(ends, done + GATHER_BYTES, "right")))
+        piece, begin = size[a:b].ravel(), start[a:b].ravel()
+        stop = np.cumsum(piece)
+        at = np.repeat((begin - (stop - piece)).astype(index), piece)
+        at += np.arange(stop[-1], dtype=index)
+        data = source[at].tobytes()
+        offsets = [0] + (ends[a:b] - done).tolist()
+        records += [data[i:j] for i, j in zip(offsets[:-1], offsets[1:])]
+        a = b
+    return records
 
 
 def _varint_size(values):
@@ -218,9 +239,29 @@ def read_metadata(data_dir):
             "(make one with `python -m tfmm.data.generate` or `python -m tfmm.data.prepare`)."
         )
     with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}.")
+        try:
+            meta = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not JSON ({e}).") from None
+    if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
+        raise ValueError(f"{path}: format {isinstance(meta, dict) and meta.get('format')!r}, "
+                         f"expected one of {FORMATS} (written by another version of tfmm).")
+    for key, fields in REQUIRED.items():  # what every reader of a data directory needs
+        value = meta.get(key)
+        if fields is None:
+            bad, want = not isinstance(value, int), "an int"
+        else:
+            bad = not isinstance(value, dict) or any(not isinstance(value.get(k), int)
+                                                     for k in fields)
+            want = "{" + "".join(f"{k!r}: int, " for k in fields) + "...}"
+        if bad:
+            raise ValueError(f"{path}: {key!r} is {'missing' if value is None else 'incomplete'}"
+                             f" (want {want}); the data directory is damaged: prepare or "
+                             "generate it again.")
+    for table in meta["files"]:
+        if not isinstance(meta["counts"].get(table), int):
+            raise ValueError(f"{path}: no count of table {table!r} in 'counts'; the data "
+                             "directory is damaged: prepare or generate it again.")
     return meta
 
 

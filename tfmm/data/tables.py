@@ -27,6 +27,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 HISTORY = ("history_item_ids", "history_category_ids", "history_timestamps")
 READ_BLOCK = 4 << 20  # bytes of CSV parsed at once
 RECORDS_PER_CHUNK = 4096  # records serialised at once (their temporaries: ~30 MB)
+IMAGE_BYTES_PER_CHUNK = 16 << 20  # and at most about this many bytes of image files
 _ID = pa.dictionary(pa.int32(), pa.string())
 
 
@@ -356,10 +357,21 @@ def impression_features(user_id, item_id, category_id, timestamp, label, is_new_
             "int_lists": dict(zip(HISTORY, history))}
 
 
+def image_chunks(rows, paths):
+    """`rows` in runs of at most RECORDS_PER_CHUNK whose image files (`paths` by row, None:
+    none) hold about IMAGE_BYTES_PER_CHUNK at most: what is serialised at once."""
+    ends = np.cumsum([0 if paths[i] is None else os.path.getsize(paths[i]) for i in rows])
+    a = 0
+    while a < len(rows):
+        fits = np.searchsorted(ends, (ends[a - 1] if a else 0) + IMAGE_BYTES_PER_CHUNK, "right")
+        b = min(a + RECORDS_PER_CHUNK, max(a + 1, int(fits)))
+        yield rows[a:b]
+        a = b
+
+
 def item_records(items, ids, item_vocab, categories, images, titles):
     dense = lookup(item_vocab, ids)
-    for a in range(0, len(ids), RECORDS_PER_CHUNK):
-        rows = range(a, min(a + RECORDS_PER_CHUNK, len(ids)))
+    for rows in image_chunks(range(len(ids)), images):
         yield from schema.examples(**item_features(
             dense[rows], categories[rows],
             [item_image(ids[i], images[i], items.row(i)) for i in rows],
@@ -415,11 +427,13 @@ def write_vocabulary(path, vocab):
         f.writelines(f"{v}\n" for v in vocab.to_pylist())
 
 
-def metadata(options, vocab_sizes, side, cut, test_oov_users, unknown_items, duplicates,
+def metadata(options, vocab_sizes, side, cut, oov_users, unknown_items, duplicates,
              missing_images, missing_titles, pair_meta=None):
     """metadata.json of a directory prepared with `options` (a `prepare.PrepareOptions`),
     less what DataDirWriter adds; `vocab_sizes` counts the raw values of "items",
-    "users", "categories" and of each side column."""
+    "users", "categories" and of each side column; `oov_users` is (test users not in
+    training, their test impressions); `unknown_items` impressions of items missing
+    from the items."""
     return {
         "source": "prepared",
         "inputs": {"impressions": os.path.abspath(options.impressions),
@@ -430,7 +444,8 @@ def metadata(options, vocab_sizes, side, cut, test_oov_users, unknown_items, dup
         "image_size": None,
         "side_features": side,
         "split_timestamp": int(cut),
-        "oov": {"test_users": int(test_oov_users), "unknown_items": int(unknown_items)},
+        "oov": {"test_users": int(oov_users[0]), "test_user_impressions": int(oov_users[1]),
+                "unknown_item_impressions": int(unknown_items)},
         "duplicates": {"impressions": int(duplicates), "dropped": options.drop_duplicates},
         "missing": {"images": int(missing_images), "titles": int(missing_titles)},
         **({"pairs": pair_meta} if pair_meta is not None else {}),

@@ -126,7 +126,7 @@ def run(encoder, data_dir, manifest, options, index=None, out_dir=None, batch_si
         held.claim(manifest["catalogue"])
         held.close()
     else:
-        claim_dir(out_dir, dict(manifest, layout=f"beam, {shards} shards"))
+        claim_dir(out_dir, dict(manifest, layout=f"beam, {shards} shards"), inputs=(data_dir,))
         for temp in glob.glob(os.path.join(out_dir, "beam-temp-*")):
             shutil.rmtree(temp)  # a killed run's
     pipeline = beam.Pipeline(options=PipelineOptions(options))

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmm import data
+from tfmm import data, outputs
 from tfmm.data import schema
 from tfmm.export import latest_version
 from tfmm.index import files, open_index
@@ -124,7 +124,8 @@ class PartSink:
     def __init__(self, out_dir, data_dir, manifest, part_size):
         self.out_dir, self.part_size = out_dir, part_size
         self.raw = schema.raw_ids(data_dir)
-        claim_dir(out_dir, dict(manifest, layout=f"local parts of {part_size} items"))
+        claim_dir(out_dir, dict(manifest, layout=f"local parts of {part_size} items"),
+                  inputs=(data_dir,))
         for path in glob.glob(os.path.join(out_dir, "part-*.parquet.tmp-*")):
             os.remove(path)  # a killed run's half-written part
         self.buffered = {}  # part -> [(ids, vectors)]
@@ -166,10 +167,13 @@ class PartSink:
         return f"{self.out_dir}/part-*.parquet"
 
 
-def claim_dir(out_dir, manifest):
-    """Records the job `manifest` describes in `out_dir`; ValueError if it holds another's."""
-    os.makedirs(out_dir, exist_ok=True)
+def claim_dir(out_dir, manifest, inputs=()):
+    """Records the job `manifest` describes in `out_dir`; ValueError if it holds another's,
+    or is or holds one of `inputs` or the encoder, or user files (`tfmm.outputs`)."""
     path = os.path.join(out_dir, MANIFEST)
+    outputs.check_output_dir(out_dir, "out_dir", (*inputs, manifest["encoder"]),
+                             owned=lambda d: os.path.exists(path))
+    os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             held = json.load(f)
