@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from tfmm import ctr, data, jobs
 from tfmm.data import schema, world as world_lib
-from tfmm.data.prepare import prepare
+from tfmm.data.prepare import PrepareOptions, prepare
 from tfmm.data.synthetic import write_raw
 from tfmm.index import SQLiteIndex
 from tfmm.metrics import auc, gauc, logloss
@@ -30,8 +30,8 @@ def own_data_dir(tmp):
     """The tiny world as a user's own data: its raw export prepared (no triplets)."""
     raw = tmp / "raw"
     write_raw(world_lib.generate(world_lib.PRESETS["tiny"]), raw)
-    prepare(str(raw / "impressions.csv"), str(raw / "items.csv"), str(tmp / "own"),
-            str(raw / "images"))
+    prepare(PrepareOptions(str(raw / "impressions.csv"), str(raw / "items.csv"),
+                           str(tmp / "own"), str(raw / "images")))
     return str(tmp / "own")
 
 

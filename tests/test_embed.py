@@ -236,7 +236,7 @@ def test_cli_errors_are_one_line(world, tmp_path):
     other.claim("another-catalogue")
     for args, message, environ in (
             ([f"--index={tmp_path}/v.db", "--runner=DirectRunner"],
-             '--runner=DirectRunner needs Apache Beam, which is not installed: '
+             '--runner=DirectRunner needs Apache Beam, an extra of tfmm: '
              'pip install -e ".[beam]"', env),
             ([f"--index={tmp_path}/v.db", "--", "--direct_num_workers=2"],
              "unexpected arguments: ['--direct_num_workers=2'] (pipeline options need --runner)",

@@ -518,7 +518,7 @@ def prepared(tmp_path_factory):
     """A data directory prepared from logs with string item ids (vocab/items.txt)."""
     import csv
 
-    from tfmm.data.prepare import prepare
+    from tfmm.data.prepare import PrepareOptions, prepare
 
     root = tmp_path_factory.mktemp("own")
     with open(root / "log.csv", "w", newline="", encoding="utf-8") as f:
@@ -526,14 +526,14 @@ def prepared(tmp_path_factory):
             (f"u{t % 3}", RAW_ITEMS[t % 4], t % 2, t) for t in range(12)])
     with open(root / "items.csv", "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([("item_id",)] + [(i,) for i in RAW_ITEMS])
-    prepare(str(root / "log.csv"), str(root / "items.csv"), str(root / "data"))
+    prepare(PrepareOptions(str(root / "log.csv"), str(root / "items.csv"), str(root / "data")))
     return str(root / "data")
 
 
 def _dense(data_dir):
     from tfmm.data import schema
 
-    return schema.item_dense_ids(data_dir)
+    return schema.dense_ids(data_dir)
 
 
 def _write(path, raw_ids, vectors, form):

@@ -16,7 +16,7 @@ import tensorflow as tf
 from tfmm import data, distribute
 from tfmm.data import schema
 from tfmm.data import world as world_lib
-from tfmm.data.prepare import prepare
+from tfmm.data.prepare import PrepareOptions, prepare
 from tfmm.data.synthetic import write_raw
 from tfmm.index import SQLiteIndex
 from tfmm.metrics import acc_at_n, neighbours_same_label, same_label_chance
@@ -465,10 +465,10 @@ def clicks_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clicks")
     world = world_lib.generate(world_lib.PRESETS["tiny"])
     write_raw(world, tmp / "raw")
-    prepare(str(tmp / "raw" / "impressions.csv"), str(tmp / "raw" / "items.csv"),
-            str(tmp / "data"), str(tmp / "raw" / "images"),
-            split_timestamp=world_lib.T0 + world.config.train_days * world_lib.DAY,
-            pairs_from="clicks")
+    prepare(PrepareOptions(str(tmp / "raw" / "impressions.csv"), str(tmp / "raw" / "items.csv"),
+                           str(tmp / "data"), str(tmp / "raw" / "images"),
+                           split_timestamp=world_lib.T0 + world.config.train_days * world_lib.DAY,
+                           pairs_from="clicks"))
     return str(tmp / "data")
 
 

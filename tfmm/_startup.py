@@ -25,15 +25,8 @@ def running_cli(argv=None):
 
 
 def quiet_tensorflow(argv=None):
-    """Imports TensorFlow with its start-up lines hidden, unless asked for them.
-
-    Also defines the ``--verbose`` flag every tool accepts.
-    """
-    from absl import flags
-
-    if "verbose" not in flags.FLAGS:
-        flags.DEFINE_bool("verbose", False, "Show TensorFlow's C++ log lines (start-up notices, "
-                          "INFO, failed cuInit), hidden by default.")
+    """Imports TensorFlow with its start-up lines hidden, unless ``--verbose`` (a flag
+    `tfmm.cli.run` defines) asks for them."""
     argv = sys.argv if argv is None else argv
     if "tensorflow" in sys.modules or any(a in ("--verbose", "--verbose=true") for a in argv):
         return
@@ -60,6 +53,6 @@ def quiet_logging():
     own output), unless ``--verbosity`` or ``--verbose`` asks for them."""
     from absl import flags, logging
 
-    verbose = "verbose" in flags.FLAGS and flags.FLAGS.verbose  # defined by quiet_tensorflow
+    verbose = "verbose" in flags.FLAGS and flags.FLAGS.verbose  # defined by tfmm.cli.run
     if not flags.FLAGS["verbosity"].present and not verbose:
         logging.set_verbosity(logging.WARNING)

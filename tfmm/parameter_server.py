@@ -30,8 +30,8 @@ import weakref
 
 import numpy as np
 import tensorflow as tf
-from absl import app
 
+from tfmm import cli
 from tfmm.keras_compat import LEGACY, keras
 from tfmm.layers import ShardedEmbedding
 
@@ -256,4 +256,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

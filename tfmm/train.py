@@ -52,11 +52,10 @@ pre-training the encoder into an empty index.
 import dataclasses
 import json
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
-from tfmm import _startup, ctr, distribute, jobs, parameter_server, pretrain as pretraining
+from tfmm import cli, ctr, distribute, jobs, parameter_server, pretrain as pretraining
 from tfmm.config import RunTree, SettingsError, from_flags, renamed
 from tfmm.config import define_flags as define_settings
 from tfmm.index import redact
@@ -73,10 +72,7 @@ PRETRAIN_FLAGS = {"epochs": "pretrain_epochs", "batch_size": "pretrain_batch_siz
 def define_flags():
     """The command's flags: its own, then every setting of the two jobs (`tfmm.config`)."""
     flags.DEFINE_enum("task", "pretrain", TASKS, "What to train.")
-    flags.DEFINE_enum("world", "small", ["tiny", "small", "large"],
-                      "Synthetic world generated into data/<world>, or into --data_dir when "
-                      "--world is given, when it holds no data.")
-    flags.DEFINE_string("data_dir", None, "tfmm data directory (default data/<world>).")
+    cli.define_data_flags()
     flags.DEFINE_string("run_dir", None, "Root of the run's outputs: <run_dir>/ctr or "
                         "<run_dir>/pretrain, index/vectors.db, export/ranker, export/encoder "
                         "(default runs/<dataset>, <dataset> the data directory's name); "
@@ -141,28 +137,6 @@ def _encoder_first(config, pretrain_config):
     return fill
 
 
-def fail(message):
-    """Ends the run with one line on stderr (no traceback, no flag help), exit status 1."""
-    sys.exit(message)
-
-
-def data_dir():
-    """The data directory; generated from --world when missing, only where asked for."""
-    from tfmm.data.synthetic import ensure_world
-
-    default = os.path.join("data", FLAGS.world)
-    path = FLAGS.data_dir or default
-    if (not os.path.exists(os.path.join(path, "metadata.json")) and not FLAGS["world"].present
-            and os.path.normpath(path) != default):
-        raise SettingsError(f"--data_dir={path} " + (
-            "holds no tfmm data (no metadata.json)" if os.path.isdir(path) else "does not exist")
-            + "; give --world to generate a synthetic world there.")
-    try:
-        return ensure_world(path, FLAGS.world)
-    except (ValueError, OSError) as e:  # a directory of user files, a full disk
-        raise SettingsError(str(e)) from None
-
-
 def _config(cls, renames=None, **fixed):
     """A config dataclass from the flags of the same names, then `fixed`, validated.
 
@@ -183,7 +157,7 @@ def _verbose():
 
 
 def run_pretrain():
-    path = data_dir()
+    path = cli.data_dir()
     tree = RunTree.of(FLAGS.run_dir, path)
     config = _config(PRETRAIN, data_dir=path, verbose=_verbose(),
                      model_dir=_flag("model_dir", tree.model_dir("pretrain")),
@@ -200,7 +174,7 @@ def run_pretrain():
 
 
 def run_ctr():
-    path = data_dir()
+    path = cli.data_dir()
     tree = RunTree.of(FLAGS.run_dir, path)
     config = _config(CTR, data_dir=path, verbose=_verbose(),
                      model_dir=_flag("model_dir", tree.model_dir("ctr")),
@@ -241,16 +215,11 @@ def start():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    _startup.quiet_logging()
-    try:
-        start()
-        run_pretrain() if FLAGS.task == "pretrain" else run_ctr()
-    except SettingsError as e:  # a refused run: one line naming the flag, file or record
-        fail(str(e))
+    del argv
+    start()
+    run_pretrain() if FLAGS.task == "pretrain" else run_ctr()
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -167,7 +167,7 @@ class PartSink:
 
     def __init__(self, out_dir, data_dir, manifest, part_size):
         self.out_dir, self.part_size = out_dir, part_size
-        self.raw = schema.item_raw_ids(data_dir)
+        self.raw = schema.raw_ids(data_dir)
         claim_dir(out_dir, dict(manifest, layout=f"local parts of {part_size} items"),
                   inputs=(data_dir,))
         for path in glob.glob(os.path.join(out_dir, "part-*.parquet.tmp-*")):
