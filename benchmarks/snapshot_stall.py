@@ -19,18 +19,14 @@ import multiprocessing
 import tempfile
 import time
 
-from absl import app, flags
+import numpy as np
+import redis
+from absl import flags
 
-flags.DEFINE_integer("items", 100_000, "Items in the index.")
-flags.DEFINE_integer("dim", 128, "Vector dimension.")
-flags.DEFINE_float("seconds", 10.0, "Seconds each phase lasts.")
-flags.DEFINE_integer("ids", 300, "Ids per look-up.")
+from tfmm import cli
+from tfmm.index import FIRST_ID, RedisIndex
+
 FLAGS = flags.FLAGS
-
-import numpy as np  # noqa: E402
-import redis  # noqa: E402
-
-from tfmm.index import FIRST_ID, RedisIndex  # noqa: E402
 
 PREFIX = "tfmm-stall"
 
@@ -103,5 +99,13 @@ def main(argv):
         server.stop()
 
 
+def define_flags():
+    flags.DEFINE_integer("items", 100_000, "Items in the index.")
+    flags.DEFINE_integer("dim", 128, "Vector dimension.")
+    flags.DEFINE_float("seconds", 10.0, "Seconds each phase lasts.")
+    flags.DEFINE_integer("ids", 300, "Ids per look-up.")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)
