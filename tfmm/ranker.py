@@ -22,6 +22,7 @@ history for every candidate.
 
 from types import FunctionType
 
+import numpy as np
 import tensorflow as tf
 
 from tfmm.keras_compat import keras, register
@@ -97,7 +98,7 @@ class DINRanker(keras.Model):
     def __init__(self, vocab, max_history, method="id", vector_dim=None, make=None,
                  embedding_dim=16, attention_units=(80, 40), mlp_units=(200, 80),
                  activation="relu", num_tiers=10, simtier_output="fraction", batch_norm=False,
-                 embedding_shards=1, **kwargs):
+                 embedding_shards=1, start_as_id=True, **kwargs):
         if method not in METHODS:
             raise ValueError(f"DINRanker: method={method!r} is not one of {METHODS}.")
         if method != "id" and not vector_dim:
@@ -113,6 +114,10 @@ class DINRanker(keras.Model):
         # when it is built. The layers after the attention are made (lambdas)
         # when the graph first reaches them, so a seed gives the same weights
         # as the ranker built its layers in that order before.
+        # Which inputs of the MLP are the ID ranker's: filled by the first trace, before
+        # the first MLP layer is built (`_StartAsId`).
+        id_rows = []
+
         def embedding(rows, name):
             if embedding_shards > 1:
                 return ShardedEmbedding(rows, embedding_dim, embedding_shards, name=name)
@@ -140,14 +145,17 @@ class DINRanker(keras.Model):
             "features_bn": lambda: (keras.layers.BatchNormalization(
                 synchronized=tf.distribute.has_strategy(), name="features_bn")
                 if batch_norm else None),
-            "mlp": lambda: [keras.layers.Dense(units, activation=activation)
-                            for units in mlp_units],
+            "mlp": lambda: [keras.layers.Dense(
+                units, activation=activation,
+                kernel_initializer=(_StartAsId(id_rows) if i == 0 and start_as_id
+                                    else "glorot_uniform"))
+                for i, units in enumerate(mlp_units)],
             "ctr": lambda: keras.layers.Dense(1, activation="sigmoid", name="ctr"),
         }
         # === Functional model ===
         inputs = model_inputs(max_history, None if method == "id" else vector_dim)
         kwargs.setdefault("name", f"din_{method}")
-        traced = _FirstUse(layers)
+        traced = _FirstUse(layers, id_rows=id_rows)
         super().__init__(inputs=inputs, outputs=_forward(traced, inputs), **kwargs)
         for name in layers:
             setattr(self, name, getattr(traced, name))
@@ -159,6 +167,7 @@ class DINRanker(keras.Model):
         self.attention_units, self.mlp_units = tuple(attention_units), tuple(mlp_units)
         self.num_tiers, self.simtier_output, self.batch_norm = num_tiers, simtier_output, batch_norm
         self.embedding_shards = int(embedding_shards)
+        self.start_as_id = bool(start_as_id)
         self.rank_input_signature = rank_input_signature(self.max_history, self.vector_dim)
 
     def rank(self, inputs, training=False):
@@ -183,7 +192,7 @@ class DINRanker(keras.Model):
                 "attention_units": list(self.attention_units), "mlp_units": list(self.mlp_units),
                 "activation": self.activation, "num_tiers": self.num_tiers,
                 "simtier_output": self.simtier_output, "batch_norm": self.batch_norm,
-                "embedding_shards": self.embedding_shards}
+                "embedding_shards": self.embedding_shards, "start_as_id": self.start_as_id}
 
     @classmethod
     def from_config(cls, config):
@@ -223,11 +232,37 @@ def rank_input_signature(max_history, vector_dim=None):
     return specs
 
 
+class _StartAsId(keras.initializers.Initializer):
+    """Glorot-uniform over the rows of the ID ranker's inputs, drawn as the ID ranker
+    draws its whole kernel (same seed, fan-in and values), and zeros over the rest.
+
+    `rows` (one bool per input, True for the ID ranker's) may be filled after the
+    initializer is made, as long as it is before the kernel is built.
+    """
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.glorot = keras.initializers.GlorotUniform()  # its seed: where Dense draws one
+
+    def __call__(self, shape, dtype=None):
+        rows = np.asarray(self.rows, bool)
+        if rows.shape != (shape[0],):
+            raise ValueError(f"_StartAsId: {len(rows)} rows known for a kernel of shape "
+                             f"{tuple(shape)}.")
+        ids = self.glorot((int(rows.sum()), *shape[1:]), dtype=dtype)
+        ids = tf.concat([ids, tf.zeros([1, *shape[1:]], ids.dtype)], 0)  # the zero row
+        return tf.gather(ids, np.where(rows, np.cumsum(rows) - 1, len(ids) - 1))
+
+    def get_config(self):
+        return {"rows": [bool(r) for r in self.rows]}
+
+
 class _FirstUse:
     """Layers by name, each made on first use where given as a function."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, id_rows):
         self._layers = layers
+        self.id_rows = id_rows
 
     def __getattr__(self, name):
         layer = self._layers[name]
@@ -264,6 +299,11 @@ def _forward(n, x, training=None):
         parts.append(n.simtier(*vectors, mask=mask))
     if n.make is not None:
         parts.append(n.make(*vectors, mask=mask, training=training)[1])
+    if isinstance(n, _FirstUse):  # the MLP's inputs that the ID ranker has, leading each part
+        ids = (n.user_embedding.output_dim,) + 2 * (
+            n.item_embedding.output_dim + n.category_embedding.output_dim,)
+        n.id_rows[:] = [i < width for part, width in zip(parts, ids + (0,) * len(parts))
+                        for i in range(part.shape[-1])]
     h = n.features_concat(parts)
     if candidates:  # the head scores one row per example, as it was built
         h = tf.reshape(h, [-1, h.shape[-1]])
