@@ -67,7 +67,7 @@ from tfmm.index import is_empty, open_index, redact
 from tfmm.layers import MAKEBlock
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.optimizers import DenseGradientAdam
-from tfmm.ranker import METHODS, DINRanker, build_make_pretrainer
+from tfmm.ranker import MAKE_INTEGRATIONS, METHODS, DINRanker, build_make_pretrainer
 from tfmm.callbacks import EpochRecord, RefreshVectors, write_json
 
 # "adam" is Keras 3's, whose update for an embedding table's sparse gradient is
@@ -100,6 +100,8 @@ class CTRConfig:
     num_tiers: int = default_of(DINRanker, "num_tiers")
     simtier_output: str = default_of(DINRanker, "simtier_output")
     batch_norm: bool = default_of(DINRanker, "batch_norm")
+    start_as_id: bool = default_of(DINRanker, "start_as_id")
+    make_integration: str = default_of(DINRanker, "make_integration")
     refresh_vectors: bool = False  # re-read the index at every epoch (near-line)
     optimizer: str = "adam"
     learning_rate: float = 1e-3
@@ -120,6 +122,9 @@ class CTRConfig:
                           ("max_history", 0), ("embedding_dim", 1), ("num_tiers", 1)):
             if getattr(self, name) < low:
                 raise SettingsError(f"--{name}={getattr(self, name)} must be >= {low}.")
+        if self.make_integration not in MAKE_INTEGRATIONS:
+            raise SettingsError(f"--make_integration={self.make_integration!r} is not one of "
+                                f"{MAKE_INTEGRATIONS}.")
         if self.simtier_output not in SIMTIER_OUTPUTS:
             raise SettingsError(f"--simtier_output={self.simtier_output!r} is not one of "
                                 f"{SIMTIER_OUTPUTS}.")
@@ -173,8 +178,11 @@ class TestSet:
                                 max_history=self.length, vectors=self.vectors,
                                 features=features, validate=False)
 
-    def predict(self, model):
+    def predict(self, model, fn=None):
+        """P(click) of every test impression by `model`, or by `fn(features)`."""
         batches = self._batches(list(model.input))
+        if fn is not None:
+            return np.concatenate([fn(x).numpy()[:, 0] for x, _ in batches])
         if self.strategy is None:
             return model.predict(batches, verbose=0)[:, 0]
         # Under a strategy the chief predicts alone (tfmm.distribute.predictor).
@@ -459,7 +467,9 @@ def _run(config, vectors, pretrain_config):
                           make=make, embedding_dim=config.embedding_dim,
                           attention_units=config.attention_units, mlp_units=config.mlp_units,
                           num_tiers=config.num_tiers, simtier_output=config.simtier_output,
-                          batch_norm=config.batch_norm, embedding_shards=shards)
+                          batch_norm=config.batch_norm, embedding_shards=shards,
+                          start_as_id=config.start_as_id,
+                          make_integration=config.make_integration)
     print(f"training the {config.model} ranker for {config.epochs} epoch(s) ...", flush=True)
     epochs = _fit(model, config, _train_data(config, length, vectors, model), config.epochs, test,
                   config.model_dir, refresh, strategy=strategy)
@@ -477,6 +487,9 @@ def _run(config, vectors, pretrain_config):
     if config.uses_make:
         result["make"] = {"pretrain_epochs": config.make_epochs,
                           "trainable": config.make_trainable, "epochs": make_epochs}
+        if model.make_head is not None:  # the same run without MAKE's head: what MAKE adds
+            result["make"]["without_make"] = test.summary(
+                test.predict(model, tf.function(model.without_make)))
     if refresh:
         result["vector_refreshes"] = refresh[0].values
     if source:

@@ -213,6 +213,15 @@ class DINRanker(keras.Model):
              for s in self.rank_input_signature}
         return tf.squeeze(_forward(self, x, training=training), -1)
 
+    def without_make(self, inputs):
+        """P(click) [B, 1] of a residual-MAKE ranker's own part: the ranker without MAKE,
+        trained on the same steps (what MAKE's head adds is the difference)."""
+        if self.make_head is None:
+            raise ValueError(f"DINRanker.without_make: method={self.method!r} with "
+                             f"make_integration={self.make_integration!r} has no residual "
+                             "MAKE.")
+        return _forward(self, inputs, training=False, own=True)[1][0]
+
     def train_step(self, data):
         """Keras' step, or with a residual MAKE one that adds each part's own loss: the
         ranker without MAKE trains on its logit's loss, the head on the sum's, and

@@ -48,7 +48,7 @@ from tfmm import _startup, ctr, distribute, parameter_server, pretrain as pretra
 from tfmm.config import SettingsError, define_flags, from_flags
 from tfmm.data import schema
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
-from tfmm.ranker import METHODS
+from tfmm.ranker import MAKE_INTEGRATIONS, METHODS
 from tfmm.scl import POSITIVE_TOWERS
 
 CTR, PRETRAIN = ctr.CTRConfig, pretraining.PretrainConfig
@@ -95,6 +95,13 @@ define_flags(CTR, {
     "simtier_output": "SimTier's histogram in the ranker: fractions of the history, "
                       "log(1 + count) or raw counts (the paper's; they trained worse here).",
     "batch_norm": "Batch-normalise the ranker's MLP input (as the DIN reference code does).",
+    "start_as_id": "Multimodal features enter the ranker's MLP with zero weights, so it starts "
+                   "as the ID ranker of the same seed; false: Glorot weights for them too (a "
+                   "plain concatenation, as the paper).",
+    "make_integration": "How MAKE's knowledge joins the ranker: residual (the ranker without "
+                        "MAKE trains on its own loss; a head over MAKE's knowledge adds to its "
+                        "logit, so MAKE cannot make it worse) or concat (concatenated before "
+                        "the MLP, as the paper).",
     "refresh_vectors": "Re-read the index table at every epoch, so vectors the encoder "
                        "service writes meanwhile join training (near-line).",
     "strategy": "tf.distribute strategy: none (one process, Keras fit), mirrored (this "
@@ -107,6 +114,7 @@ define_flags(CTR, {
                  "row looked up n times in a batch sums n squares instead of squaring the "
                  "sum; dense_adam is Adam's (as tf-keras'), and faster.",
 }, choices={"model": METHODS, "simtier_output": SIMTIER_OUTPUTS,
+            "make_integration": MAKE_INTEGRATIONS,
             "optimizer": list(ctr.OPTIMIZERS), "strategy": distribute.STRATEGIES})
 flags.DEFINE_integer("pretrain_epochs", PRETRAIN.epochs, "Pre-training epochs when --task=ctr "
                      "finds the index empty.", lower_bound=0)
