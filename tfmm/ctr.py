@@ -461,6 +461,9 @@ def _run(config, vectors, pretrain_config):
     parameter_servers = isinstance(strategy, tf.distribute.ParameterServerStrategy)
     shards = (parameter_server.num_parameter_servers(parameter_server.cluster_resolver(strategy))
               if parameter_servers else 1)
+    # The ranker's weights are the seed's alone, whatever MAKE drew: a multimodal ranker
+    # starts as the ID ranker of its seed (start_as_id).
+    keras.utils.set_random_seed(config.seed)
     with distribute.scope(strategy):
         model = DINRanker(vocab, length, method=config.model,
                           vector_dim=None if vectors is None else vectors.table.shape[1],
