@@ -76,7 +76,7 @@ import time
 
 from absl import app, flags
 
-from tfmm import ctr, pretrain
+from tfmm import ctr, outputs, pretrain
 
 flags.DEFINE_string("ratings", None, "ratings.csv (userId,movieId,rating,timestamp), "
                     "ratings.dat (UserID::MovieID::Rating::Timestamp) or ML-100K's u.data.")
@@ -129,7 +129,7 @@ from tfmm.data import schema  # noqa: E402
 
 from pipelines.movielens_data import convert, export_tfds, image_source  # noqa: E402
 from pipelines.runs import (NAMES, Runs, frequency_gains, mean_std, method_table,  # noqa: E402
-                            write_report)
+                            pipeline_dir, write_report)
 
 # Everything the work directory's contents depend on; --seeds and --methods add runs.
 SETTINGS = ("click_rating", "category", "genres_in_title", "test_fraction", "max_history",
@@ -231,11 +231,12 @@ def main(argv):
 def run():
     start = time.time()
     work, out = FLAGS.work_dir, FLAGS.out_dir
+    given = [FLAGS.ratings, FLAGS.movies, FLAGS.posters_dir, FLAGS.posters, FLAGS.plots]
+    for path, flag in ((work, "work_dir"), (out, "out_dir")):  # before anything is written
+        outputs.check_output_dir(path, flag, given, pipeline_dir)
     if FLAGS.tfds:
         if FLAGS.ratings or FLAGS.movies:
             raise ValueError(f"--tfds={FLAGS.tfds} and --ratings/--movies: pass one source.")
-        paths = export_tfds(FLAGS.tfds, os.path.join(work, "tfds"))
-        ratings, movies = paths["ratings"], paths["movies"]
     elif not (FLAGS.ratings and FLAGS.movies):
         raise ValueError("--ratings and --movies are required (or --tfds).")
     else:
@@ -254,7 +255,10 @@ def run():
     except ValueError:
         raise ValueError(f"--seeds={','.join(FLAGS.seeds)}: want integers.") from None
     modality = FLAGS.modality or ("image" if FLAGS.posters_dir or FLAGS.posters else "text")
-    os.makedirs(work, exist_ok=True)
+    outputs.claim_dir(work, "work_dir", given, pipeline_dir, "pipelines.movielens")
+    if FLAGS.tfds:
+        paths = export_tfds(FLAGS.tfds, os.path.join(work, "tfds"))
+        ratings, movies = paths["ratings"], paths["movies"]
     data_dir, counts = prepared(work, ratings, movies)
     meta = schema.read_metadata(data_dir)
 
@@ -269,7 +273,7 @@ def run():
     vectors, encoder, index = runs.encoder(data_dir, FLAGS.pretrain_epochs, modality)
     results = runs.methods(data_dir, vectors, index, modality, seeds, FLAGS.methods)
     table, summary = method_table(results)
-    os.makedirs(out, exist_ok=True)
+    outputs.claim_dir(out, "out_dir", given, pipeline_dir, "pipelines.movielens")
     gains_lines, gains = frequency_gains(results, os.path.join(out, "gains.png"),
                                          "MovieLens: gains over ID by item training frequency")
 

@@ -21,11 +21,12 @@ pipeline is run again, so a killed pipeline resumes where it stopped.
 
 import dataclasses
 import os
+import sys
 import time
 
 from absl import app, flags
 
-from tfmm import ctr, pretrain
+from tfmm import ctr, outputs, pretrain
 
 flags.DEFINE_enum("world", "small", ["tiny", "small", "large"], "World (generated if missing).")
 flags.DEFINE_string("data_dir", None, "Data directory (default data/<world>).")
@@ -55,7 +56,7 @@ from tfmm.data import world as world_lib  # noqa: E402
 from tfmm.data.synthetic import ensure_world, write_world  # noqa: E402
 
 from pipelines.runs import (NAMES, Runs, frequency_gains, line_plot, method_table,  # noqa: E402
-                            write_report)
+                            pipeline_dir, write_report)
 
 
 def table3(runs, data_dir, seeds, tag, methods):
@@ -87,11 +88,15 @@ def main(argv):
         raise app.UsageError(f"--methods={','.join(FLAGS.methods)}: want some of "
                              f"{list(NAMES)}, id and simtier_make among them.")
     out = FLAGS.out_dir
-    os.makedirs(out, exist_ok=True)
+    try:
+        outputs.claim_dir(out, "out_dir", owned=pipeline_dir, command="pipelines.paper")
+    except ValueError as e:  # a folder of user files
+        sys.exit(str(e))
     seeds = [int(s) for s in FLAGS.seeds]
     data_dir = ensure_world(FLAGS.data_dir or os.path.join("data", FLAGS.world), FLAGS.world)
     runs = Runs(FLAGS.runs_dir, FLAGS.batch_size, FLAGS.make_epochs, FLAGS.make_target_in_mlp,
-                pretrain_settings={"momentum": 0.99})
+                # Exactly --pretrain_epochs (Fig. 6a sweeps them): no minimum of steps.
+                pretrain_settings={"momentum": 0.99, "min_steps": 0})
     ranker = runs.ranker
     vectors, encoder, index = runs.encoder(data_dir, FLAGS.pretrain_epochs, "main")
     acc = encoder["acc@1"]

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tfmm import ctr, pretrain  # noqa: E402
+from tfmm import ctr, outputs, pretrain  # noqa: E402
 from tfmm.data import schema  # noqa: E402
 from tfmm.index import open_index  # noqa: E402
 
@@ -169,6 +169,13 @@ def line_plot(path, title, xlabel, ylabel, series):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def pipeline_dir(directory):
+    """Whether a pipeline wrote `directory` (`tfmm.outputs`): it is marked, or was written
+    before the marker: a report (report.json) or a work directory (inputs.json)."""
+    return outputs.written_by_tfmm(directory) or any(
+        os.path.exists(os.path.join(directory, name)) for name in ("report.json", "inputs.json"))
 
 
 def write_report(out, lines, report):

@@ -295,7 +295,7 @@ def _cli(tiny_dir, runs, *extra):
 
 def test_cli_fills_an_empty_index_then_trains_and_exports(tiny_dir, tmp_path):
     proc = subprocess.run(
-        _cli(tiny_dir, tmp_path, "--model=simtier_make", "--pretrain_epochs=1",
+        _cli(tiny_dir, tmp_path, "--model=simtier_make", "--pretrain_epochs=1", "--min_steps=0",
              "--pretrain_batch_size=32",
              "--queue_size=128", "--dim=16", "--make_epochs=1", "--make_units=16,8,4,1"),
         capture_output=True, text=True, env=ENV)
@@ -314,17 +314,18 @@ def test_cli_fills_an_empty_index_then_trains_and_exports(tiny_dir, tmp_path):
 def test_cli_on_an_empty_index_pretrains_on_what_the_data_has_and_says_so(tmp_path):
     own = own_data_dir(tmp_path)
     proc = subprocess.run(
-        _cli(own, tmp_path, "--model=simtier", "--pretrain_epochs=1", "--pretrain_batch_size=32",
+        _cli(own, tmp_path, "--model=simtier", "--pretrain_epochs=1", "--min_steps=0",
+             "--pretrain_batch_size=32",
              "--queue_size=128", "--dim=8"), capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    source = ("generic, on the 240 item images (two augmentations of an image are a pair); "
-              "image tower (no triplets for SCL)")
+    source = ("image_title, on the 216 items with an image and a title (24 held out for "
+              "Acc@N); both towers' vectors fused (no triplets for SCL)")
     assert f"pre-training: {source}" in proc.stdout
     result = json.load(open(tmp_path / "ctr" / "metrics.json"))
     assert result["pretrain_source"] == source and result["missing_item_vectors"] == 0
     pretrained = json.load(open(tmp_path / "pretrain" / "metrics.json"))["config"]
     # Not centred by default: the data dir's pairs do not come from clicks (it has none).
-    assert pretrained["objective"] == "generic" and not pretrained["center_vectors"]
+    assert pretrained["objective"] == "image_title" and not pretrained["center_vectors"]
 
     # Items with neither an image nor a title: one line, nothing written.
     blank_content(own, images=range(2, 242), titles=range(2, 242))
@@ -363,6 +364,46 @@ def test_cli_bad_flags_are_one_line_errors(tiny_dir, tmp_path):
     assert not typo.exists()
 
 
+def damaged_copy(tiny_dir, tmp_path, edit):
+    """A copy of the tiny world whose metadata.json `edit` (a function of the dict) changed."""
+    copy = tmp_path / "damaged"
+    shutil.copytree(tiny_dir, copy)
+    meta = json.load(open(copy / "metadata.json"))
+    edit(meta)
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    return copy
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("vocab"), "'vocab' is missing (want {'num_items': int, 'num_users': int, "
+     "'num_categories': int, ...}); the data directory is damaged: prepare or generate it "
+     "again."),
+    (lambda m: m["counts"].update({"impressions/train": 9000}),
+     "counts 9000 records of impressions/train, its files hold 4500; the data directory is "
+     "damaged: prepare or generate it again."),
+])
+def test_metadata_that_the_files_contradict_is_one_line_before_anything_is_written(
+        tiny_dir, tmp_path, edit, message):
+    data_dir = damaged_copy(tiny_dir, tmp_path, edit)
+    path = data_dir / "metadata.json"
+    assert _refused(_cli(str(data_dir), tmp_path, "--model=id")) == f"--data_dir: {path}" + (
+        ": " if "vocab" in message else " ") + message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]  # no ctr/, no export/
+
+
+@pytest.mark.parametrize("url, server", [
+    ("redis://:pw-s3cret@127.0.0.1:1/0", "127.0.0.1:1"),
+    ("unix:///nonexistent/redis.sock?prefix=x", "/nonexistent/redis.sock"),
+])
+def test_an_unreachable_index_server_is_one_line_before_anything_is_written(
+        tiny_dir, tmp_path, url, server):
+    proc = subprocess.run(_cli(tiny_dir, tmp_path, "--model=simtier", f"--index={url}"),
+                          capture_output=True, text=True, env=ENV)
+    assert _error_line(proc).startswith(f"--index: Redis index at {server} is unreachable: ")
+    assert "pw-s3cret" not in proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def _kill_after_backup(cmd, out, epoch):
     """Runs `cmd` and kills it with SIGKILL as soon as `out`'s backup marks `epoch` done.
 
@@ -384,6 +425,30 @@ def _kill_after_backup(cmd, out, epoch):
     # The kill came after the backup and before the run's next epoch ended.
     assert json.loads(metadata.read_text())["epoch"] == epoch
     return [e["epoch"] for e in json.load(open(out / "epochs.json"))]
+
+
+def _torn_backup(cmd, out, epoch):
+    """Runs `cmd` (a ``python -m`` command) and kills it while it writes `out`'s backup of
+    `epoch`, leaving that file truncated (tests/torn_backup.py); the epochs epochs.json
+    lists at the kill."""
+    module = cmd.index("-m") + 1
+    proc = subprocess.run([*cmd[:module], "tests.torn_backup", str(epoch), str(out / "backup"),
+                           *cmd[module:]], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    return [e["epoch"] for e in json.load(open(out / "epochs.json"))]
+
+
+def test_a_kill_while_the_backup_is_written_resumes(tiny_dir, tmp_path):
+    cmd = _cli(tiny_dir, tmp_path, "--model=id", "--epochs=3", "--batch_size=32", "--export_dir=")
+    # Epoch 2's metrics were written before its backup, which the kill tore.
+    assert _torn_backup(cmd, tmp_path / "ctr", 2) == [1, 2]
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # Resumed from epoch 1's backup: epoch 2 trained again, its entry replaced.
+    assert "Epoch 1/3" not in rerun.stdout and "Epoch 2/3" in rerun.stdout
+    result = json.load(open(tmp_path / "ctr" / "metrics.json"))
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3]
+    assert not (tmp_path / "ctr" / "backup").exists()
 
 
 def test_killed_run_resumes_from_its_last_epoch_with_every_epochs_metrics(tiny_dir, tmp_path):
@@ -424,3 +489,19 @@ def test_killed_make_pretraining_leaves_its_directory_to_one_run(tiny_dir, oracl
     result = json.load(open(tmp_path / "ctr" / "metrics.json"))
     assert [e["epoch"] for e in result["make"]["epochs"]] == [1, 2, 3]
     assert result["make"]["epochs"][:2] == shared["make"]["epochs"]
+
+
+def test_a_kill_while_makes_backup_is_written_resumes(tiny_dir, oracle, tmp_path):
+    index = SQLiteIndex(tmp_path / "index.db", dim=oracle.table.shape[1])
+    index.claim(schema.catalogue_fingerprint(tiny_dir))
+    ids = np.flatnonzero(oracle.present)
+    index.put(ids, oracle.table[ids])
+    index.close()
+    cmd = _cli(tiny_dir, tmp_path, "--model=make", "--make_epochs=3", "--make_units=16,8,4,1",
+               "--batch_size=64", "--export_dir=")
+    assert _torn_backup(cmd, tmp_path / "ctr" / "make", 2) == [1, 2]
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Epoch 2/3" in rerun.stdout  # MAKE's epoch 2 again, from epoch 1's backup
+    result = json.load(open(tmp_path / "ctr" / "metrics.json"))
+    assert [e["epoch"] for e in result["make"]["epochs"]] == [1, 2, 3]

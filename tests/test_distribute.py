@@ -125,7 +125,7 @@ def test_a_worker_killed_mid_epoch_resumes_with_every_epoch_once(tiny_dir, tmp_p
 # 3e-3 from one process after an epoch here (float rounding of the cross-replica variance that
 # Adam magnifies, we believe); tests/scl_replicas.py checks BatchNorm over 3 steps at 1e-5.
 PRETRAIN_FLAGS = ["--epochs=1", "--batch_size=32", "--queue_size=128", "--dim=16",
-                  "--modality=text"]
+                  "--modality=text", "--min_steps=0"]
 
 
 def _pretrain_cmd(tiny_dir, runs):
@@ -209,3 +209,52 @@ def test_equal_slices_keep_a_static_batch_size():
 def test_strategy_none_is_one_process():
     assert distribute.strategy("none") is None and distribute.is_chief(None)
     assert distribute.chief_value(None, 7) == 7
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_kill_while_a_checkpoint_is_written_resumes(tmp_path, monkeypatch):
+    """The --strategy path's backup (tf.train.CheckpointManager): a checkpoint counts once
+    the state file names it, which TensorFlow replaces atomically after the checkpoint's
+    files are whole; a kill before then leaves the previous one in force."""
+    import keras
+
+    from tfmm.callbacks import EpochRecord
+
+    strategy = distribute.strategy("mirrored")
+    backup = str(tmp_path / "backup")
+    x = np.arange(16, dtype="float32").reshape(8, 2)
+
+    def fit(starts):
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+            model.compile(keras.optimizers.SGD(0.01), "mse")
+        record = EpochRecord(str(tmp_path / "epochs.json"), backup)
+        begin = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, _: starts.append(e + 1))
+        distribute.fit(model, strategy,
+                       lambda _: tf.data.Dataset.from_tensor_slices((x, x[:, :1])).batch(4), 3,
+                       backup, chief_callbacks=[record, begin], verbose=0)
+        return [v["epoch"] for v in record.values]
+
+    record_state = tf.train.CheckpointManager._record_state
+
+    def torn(manager):
+        if manager.latest_checkpoint.endswith("ckpt-2"):  # written, then cut by the kill
+            for path in tf.io.gfile.glob(f"{backup}/ckpt-2*"):
+                with open(path, "r+b") as f:
+                    f.truncate(min(96, os.path.getsize(path)))
+            raise _Killed
+        record_state(manager)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "_record_state", torn)
+    starts = []
+    with pytest.raises(_Killed):
+        fit(starts)
+    monkeypatch.undo()
+    assert starts == [1, 2] and tf.train.latest_checkpoint(backup).endswith("ckpt-1")
+    starts = []
+    assert fit(starts) == [1, 2, 3]
+    assert starts == [2, 3]  # epoch 2 again, from epoch 1's checkpoint
+    assert not os.path.exists(backup)

@@ -15,7 +15,7 @@ from tfmm.data import reader, schema
 from tfmm.export import export_saved_model
 from tfmm.index import open_index
 from tfmm.pretrain import PretrainConfig, run
-from tfmm.serving.encoding import (Encoder, IndexSink, PartSink, embed_catalogue,
+from tfmm.serving.encoding import (Encoder, IndexSink, PartSink, claim_dir, embed_catalogue,
                                    job_manifest)
 from tfmm.towers import text_tower
 
@@ -195,7 +195,9 @@ def test_beam_direct_runner_gives_the_same_vectors(world, tmp_path):
     index = open_index(index_path)
     assert index.catalogue() == world["catalogue"]
     assert_same_as_pretraining(world, index.ids(), index.get(index.ids())[0])
-    os.makedirs(f"{out}/beam-temp-part-0123")  # as a killed run leaves it
+    # As a killed run leaves it: its claim (written first), Beam's temporary files.
+    claim_dir(out, dict(job, layout="beam, 2 shards"))
+    os.makedirs(f"{out}/beam-temp-part-0123")
     embed_beam.run(encoder, world["data_dir"], job, ["--runner=DirectRunner"], out_dir=out,
                    batch_size=16, shards=2)
     assert sorted(os.listdir(out)) == ["_embed.json", "part-00000-of-00002.parquet",

@@ -34,6 +34,9 @@ def test_versions_increase_and_text_signature(tmp_path):
     (tmp_path / "notes").mkdir()
     assert next_version(str(tmp_path)) == 8
     tower = text_tower(["red", "mug"], dim=4)
+    with pytest.raises(ValueError, match="is a non-empty directory tfmm did not write"):
+        export_saved_model(tower, str(tmp_path), "vector")  # a base holds versions only
+    (tmp_path / "notes").rmdir()
     path = export_saved_model(tower, str(tmp_path), "vector")
     assert path.endswith("8")
     serve = tf.saved_model.load(path).signatures["serving_default"]
@@ -75,9 +78,17 @@ def test_staging_left_by_a_killed_exporter_is_removed_by_the_next_export(tmp_pat
              "not ours": ".tmp-notes"}
     for name in names.values():
         os.makedirs(tmp_path / name / "variables")
-    export_saved_model(text_tower(["red", "mug"], dim=4), str(tmp_path), "vector")
+    assert export.remove_abandoned_staging(str(tmp_path)) == [str(tmp_path / names["dead"])]
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["1"] + [names[k] for k in ("running", "other host", "not ours")])
+        [names[k] for k in ("running", "other host", "not ours")])
+    tower = text_tower(["red", "mug"], dim=4)
+    with pytest.raises(ValueError, match="is a non-empty directory tfmm did not write"):
+        export_saved_model(tower, str(tmp_path), "vector")  # .tmp-notes: not a version
+    os.rmdir(tmp_path / names["not ours"] / "variables")
+    os.rmdir(tmp_path / names["not ours"])
+    export_saved_model(tower, str(tmp_path), "vector")
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["1"] + [names[k] for k in ("running", "other host")])
 
 
 @pytest.mark.slow

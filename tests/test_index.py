@@ -1,3 +1,4 @@
+import contextlib
 import json
 import multiprocessing
 import os
@@ -357,7 +358,8 @@ def locked(tmp_path_factory):
          f"--data_dir={root}/tiny", f"--model_dir={runs}/ctr", f"--export_dir={runs}/ranker",
          f"--index={url}", f"--pretrain_model_dir={runs}/pretrain",
          f"--encoder_export_dir={runs}/encoder", "--model=simtier", "--pretrain_epochs=1",
-         "--pretrain_batch_size=32", "--queue_size=128", "--dim=8", "--embedding_dim=8",
+         "--min_steps=0", "--pretrain_batch_size=32", "--queue_size=128", "--dim=8",
+         "--embedding_dim=8",
          "--attention_units=8", "--mlp_units=16", "--batch_size=256"],
         capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     yield server, root, proc
@@ -716,3 +718,67 @@ def test_parquet_is_recognised_by_its_bytes_or_any_parquet_name(prepared, tmp_pa
 
     path, _ = _write(tmp_path / name, ["sku-2"], [[0, 1]], "parquet")
     assert files.import_vectors(str(tmp_path / "i.db"), prepared, path)["items"] == 1
+
+
+def test_import_to_a_folder_is_one_line_and_creates_nothing(prepared, tmp_path):
+    path, _ = _write(tmp_path / "v.parquet", RAW_ITEMS, np.eye(4, 6), "parquet")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    proc = _index_cli("import", f"--data_dir={prepared}", f"--vectors={path}",
+                      f"--index={folder}")
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"{folder} is a directory; an index is a file (e.g. {folder}/vectors.db).")
+    assert not any(folder.iterdir())
+
+
+@pytest.mark.slow
+def test_import_onto_a_full_disk_is_one_line_and_leaves_no_index(prepared, tmp_path):
+    from tests.test_prepare import _disk_limit
+
+    # 4 x 32768 float32: 512 KB, past the 64 KB the process may write.
+    path, _ = _write(tmp_path / "v.parquet", RAW_ITEMS,
+                     np.random.default_rng(0).normal(size=(4, 32768)), "parquet")
+    index = tmp_path / "index" / "vectors.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfmm.index", "import", f"--data_dir={prepared}",
+         f"--vectors={path}", f"--index={index}"],
+        capture_output=True, text=True, preexec_fn=_disk_limit(64 << 10),
+        env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"{index}: disk I/O error (SQLite); nothing was written."], proc.stderr[-2000:]
+    assert list((tmp_path / "index").iterdir()) == []  # no idx.db, -wal or -shm
+
+
+@pytest.mark.parametrize("pages", [2, 12])  # full while creating the index, or at the put
+def test_a_full_disk_leaves_no_new_index_and_an_old_one_unchanged(prepared, tmp_path,
+                                                                  monkeypatch, pages):
+    import sqlite3
+
+    from tfmm.index import files
+
+    connect = sqlite3.connect
+
+    def small_disk(*args, **kwargs):  # SQLite's own "database or disk is full"
+        db = connect(*args, **kwargs)
+        db.execute(f"PRAGMA max_page_count={pages}")  # never below the file's size
+        return db
+
+    vectors = np.random.default_rng(0).normal(size=(4, 4096))  # 16 KB each
+    half, _ = _write(tmp_path / "half.parquet", RAW_ITEMS[:2], vectors[:2], "parquet")
+    whole, _ = _write(tmp_path / "whole.parquet", RAW_ITEMS, vectors, "parquet")
+    old = tmp_path / "old.db"
+    files.import_vectors(str(old), prepared, half)
+    with contextlib.closing(SQLiteIndex(old)) as index:
+        before = index.get(np.arange(2, 6)), index.versions(np.arange(2, 6))
+    monkeypatch.setattr(sqlite3, "connect", small_disk)
+    for target in (tmp_path / "new.db", old):
+        with pytest.raises(OSError, match=r"db: database or disk is full \(SQLite\); nothing "
+                                          r"was written\.$"):
+            files.import_vectors(str(target), prepared, whole)
+    monkeypatch.undo()
+    assert not list(tmp_path.glob("new.db*"))  # not even an empty index without a width
+    with contextlib.closing(SQLiteIndex(old)) as index:
+        after = index.get(np.arange(2, 6)), index.versions(np.arange(2, 6))
+    for a, b in zip([*before[0], *before[1]], [*after[0], *after[1]]):
+        np.testing.assert_array_equal(a, b)
+    assert before[0][1].sum() == 2  # two of the four items had vectors

@@ -197,8 +197,10 @@ def test_each_starting_point_ends_in_a_ranker_an_export_and_a_prediction(route, 
         with open(runs / "vectors.csv", encoding="utf-8", newline="") as f:
             exported = {row[0] for row in list(csv.reader(f))[1:]}
         items = pq.read_table(root / "my_data" / "items.parquet.snappy").to_pydict()
-        with_image = {i for i, image in zip(items["item_id"], items["image"]) if image}
-        assert exported == with_image  # by raw id, every item with an image
+        # By raw id, every item with an image or a title (fused image <-> title vectors).
+        with_content = {i for i, image, title in zip(items["item_id"], items["image"],
+                                                     items["title"]) if image or title}
+        assert exported == with_content
 
 
 def _untrained(root, *flags):

@@ -4,6 +4,7 @@ import csv
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -77,7 +78,8 @@ def test_histories_split_and_vocabularies(inputs):
     meta = prepare(log, items, out, images_dir=images, max_history=2, test_fraction=0.25)
     assert meta["counts"] == {"impressions/train": 9, "impressions/test": 3, "items": 4}
     assert meta["split_timestamp"] == 170 and meta["side_features"] == ["device"]
-    assert meta["oov"] == {"test_users": 1, "unknown_items": 0}
+    assert meta["oov"] == {"test_users": 1, "test_user_impressions": 1,  # carol, once
+                           "unknown_item_impressions": 0}
     users, item_names, devices = vocab(out, "users"), vocab(out, "items"), vocab(out, "side-device")
     assert sorted(users.values()) == ["alice", "bob"]
 
@@ -306,7 +308,7 @@ def test_unknown_items_can_map_to_oov(inputs):
     tmp, _, items, _ = inputs
     log, _ = _bad_inputs(tmp, "unknown item")
     meta = prepare(log, items, str(tmp / "out"), unknown_items="oov")
-    assert meta["oov"]["unknown_items"] == 1
+    assert meta["oov"]["unknown_item_impressions"] == 1
     f, _ = read_split(str(tmp / "out"), "train")
     assert (f["item_id"] == schema.OOV_ID).sum() == 1
 
@@ -322,6 +324,8 @@ def test_cli_reports_bad_input_in_one_line_and_keeps_old_output(inputs):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "duplicates {'dropped': False, 'impressions': 2}" in proc.stdout
+    assert ("out of vocabulary: 0 test users not in training (0 test impressions, user id 1), "
+            "0 impressions of items not in --items (item id 1)") in proc.stdout  # bob at 190
     assert "2 impressions repeat an earlier one in every column; kept (--drop_duplicates " \
            "drops them)." in proc.stdout
     before = json.loads((out / "metadata.json").read_text())
@@ -335,6 +339,30 @@ def test_cli_reports_bad_input_in_one_line_and_keeps_old_output(inputs):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"{log}: row 7, column 'timestamp': '{10**30}' is outside the int64 range.")
     assert json.loads((out / "metadata.json").read_text()) == before
+
+    # A full disk: the process may write 2 KB (its writes past that fail with EFBIG).
+    write_csv(log, ["user_id", "item_id", "label", "timestamp", "device"], LOG)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
+                          preexec_fn=_disk_limit(2048))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.fullmatch(
+        rf"{out}: cannot write (impressions/train|impressions/test|items) \(File too large\); "
+        rf"{out} is left as it was\.", proc.stderr.strip().splitlines()[-1]), proc.stderr
+    assert json.loads((out / "metadata.json").read_text()) == before
+    assert sorted(os.listdir(tmp)) == sorted(["impressions.csv", "items.csv", "images", "out"])
+
+
+def _disk_limit(size):
+    """preexec_fn of a process whose files cannot grow past `size` bytes: its writes fail
+    with EFBIG, as on a full disk (SIGXFSZ ignored, so the write returns the error)."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return limit
 
 
 def write_parquet(path, columns, compression="snappy"):
@@ -628,8 +656,12 @@ def test_records_and_vocabularies_equal_a_row_by_row_reference(tmp_path, drop_du
     assert parsed(out, "impressions/test") == test
     for name, raw in vocabs.items():
         assert list(vocab(out, name).values()) == raw, name
-    assert meta["oov"]["test_users"] == sum(r["user_id"] == [schema.OOV_ID] for r in test) > 0
-    assert meta["oov"]["unknown_items"] == sum(
+    # Users and their impressions, each counted as what it is: 3 users, many impressions.
+    unseen = {r[0] for r in log if r[3] >= 150} - {r[0] for r in log if r[3] < 150}
+    assert meta["oov"]["test_users"] == len(unseen) == 3
+    assert meta["oov"]["test_user_impressions"] == sum(
+        r["user_id"] == [schema.OOV_ID] for r in test) > 3
+    assert meta["oov"]["unknown_item_impressions"] == sum(
         r["item_id"] == [schema.OOV_ID] for r in train + test) > 0
     assert meta["duplicates"]["impressions"] == len(log) - len(set(log)) > 0
 

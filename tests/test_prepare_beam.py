@@ -102,9 +102,11 @@ def inputs(tmp_path):
     return tmp_path, items, str(images)
 
 
-# Duplicates (rows 1 and 13; a click tie at 120), an unknown item, and a test-only user.
+# Duplicates (rows 1 and 13; a click tie at 120), an unknown item, and a test-only user
+# (carol, twice: one user, two impressions).
 MORE = LOG + [("alice", "i1", 1, 100, "ios"), ("bob", "i9", 1, 125, "web"),
-              ("bob", "i1", 1, 120, "tv"), ("alice", "i1", 1, 100, "ios")]
+              ("bob", "i1", 1, 120, "tv"), ("alice", "i1", 1, 100, "ios"),
+              ("carol", "i3", 0, 195, "tv")]
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -122,9 +124,10 @@ def test_log_in_shards_gives_the_local_output_of_the_whole_log(inputs, kwargs):
     prepare_beam(str(tmp / "part-*.csv"), items, str(tmp / "beam"), **kwargs)
     meta = assert_same(tmp / "local", tmp / "beam", differ=("files", "inputs"))
     assert meta["inputs"]["impressions"] == str(tmp / "part-*.csv")
-    assert meta["duplicates"]["impressions"] == 2 and meta["oov"]["unknown_items"] == 1
+    assert meta["duplicates"]["impressions"] == 2 and meta["oov"]["unknown_item_impressions"] == 1
     assert meta["missing"] == {"images": 1 if kwargs["images_dir"] else 4, "titles": 1}
     assert meta["side_features"] == ["device"]
+    assert meta["oov"]["test_users"] == 1 and meta["oov"]["test_user_impressions"] == 2
 
 
 # One of each kind: a log file's, an unknown item (counted over the log), an items file's,

@@ -23,8 +23,8 @@ from tfmm.metrics import acc_at_n, neighbours_same_label, same_label_chance
 from tfmm.pretrain import (Catalogue, PretrainConfig, SettingsError, build_tower, choose_source,
                            evaluate, run, training_data, word_dropout)
 from tfmm.towers import BACKBONES, image_tower, preset_text_tower
-from tests.test_ctr import (ENV, _error_line, _kill_after_backup, _refused, blank_content,
-                            own_data_dir)
+from tests.test_ctr import (ENV, _error_line, _kill_after_backup, _refused, _torn_backup,
+                            blank_content, damaged_copy, own_data_dir)
 
 pytestmark = pytest.mark.slow  # trains models or runs the CLIs
 
@@ -39,7 +39,7 @@ def test_cli_trains_exports_and_indexes(tiny_dir, tmp_path):
     cmd = [sys.executable, "-m", "tfmm.train", "--flagfile=configs/pretrain.flags",
            f"--data_dir={tiny_dir}", f"--model_dir={runs}/model", f"--export_dir={runs}/export",
            f"--index={runs}/index.db", "--epochs=1", "--batch_size=32", "--queue_size=128",
-           "--dim=16"]
+           "--dim=16", "--min_steps=0"]
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -104,7 +104,7 @@ def test_bad_flags_are_one_line_errors(tiny_dir, tmp_path, flags, message):
 def test_killed_run_keeps_every_epochs_losses(tiny_dir, tmp_path):
     cmd = [sys.executable, "-m", "tfmm.train", "--task=pretrain", f"--data_dir={tiny_dir}",
            f"--model_dir={tmp_path}/m", "--export_dir=", "--index=", "--modality=text",
-           "--queue_size=32", "--dim=8", "--epochs=3", "--batch_size=16"]
+           "--queue_size=32", "--dim=8", "--epochs=3", "--batch_size=16", "--min_steps=0"]
     assert _kill_after_backup(cmd, tmp_path / "m", 1) == [1]
     first = json.load(open(tmp_path / "m" / "epochs.json"))[0]["loss"]
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
@@ -114,6 +114,35 @@ def test_killed_run_keeps_every_epochs_losses(tiny_dir, tmp_path):
     assert len(loss) == 3 and loss[0] == first
 
 
+def test_a_kill_while_the_backup_is_written_resumes(tiny_dir, tmp_path):
+    cmd = [sys.executable, "-m", "tfmm.train", "--task=pretrain", f"--data_dir={tiny_dir}",
+           f"--model_dir={tmp_path}/m", "--export_dir=", "--index=", "--modality=text",
+           "--queue_size=32", "--dim=8", "--epochs=3", "--batch_size=16"]
+    assert _torn_backup(cmd, tmp_path / "m", 2) == [1, 2]
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Epoch 1/3" not in rerun.stdout and "Epoch 2/3" in rerun.stdout
+    assert len(json.load(open(tmp_path / "m" / "metrics.json"))["history"]["loss"]) == 3
+    assert [e["epoch"] for e in json.load(open(tmp_path / "m" / "epochs.json"))] == [1, 2, 3]
+
+
+def test_damaged_data_and_an_unreachable_index_are_one_line_before_anything_is_written(
+        tiny_dir, tmp_path):
+    data_dir = damaged_copy(tiny_dir, tmp_path, lambda m: m["counts"].update(
+        {"pretrain/train": 700}))
+    cmd = [sys.executable, "-m", "tfmm.train", "--task=pretrain", f"--model_dir={tmp_path}/m",
+           f"--export_dir={tmp_path}/e", "--modality=text", "--dim=8", "--epochs=1"]
+    assert _refused(cmd + [f"--data_dir={data_dir}", f"--index={tmp_path}/i.db"]) == (
+        f"--data_dir: {data_dir}/metadata.json counts 700 records of pretrain/train, its files "
+        "hold 600; the data directory is damaged: prepare or generate it again.")
+    proc = subprocess.run(
+        cmd + [f"--data_dir={tiny_dir}", "--index=redis://:pw-s3cret@127.0.0.1:1/0"],
+        capture_output=True, text=True, env=ENV)
+    assert _error_line(proc).startswith("--index: Redis index at 127.0.0.1:1 is unreachable: ")
+    assert "pw-s3cret" not in proc.stdout + proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]
+
+
 @pytest.mark.parametrize("objective, modality, queue, triplet", [
     ("random", "image", 0, 0.0), ("generic", "image", 0, 0.0), ("generic", "text", 0, 0.0),
     ("scl", "text", 64, 1.0),
@@ -121,7 +150,7 @@ def test_killed_run_keeps_every_epochs_losses(tiny_dir, tmp_path):
 def test_objectives_run(tiny_dir, tmp_path, objective, modality, queue, triplet):
     result = run(PretrainConfig(data_dir=tiny_dir, model_dir=str(tmp_path), objective=objective,
                                 modality=modality, queue_size=queue, triplet_weight=triplet,
-                                epochs=1, batch_size=32, dim=8, verbose=0))
+                                epochs=1, batch_size=32, dim=8, min_steps=0, verbose=0))
     assert 0.0 <= result["acc@1"] <= result["acc@5"] <= 1.0
     assert json.load(open(tmp_path / "metrics.json"))["acc@5"] == result["acc@5"]
 
@@ -133,7 +162,7 @@ def test_cli_pretrains_a_data_dir_without_triplets(own_dir, tmp_path, objective,
     cmd = [sys.executable, "-m", "tfmm.train", "--task=pretrain", f"--data_dir={own_dir}",
            f"--model_dir={tmp_path}/m", "--export_dir=", f"--index={tmp_path}/index.db",
            f"--objective={objective}", f"--modality={modality}", "--triplet_weight=0",
-           "--queue_size=0", "--epochs=1", "--batch_size=32", "--dim=8"]
+           "--queue_size=0", "--epochs=1", "--batch_size=32", "--dim=8", "--min_steps=0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"no test pairs in {own_dir} (no table 'pretrain/test')" in proc.stdout
@@ -161,7 +190,7 @@ def test_scl_without_triplets_says_what_to_run(own_dir, tmp_path):
         f"--objective=scl needs query -> item pairs: {own_dir} has no table 'pretrain/train' "
         "or 'pretrain/test'; make them with `python -m tfmm.data.prepare --pairs=FILE` (your "
         "pairs) or `--pairs_from=clicks` (from behaviour), or pre-train on the items alone: "
-        "--objective=generic --triplet_weight=0.")
+        "--objective=image_title (images and titles) or --objective=generic --triplet_weight=0.")
     assert not os.listdir(tmp_path)
 
 
@@ -172,7 +201,7 @@ def test_generic_pretraining_beats_the_untrained_tower_on_the_label_free_check(o
     # category word among four does not lead the generic objective, whatever the length).
     result = run(PretrainConfig(data_dir=own_dir, model_dir=str(tmp_path), objective="generic",
                                 queue_size=0, triplet_weight=0.0, epochs=10, batch_size=32,
-                                dim=16, verbose=0))
+                                dim=16, min_steps=0, verbose=0))
     key = "neighbours_same_category@10"
     assert result[key] > result[f"{key}_untrained"] > result[f"{key}_chance"] + 0.2, result
 
@@ -188,7 +217,7 @@ def test_items_without_content_are_skipped_and_counted(own_dir, tmp_path, capsys
         config = PretrainConfig(data_dir=data_dir, model_dir=str(tmp_path / modality),
                                 index=str(index), modality=modality, objective="generic",
                                 queue_size=0, triplet_weight=0.0, epochs=1, batch_size=32,
-                                dim=8, verbose=0)
+                                dim=8, min_steps=0, verbose=0)
         result = run(config)
         what = "image" if modality == "image" else "title"
         assert (f"{len(missing)} of {num_items} items have no {what}: not embedded, so not in "
@@ -215,7 +244,16 @@ def test_sources_follow_the_content_the_items_have(own_dir, tmp_path):
     with pytest.raises(SettingsError, match="--modality=image: no item in .* has an image; "
                                             "use --modality=text"):
         choose_source(config, catalogue)
+    # Titles only: no image <-> title pairs; the click pairs of the impressions, centred.
     chosen, source = choose_source(config, catalogue, fallback=True)
+    assert (chosen.objective, chosen.modality, chosen.pairs_from, chosen.center_vectors) == (
+        "scl", "text", "clicks", True)
+    assert source == ("SCL on the 751 click pairs of the training impressions (a click and the "
+                      "same user's next click); text tower, centred (no item has an image, no "
+                      "triplets for SCL)")
+    # Too few clicks for a batch: the generic objective on the titles.
+    chosen, source = choose_source(dataclasses.replace(config, batch_size=1024), catalogue,
+                                   fallback=True)
     assert (chosen.objective, chosen.modality, chosen.triplet_weight) == ("generic", "text", 0.0)
     assert source == ("generic, on the 240 item titles (two word-dropout views of a title are "
                       "a pair); text tower (no item has an image, no triplets for SCL)")
@@ -229,7 +267,7 @@ def test_text_scl_learns_synonyms(tiny_dir, tmp_path):
                                 objective="random", queue_size=0, triplet_weight=0.0, verbose=0))
     trained = run(PretrainConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "s"), modality="text",
                                  queue_size=0, epochs=15, batch_size=60, learning_rate=3e-3,
-                                 verbose=0))
+                                 min_steps=0, verbose=0))
     assert trained["acc@5"] > random["acc@5"] + 0.2, (random["acc@5"], trained["acc@5"])
     # ... and groups items by category better than the untrained tower (0.78 against 0.68).
     key = "neighbours_same_category@10"
@@ -366,7 +404,7 @@ def test_preset_text_tower_is_clips_text_encoder_on_its_tokenizer(clip_preset):
 def _cli(tiny_dir, runs, *flags):
     cmd = [sys.executable, "-m", "tfmm.train", "--task=pretrain", f"--data_dir={tiny_dir}",
            f"--model_dir={runs}/model", f"--export_dir={runs}/export", f"--index={runs}/index.db",
-           "--epochs=1", "--batch_size=32", "--queue_size=64", "--dim=8", *flags]
+           "--epochs=1", "--batch_size=32", "--queue_size=64", "--dim=8", "--min_steps=0", *flags]
     # A proxy that refuses: a preset name fails fast, here or on a machine with network.
     env = dict(ENV, HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -486,7 +524,7 @@ def test_click_pairs_name_their_query_item_and_train_as_copies_did(clicks_dir, t
 def test_centring_spreads_the_narrow_cone_of_click_pair_vectors(clicks_dir, tmp_path):
     config = PretrainConfig(data_dir=clicks_dir, model_dir=str(tmp_path / "plain"),
                             index=str(tmp_path / "plain.db"), queue_size=0, epochs=2,
-                            batch_size=32, dim=16, verbose=0)
+                            batch_size=32, dim=16, min_steps=0, verbose=0)
     run(config)
     result = run(dataclasses.replace(config, model_dir=str(tmp_path / "centred"),
                                      index=str(tmp_path / "centred.db"), center_vectors=True,

@@ -235,7 +235,8 @@ def test_raw_export_prepares_into_the_generated_impressions(tiny, tmp_path):
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert f"prepare it with: python -m tfmm.data.prepare --flagfile={raw}/prepare.flags" in (
         gen.stdout)
-    assert sorted(os.listdir(raw)) == ["images", "impressions.csv", "items.csv", "prepare.flags"]
+    assert sorted(os.listdir(raw)) == [".tfmm-output", "images", "impressions.csv",
+                                       "items.csv", "prepare.flags"]
     assert len(os.listdir(raw / "images")) == TINY.num_items
     prep = subprocess.run([sys.executable, "-m", "tfmm.data.prepare",
                            f"--flagfile={raw}/prepare.flags", f"--out_dir={out}"],
@@ -262,7 +263,11 @@ def test_raw_export_prepares_into_the_generated_impressions(tiny, tmp_path):
         np.testing.assert_array_equal(users[ours["user_id"][known]], theirs["user_id"][known])
         trained_users = set(_read_all(path, "train")[0]["user_id"])
         assert set(theirs["user_id"][~known]).isdisjoint(trained_users)
-        assert known.all() if split == "train" else (~known).sum() == meta["oov"]["test_users"]
+        if split == "train":
+            assert known.all()
+        else:  # users, and their impressions
+            assert len(set(theirs["user_id"][~known])) == meta["oov"]["test_users"]
+            assert (~known).sum() == meta["oov"]["test_user_impressions"]
 
     # The catalogue: the same titles, images and categories (no release day: first_day is 0).
     ours = next(iter(data.items(str(out), batch_size=TINY.num_items)))

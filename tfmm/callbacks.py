@@ -1,7 +1,9 @@
 """Keras callbacks of tfmm's jobs that any Keras training can reuse.
 
-- `EpochRecord`: per-epoch records that survive a kill, next to Keras'
-  `BackupAndRestore` (below).
+- `BackupAndRestore`: Keras' callback of that name, crash-safe: a kill while
+  it writes leaves the previous backup whole.
+- `EpochRecord`: per-epoch records that survive a kill, next to the backup
+  (below).
 - `RefreshVectors`: a new snapshot of the index table before every epoch, for
   datasets that read live vectors (near-line training).
 - `MomentumQueueCallback` (`tfmm.momentum_queue`): MoCo's key-tower EMA and
@@ -22,7 +24,8 @@ import keras
 
 from tfmm.momentum_queue import MomentumQueueCallback
 
-__all__ = ["EpochRecord", "MomentumQueueCallback", "RefreshVectors", "write_json"]
+__all__ = ["BackupAndRestore", "EpochRecord", "MomentumQueueCallback", "RefreshVectors",
+           "write_json"]
 
 
 def write_json(path, value):
@@ -32,13 +35,53 @@ def write_json(path, value):
     os.replace(path + ".tmp", path)
 
 
+class BackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`keras.callbacks.BackupAndRestore` whose backup a kill cannot tear.
+
+    Keras writes ``latest.weights.h5`` in place: a kill during the write leaves
+    a truncated HDF5 file that the next run fails to open, so the run can
+    never resume. Here each backup's weights go to a new file, written whole
+    under another name and renamed; ``training_metadata.json``, replaced
+    atomically after it, names that file and its epoch, and only then is the
+    previous file deleted. A kill at any moment leaves the metadata naming a
+    whole file: the run resumes from the last backup written in full and
+    trains the epoch whose backup was torn again.
+
+        callbacks = [record, BackupAndRestore("runs/x/backup")]
+    """
+
+    def _save_model(self):
+        epoch = self._current_epoch
+        os.makedirs(self.backup_dir, exist_ok=True)
+        name = f"epoch{epoch}-batch{self._last_batch_seen}.weights.h5"
+        partial = os.path.join(self.backup_dir, "partial.weights.h5")
+        self.model.save_weights(partial, overwrite=True)
+        os.replace(partial, os.path.join(self.backup_dir, name))
+        write_json(self._training_metadata_path,
+                   {"epoch": epoch, "batch": self._last_batch_seen, "weights": name})
+        for old in os.listdir(self.backup_dir):  # the previous backup, now replaced
+            if old.endswith(".weights.h5") and old != name:
+                os.remove(os.path.join(self.backup_dir, old))
+
+    def _load_model(self):
+        if not os.path.exists(self._training_metadata_path):
+            return super()._load_model()  # nothing to restore (or a backup of Keras' own)
+        with open(self._training_metadata_path) as f:
+            metadata = json.load(f)
+        if "weights" not in metadata:
+            return super()._load_model()
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(os.path.join(self.backup_dir, metadata["weights"]))
+        self.model._initial_epoch = metadata["epoch"]
+
+
 class EpochRecord(keras.callbacks.Callback):
     """A JSON list with one entry per finished epoch, ``{"epoch": k, ...}``.
 
-    Put it before ``keras.callbacks.BackupAndRestore(backup)`` in the
-    callback list. The list is kept while `backup` exists (a killed run
-    resuming); a fresh run empties it before its first epoch, so it never
-    lists another run's epochs.
+    Put it before ``BackupAndRestore(backup)`` in the callback list. The list
+    is kept while `backup` exists (a killed run resuming); a fresh run empties
+    it before its first epoch, so it never lists another run's epochs.
 
     Args:
         path: the JSON file.

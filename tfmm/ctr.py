@@ -25,7 +25,8 @@ every epoch, exports it and writes ``<model_dir>/metrics.json``:
 Multimodal methods read item vectors from the index table; an empty or
 missing table is first filled by running the pre-training given as
 ``pretrain_config``, on the best source the data has (`tfmm.pretrain.run`'s
-``fallback``: SCL needs triplets, else the generic objective on the items),
+``fallback``: SCL on triplets where the data has them, else image <-> title
+pairs, click pairs mined from the impressions or the generic objective),
 named in ``pretrain_source``. MAKE is pre-trained alone for ``make_epochs`` (0: trained
 jointly with the ranker, from scratch), then frozen or, with
 ``make_trainable``, fine-tuned. A killed run resumes: MAKE's pre-trained
@@ -62,13 +63,13 @@ import tensorflow as tf
 from tfmm import data, distribute, metrics, parameter_server
 from tfmm.config import SettingsError, default_of
 from tfmm.data import schema
-from tfmm.export import export_saved_model
-from tfmm.index import is_empty, open_index, redact
+from tfmm.export import check_export_dir, export_saved_model
+from tfmm.index import IndexUnavailable, is_empty, local_index, open_index, redact
 from tfmm.layers import MAKEBlock
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.optimizers import DenseGradientAdam
 from tfmm.ranker import MAKE_INTEGRATIONS, METHODS, DINRanker, build_make_pretrainer
-from tfmm.callbacks import EpochRecord, RefreshVectors, write_json
+from tfmm.callbacks import BackupAndRestore, EpochRecord, RefreshVectors, write_json
 
 # "adam" is Keras 3's, whose update for an embedding table's sparse gradient is
 # not Adam's (see DenseGradientAdam); "dense_adam" is Adam's, and faster. The
@@ -150,6 +151,11 @@ class CTRConfig:
                 raise SettingsError("--optimizer=dense_adam cannot run with "
                                     "--strategy=parameter_server: it makes every table's whole "
                                     "gradient on a worker; use adam, adagrad or sgd.")
+        if self.export_dir:  # before anything runs: a base of user files is refused
+            try:
+                check_export_dir(self.export_dir, (self.data_dir, local_index(self.index)))
+            except ValueError as e:
+                raise SettingsError(str(e)) from None
         if self.refresh_vectors and self.model == "id":
             raise SettingsError("--refresh_vectors needs a multimodal --model; id reads no "
                                 "vectors.")
@@ -265,7 +271,7 @@ def load_vectors(config, num_items, pretrain_config=None, strategy=None):
     """
     try:
         empty = distribute.chief_value(strategy, int(is_empty(config.index)))
-    except ValueError as e:  # a corrupt index file
+    except (ValueError, OSError, IndexUnavailable) as e:  # a corrupt file, a server down
         raise SettingsError(f"--index: {e}") from None
     if empty:
         if pretrain_config is None:
@@ -320,7 +326,7 @@ def _fit(model, config, train, epochs, test, out, callbacks=(), weights=None, st
                        chief_callbacks=[evaluation, tensorboard], verbose=config.verbose)
         return evaluation.values
     # The evaluation first: an epoch's metrics are written before its backup marks it done.
-    callbacks = [evaluation, keras.callbacks.BackupAndRestore(backup), tensorboard, *callbacks]
+    callbacks = [evaluation, BackupAndRestore(backup), tensorboard, *callbacks]
     model.fit(train(), epochs=epochs, shuffle=False, callbacks=callbacks,
               verbose=config.verbose)
     return evaluation.values

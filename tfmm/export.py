@@ -25,10 +25,29 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfmm import outputs
+
 SIGNATURE = "serving_default"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 # Words for string inputs of a signature-built batch.
 _WORDS = np.array(["red", "blue mug", "striped pillow", "lamp"], dtype=object)
+
+
+_STAGING = re.compile(r"\.tmp-(.+)-(\d+)-[0-9a-f]{32}")
+
+
+def is_model_base(directory):
+    """Whether `directory` holds only SavedModel versions (integer directories) and
+    exporters' staging: a model base as TF Serving reads it, tfmm's or another tool's."""
+    return all(_STAGING.fullmatch(name) or name.isdigit()
+               and os.path.isdir(os.path.join(directory, name))
+               for name in os.listdir(directory))
+
+
+def check_export_dir(export_dir, inputs=()):
+    """Refuses (ValueError naming --export_dir) a base that is or holds one of `inputs`,
+    or holds anything but versions: another export's or a user's files."""
+    outputs.check_output_dir(export_dir, "export_dir", inputs, owned=is_model_base)
 
 
 def next_version(export_dir):
@@ -195,7 +214,7 @@ def remove_abandoned_staging(export_dir):
         return []
     removed = []
     for name in sorted(os.listdir(export_dir)):
-        match = re.fullmatch(r"\.tmp-(.+)-(\d+)-[0-9a-f]{32}", name)
+        match = _STAGING.fullmatch(name)
         if match and match[1] == socket.gethostname() and not _running(int(match[2])):
             shutil.rmtree(os.path.join(export_dir, name), ignore_errors=True)
             removed.append(os.path.join(export_dir, name))
@@ -230,8 +249,10 @@ def export_saved_model(model, export_dir, output_name, warmup_inputs=None,
     The version is written under a hidden ``.tmp-<host>-<pid>-*`` directory
     and renamed into place, so TF Serving (which loads only integer
     directories) never sees a half-written version; those of exporters that
-    were killed are removed (`remove_abandoned_staging`).
+    were killed are removed (`remove_abandoned_staging`). A base that holds
+    anything else is refused (`check_export_dir`) before anything is written.
     """
+    check_export_dir(export_dir)
     signature = input_signature(model)
     specs = {s.name: s for s in signature}
     warmup = (example_inputs(specs) if warmup_inputs is None

@@ -8,8 +8,10 @@
 reads item vectors from ``--index``, running the pre-training first
 (the pre-training flags, with ``--pretrain_*`` for its epochs, batch size,
 learning rate and directories) when the index is empty, on the best source
-the data directory has: SCL on its triplets, else the generic objective on
-the item images (or titles, where no item has an image), and says which
+the data directory has: SCL on its triplets, else image <-> title pairs
+(items with both), else SCL on click pairs mined from its training
+impressions, else the generic objective (`tfmm.pretrain.choose_source`), and
+says which
 (``pretrain_source`` in metrics.json); pre-trains MAKE for
 ``--make_epochs`` when the model has it; trains, evaluates after each epoch,
 writes ``<model_dir>/metrics.json`` and exports the ranker under
@@ -44,7 +46,7 @@ import sys
 
 from absl import app, flags
 
-from tfmm import _startup, ctr, distribute, parameter_server, pretrain as pretraining
+from tfmm import _startup, ctr, distribute, image_title, parameter_server, pretrain as pretraining
 from tfmm.config import SettingsError, define_flags, from_flags
 from tfmm.data import schema
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
@@ -132,7 +134,13 @@ flags.DEFINE_string("encoder_export_dir", None, "Where it exports the encoder (d
 # PretrainConfig's fields.
 define_flags(PRETRAIN, {
     "modality": "Which tower to pre-train.",
-    "objective": "Pre-training objective.",
+    "objective": "Pre-training objective: SCL on query -> item pairs; image_title, an item's "
+                 "image and its own title are a pair (CLIP-style); generic, two augmentations "
+                 "of an image (or views of a title); random, the untrained tower.",
+    "pairs_from": "Where --objective=scl takes its pairs: the data dir's pretrain tables, or "
+                  "clicks: mined from its training impressions (a click and the same user's "
+                  "next click); with --objective=image_title, clicks adds those pairs' loss "
+                  "on the item vectors.",
     "queue_size": "MoCo queue size K (0: in-batch negatives only).",
     "momentum": "EMA momentum of the key tower.",
     "triplet_weight": "Weight of the hard-negative triplet loss (0: off).",
@@ -153,8 +161,16 @@ define_flags(PRETRAIN, {
                       "Acc@N see centred vectors. Weak pairs (--pairs_from=clicks) leave all "
                       "vectors in a narrow cone that SimTier's tiers cannot resolve. Default: "
                       "on where the data dir's pairs come from clicks, else off.",
+    "index_vector": "--objective=image_title: an item's vector in the index and the exported "
+                    "encoder: its image tower's, its title tower's, or both fused (the one "
+                    "an item has where it lacks the other).",
+    "train_towers": "--objective=image_title: train both towers, or only the image or the "
+                    "text tower (the other kept as built, e.g. a pretrained preset).",
+    "min_steps": "Train at least this many steps in all: a small catalogue's epochs are "
+                 "stretched to reach them.",
 }, choices={"modality": pretraining.MODALITIES, "objective": pretraining.OBJECTIVES,
-            "positive_tower": POSITIVE_TOWERS})
+            "positive_tower": POSITIVE_TOWERS, "index_vector": image_title.VECTORS,
+            "train_towers": image_title.TRAIN, "pairs_from": pretraining.PAIR_SOURCES})
 
 
 def fail(message):
@@ -173,7 +189,10 @@ def data_dir():
         fail(f"--data_dir={path} " + ("holds no tfmm data (no metadata.json)"
                                        if os.path.isdir(path) else "does not exist")
              + "; give --world to generate a synthetic world there.")
-    return ensure_world(path, FLAGS.world)
+    try:
+        return ensure_world(path, FLAGS.world)
+    except (ValueError, OSError) as e:  # a directory of user files, a full disk
+        fail(str(e))
 
 
 def _config(cls, names, renamed=None, **fixed):

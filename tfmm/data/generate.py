@@ -25,13 +25,15 @@ from tfmm.data import world as world_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("world", "small", sorted(world_lib.PRESETS), "Preset world size.")
-flags.DEFINE_string("out_dir", None, "Data directory to write (replaced atomically).")
+flags.DEFINE_string("out_dir", None, "Data directory to write (replaced atomically; one "
+                    "holding files tfmm did not write is refused).")
 flags.DEFINE_string("raw_dir", None, "Directory to write the world to as raw CSV files and "
                     "PNG images, the input of tfmm.data.prepare (replaced atomically).")
 for _field in dataclasses.fields(world_lib.WorldConfig):
     _define = flags.DEFINE_integer if _field.type in ("int", int) else flags.DEFINE_float
     _define(_field.name, None, "World knob (default: the preset's). See tfmm.data.world.")
 
+from tfmm import outputs  # noqa: E402
 from tfmm.data import schema  # noqa: E402
 from tfmm.data.synthetic import config_from_flags, write_raw, write_world  # noqa: E402
 
@@ -44,16 +46,23 @@ def main(argv):
     knobs = {f.name: FLAGS[f.name].value for f in dataclasses.fields(world_lib.WorldConfig)}
     try:
         cfg = config_from_flags(FLAGS.world, knobs)
+        for flag in ("out_dir", "raw_dir"):  # before the world is made
+            if FLAGS[flag].value:
+                outputs.check_output_dir(FLAGS[flag].value, flag)
     except ValueError as e:
         sys.exit(str(e))
     start = time.time()
     world = world_lib.generate(cfg)
-    if FLAGS.out_dir:
-        write_world(world, FLAGS.out_dir)
-        meta = schema.read_metadata(FLAGS.out_dir)
-        print(f"wrote {FLAGS.out_dir} in {time.time() - start:.1f}s: {meta['counts']}")
+    try:
+        if FLAGS.out_dir:
+            write_world(world, FLAGS.out_dir)
+            meta = schema.read_metadata(FLAGS.out_dir)
+            print(f"wrote {FLAGS.out_dir} in {time.time() - start:.1f}s: {meta['counts']}")
+        if FLAGS.raw_dir:
+            flagfile = write_raw(world, FLAGS.raw_dir)
+    except (ValueError, OSError) as e:  # a full disk
+        sys.exit(str(e))
     if FLAGS.raw_dir:
-        flagfile = write_raw(world, FLAGS.raw_dir)
         print(f"wrote {FLAGS.raw_dir}; prepare it with: python -m tfmm.data.prepare "
               f"--flagfile={flagfile} --out_dir=DIR")
 

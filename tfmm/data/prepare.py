@@ -93,7 +93,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("impressions", None, "Impression log: CSV or Parquet.")
 flags.DEFINE_string("items", None, "Item content: CSV or Parquet.")
 flags.DEFINE_string("images_dir", None, "Directory of item images.")
-flags.DEFINE_string("out_dir", None, "Directory to write (replaced atomically).")
+flags.DEFINE_string("out_dir", None, "Directory to write (replaced atomically; one that is "
+                    "or holds an input, or holds files tfmm did not write, is refused).")
 flags.DEFINE_integer("max_history", 50, "Longest history kept (the most recent).")
 flags.DEFINE_float("test_fraction", 0.1, "Latest fraction of impressions used for test.")
 flags.DEFINE_integer("split_timestamp", None, "Impressions at or after it are test "
@@ -127,6 +128,7 @@ import tensorflow as tf  # noqa: E402
 from tfmm import _startup  # noqa: E402
 from tfmm.data import schema  # noqa: E402
 from tfmm.data.history import history_ranges  # noqa: E402
+from tfmm.data.pairs import hard_negatives  # noqa: E402
 from tfmm.data.writer import DataDirWriter  # noqa: E402
 
 IMPRESSION_COLUMNS = ("user_id", "item_id", "label", "timestamp")
@@ -537,11 +539,12 @@ def write_vocabulary(path, vocab):
 
 
 def metadata(impressions_path, items_path, images_dir, pairs, vocab_sizes, max_history, side,
-             cut, test_oov_users, unknown_items, duplicates, drop_duplicates, missing_images,
+             cut, oov_users, unknown_items, duplicates, drop_duplicates, missing_images,
              missing_titles, pair_meta=None):
     """metadata.json of a prepared directory, less what DataDirWriter adds;
     `vocab_sizes` counts the raw values of "items", "users", "categories" and
-    of each side column."""
+    of each side column; `oov_users` is (test users not in training, their test
+    impressions); `unknown_items` impressions of items missing from the items."""
     return {
         "source": "prepared",
         "inputs": {"impressions": os.path.abspath(impressions_path),
@@ -552,11 +555,26 @@ def metadata(impressions_path, items_path, images_dir, pairs, vocab_sizes, max_h
         "image_size": None,
         "side_features": side,
         "split_timestamp": int(cut),
-        "oov": {"test_users": int(test_oov_users), "unknown_items": int(unknown_items)},
+        "oov": {"test_users": int(oov_users[0]), "test_user_impressions": int(oov_users[1]),
+                "unknown_item_impressions": int(unknown_items)},
         "duplicates": {"impressions": int(duplicates), "dropped": drop_duplicates},
         "missing": {"images": int(missing_images), "titles": int(missing_titles)},
         **({"pairs": pair_meta} if pair_meta is not None else {}),
     }
+
+
+def oov_users(codes, dense_of_code):
+    """(distinct users, impressions) among the raw user `codes` of test impressions whose
+    user is out of the training vocabulary."""
+    oov = dense_of_code[codes] == schema.OOV_ID
+    return len(np.unique(codes[oov])), int(oov.sum())
+
+
+def oov_line(oov):
+    """The output line's words for metadata's "oov"."""
+    return (f"{oov['test_users']} test users not in training ({oov['test_user_impressions']} "
+            f"test impressions, user id 1), {oov['unknown_item_impressions']} impressions of "
+            "items not in --items (item id 1)")
 
 
 def first_test(n, test_fraction):
@@ -647,24 +665,6 @@ def click_pairs(user, item, timestamp, label, is_test, window, max_gap):
     return first[order], second[order]
 
 
-def hard_negatives(positive, category_of, rng):
-    """For each dense id in `positive`, a random other item of its category (of
-    every item when its category has no other). `category_of` is indexed by
-    dense id; the catalogue is ids FIRST_ID.. and must hold two items."""
-    ids = np.arange(schema.FIRST_ID, len(category_of))
-    members = ids[np.argsort(category_of[ids], kind="stable")]  # items grouped by category
-    rank = np.empty(len(category_of), np.int64)
-    rank[members] = np.arange(len(members))
-    grouped = category_of[members]
-    start = np.searchsorted(grouped, category_of[positive], "left")
-    size = np.searchsorted(grouped, category_of[positive], "right") - start
-    alone = size == 1
-    start, size = np.where(alone, 0, start), np.where(alone, len(members), size)
-    draw = rng.integers(0, size - 1)
-    draw += draw >= rank[positive] - start  # skip the positive itself
-    return members[start + draw]
-
-
 def check_options(max_history, test_fraction, split_timestamp, pairs, pairs_from, pair_window,
                   pair_max_gap):
     if max_history < 1:
@@ -688,6 +688,7 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
     """Writes the data directory; returns its metadata."""
     check_options(max_history, test_fraction, split_timestamp, pairs, pairs_from, pair_window,
                   pair_max_gap)
+    writer = DataDirWriter(out_dir, inputs=(impressions_path, items_path, images_dir, pairs))
     items, item_ids, raw_categories, titles, images = read_catalogue(
         items_path, images_dir, absolute_image_paths)
     item_vocab = vocabulary(item_ids)
@@ -793,7 +794,7 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
                 {c: side_of_code[c][side_codes[c][0][chunk]] for c in side},
                 [(v, start[chunk], end[chunk]) for v in history]))
 
-    with DataDirWriter(out_dir) as w:
+    with writer as w:
         w.write("impressions/train", records(train_rows), len(train_rows))
         w.write("impressions/test", records(test_rows), len(test_rows))
         w.write("items", item_records(items, item_ids, item_vocab, item_category, images,
@@ -811,8 +812,8 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
                  "categories": len(category_vocab), **{c: len(side_vocab[c]) for c in side}}
         w.finish(metadata(
             impressions_path, items_path, images_dir, pairs, sizes, max_history, side, cut,
-            (user_of_code[user_codes[test_rows]] == schema.OOV_ID).sum(),
-            (item == schema.OOV_ID).sum(), duplicate.sum(), drop_duplicates,
+            oov_users(user_codes[test_rows], user_of_code), (item == schema.OOV_ID).sum(),
+            duplicate.sum(), drop_duplicates,
             (images == None).sum(), (titles == "").sum(),  # noqa: E711 (elementwise)
             pair_meta if pairs or pairs_from else None))
     return schema.read_metadata(out_dir)
@@ -846,7 +847,8 @@ def main(argv):
                    FLAGS.seed)
     except (ValueError, OSError) as e:  # bad input: one line naming the file, not a trace
         sys.exit(str(e))
-    print(f"wrote {FLAGS.out_dir}: {meta['counts']}, vocab {meta['vocab']}, oov {meta['oov']}, "
+    print(f"wrote {FLAGS.out_dir}: {meta['counts']}, vocab {meta['vocab']}, "
+          f"out of vocabulary: {oov_line(meta['oov'])}, "
           f"duplicates {meta['duplicates']}, items without {meta['missing']}"
           + (f", pairs {meta['pairs']}" if "pairs" in meta else ""))
     if meta["duplicates"]["impressions"] and not FLAGS.drop_duplicates:

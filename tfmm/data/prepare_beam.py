@@ -236,13 +236,18 @@ def _impression(row, cut, columns, users, side_ids, trained):
     split = "test" if t >= cut else "train"
     user_id = users.get(user, schema.OOV_ID)
     yield TaggedOutput("stats", (f"impressions/{split}", 1))
-    yield TaggedOutput("stats", ("test_oov_users", int(split == "test" and
-                                                       user_id == schema.OOV_ID)))
+    if split == "test" and user_id == schema.OOV_ID:
+        yield TaggedOutput("stats", ("test_oov_impressions", 1))
+        yield TaggedOutput("oov_users", user)
     yield TaggedOutput("stats", ("unknown_items", int(item == schema.OOV_ID)))
     yield TaggedOutput(split, schema.example(**local.impression_features(
         user_id, item, category, t, label, int(item not in trained),
         {c: side_ids.get(j, {}).get(v, schema.OOV_ID)
          for j, (c, v) in enumerate(zip(columns, side))}, history)))
+
+
+def _stat(value, name):
+    return name, value
 
 
 def _write_vocabulary(vocab, out, name):
@@ -327,8 +332,11 @@ def build(p, out, log_files, item_files, items_path, images_dir=None, max_histor
     side_ids = side_vocab | "Side dense ids" >> beam.Map(_column_dense)
     impressions = (rows | "Impressions" >> beam.FlatMap(
         _impression, AsSingleton(cut), columns, AsSingleton(user_ids), AsDict(side_ids),
-        AsSingleton(trained)).with_outputs("train", "test", "stats"))
+        AsSingleton(trained)).with_outputs("train", "test", "stats", "oov_users"))
     stats.append(impressions.stats)
+    stats.append(impressions.oov_users | "OOV users" >> beam.Distinct()
+                 | "Count OOV users" >> beam.combiners.Count.Globally()
+                 | "OOV users stat" >> beam.Map(_stat, "test_oov_users"))
     for split in ("train", "test"):
         _write_records(impressions[split], out, f"impressions-{split}")
 
@@ -359,7 +367,7 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
         raise ValueError("Beam writes TFRecords with crcmod (or google-crc32c, python-snappy), "
                          'which is not installed: pip install -e ".[beam]"')
     log_files, item_files = _files(impressions_path), _files(items_path)
-    with DataDirWriter(out_dir) as w:
+    with DataDirWriter(out_dir, inputs=(*log_files, *item_files, images_dir)) as w:
         os.makedirs(w.path("vocab"))
         with beam.Pipeline(options=PipelineOptions([f"--runner={runner}", *beam_args])) as p:
             build(p, w.tmp_dir, log_files, item_files, items_path, images_dir, max_history,
@@ -385,6 +393,7 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
                  **{c: stats[f"vocab/side-{c}"] for c in side}}
         w.finish(dict(local.metadata(
             impressions_path, items_path, images_dir, pairs, sizes, max_history, side, cut,
-            stats["test_oov_users"], stats["unknown_items"], stats["duplicates"],
+            (stats["test_oov_users"], stats.get("test_oov_impressions", 0)),
+            stats["unknown_items"], stats["duplicates"],
             drop_duplicates, stats["missing_images"], stats["missing_titles"]), runner=runner))
     return schema.read_metadata(out_dir)

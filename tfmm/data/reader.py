@@ -73,8 +73,9 @@ def check_records(paths, spec):
     """Reads every record of `paths` and parses it with `spec`.
 
     Raises ValueError naming the file and record number of the first record
-    that is truncated, corrupt or does not parse.
+    that is truncated, corrupt or does not parse. Returns the number of records.
     """
+    total = 0
     for path in paths:
         done = 0
         batches = iter(tf.data.TFRecordDataset(path).batch(4096))
@@ -97,6 +98,20 @@ def check_records(paths, spec):
                         raise ValueError(f"{path}: record {done + i} does not parse: "
                                          f"{e.message.splitlines()[0]}") from None
             done += int(batch.shape[0])
+        total += done
+    return total
+
+
+def _checked(data_dir, meta, table, spec):
+    """The files of `table`, every record read (`check_records`) and counted: a count in
+    metadata.json that its files do not hold is named here, not as a failed step later."""
+    paths = schema.files(data_dir, meta, table)
+    found = check_records(paths, spec)
+    if found != meta["counts"][table]:
+        raise ValueError(f"{data_dir}/metadata.json counts {meta['counts'][table]} records of "
+                         f"{table}, its files hold {found}; the data directory is damaged: "
+                         "prepare or generate it again.")
+    return paths
 
 
 def _records_until_error(path):
@@ -182,7 +197,7 @@ def impressions(data_dir, split="train", batch_size=256, max_history=None, shuff
     if length < 1:
         raise ValueError(f"impressions: max_history must be >= 1, got {max_history}.")
     if validate:
-        check_records(paths, schema.impression_spec(side))
+        _checked(data_dir, meta, f"impressions/{split}", schema.impression_spec(side))
     # A known size gives Keras its step count, and fails loudly if a file is short.
     ds = tf.data.TFRecordDataset(paths).apply(
         tf.data.experimental.assert_cardinality(meta["counts"][f"impressions/{split}"]))
@@ -258,7 +273,7 @@ def items(data_dir, batch_size=256, image_size=None, validate=True):
     meta = schema.read_metadata(data_dir)
     paths = schema.files(data_dir, meta, "items")
     if validate:
-        check_records(paths, schema.item_spec())
+        _checked(data_dir, meta, "items", schema.item_spec())
     return (tf.data.TFRecordDataset(paths)
             .map(item_parser(data_dir, image_size), num_parallel_calls=AUTOTUNE,
                  deterministic=True)
@@ -275,7 +290,7 @@ def triplets(data_dir, split="train", batch_size=256, shuffle=False, seed=None, 
     meta = schema.read_metadata(data_dir)
     paths = schema.files(data_dir, meta, f"pretrain/{split}")
     if validate:
-        check_records(paths, schema.triplet_spec())
+        _checked(data_dir, meta, f"pretrain/{split}", schema.triplet_spec())
     decode = _decode_image(image_size or meta.get("image_size") or 64)
 
     def parse(serialized):

@@ -35,6 +35,9 @@ import tensorflow as tf
 # take such a query for an empty one, so they refuse /2 by its name.
 FORMAT = "tfmm-logs/2"
 FORMATS = ("tfmm-logs/1", FORMAT)
+# Keys of metadata.json every reader needs: a dict with these int fields, or an int.
+REQUIRED = {"files": (), "counts": (), "vocab": ("num_items", "num_users", "num_categories"),
+            "max_history": None}
 PAD_ID = 0
 OOV_ID = 1
 FIRST_ID = 2
@@ -236,10 +239,29 @@ def read_metadata(data_dir):
             "(make one with `python -m tfmm.data.generate` or `python -m tfmm.data.prepare`)."
         )
     with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") not in FORMATS:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected one of {FORMATS} "
-                         "(written by another version of tfmm).")
+        try:
+            meta = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not JSON ({e}).") from None
+    if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
+        raise ValueError(f"{path}: format {isinstance(meta, dict) and meta.get('format')!r}, "
+                         f"expected one of {FORMATS} (written by another version of tfmm).")
+    for key, fields in REQUIRED.items():  # what every reader of a data directory needs
+        value = meta.get(key)
+        if fields is None:
+            bad, want = not isinstance(value, int), "an int"
+        else:
+            bad = not isinstance(value, dict) or any(not isinstance(value.get(k), int)
+                                                     for k in fields)
+            want = "{" + "".join(f"{k!r}: int, " for k in fields) + "...}"
+        if bad:
+            raise ValueError(f"{path}: {key!r} is {'missing' if value is None else 'incomplete'}"
+                             f" (want {want}); the data directory is damaged: prepare or "
+                             "generate it again.")
+    for table in meta["files"]:
+        if not isinstance(meta["counts"].get(table), int):
+            raise ValueError(f"{path}: no count of table {table!r} in 'counts'; the data "
+                             "directory is damaged: prepare or generate it again.")
     return meta
 
 

@@ -64,15 +64,16 @@ def triplet_records(world, positive, negative, rng):
                                      world_lib.query_text(rng, *attrs), _id(pos), _id(neg))
 
 
-def write_world(world, out_dir):
-    """Writes `world` as a tfmm data directory at `out_dir` (atomically)."""
+def write_world(world, out_dir, flag="out_dir"):
+    """Writes `world` as a tfmm data directory at `out_dir` (atomically); a directory
+    of user files there is refused, naming `flag`."""
     cfg = world.config
     days = (world.timestamp - world_lib.T0) // world_lib.DAY
     train_rows = np.flatnonzero(days < cfg.train_days)
     test_rows = np.flatnonzero(days >= cfg.train_days)
     is_new = np.ones(cfg.num_items, np.int64)
     is_new[world.item[train_rows]] = 0
-    with DataDirWriter(out_dir) as w:
+    with DataDirWriter(out_dir, flag=flag) as w:
         w.write("impressions/train", impression_records(world, train_rows, is_new),
                 len(train_rows), num_shards=cfg.train_shards)
         w.write("impressions/test", impression_records(world, test_rows, is_new), len(test_rows))
@@ -114,7 +115,7 @@ def write_raw(world, raw_dir):
     the generated data directory does. Returns the path of ``prepare.flags``.
     """
     cfg = world.config
-    with DataDirWriter(raw_dir) as w:
+    with DataDirWriter(raw_dir, flag="raw_dir") as w:
         with open(w.path("impressions.csv"), "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["user_id", "item_id", "label", "timestamp"])
@@ -144,5 +145,5 @@ def ensure_world(data_dir, preset):
     """`data_dir`, first generated from the `preset` world if it holds no data yet."""
     if not os.path.exists(os.path.join(data_dir, "metadata.json")):
         print(f"generating the {preset} world into {data_dir} ...", flush=True)
-        write_world(world_lib.generate(world_lib.PRESETS[preset]), data_dir)
+        write_world(world_lib.generate(world_lib.PRESETS[preset]), data_dir, "data_dir")
     return data_dir

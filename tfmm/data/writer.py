@@ -3,7 +3,10 @@
 Everything goes to a temporary sibling directory; only when every table and
 ``metadata.json`` are written is it renamed into place, replacing an older
 directory of the same name. On an error the temporary directory is removed and
-whatever was at ``out_dir`` before is untouched.
+whatever was at ``out_dir`` before is untouched. An ``out_dir`` that holds an
+input, or user files (a non-empty directory tfmm did not write), is refused
+when the writer is made (`tfmm.outputs.check_output_dir`); the directory it
+writes is marked as tfmm's, so a rerun may replace it.
 """
 
 import itertools
@@ -13,13 +16,20 @@ import shutil
 
 import tensorflow as tf
 
+from tfmm import outputs
 from tfmm.data import schema
 
 
 class DataDirWriter:
-    """Context manager: ``with DataDirWriter(out) as w: w.write(...); w.finish(meta)``."""
+    """Context manager: ``with DataDirWriter(out) as w: w.write(...); w.finish(meta)``.
 
-    def __init__(self, out_dir):
+    Made before the inputs are read, it refuses an `out_dir` that is or holds one
+    of `inputs` or user files (ValueError naming `flag`).
+    """
+
+    def __init__(self, out_dir, inputs=(), flag="out_dir"):
+        self._check = lambda: outputs.check_output_dir(out_dir, flag, inputs)
+        self._check()
         self.out_dir = os.path.abspath(out_dir)
         self.tmp_dir = f"{self.out_dir}.tmp-{os.getpid()}"
         self.files = {}
@@ -27,6 +37,7 @@ class DataDirWriter:
         self._finished = False
 
     def __enter__(self):
+        self._check()  # again: the inputs were read meanwhile
         os.makedirs(os.path.dirname(self.out_dir), exist_ok=True)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         os.makedirs(self.tmp_dir)
@@ -48,10 +59,15 @@ class DataDirWriter:
         written = 0
         for name in names:
             want = min(per_shard, count - written)
-            with tf.io.TFRecordWriter(os.path.join(self.tmp_dir, name)) as w:
-                write, got = w.write, 0
-                for got, record in enumerate(itertools.islice(records, want), 1):
-                    write(record)
+            try:
+                with tf.io.TFRecordWriter(os.path.join(self.tmp_dir, name)) as w:
+                    write, got = w.write, 0
+                    for got, record in enumerate(itertools.islice(records, want), 1):
+                        write(record)
+            except tf.errors.OpError as e:  # a full disk: ResourceExhaustedError, no errno
+                raise OSError(f"{self.out_dir}: cannot write {table} "
+                              f"({e.message.rsplit('; ', 1)[-1]}); {self.out_dir} is left as "
+                              "it was.") from None
             written += got
             if got < want:
                 raise ValueError(f"{table}: {written} records, {count} announced.")
@@ -77,6 +93,7 @@ class DataDirWriter:
             metadata = dict(metadata, format=schema.FORMAT, files=self.files, counts=self.counts)
             with open(os.path.join(self.tmp_dir, "metadata.json"), "w") as f:
                 json.dump(metadata, f, indent=1, sort_keys=True)
+        outputs.mark(self.tmp_dir)
         old = f"{self.out_dir}.old-{os.getpid()}"
         if os.path.exists(self.out_dir):
             os.rename(self.out_dir, old)

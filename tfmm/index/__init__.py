@@ -111,9 +111,25 @@ class SQLiteIndex(VectorIndex):
 
     def __init__(self, path, dim=None):
         self.path = os.path.abspath(path)
+        if os.path.isdir(self.path):
+            raise ValueError(f"{path} is a directory; an index is a file (e.g. "
+                             f"{os.path.join(path, 'vectors.db')}).")
+        new = not os.path.exists(self.path)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                       check_same_thread=False)
+        except sqlite3.Error as e:  # e.g. a folder that is not writable
+            raise OSError(f"{self.path}: cannot open the index file ({e}).") from None
+        try:
+            self._create(dim)
+        except BaseException:
+            if new:  # a half-made file would read as an index without a width
+                self.close()
+                remove_files(self.path)
+            raise
+
+    def _create(self, dim):
         with self._valid():
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -134,15 +150,19 @@ class SQLiteIndex(VectorIndex):
     @contextlib.contextmanager
     def _valid(self):
         """SQLite's "file is not a database" and "malformed" errors as a ValueError naming
-        the file (they name none); they can surface at open or at any later read."""
+        the file (they name none); they can surface at open or at any later read. A full
+        disk, a failed write or open: an OSError naming the file."""
         try:
             yield
         except sqlite3.DatabaseError as e:
-            if getattr(e, "sqlite_errorcode", None) not in (sqlite3.SQLITE_CORRUPT,
-                                                            sqlite3.SQLITE_NOTADB):
-                raise
-            raise ValueError(f"{self.path} is not a valid index: the SQLite file is corrupt "
-                             f"or not a database ({e}).") from None
+            code = getattr(e, "sqlite_errorcode", None) or 0
+            if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                raise ValueError(f"{self.path} is not a valid index: the SQLite file is "
+                                 f"corrupt or not a database ({e}).") from None
+            if code & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR,
+                               sqlite3.SQLITE_CANTOPEN):  # extended codes: the low byte
+                raise OSError(f"{self.path}: {e} (SQLite); nothing was written.") from None
+            raise
 
     def __repr__(self):
         return f"SQLiteIndex({self.path}, dim={self.dim})"
@@ -151,15 +171,19 @@ class SQLiteIndex(VectorIndex):
         ids, vectors = self.check(ids, vectors)
         now = time.time()
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            version = int(db.execute("SELECT COALESCE(MAX(version), 0) FROM vectors").fetchone()[0]) + 1
-            db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?)",
-                           ((int(i), v.tobytes(), version, now) for i, v in zip(ids, vectors)))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        with self._valid():
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                version = int(db.execute(
+                    "SELECT COALESCE(MAX(version), 0) FROM vectors").fetchone()[0]) + 1
+                db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?)",
+                               ((int(i), v.tobytes(), version, now)
+                                for i, v in zip(ids, vectors)))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite ends it itself on some errors (a full disk)
+                    db.execute("ROLLBACK")
+                raise
         return version
 
     def _rows(self, ids, columns):
@@ -324,8 +348,10 @@ class RedisIndex(VectorIndex):
         parts = urllib.parse.urlsplit(redis_url(url))
         query = dict(urllib.parse.parse_qsl(parts.query))
         self.prefix = query.pop("prefix", prefix)  # ours, not a redis-py option
-        self._redis, self.address = redis_client(
-            parts._replace(query=urllib.parse.urlencode(query)).geturl(), **client)
+        url = parts._replace(query=urllib.parse.urlencode(query)).geturl()
+        if not parts.netloc:  # unix:///path: urlunsplit drops the empty authority's "//"
+            url = url.replace(f"{parts.scheme}:", f"{parts.scheme}://", 1)
+        self._redis, self.address = redis_client(url, **client)
         db = self._redis.connection_pool.connection_kwargs.get("db", 0)
         # Never the password: this names the index in errors and logs.
         self.location = f"{parts.scheme}://{self.address}/{db} prefix={self.prefix}"
@@ -470,6 +496,18 @@ class RedisIndex(VectorIndex):
 def is_redis(spec):
     """Whether an index spec is a Redis URL (else a SQLite file path)."""
     return str(spec).startswith(("redis://", "rediss://", "unix://"))
+
+
+def remove_files(path):
+    """Deletes a SQLite index file and its write-ahead log and shared memory files."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
+
+
+def local_index(spec):
+    """The file of a SQLite index spec; None for a Redis URL (or no spec)."""
+    return None if not spec or is_redis(spec) else spec
 
 
 def open_index(spec, dim=None):

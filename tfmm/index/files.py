@@ -32,9 +32,11 @@ import pyarrow.compute as pa_compute
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from tfmm import outputs
 from tfmm.data import schema
-from tfmm.index import IndexNotFound, is_redis, open_index, redact
+from tfmm.index import IndexNotFound, is_redis, local_index, open_index, redact, remove_files
 
+WRITTEN_BY = b"written_by"  # Parquet metadata: a file an export may replace
 # A vector whose norm is this close to 1 is a unit vector: kept bit for bit, so
 # an export imported again is written unchanged.
 UNIT_TOLERANCE = 1e-4
@@ -316,11 +318,17 @@ def import_vectors(index, data_dir, path, ids=None, vector_column="vector", unkn
             if theirs not in (None, catalogue):
                 raise ValueError(f"{held!r} holds vectors of another catalogue ({theirs}, not "
                                  f"{catalogue} of {data_dir}); nothing was imported.")
-    with contextlib.closing(open_index(index, dim=dim)) as target:
-        target.claim(catalogue)
-        version = target.put(dense[rows], vectors)
-        return {"items": len(rows), "skipped": len(missing), "dim": dim, "version": version,
-                "index": repr(target)}
+    new = not _exists(index)
+    try:
+        with contextlib.closing(open_index(index, dim=dim)) as target:
+            target.claim(catalogue)
+            version = target.put(dense[rows], vectors)
+            return {"items": len(rows), "skipped": len(missing), "dim": dim,
+                    "version": version, "index": repr(target)}
+    except BaseException:
+        if new:  # a failed import (a full disk) leaves no index behind
+            remove_files(os.path.abspath(index))
+        raise
 
 
 def export_vectors(index, data_dir, path, ids=None):
@@ -334,6 +342,10 @@ def export_vectors(index, data_dir, path, ids=None):
         raise ValueError(f"{path}: .npy output needs `ids`, a file for the raw item ids.")
     if fmt != "npy" and ids is not None:
         raise ValueError(f"{ids}: `ids` is only for .npy output; {path} holds its own ids.")
+    for out, flag in ((path, "out"), (ids, "ids")):
+        if out is not None:  # before anything is read: never over an input or a user's file
+            outputs.check_output_file(out, flag, (data_dir, local_index(index)),
+                                      owned=lambda _: written_vectors(path, ids))
     raw = schema.item_raw_ids(data_dir)
     if not _exists(index):
         raise ValueError(f"{redact(index)} holds no vectors.")
@@ -353,6 +365,25 @@ def export_vectors(index, data_dir, path, ids=None):
     return len(dense)
 
 
+def written_vectors(path, ids=None):
+    """Whether `path` (with .npy, and `ids`) holds vectors laid out as `write_vectors`
+    writes them, so an export may replace them: Parquet marked as tfmm's, CSV of
+    ``item_id,v0,...``, a float32 .npy [n, d] with as many ids."""
+    try:
+        fmt = _write_format(path)
+        if fmt == "parquet":
+            return (pq.read_schema(path).metadata or {}).get(WRITTEN_BY) == b"tfmm"
+        if fmt == "csv":
+            with open(path, encoding="utf-8") as f:
+                header = f.readline().rstrip("\n").replace('"', "")  # pyarrow quotes it
+                return re.fullmatch(r"item_id(,v\d+)+", header) is not None
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+        return (vectors.dtype == np.float32 and vectors.ndim == 2
+                and len(read_vectors(path, ids).raw_ids) == len(vectors))
+    except (OSError, ValueError, UnicodeDecodeError, pa.ArrowException):
+        return False
+
+
 def write_vectors(path, raw_ids, vectors, ids=None):
     """Writes raw ids and float32 vectors [n, d] in the format `path` names (with .npy, the
     ids to `ids`), each file through a temporary sibling renamed into place."""
@@ -370,7 +401,8 @@ def write_vectors(path, raw_ids, vectors, ids=None):
                                    if d else np.zeros(n + 1, np.int32))
                 columns["vector"] = pa.ListArray.from_arrays(offsets,
                                                              pa.array(vectors.reshape(-1)))
-                pq.write_table(pa.table(columns), tmp)
+                pq.write_table(pa.table(columns).replace_schema_metadata({WRITTEN_BY: "tfmm"}),
+                               tmp)
             else:
                 # One column per component: float32 written as its shortest exact text.
                 columns.update({f"v{j}": pa.array(vectors[:, j]) for j in range(d)})

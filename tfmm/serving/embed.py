@@ -103,7 +103,8 @@ def main(argv):
         sys.exit(str(e))
     done = f", {result['already_done']} were done by an earlier run" \
         if result.get("already_done") else ""
-    content = "an image" if encoder.modality == "image" else "a title"
+    content = {"image": "an image", "text": "a title", "fused": "an image or a title"}[
+        encoder.modality]
     print(f"embedded {result['embedded']} of {result['items']} items{done}; "
           f"{result['without_content']} without {content} skipped", flush=True)
 

@@ -35,7 +35,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from tfmm.data import reader, schema
 from tfmm.index import open_index
-from tfmm.serving.encoding import Encoder, claim_dir
+from tfmm.serving.encoding import Encoder, claim_dir, has_content, item_inputs
 
 NAMESPACE = "tfmm.embed"
 
@@ -67,17 +67,15 @@ class Contents(beam.DoFn):
         self.without = Metrics.counter(NAMESPACE, "without_content")
 
     def process(self, path):
-        feature, flag = ("image", "has_image") if self.modality == "image" else \
-            ("title", "has_title")
         parse = reader.item_parser(self.data_dir, self.image_size)
         batches = (tf.data.TFRecordDataset(path)
                    .map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(256)
                    .prefetch(tf.data.AUTOTUNE))
         for batch in batches.as_numpy_iterator():
-            has = batch[flag]
+            has = has_content(self.modality, batch)
             self.items.inc(len(has))
             self.without.inc(int((~has).sum()))
-            yield from zip(batch["item_id"][has].tolist(), batch[feature][has])
+            yield from zip(batch["item_id"][has].tolist(), item_inputs(self.modality, batch, has))
 
 
 class PutVectors(beam.DoFn):
@@ -126,7 +124,7 @@ def run(encoder, data_dir, manifest, options, index=None, out_dir=None, batch_si
         held.claim(manifest["catalogue"])
         held.close()
     else:
-        claim_dir(out_dir, dict(manifest, layout=f"beam, {shards} shards"))
+        claim_dir(out_dir, dict(manifest, layout=f"beam, {shards} shards"), inputs=(data_dir,))
         for temp in glob.glob(os.path.join(out_dir, "beam-temp-*")):
             shutil.rmtree(temp)  # a killed run's
     pipeline = beam.Pipeline(options=PipelineOptions(options))

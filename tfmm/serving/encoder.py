@@ -4,7 +4,7 @@ r"""The near-line encoder service: new-item events -> exported encoder -> index 
         --events=runs/small/events.db --index=runs/small/index/vectors.db
 
 reads new-item events in batches (`tfmm.serving.events`), embeds them with
-the SCL encoder's SavedModel (image or text, whichever its signature takes),
+the encoder's SavedModel (image, text or both, whichever its signature takes),
 writes the vectors to the index table, and only then acknowledges the
 events: a worker killed at any point loses nothing, since its unacknowledged
 events are delivered again (to itself when restarted, or to another worker

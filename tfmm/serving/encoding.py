@@ -1,8 +1,10 @@
 """An exported encoder as a callable, and a whole catalogue embedded with it.
 
-`Encoder` wraps the SCL encoder's SavedModel (``python -m tfmm.train
+`Encoder` wraps the encoder's SavedModel (``python -m tfmm.train
 --task=pretrain --export_dir=...``): image or text in, whichever its
-``serving_default`` takes. The near-line service (`tfmm.serving.encoder`) feeds
+``serving_default`` takes, or both (``--objective=image_title
+--index_vector=fused``: an item needs one of the two). The near-line
+service (`tfmm.serving.encoder`) feeds
 it new-item events; the batch job (`embed_catalogue`, ``python -m
 tfmm.serving.embed``) every item of a data directory, into an `IndexSink` or a
 `PartSink` (Parquet parts by raw item id).
@@ -18,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmm import data
+from tfmm import data, outputs
 from tfmm.data import schema
 from tfmm.export import latest_version
 from tfmm.index import files, open_index
@@ -29,7 +31,8 @@ MANIFEST = "_embed.json"
 
 class Encoder:
     """An exported encoder's ``serving_default``: `content` makes its input from a
-    new-item event, a call embeds a batch of inputs.
+    new-item event, a call embeds a batch of inputs. ``modality`` is "image",
+    "text", or "fused" (inputs ``image`` and ``text``: an input is a pair).
 
     Args:
         path: the SavedModel (a version dir or a base dir).
@@ -44,30 +47,42 @@ class Encoder:
         self._serve = signatures["serving_default"]
         inputs = self._serve.structured_input_signature[1]
         outputs = self._serve.structured_outputs
-        image = text = False
-        if len(inputs) == len(outputs) == 1:
-            (spec,), (out,) = inputs.values(), outputs.values()
-            image = (spec.dtype == tf.uint8 and spec.shape.rank == 4 and spec.shape[-1] == 3
-                     and None not in spec.shape[1:3] and out.shape.rank == 2)
-            text = spec.dtype == tf.string and spec.shape.rank == 1 and out.shape.rank == 2
-        if not (image or text):
+        kinds = {name: _kind(spec) for name, spec in inputs.items()}
+        out = next(iter(outputs.values())) if len(outputs) == 1 else None
+        fused = sorted(kinds.items()) == [("image", "image"), ("text", "text")]
+        if not (out is not None and out.shape.rank == 2 and (len(kinds) == 1 and None not in
+                                                              kinds.values() or fused)):
             raise ValueError(
                 f"{self.path} is not an encoder export: its serving_default takes "
                 f"{', '.join(sorted(inputs))} and returns {', '.join(sorted(outputs))}; an "
-                "encoder takes one uint8 [n, h, w, 3] image or string [n] text input and "
-                "returns [n, d] vectors.")
-        self.input_name = next(iter(inputs))
-        self.modality = "image" if image else "text"
-        self.image_size = tuple(spec.shape[1:3]) if image else None
+                "encoder takes one uint8 [n, h, w, 3] image or string [n] text input (or both, "
+                "named image and text) and returns [n, d] vectors.")
+        self.modality = "fused" if fused else next(iter(kinds.values()))
+        self.input_name = None if fused else next(iter(inputs))
+        image = inputs.get("image") if fused else next(iter(inputs.values()))
+        self.image_size = tuple(image.shape[1:3]) if self.modality != "text" else None
         self.dim = int(out.shape[-1])
 
     def content(self, event):
-        """The model input of one event; BadEvent when it has none or it does not decode."""
+        """The model input of one event; BadEvent when it has none or it does not decode.
+
+        A fused encoder's input is (image, title): zeros for an event without an
+        image, b"" for one without a title, as `tfmm.data.items` gives them."""
+        if self.modality == "fused":
+            if not (event["image"] or event["title"]):
+                raise BadEvent(f"item {event['item_id']}: the encoder embeds images and "
+                               "titles; the event has neither.")
+            image = (self._image(event) if event["image"]
+                     else np.zeros(self.image_size + (3,), np.uint8))
+            return image, event["title"] or b""
         if self.modality == "text":
             if not event["title"]:
                 raise BadEvent(f"item {event['item_id']}: the encoder embeds titles; "
                                "the event has none.")
             return event["title"]
+        return self._image(event)
+
+    def _image(self, event):
         if not event["image"]:
             raise BadEvent(f"item {event['item_id']}: the encoder embeds images; "
                            "the event has none.")
@@ -83,14 +98,39 @@ class Encoder:
 
     def __call__(self, contents):
         """Vectors [n, dim] of model inputs built by `content`."""
-        batch = np.stack(contents) if self.modality == "image" else np.array(contents, object)
-        out = self._serve(**{self.input_name: tf.constant(batch)})
+        if self.modality == "fused":
+            images, titles = zip(*contents)
+            inputs = {"image": np.stack(images), "text": np.array(titles, object)}
+        else:
+            inputs = {self.input_name: np.stack(contents) if self.modality == "image"
+                      else np.array(contents, object)}
+        out = self._serve(**{k: tf.constant(v) for k, v in inputs.items()})
         return next(iter(out.values())).numpy()
 
 
-def content_key(encoder):
-    """The `data.items` feature the encoder takes, and the flag saying an item has it."""
-    return ("image", "has_image") if encoder.modality == "image" else ("title", "has_title")
+
+def has_content(modality, batch):
+    """Which items of a `tfmm.data.items` batch (NumPy arrays) an encoder of
+    `modality` (`Encoder.modality`) embeds."""
+    if modality == "fused":
+        return batch["has_image"] | batch["has_title"]
+    return batch["has_image"] if modality == "image" else batch["has_title"]
+
+
+def item_inputs(modality, batch, rows):
+    """The inputs (as `Encoder.content` makes them) of an encoder of `modality` for
+    the items `rows` (a mask) of a `tfmm.data.items` batch (NumPy arrays)."""
+    if modality == "fused":
+        return list(zip(batch["image"][rows], batch["title"][rows]))
+    return batch["image" if modality == "image" else "title"][rows]
+
+
+def _kind(spec):
+    """"image" for a uint8 [n, h, w, 3] input, "text" for a string [n] one, else None."""
+    if (spec.dtype == tf.uint8 and spec.shape.rank == 4 and spec.shape[-1] == 3
+            and None not in spec.shape[1:3]):
+        return "image"
+    return "text" if spec.dtype == tf.string and spec.shape.rank == 1 else None
 
 
 class IndexSink:
@@ -124,7 +164,8 @@ class PartSink:
     def __init__(self, out_dir, data_dir, manifest, part_size):
         self.out_dir, self.part_size = out_dir, part_size
         self.raw = schema.item_raw_ids(data_dir)
-        claim_dir(out_dir, dict(manifest, layout=f"local parts of {part_size} items"))
+        claim_dir(out_dir, dict(manifest, layout=f"local parts of {part_size} items"),
+                  inputs=(data_dir,))
         for path in glob.glob(os.path.join(out_dir, "part-*.parquet.tmp-*")):
             os.remove(path)  # a killed run's half-written part
         self.buffered = {}  # part -> [(ids, vectors)]
@@ -166,10 +207,13 @@ class PartSink:
         return f"{self.out_dir}/part-*.parquet"
 
 
-def claim_dir(out_dir, manifest):
-    """Records the job `manifest` describes in `out_dir`; ValueError if it holds another's."""
-    os.makedirs(out_dir, exist_ok=True)
+def claim_dir(out_dir, manifest, inputs=()):
+    """Records the job `manifest` describes in `out_dir`; ValueError if it holds another's,
+    or is or holds one of `inputs` or the encoder, or user files (`tfmm.outputs`)."""
     path = os.path.join(out_dir, MANIFEST)
+    outputs.check_output_dir(out_dir, "out_dir", (*inputs, manifest["encoder"]),
+                             owned=lambda d: os.path.exists(path))
+    os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             held = json.load(f)
@@ -199,18 +243,19 @@ def embed_catalogue(encoder, data_dir, sink, batch_size=256, verbose=1):
     items, items embedded now, items skipped for lack of content, and items
     with content in parts a killed run had completed.
     """
-    feature, flag = content_key(encoder)
     total = schema.read_metadata(data_dir)["vocab"]["num_items"] - schema.FIRST_ID
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the summary
         bar = keras.utils.Progbar(total, verbose=verbose, unit_name="item",
                                   stateful_metrics=["embedded", "without content"])
     seen = embedded = without = already = 0
     for batch in data.items(data_dir, batch_size, image_size=encoder.image_size):
-        ids, has = batch["item_id"].numpy(), batch[flag].numpy()
+        batch = {k: v.numpy() for k, v in batch.items()}
+        ids, has = batch["item_id"], has_content(encoder.modality, batch)
         positions = np.arange(seen, seen + len(ids))
         todo = has & ~sink.done(positions)
         if todo.any():
-            sink.write(positions[todo], ids[todo], encoder(batch[feature].numpy()[todo]))
+            sink.write(positions[todo], ids[todo],
+                       encoder(item_inputs(encoder.modality, batch, todo)))
         seen += len(ids)
         sink.advance(seen)
         embedded, without = embedded + int(todo.sum()), without + int((~has).sum())
