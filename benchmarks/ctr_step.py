@@ -32,25 +32,12 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+import numpy as np
 
-flags.DEFINE_integer("batch_size", 1024, "Batch size.")
-flags.DEFINE_integer("max_history", 50, "History length L.")
-flags.DEFINE_integer("steps", 40, "Training steps per timed run.")
-flags.DEFINE_integer("repeats", 3, "Timed runs per model (the best counts).")
-flags.DEFINE_integer("num_items", 4002, "Item vocabulary (the small world's).")
-flags.DEFINE_integer("num_users", 3002, "User vocabulary.")
-flags.DEFINE_integer("num_categories", 10, "Category vocabulary.")
-flags.DEFINE_integer("vector_dim", 128, "Multimodal vector width of SimTier+MAKE.")
-flags.DEFINE_integer("rounds", 3, "Rounds of the models, each in a fresh process.")
-flags.DEFINE_enum("history_fill", "random", ["random", "full"], "History lengths: uniform in "
-                  "1..L, or all L.")
-flags.DEFINE_bool("jit_compile", False, "XLA for every model (compile's jit_compile).")
-flags.DEFINE_string("only", "", "Internal: run one model (deepctr, id, id_dense_adam or "
-                    "simtier_make) and print its rate.")
+from tfmm import cli
+
 FLAGS = flags.FLAGS
-
-import numpy as np  # noqa: E402
 
 
 def random_batch(vector_dim=0):
@@ -139,6 +126,23 @@ def run(model):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def define_flags():
+    flags.DEFINE_integer("batch_size", 1024, "Batch size.")
+    flags.DEFINE_integer("max_history", 50, "History length L.")
+    flags.DEFINE_integer("steps", 40, "Training steps per timed run.")
+    flags.DEFINE_integer("repeats", 3, "Timed runs per model (the best counts).")
+    flags.DEFINE_integer("num_items", 4002, "Item vocabulary (the small world's).")
+    flags.DEFINE_integer("num_users", 3002, "User vocabulary.")
+    flags.DEFINE_integer("num_categories", 10, "Category vocabulary.")
+    flags.DEFINE_integer("vector_dim", 128, "Multimodal vector width of SimTier+MAKE.")
+    flags.DEFINE_integer("rounds", 3, "Rounds of the models, each in a fresh process.")
+    flags.DEFINE_enum("history_fill", "random", ["random", "full"], "History lengths: uniform in "
+                      "1..L, or all L.")
+    flags.DEFINE_bool("jit_compile", False, "XLA for every model (compile's jit_compile).")
+    flags.DEFINE_string("only", "", "Internal: run one model (deepctr, id, id_dense_adam or "
+                        "simtier_make) and print its rate.")
+
+
 def main(argv):
     del argv
     if FLAGS.only:
@@ -169,4 +173,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

@@ -20,22 +20,16 @@ alike; p50 and p99 in ms.
 
 import os
 
-from absl import app, flags
+from absl import flags
+import numpy as np
+import tensorflow as tf
 
-flags.DEFINE_integer("batch_size", 1024, "Training batch.")
-flags.DEFINE_integer("max_history", 50, "Training history length L.")
-flags.DEFINE_integer("candidates", 200, "Serving candidates C.")
-flags.DEFINE_integer("serving_history", 100, "Serving history length (all real).")
-flags.DEFINE_integer("dim", 32, "Query/key width d (item + category embeddings of 16).")
-flags.DEFINE_integer("calls", 100, "Timed calls per variant.")
+from benchmarks.timing import paired
+from tfmm import cli
+from tfmm.keras_compat import keras
+from tfmm.layers import DINAttention
+
 FLAGS = flags.FLAGS
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from benchmarks.timing import paired  # noqa: E402
-from tfmm.keras_compat import keras  # noqa: E402
-from tfmm.layers import DINAttention  # noqa: E402
 
 UNITS = (80, 40)
 
@@ -121,6 +115,15 @@ def serving(din, rng):
           f"reference {np.median(results[1]) / floor_ms:.2f}x")
 
 
+def define_flags():
+    flags.DEFINE_integer("batch_size", 1024, "Training batch.")
+    flags.DEFINE_integer("max_history", 50, "Training history length L.")
+    flags.DEFINE_integer("candidates", 200, "Serving candidates C.")
+    flags.DEFINE_integer("serving_history", 100, "Serving history length (all real).")
+    flags.DEFINE_integer("dim", 32, "Query/key width d (item + category embeddings of 16).")
+    flags.DEFINE_integer("calls", 100, "Timed calls per variant.")
+
+
 def main(argv):
     del argv
     rng = np.random.default_rng(0)
@@ -135,4 +138,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

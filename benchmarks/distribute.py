@@ -23,30 +23,16 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
+import numpy as np
+import tensorflow as tf
 
-flags.DEFINE_string("data_dir", None, "A tfmm data directory (generated if missing).")
-flags.DEFINE_enum("world", "small", ["tiny", "small", "large"], "World to generate if missing.")
-flags.DEFINE_list("models", ["id", "simtier"], "Rankers to run.")
-flags.DEFINE_list("workers", ["1", "2"], "Worker counts to measure.")
-flags.DEFINE_integer("batch_size", 1024, "Global batch size.")
-flags.DEFINE_integer("max_history", 50, "History length L.")
-flags.DEFINE_integer("vector_dim", 128, "SimTier's vector width.")
-flags.DEFINE_integer("steps", 40, "Timed steps (after 5 untimed).")
-flags.DEFINE_list("project", ["8", "64"], "Worker counts to project to.")
-flags.DEFINE_float("bandwidth_gbit", 10.0, "Projection: network bandwidth per worker, Gbit/s.")
-flags.DEFINE_float("latency_us", 50.0, "Projection: latency of one message, microseconds.")
-flags.DEFINE_string("only", "", "Internal: run one worker of this model (TF_CONFIG set).")
+from tfmm import cli, data, distribute
+from tfmm.data import schema
+from tfmm.keras_compat import keras
+from tfmm.ranker import DINRanker
+
 FLAGS = flags.FLAGS
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from tfmm import data, distribute  # noqa: E402
-from tfmm.data import schema  # noqa: E402
-from tfmm.data.synthetic import ensure_world  # noqa: E402
-from tfmm.keras_compat import keras  # noqa: E402
-from tfmm.ranker import DINRanker  # noqa: E402
 
 WARMUP = 5
 
@@ -149,13 +135,26 @@ def traffic(b, workers):
     return dense, sparse, tables
 
 
+def define_flags():
+    cli.define_data_flags("A tfmm data directory (default data/<world>).")
+    flags.DEFINE_list("models", ["id", "simtier"], "Rankers to run.")
+    flags.DEFINE_list("workers", ["1", "2"], "Worker counts to measure.")
+    flags.DEFINE_integer("batch_size", 1024, "Global batch size.")
+    flags.DEFINE_integer("max_history", 50, "History length L.")
+    flags.DEFINE_integer("vector_dim", 128, "SimTier's vector width.")
+    flags.DEFINE_integer("steps", 40, "Timed steps (after 5 untimed).")
+    flags.DEFINE_list("project", ["8", "64"], "Worker counts to project to.")
+    flags.DEFINE_float("bandwidth_gbit", 10.0, "Projection: network bandwidth per worker, Gbit/s.")
+    flags.DEFINE_float("latency_us", 50.0, "Projection: latency of one message, microseconds.")
+    flags.DEFINE_string("only", "", "Internal: run one worker of this model (TF_CONFIG set).")
+
+
 def main(argv):
-    data_dir = FLAGS.data_dir or os.path.join("data", FLAGS.world)
+    data_dir = cli.data_dir()  # generated once, by the parent; its workers get the path
     if FLAGS.only:
         logging.set_verbosity(logging.WARNING)  # tf.distribute's INFO lines, per worker
         tf.get_logger().setLevel("WARNING")
         return run_worker(data_dir, FLAGS.only)
-    ensure_world(data_dir, FLAGS.world)
     mb = 1 / 2 ** 20
     bandwidth = FLAGS.bandwidth_gbit * 1e9 / 8
     print(f"global batch {FLAGS.batch_size}, L={FLAGS.max_history}, {data_dir}; workers on "
@@ -193,4 +192,5 @@ def main(argv):
                       f"{exchange / step:.0%} of the step")
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

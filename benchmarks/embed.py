@@ -3,9 +3,8 @@ the near-line encoder service fed the same items as new-item events.
 
     python -m benchmarks.embed --world=small
 
-One export (an untrained image tower of --dim, unless --encoder names one;
---encoder and --max_batch are the encoder service's own flags) and
-one catalogue (a generated world's items). Each way writes a fresh SQLite
+One export (an untrained image tower of --dim, unless --encoder names one)
+and one catalogue (a generated world's items). Each way writes a fresh SQLite
 index; items/s counts the items embedded and written:
 
 - local: `tfmm.serving.encoding.embed_catalogue` (``python -m
@@ -22,31 +21,20 @@ import os
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
+import tensorflow as tf
 
-flags.DEFINE_string("data_dir", None, "A tfmm data directory (generated if missing).")
-flags.DEFINE_enum("world", "small", ["tiny", "small", "large"], "World to generate if missing.")
-flags.DEFINE_integer("dim", 128, "Width of the default encoder.")
-flags.DEFINE_integer("batch_size", 256, "Items per model call and put of the batch job.")
-flags.DEFINE_list("beam_options", [], "Pipeline options of the DirectRunner run, e.g. "
-                  "--direct_num_workers=2.")
+from tfmm import cli
+from tfmm.data import schema
+from tfmm.export import export_saved_model
+from tfmm.index import open_index
+from tfmm.serving import embed_beam
+from tfmm.serving.encoder import serve
+from tfmm.serving.encoding import Encoder, IndexSink, embed_catalogue, job_manifest
+from tfmm.serving.events import open_events
+from tfmm.towers import image_tower
+
 FLAGS = flags.FLAGS
-
-import tensorflow as tf  # noqa: E402
-
-# Defines --encoder (default: an untrained image tower) and --max_batch (events per
-# batch of the near-line encoder), used here as they are there; its other flags are unused.
-from tfmm.serving.encoder import serve  # noqa: E402
-
-from tfmm.data import schema  # noqa: E402
-from tfmm.data.synthetic import ensure_world  # noqa: E402
-from tfmm.export import export_saved_model  # noqa: E402
-from tfmm.index import open_index  # noqa: E402
-from tfmm.serving import embed_beam  # noqa: E402
-from tfmm.serving.encoding import (Encoder, IndexSink, embed_catalogue,  # noqa: E402
-                                   job_manifest)
-from tfmm.serving.events import open_events  # noqa: E402
-from tfmm.towers import image_tower  # noqa: E402
 
 
 def events_of(data_dir):
@@ -68,9 +56,21 @@ def timed(fn):
     return n, n / (time.perf_counter() - start)
 
 
+def define_flags():
+    cli.define_data_flags("A tfmm data directory (default data/<world>).")
+    flags.DEFINE_string("encoder", None, "An exported encoder (default: an untrained image "
+                        "tower of --dim).")
+    flags.DEFINE_integer("dim", 128, "Width of the default encoder.")
+    flags.DEFINE_integer("max_batch", 64, "Events per batch of the near-line encoder (its "
+                         "--max_batch).")
+    flags.DEFINE_integer("batch_size", 256, "Items per model call and put of the batch job.")
+    flags.DEFINE_list("beam_options", [], "Pipeline options of the DirectRunner run, e.g. "
+                      "--direct_num_workers=2.")
+
+
 def main(argv):
     del argv
-    data_dir = ensure_world(FLAGS.data_dir or f"data/{FLAGS.world}", FLAGS.world)
+    data_dir = cli.data_dir()
     with tempfile.TemporaryDirectory(prefix="embed-bench-") as work:
         compare(data_dir, work)
 
@@ -119,4 +119,5 @@ def compare(data_dir, work):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

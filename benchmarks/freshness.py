@@ -23,28 +23,19 @@ import tempfile
 import threading
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
+import numpy as np
+import tensorflow as tf
 
-flags.DEFINE_float("rate", 20.0, "New items per second.")
-flags.DEFINE_float("seconds", 30.0, "How long items are created.")
-flags.DEFINE_list("backends", ["embedded", "redis"], "embedded (SQLite) and/or redis.")
-flags.DEFINE_string("encoder", "", "An exported encoder (default: an untrained image tower).")
-flags.DEFINE_string("ranker", "", "An exported ranker taking vectors (default: an untrained "
-                    "SimTier ranker, L=100).")
-flags.DEFINE_integer("candidates", 200, "Candidates per prediction.")
-flags.DEFINE_string("redis_url", "", "An existing Redis (keys under tfmm-fresh are overwritten); "
-                    "default: a private redis-server.")
+from tfmm import cli
+from tfmm.export import export_saved_model
+from tfmm.index import open_index
+from tfmm.ranker import DINRanker
+from tfmm.serving.events import open_events
+from tfmm.serving.predictor import Predictor, Request
+from tfmm.towers import image_tower
+
 FLAGS = flags.FLAGS
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from tfmm.export import export_saved_model  # noqa: E402
-from tfmm.index import open_index  # noqa: E402
-from tfmm.ranker import DINRanker  # noqa: E402
-from tfmm.serving.events import open_events  # noqa: E402
-from tfmm.serving.predictor import Predictor, Request  # noqa: E402
-from tfmm.towers import image_tower  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_NEW_ID = 1_000_000  # new items: ids beyond every trained vocabulary
@@ -101,7 +92,7 @@ def run(encoder, ranker, index_spec, events_spec):
         published = int(np.sum(~np.isnan(created)))
         waiting = np.flatnonzero(np.isnan(served[:published]))[-FLAGS.candidates:]
         candidates = np.concatenate([FIRST_NEW_ID + waiting,
-                                     rng.integers(1, 4002, FLAGS.candidates - len(waiting))])
+                                     rng.integers(2, 4002, FLAGS.candidates - len(waiting))])
         features, missing = predictor.assemble(Request(7, history, candidates))
         predictor.model(features)
         now = time.time()
@@ -116,6 +107,18 @@ def run(encoder, ranker, index_spec, events_spec):
     worker.terminate()
     worker.wait()
     return served - created, predictions
+
+
+def define_flags():
+    flags.DEFINE_float("rate", 20.0, "New items per second.")
+    flags.DEFINE_float("seconds", 30.0, "How long items are created.")
+    flags.DEFINE_list("backends", ["embedded", "redis"], "embedded (SQLite) and/or redis.")
+    flags.DEFINE_string("encoder", "", "An exported encoder (default: an untrained image tower).")
+    flags.DEFINE_string("ranker", "", "An exported ranker taking vectors (default: an untrained "
+                        "SimTier ranker, L=100).")
+    flags.DEFINE_integer("candidates", 200, "Candidates per prediction.")
+    flags.DEFINE_string("redis_url", "", "An existing Redis (keys under tfmm-fresh are "
+                        "overwritten); default: a private redis-server.")
 
 
 def main(argv):
@@ -152,4 +155,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

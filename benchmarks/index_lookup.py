@@ -13,22 +13,15 @@ import os
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
+import numpy as np
+import redis
 
-flags.DEFINE_integer("items", 100_000, "Items in the index.")
-flags.DEFINE_integer("dim", 128, "Vector dimension.")
-flags.DEFINE_integer("requests", 2000, "Timed look-ups per row.")
-flags.DEFINE_list("sizes", ["300", "100"], "Ids per look-up (history 100 + 200 candidates = 300).")
-flags.DEFINE_string("redis_url", "", "An existing Redis (its keys under --prefix are "
-                    "overwritten); default: a private redis-server.")
-flags.DEFINE_string("prefix", "tfmm-bench", "Key prefix of the benchmark's index.")
+from benchmarks.timing import latencies
+from tfmm import cli
+from tfmm.index import FIRST_ID, RedisIndex, SQLiteIndex
+
 FLAGS = flags.FLAGS
-
-import numpy as np  # noqa: E402
-import redis  # noqa: E402
-
-from benchmarks.timing import latencies  # noqa: E402
-from tfmm.index import FIRST_ID, RedisIndex, SQLiteIndex  # noqa: E402
 
 
 def fill(index, vectors, chunk=10_000):
@@ -37,6 +30,17 @@ def fill(index, vectors, chunk=10_000):
     for s in range(0, len(vectors), chunk):
         index.put(FIRST_ID + np.arange(s, min(s + chunk, len(vectors))), vectors[s:s + chunk])
     return time.perf_counter() - start
+
+
+def define_flags():
+    flags.DEFINE_integer("items", 100_000, "Items in the index.")
+    flags.DEFINE_integer("dim", 128, "Vector dimension.")
+    flags.DEFINE_integer("requests", 2000, "Timed look-ups per row.")
+    flags.DEFINE_list("sizes", ["300", "100"], "Ids per look-up (history 100 + 200 candidates "
+                      "= 300).")
+    flags.DEFINE_string("redis_url", "", "An existing Redis (its keys under --prefix are "
+                        "overwritten); default: a private redis-server.")
+    flags.DEFINE_string("prefix", "tfmm-bench", "Key prefix of the benchmark's index.")
 
 
 def main(argv):
@@ -79,4 +83,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

@@ -7,22 +7,15 @@ training step's examples/s of the ID DIN ranker, same batch size.
 import os
 import time
 
-from absl import app, flags
+from absl import flags
+import tensorflow as tf
 
-flags.DEFINE_string("data_dir", None, "A tfmm data directory (generated if missing).")
-flags.DEFINE_enum("world", "small", ["tiny", "small", "large"], "World to generate if missing.")
-flags.DEFINE_integer("batch_size", 1024, "Batch size of both.")
-flags.DEFINE_integer("max_history", 50, "History length L.")
-flags.DEFINE_integer("steps", 100, "Training steps to time.")
+from tfmm import cli, data
+from tfmm.data import schema
+from tfmm.keras_compat import keras
+from tfmm.ranker import DINRanker
+
 FLAGS = flags.FLAGS
-
-import tensorflow as tf  # noqa: E402
-
-from tfmm import data  # noqa: E402
-from tfmm.data import schema  # noqa: E402
-from tfmm.data.synthetic import ensure_world  # noqa: E402
-from tfmm.keras_compat import keras  # noqa: E402
-from tfmm.ranker import DINRanker  # noqa: E402
 
 
 def reader_rate(data_dir, batch_size, max_history):
@@ -52,9 +45,16 @@ def step_rate(data_dir, batch_size, max_history, steps):
     return steps * batch_size / (time.perf_counter() - start)
 
 
+def define_flags():
+    cli.define_data_flags("A tfmm data directory (default data/<world>).")
+    flags.DEFINE_integer("batch_size", 1024, "Batch size of both.")
+    flags.DEFINE_integer("max_history", 50, "History length L.")
+    flags.DEFINE_integer("steps", 100, "Training steps to time.")
+
+
 def main(argv):
     del argv
-    data_dir = ensure_world(FLAGS.data_dir or f"data/{FLAGS.world}", FLAGS.world)
+    data_dir = cli.data_dir()
     n, reader = reader_rate(data_dir, FLAGS.batch_size, FLAGS.max_history)
     model = step_rate(data_dir, FLAGS.batch_size, FLAGS.max_history, FLAGS.steps)
     print(f"data {data_dir}: {n} train impressions, batch {FLAGS.batch_size}, "
@@ -65,4 +65,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

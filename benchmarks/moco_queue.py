@@ -8,20 +8,16 @@ against the same step with a minimal queue, next to the extra logits matmul
 import os
 import time
 
-from absl import app, flags
+from absl import flags
+import keras
+import numpy as np
+import tensorflow as tf
 
-flags.DEFINE_integer("queue_size", 196_800, "K (the paper's).")
-flags.DEFINE_integer("batch_size", 64, "Batch size (K must be a multiple).")
-flags.DEFINE_integer("dim", 128, "Vector dimension.")
-flags.DEFINE_integer("steps", 20, "Timed steps.")
+from tfmm import cli
+from tfmm.scl import SCLModel
+from tfmm.towers import image_tower
+
 FLAGS = flags.FLAGS
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from tfmm.scl import SCLModel  # noqa: E402
-from tfmm.towers import image_tower  # noqa: E402
 
 
 def step_time(queue_size, batch):
@@ -53,6 +49,13 @@ def matmul_time(batch_size, queue_size, dim):
     return (time.perf_counter() - start) / FLAGS.steps
 
 
+def define_flags():
+    flags.DEFINE_integer("queue_size", 196_800, "K (the paper's).")
+    flags.DEFINE_integer("batch_size", 64, "Batch size (K must be a multiple).")
+    flags.DEFINE_integer("dim", 128, "Vector dimension.")
+    flags.DEFINE_integer("steps", 20, "Timed steps.")
+
+
 def main(argv):
     del argv
     b = FLAGS.batch_size
@@ -72,4 +75,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

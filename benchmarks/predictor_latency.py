@@ -31,36 +31,17 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import flags
+import numpy as np
 
-flags.DEFINE_list("models", ["id", "simtier", "simtier_make"],
-                  "Rankers to export and time (tfmm.ranker.METHODS).")
-flags.DEFINE_list("signatures", ["rank", "serving_default"], "Signatures to time.")
-flags.DEFINE_list("indexes", ["SQLite", "Redis"], "Index backends to time (vector rankers).")
-flags.DEFINE_string("export_dir", "", "Time this ranker export instead of --models.")
-flags.DEFINE_integer("num_items", 4002, "Item vocabulary (the small world's).")
-flags.DEFINE_integer("num_users", 3002, "User vocabulary.")
-flags.DEFINE_integer("num_categories", 10, "Category vocabulary.")
-flags.DEFINE_integer("vector_dim", 128, "Multimodal vector width d.")
-flags.DEFINE_integer("max_history", 100, "History length L of the exported rankers.")
-flags.DEFINE_list("attention_units", ["80", "40"], "DIN attention MLP of the exported rankers "
-                  "and of DeepCTR's peer.")
-flags.DEFINE_integer("candidates", 200, "Candidates per request.")
-flags.DEFINE_integer("requests", 300, "Timed requests per row.")
-flags.DEFINE_integer("threads", 8, "Concurrent client threads of the loaded rows.")
-flags.DEFINE_bool("deepctr", True, "Also time DeepCTR 0.9.4's DIN SavedModel (tf-keras).")
-flags.DEFINE_string("only", "", "Internal: 'deepctr:PATH' saves DeepCTR's DIN there (tf-keras).")
-flags.DEFINE_string("redis_url", "", "An existing Redis (keys under tfmm-bench-predictor: are "
-                    "overwritten); default: a private redis-server.")
+from benchmarks.timing import latencies, paired
+from tfmm import cli
+from tfmm.export import export_saved_model
+from tfmm.index import RedisIndex, SQLiteIndex
+from tfmm.ranker import DINRanker
+from tfmm.serving.predictor import Predictor, Request, SavedModel
+
 FLAGS = flags.FLAGS
-
-import numpy as np  # noqa: E402
-
-from benchmarks.timing import latencies, paired  # noqa: E402
-from tfmm.export import export_saved_model  # noqa: E402
-from tfmm.index import RedisIndex, SQLiteIndex  # noqa: E402
-from tfmm.ranker import DINRanker  # noqa: E402
-from tfmm.serving.predictor import Predictor, Request, SavedModel  # noqa: E402
 
 
 def make_requests(length, distinct=20, seed=0):
@@ -138,6 +119,29 @@ def row(label, ms, rate=None):
     rate = "" if rate is None else f"{rate:8.0f}"
     print(f"{label:<64} {np.percentile(ms, 50):7.2f} {np.percentile(ms, 99):7.2f} {rate}",
           flush=True)
+
+
+def define_flags():
+    flags.DEFINE_list("models", ["id", "simtier", "simtier_make"],
+                      "Rankers to export and time (tfmm.ranker.METHODS).")
+    flags.DEFINE_list("signatures", ["rank", "serving_default"], "Signatures to time.")
+    flags.DEFINE_list("indexes", ["SQLite", "Redis"], "Index backends to time (vector rankers).")
+    flags.DEFINE_string("export_dir", "", "Time this ranker export instead of --models.")
+    flags.DEFINE_integer("num_items", 4002, "Item vocabulary (the small world's).")
+    flags.DEFINE_integer("num_users", 3002, "User vocabulary.")
+    flags.DEFINE_integer("num_categories", 10, "Category vocabulary.")
+    flags.DEFINE_integer("vector_dim", 128, "Multimodal vector width d.")
+    flags.DEFINE_integer("max_history", 100, "History length L of the exported rankers.")
+    flags.DEFINE_list("attention_units", ["80", "40"], "DIN attention MLP of the exported rankers "
+                      "and of DeepCTR's peer.")
+    flags.DEFINE_integer("candidates", 200, "Candidates per request.")
+    flags.DEFINE_integer("requests", 300, "Timed requests per row.")
+    flags.DEFINE_integer("threads", 8, "Concurrent client threads of the loaded rows.")
+    flags.DEFINE_bool("deepctr", True, "Also time DeepCTR 0.9.4's DIN SavedModel (tf-keras).")
+    flags.DEFINE_string("only", "", "Internal: 'deepctr:PATH' saves DeepCTR's DIN there "
+                        "(tf-keras).")
+    flags.DEFINE_string("redis_url", "", "An existing Redis (keys under tfmm-bench-predictor: are "
+                        "overwritten); default: a private redis-server.")
 
 
 def main(argv):
@@ -234,4 +238,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

@@ -29,27 +29,17 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import tensorflow as tf
 
-flags.DEFINE_integer("rows", 1_000_000, "Impressions in the synthetic log.")
-flags.DEFINE_integer("users", 20_000, "Distinct users.")
-flags.DEFINE_integer("items", 20_000, "Distinct items (all in the items file).")
-flags.DEFINE_float("click_rate", 0.2, "Fraction of impressions that are clicks.")
-flags.DEFINE_string("old_ref", "1510c7a", "Git ref of the code to compare with ('' for none).")
-flags.DEFINE_list("runners", ["local"], "How to run this checkout's prepare: 'local', or a "
-                  "Beam runner name, passed as --runner.")
-flags.DEFINE_list("beam_options", ["--direct_num_workers=1", "--direct_running_mode=in_memory"],
-                  "Pipeline options of the Beam runners (after prepare's `--`).")
-flags.DEFINE_string("work_dir", None, "Where the log and outputs go (default: a temp dir).")
+from tfmm import cli
+from tfmm.data import schema
+
 FLAGS = flags.FLAGS
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-import pyarrow.csv as pa_csv  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from tfmm.data import schema  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYARROW = ("pyarrow", "pyarrow.csv", "pyarrow.compute", "pyarrow.parquet")  # prepare's
@@ -113,6 +103,19 @@ def same_output(local_out, beam_out):
             .as_numpy_iterator()) for table in metas[0]["files"])
 
 
+def define_flags():
+    flags.DEFINE_integer("rows", 1_000_000, "Impressions in the synthetic log.")
+    flags.DEFINE_integer("users", 20_000, "Distinct users.")
+    flags.DEFINE_integer("items", 20_000, "Distinct items (all in the items file).")
+    flags.DEFINE_float("click_rate", 0.2, "Fraction of impressions that are clicks.")
+    flags.DEFINE_string("old_ref", "1510c7a", "Git ref of the code to compare with ('' for none).")
+    flags.DEFINE_list("runners", ["local"], "How to run this checkout's prepare: 'local', or a "
+                      "Beam runner name, passed as --runner.")
+    flags.DEFINE_list("beam_options", ["--direct_num_workers=1", "--direct_running_mode=in_memory"],
+                      "Pipeline options of the Beam runners (after prepare's `--`).")
+    flags.DEFINE_string("work_dir", None, "Where the log and outputs go (default: a temp dir).")
+
+
 def main(argv):
     del argv
     work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench-prepare-")
@@ -172,4 +175,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

@@ -10,18 +10,14 @@ only a sum kept, i.e. the arithmetic any exact method must do.
 import os
 import time
 
-from absl import app, flags
+from absl import flags
+import numpy as np
+import tensorflow as tf
 
-flags.DEFINE_integer("n", 100_000, "Queries and positives.")
-flags.DEFINE_integer("dim", 128, "Vector dimension.")
-flags.DEFINE_integer("chunk_size", 4096, "Queries per chunk.")
-flags.DEFINE_integer("repeats", 2, "Timed repetitions (best kept).")
+from tfmm import cli
+from tfmm.metrics import acc_at_n
+
 FLAGS = flags.FLAGS
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from tfmm.metrics import acc_at_n  # noqa: E402
 
 
 def bare_products(q, p, chunk_size):
@@ -43,6 +39,13 @@ def best_time(fn, repeats):
     return min(times)
 
 
+def define_flags():
+    flags.DEFINE_integer("n", 100_000, "Queries and positives.")
+    flags.DEFINE_integer("dim", 128, "Vector dimension.")
+    flags.DEFINE_integer("chunk_size", 4096, "Queries per chunk.")
+    flags.DEFINE_integer("repeats", 2, "Timed repetitions (best kept).")
+
+
 def main(argv):
     del argv
     rng = np.random.default_rng(0)
@@ -62,4 +65,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

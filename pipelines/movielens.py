@@ -50,7 +50,8 @@ The steps, each reused when it has finished (a killed run resumes):
    (``--category=all``: its whole genre set, e.g. ``Comedy|Romance``); its
    title is the movie title, then its genres as words (``--genres_in_title``),
    then its plot. The text tower reads a title's first 8 words.
-2. ``python -m tfmm.data.prepare ... --pairs_from=clicks`` (``--work_dir``/data/):
+2. `tfmm.data.prepare` as ``python -m tfmm.data.prepare ... --pairs_from=clicks``
+   does it, in this process (``--work_dir``/data/):
    the latest ``--test_fraction`` of ratings are the test split; a user's click
    and their next click make a pre-training pair.
 3. SCL pre-training on those pairs (``--pretrain_epochs``; the image tower with
@@ -70,66 +71,20 @@ others (start a fresh one); ``--seeds`` and ``--methods`` may change.
 
 import json
 import os
-import subprocess
-import sys
 import time
 
-from absl import app, flags
+import numpy as np
+from absl import flags
 
-from tfmm import ctr, outputs, pretrain
+from pipelines.movielens_data import convert, export_tfds, image_source
+from pipelines.runs import (NAMES, Runs, frequency_gains, mean_std, method_table, pipeline_dir,
+                            write_report)
+from tfmm import cli, ctr, outputs, pretrain
+from tfmm.config import SettingsError
+from tfmm.data import schema
+from tfmm.data.prepare import PrepareOptions, prepare, summary
 
-flags.DEFINE_string("ratings", None, "ratings.csv (userId,movieId,rating,timestamp), "
-                    "ratings.dat (UserID::MovieID::Rating::Timestamp) or ML-100K's u.data.")
-flags.DEFINE_string("movies", None, "movies.csv (movieId,title,genres), movies.dat "
-                    "(MovieID::Title::Genres) or ML-100K's u.item.")
-flags.DEFINE_string("tfds", None, "Instead of --ratings/--movies: fetch movielens/<this>-ratings "
-                    "and -movies with tensorflow-datasets (needs internet), e.g. latest-small.")
-flags.DEFINE_string("posters_dir", None, "Optional posters: <movieId>.jpg|.jpeg|.png.")
-flags.DEFINE_string("posters", None, "Optional posters named by a CSV: movieId,poster or "
-                    "title,year,poster (files relative to the CSV or absolute).")
-flags.DEFINE_string("plots", None, "Optional plot texts: a CSV movieId,plot.")
-flags.DEFINE_string("dat_encoding", "latin-1", "Encoding of the files without a header "
-                    "(.dat, u.data, u.item; GroupLens's are Latin-1).")
-flags.DEFINE_float("click_rating", 4.0, "Ratings at or above it are clicks (label 1), lower "
-                   "ones non-clicks (label 0).")
-flags.DEFINE_enum("category", "first", ["first", "all"], "An item's category: its first genre, "
-                  "or its whole genre set.")
-flags.DEFINE_bool("genres_in_title", True, "Append the genres as words to the title.")
-flags.DEFINE_string("out_dir", "results/movielens", "Report: report.md, report.json, gains.png.")
-flags.DEFINE_string("work_dir", "runs/movielens", "Converted files, the data directory and every "
-                    "run (reused).")
-flags.DEFINE_float("test_fraction", 0.1, "Latest fraction of ratings used for test.")
-flags.DEFINE_integer("max_history", 50, "Longest click history kept.")
-flags.DEFINE_integer("pair_window", 1, "Pair each click with this many of the user's next clicks.")
-flags.DEFINE_integer("pair_max_gap", None, "The most seconds between a pair's two clicks "
-                     "(default: any).")
-flags.DEFINE_enum("modality", None, ["image", "text"], "Encoder tower (default: image with "
-                  "--posters_dir or --posters, else text).")
-flags.DEFINE_integer("pretrain_epochs", pretrain.PretrainConfig.epochs, "SCL epochs.")
-flags.DEFINE_integer("dim", pretrain.PretrainConfig.dim, "Item vector width.")
-flags.DEFINE_integer("pretrain_batch_size", pretrain.PretrainConfig.batch_size,
-                     "SCL batch size.")
-flags.DEFINE_integer("queue_size", pretrain.PretrainConfig.queue_size, "SCL's MoCo queue "
-                     "(0: in-batch negatives only); a multiple of --pretrain_batch_size.")
-flags.DEFINE_integer("image_size", pretrain.PretrainConfig.image_size, "Image tower input size.")
-flags.DEFINE_bool("center_vectors", True, "Centre the encoder's vectors (pre-training's "
-                  "--center_vectors: click pairs leave them in a narrow cone, BUILD.md).")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Ranker seeds.")
-flags.DEFINE_list("methods", ["id", "simtier", "simtier_make"], "Rankers, id first (any of "
-                  "tfmm.ctr's models).")
-flags.DEFINE_integer("batch_size", ctr.CTRConfig.batch_size, "Ranker batch size.")
-flags.DEFINE_integer("make_epochs", ctr.CTRConfig.make_epochs, "MAKE pre-training epochs.")
-flags.DEFINE_integer("embedding_dim", ctr.CTRConfig.embedding_dim, "Ranker id embedding width.")
 FLAGS = flags.FLAGS
-
-import numpy as np  # noqa: E402
-
-from tfmm.config import SettingsError  # noqa: E402
-from tfmm.data import schema  # noqa: E402
-
-from pipelines.movielens_data import convert, export_tfds, image_source  # noqa: E402
-from pipelines.runs import (NAMES, Runs, frequency_gains, mean_std, method_table,  # noqa: E402
-                            pipeline_dir, write_report)
 
 # Everything the work directory's contents depend on; --seeds and --methods add runs.
 SETTINGS = ("click_rating", "category", "genres_in_title", "test_fraction", "max_history",
@@ -138,20 +93,82 @@ SETTINGS = ("click_rating", "category", "genres_in_title", "test_fraction", "max
             "make_epochs", "embedding_dim")
 
 
-def prepare_command(raw, data_dir):
-    cmd = [sys.executable, "-m", "tfmm.data.prepare",
-           f"--impressions={os.path.join(raw, 'impressions.csv')}",
-           f"--items={os.path.join(raw, 'items.csv')}", f"--out_dir={data_dir}",
-           f"--test_fraction={FLAGS.test_fraction}", f"--max_history={FLAGS.max_history}",
-           "--pairs_from=clicks", f"--pair_window={FLAGS.pair_window}"]
-    if FLAGS.pair_max_gap is not None:
-        cmd.append(f"--pair_max_gap={FLAGS.pair_max_gap}")
+def define_flags():
+    flags.DEFINE_string("ratings", None, "ratings.csv (userId,movieId,rating,timestamp), "
+                        "ratings.dat (UserID::MovieID::Rating::Timestamp) or ML-100K's u.data.")
+    flags.DEFINE_string("movies", None, "movies.csv (movieId,title,genres), movies.dat "
+                        "(MovieID::Title::Genres) or ML-100K's u.item.")
+    flags.DEFINE_string("tfds", None, "Instead of --ratings/--movies: fetch "
+                        "movielens/<this>-ratings and -movies with tensorflow-datasets (needs "
+                        "internet), e.g. latest-small.")
+    flags.DEFINE_string("posters_dir", None, "Optional posters: <movieId>.jpg|.jpeg|.png.")
+    flags.DEFINE_string("posters", None, "Optional posters named by a CSV: movieId,poster or "
+                        "title,year,poster (files relative to the CSV or absolute).")
+    flags.DEFINE_string("plots", None, "Optional plot texts: a CSV movieId,plot.")
+    flags.DEFINE_string("dat_encoding", "latin-1", "Encoding of the files without a header "
+                        "(.dat, u.data, u.item; GroupLens's are Latin-1).")
+    flags.DEFINE_float("click_rating", 4.0, "Ratings at or above it are clicks (label 1), lower "
+                       "ones non-clicks (label 0).")
+    flags.DEFINE_enum("category", "first", ["first", "all"], "An item's category: its first "
+                      "genre, or its whole genre set.")
+    flags.DEFINE_bool("genres_in_title", True, "Append the genres as words to the title.")
+    flags.DEFINE_string("out_dir", "results/movielens", "Report: report.md, report.json, "
+                        "gains.png.")
+    flags.DEFINE_string("work_dir", "runs/movielens", "Converted files, the data directory and "
+                        "every run (reused).")
+    flags.DEFINE_float("test_fraction", PrepareOptions.test_fraction, "Latest fraction of "
+                       "ratings used for test.")
+    flags.DEFINE_integer("max_history", PrepareOptions.max_history, "Longest click history "
+                         "kept.")
+    flags.DEFINE_integer("pair_window", PrepareOptions.pair_window, "Pair each click with this "
+                         "many of the user's next clicks.")
+    flags.DEFINE_integer("pair_max_gap", None, "The most seconds between a pair's two clicks "
+                         "(default: any).")
+    flags.DEFINE_enum("modality", None, ["image", "text"], "Encoder tower (default: image with "
+                      "--posters_dir or --posters, else text).")
+    flags.DEFINE_integer("pretrain_epochs", pretrain.PretrainConfig.epochs, "SCL epochs.")
+    flags.DEFINE_integer("dim", pretrain.PretrainConfig.dim, "Item vector width.")
+    flags.DEFINE_integer("pretrain_batch_size", pretrain.PretrainConfig.batch_size,
+                         "SCL batch size.")
+    flags.DEFINE_integer("queue_size", pretrain.PretrainConfig.queue_size, "SCL's MoCo queue "
+                         "(0: in-batch negatives only); a multiple of --pretrain_batch_size.")
+    flags.DEFINE_integer("image_size", pretrain.PretrainConfig.image_size, "Image tower input "
+                         "size.")
+    flags.DEFINE_bool("center_vectors", None, "Centre the encoder's vectors (pre-training's "
+                      "--center_vectors; default: the library's, on for these click pairs, "
+                      "which leave them in a narrow cone, BUILD.md).")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Ranker seeds.")
+    flags.DEFINE_list("methods", ["id", "simtier", "simtier_make"], "Rankers, id first (any of "
+                      "tfmm.ctr's models).")
+    flags.DEFINE_integer("batch_size", ctr.CTRConfig.batch_size, "Ranker batch size.")
+    flags.DEFINE_integer("make_epochs", ctr.CTRConfig.make_epochs, "MAKE pre-training epochs.")
+    flags.DEFINE_integer("embedding_dim", ctr.CTRConfig.embedding_dim, "Ranker id embedding "
+                         "width.")
+
+
+def prepare_options(raw, data_dir):
+    """How the converted files in `raw` are prepared into `data_dir`."""
     images_dir, absolute = image_source(FLAGS.posters_dir, FLAGS.posters)
-    if images_dir:
-        cmd.append(f"--images_dir={images_dir}")
-    if absolute:
-        cmd.append("--absolute_image_paths")
-    return cmd
+    return PrepareOptions(
+        impressions=os.path.join(raw, "impressions.csv"), items=os.path.join(raw, "items.csv"),
+        out_dir=data_dir, images_dir=images_dir, absolute_image_paths=absolute,
+        test_fraction=FLAGS.test_fraction, max_history=FLAGS.max_history, pairs_from="clicks",
+        pair_window=FLAGS.pair_window, pair_max_gap=FLAGS.pair_max_gap)
+
+
+def prepare_command(options):
+    """The command that prepares as `options` (of `prepare_options`) do."""
+    args = [f"--impressions={options.impressions}", f"--items={options.items}",
+            f"--out_dir={options.out_dir}", f"--test_fraction={options.test_fraction}",
+            f"--max_history={options.max_history}", "--pairs_from=clicks",
+            f"--pair_window={options.pair_window}"]
+    if options.pair_max_gap is not None:
+        args.append(f"--pair_max_gap={options.pair_max_gap}")
+    if options.images_dir:
+        args.append(f"--images_dir={options.images_dir}")
+    if options.absolute_image_paths:
+        args.append("--absolute_image_paths")
+    return " ".join(["python -m tfmm.data.prepare", *args])
 
 
 def prepared(work, ratings, movies):
@@ -181,16 +198,13 @@ def prepared(work, ratings, movies):
                                FLAGS.posters)
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
-    cmd = prepare_command(raw, data_dir)
-    print(" ".join(cmd[1:]), flush=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(ctr.__file__)))]
-        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode:
-        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
-        raise ValueError(f"tfmm.data.prepare: {lines[-1]}")
-    print(proc.stdout.strip(), flush=True)
+    options = prepare_options(raw, data_dir)
+    print(prepare_command(options), flush=True)
+    try:
+        meta = prepare(options)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"tfmm.data.prepare: {e}") from None
+    print(summary(meta, options), flush=True)
     return data_dir, record["counts"]
 
 
@@ -220,15 +234,7 @@ def encoder_lines(trained, untrained):
 
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"unexpected arguments: {argv[1:]}")
-    try:
-        run()
-    except (ValueError, OSError) as e:  # bad input or settings: one line, not a trace
-        sys.exit(str(e))
-
-
-def run():
+    del argv
     start = time.time()
     work, out = FLAGS.work_dir, FLAGS.out_dir
     given = [FLAGS.ratings, FLAGS.movies, FLAGS.posters_dir, FLAGS.posters, FLAGS.plots]
@@ -317,8 +323,8 @@ def run():
     lines += ["", f"The {len(runs.seconds)} runs behind this report took "
               f"{sum(runs.seconds.values()) / 60:.1f} min of training and evaluation "
               f"(this invocation: {(time.time() - start) / 60:.1f} min); finished runs under "
-              f"{work} are reused. The data directory came from `python -m "
-              f"{' '.join(prepare_command(os.path.join(work, 'raw'), data_dir)[2:])}`."]
+              f"{work} are reused. The data directory came from "
+              f"`{prepare_command(prepare_options(os.path.join(work, 'raw'), data_dir))}`."]
     report = {
         "inputs": {"ratings": ratings, "movies": movies, "posters_dir": FLAGS.posters_dir,
                    "posters": FLAGS.posters, "plots": FLAGS.plots},
@@ -333,4 +339,5 @@ def run():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main, errors=(ValueError, OSError))  # bad input or settings: one line, not a trace

@@ -1,7 +1,5 @@
 """MovieLens files as GroupLens publishes them, converted to the raw files
 `python -m tfmm.data.prepare` reads (`pipelines.movielens` is the recipe).
-
-Kept apart from the recipe, which defines its command-line flags on import.
 """
 
 import csv

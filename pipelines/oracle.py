@@ -10,14 +10,18 @@ with --visual_weight=0 the gap must be zero.
 
 import dataclasses
 
-from absl import app, flags
+from absl import flags
 
+from tfmm import cli
 from tfmm.data import world as world_lib
 
-flags.DEFINE_enum("world", "small", sorted(world_lib.PRESETS), "Preset world.")
-flags.DEFINE_list("visual_weights", ["1.0", "0.0"], "Visual-taste weights to compare.")
-flags.DEFINE_integer("seed", 0, "World seed.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_enum("world", "small", list(world_lib.PRESETS), "Preset world.")
+    flags.DEFINE_list("visual_weights", ["1.0", "0.0"], "Visual-taste weights to compare.")
+    flags.DEFINE_integer("seed", 0, "World seed.")
 
 
 def main(argv):
@@ -32,4 +36,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

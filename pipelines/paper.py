@@ -21,42 +21,43 @@ pipeline is run again, so a killed pipeline resumes where it stopped.
 
 import dataclasses
 import os
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
-from tfmm import ctr, outputs, pretrain
+from pipelines.runs import (NAMES, Runs, frequency_gains, line_plot, method_table, pipeline_dir,
+                            write_report)
+from tfmm import cli, ctr, outputs, pretrain
+from tfmm.data import world as world_lib
+from tfmm.data.synthetic import write_world
 
-flags.DEFINE_enum("world", "small", ["tiny", "small", "large"], "World (generated if missing).")
-flags.DEFINE_string("data_dir", None, "Data directory (default data/<world>).")
-flags.DEFINE_string("out_dir", "results/paper", "Report: report.md, report.json, PNG plots.")
-flags.DEFINE_string("runs_dir", "runs/paper", "Model directories of every run (reused).")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Ranker seeds of Table 3, Fig. 6(b) and the control.")
-flags.DEFINE_integer("pretrain_epochs", pretrain.PretrainConfig.epochs,
-                     "SCL epochs of the encoder behind Table 3.")
-flags.DEFINE_list("encoder_epochs", ["0", "1", "2", "4"], "SCL epochs of Fig. 6(a)'s encoders.")
-flags.DEFINE_integer("make_epochs", ctr.CTRConfig.make_epochs,
-                     "MAKE pre-training epochs in Table 3.")
-flags.DEFINE_bool("make_target_in_mlp", ctr.CTRConfig.make_target_in_mlp, "MAKE's MLP also reads the target vector "
-                  "(tfmm.ctr.CTRConfig); false: v_MAKE alone (paper eq. 4). Runs of each "
-                  "setting are kept apart under --runs_dir.")
-flags.DEFINE_list("make_sweep", ["0", "1", "2", "3", "4"], "MAKE epochs of Fig. 6(c).")
-flags.DEFINE_integer("fig3_epochs", 4, "Epochs of Fig. 3's models.")
-flags.DEFINE_integer("batch_size", ctr.CTRConfig.batch_size, "Ranker batch size.")
-flags.DEFINE_list("methods", ["id", "vector", "simscore", "simtier", "make", "simtier_make",
-                                "simtier_make_ft"], "Table 3's rows (simtier_make_ft: MAKE "
-                  "fine-tuned); id and simtier_make are needed for Fig. 6(b).")
-flags.DEFINE_list("control_methods", ["id", "simtier"], "The control's rows (id first).")
-flags.DEFINE_list("sections", ["table3", "fig3", "fig6a", "fig6c", "control"],
-                  "What to run (Fig. 6(b) comes with table3).")
 FLAGS = flags.FLAGS
 
-from tfmm.data import world as world_lib  # noqa: E402
-from tfmm.data.synthetic import ensure_world, write_world  # noqa: E402
 
-from pipelines.runs import (NAMES, Runs, frequency_gains, line_plot, method_table,  # noqa: E402
-                            pipeline_dir, write_report)
+def define_flags():
+    cli.define_data_flags("Data directory (default data/<world>).")
+    flags.DEFINE_string("out_dir", "results/paper", "Report: report.md, report.json, PNG plots.")
+    flags.DEFINE_string("runs_dir", "runs/paper", "Model directories of every run (reused).")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Ranker seeds of Table 3, Fig. 6(b) and the "
+                      "control.")
+    flags.DEFINE_integer("pretrain_epochs", pretrain.PretrainConfig.epochs,
+                         "SCL epochs of the encoder behind Table 3.")
+    flags.DEFINE_list("encoder_epochs", ["0", "1", "2", "4"], "SCL epochs of Fig. 6(a)'s "
+                      "encoders.")
+    flags.DEFINE_integer("make_epochs", ctr.CTRConfig.make_epochs,
+                         "MAKE pre-training epochs in Table 3.")
+    flags.DEFINE_bool("make_target_in_mlp", ctr.CTRConfig.make_target_in_mlp, "MAKE's MLP also "
+                      "reads the target vector (tfmm.ctr.CTRConfig); false: v_MAKE alone (paper "
+                      "eq. 4). Runs of each setting are kept apart under --runs_dir.")
+    flags.DEFINE_list("make_sweep", ["0", "1", "2", "3", "4"], "MAKE epochs of Fig. 6(c).")
+    flags.DEFINE_integer("fig3_epochs", 4, "Epochs of Fig. 3's models.")
+    flags.DEFINE_integer("batch_size", ctr.CTRConfig.batch_size, "Ranker batch size.")
+    flags.DEFINE_list("methods", ["id", "vector", "simscore", "simtier", "make", "simtier_make",
+                                  "simtier_make_ft"], "Table 3's rows (simtier_make_ft: MAKE "
+                      "fine-tuned); id and simtier_make are needed for Fig. 6(b).")
+    flags.DEFINE_list("control_methods", ["id", "simtier"], "The control's rows (id first).")
+    flags.DEFINE_list("sections", ["table3", "fig3", "fig6a", "fig6c", "control"],
+                      "What to run (Fig. 6(b) comes with table3).")
 
 
 def table3(runs, data_dir, seeds, tag, methods):
@@ -85,15 +86,16 @@ def main(argv):
     start = time.time()
     unknown = [m for m in FLAGS.methods + FLAGS.control_methods if m not in NAMES]
     if unknown or not {"id", "simtier_make"} <= set(FLAGS.methods):
-        raise app.UsageError(f"--methods={','.join(FLAGS.methods)}: want some of "
-                             f"{list(NAMES)}, id and simtier_make among them.")
+        cli.fail(f"--methods={','.join(FLAGS.methods)}: want some of {list(NAMES)}, id and "
+                 "simtier_make among them.")
     out = FLAGS.out_dir
-    try:
-        outputs.claim_dir(out, "out_dir", owned=pipeline_dir, command="pipelines.paper")
-    except ValueError as e:  # a folder of user files
-        sys.exit(str(e))
+    try:  # a folder of user files: refused before a world is made
+        outputs.check_output_dir(out, "out_dir", owned=pipeline_dir)
+    except ValueError as e:
+        cli.fail(str(e))
+    data_dir = cli.data_dir()
+    outputs.claim_dir(out, "out_dir", owned=pipeline_dir, command="pipelines.paper")
     seeds = [int(s) for s in FLAGS.seeds]
-    data_dir = ensure_world(FLAGS.data_dir or os.path.join("data", FLAGS.world), FLAGS.world)
     runs = Runs(FLAGS.runs_dir, FLAGS.batch_size, FLAGS.make_epochs, FLAGS.make_target_in_mlp,
                 # Exactly --pretrain_epochs (Fig. 6a sweeps them): no minimum of steps.
                 pretrain_settings={"momentum": 0.99, "min_steps": 0})
@@ -191,4 +193,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

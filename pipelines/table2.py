@@ -14,27 +14,31 @@ import json
 import os
 import time
 
-from absl import app, flags
+import numpy as np
+from absl import flags
 
-flags.DEFINE_enum("world", "small", ["tiny", "small", "large"], "World (generated if missing).")
-flags.DEFINE_string("data_dir", None, "Data directory (default data/<world>).")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Model seeds.")
-flags.DEFINE_integer("epochs", 1, "Epochs per trained row.")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_integer("queue_size", 4096, "MoCo queue size of the MoCo rows.")
-flags.DEFINE_float("momentum", 0.99, "Key-tower momentum of the MoCo rows.")
-flags.DEFINE_enum("positive_tower", "momentum", ["momentum", "query"], "Tower that encodes "
-                  "the batch's positives in the MoCo rows (tfmm.scl.SCLModel).")
-flags.DEFINE_list("rows", ["1", "2", "3", "4", "5"], "Rows to run (1-5, in the table's order).")
-flags.DEFINE_enum("modality", "image", ["image", "text"], "Tower.")
-flags.DEFINE_string("runs_dir", "runs/table2", "Model directories.")
-flags.DEFINE_string("out", "results/table2.md", "Markdown results (a .json is written beside).")
+from tfmm import cli
+from tfmm.pretrain import PretrainConfig, run
+
 FLAGS = flags.FLAGS
 
-import numpy as np  # noqa: E402
 
-from tfmm.data.synthetic import ensure_world  # noqa: E402
-from tfmm.pretrain import PretrainConfig, run  # noqa: E402
+def define_flags():
+    cli.define_data_flags("Data directory (default data/<world>).")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Model seeds.")
+    flags.DEFINE_integer("epochs", 1, "Epochs per trained row.")
+    flags.DEFINE_integer("batch_size", 128, "Batch size.")
+    flags.DEFINE_integer("queue_size", 4096, "MoCo queue size of the MoCo rows.")
+    flags.DEFINE_float("momentum", 0.99, "Key-tower momentum of the MoCo rows.")
+    flags.DEFINE_enum("positive_tower", "momentum", ["momentum", "query"], "Tower that encodes "
+                      "the batch's positives in the MoCo rows (tfmm.scl.SCLModel).")
+    flags.DEFINE_list("rows", ["1", "2", "3", "4", "5"], "Rows to run (1-5, in the table's "
+                      "order).")
+    flags.DEFINE_enum("modality", "image", ["image", "text"], "Tower.")
+    flags.DEFINE_string("runs_dir", "runs/table2", "Model directories.")
+    flags.DEFINE_string("out", "results/table2.md", "Markdown results (a .json is written "
+                        "beside).")
+
 
 ROWS = (
     ("Random init", dict(objective="random", queue_size=0, triplet_weight=0.0)),
@@ -49,7 +53,7 @@ ROWS = (
 def main(argv):
     del argv
     start = time.time()
-    data_dir = ensure_world(FLAGS.data_dir or os.path.join("data", FLAGS.world), FLAGS.world)
+    data_dir = cli.data_dir()
     results = {}
     for name, row in [ROWS[int(i) - 1] for i in FLAGS.rows]:
         for seed in map(int, FLAGS.seeds):
@@ -86,4 +90,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

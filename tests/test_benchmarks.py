@@ -36,6 +36,8 @@ RUNS = {
                            "--models=id,simtier", "--attention_units=8,4"],
                           ["like for like", "NOT like for like", "p99"]),
     "retrieval": (["--n=100", "--dim=8", "--chunk_size=32", "--repeats=1"], ["s"]),
+    "snapshot_stall": (["--items=2000", "--dim=8", "--seconds=1"],
+                       ["during snapshots", "server held ms"]),
 }
 
 

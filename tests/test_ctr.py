@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfmm import ctr, data
+from tfmm import ctr, data, jobs
 from tfmm.data import schema, world as world_lib
-from tfmm.data.prepare import prepare
+from tfmm.data.prepare import PrepareOptions, prepare
 from tfmm.data.synthetic import write_raw
 from tfmm.index import SQLiteIndex
 from tfmm.metrics import auc, gauc, logloss
@@ -30,8 +30,8 @@ def own_data_dir(tmp):
     """The tiny world as a user's own data: its raw export prepared (no triplets)."""
     raw = tmp / "raw"
     write_raw(world_lib.generate(world_lib.PRESETS["tiny"]), raw)
-    prepare(str(raw / "impressions.csv"), str(raw / "items.csv"), str(tmp / "own"),
-            str(raw / "images"))
+    prepare(PrepareOptions(str(raw / "impressions.csv"), str(raw / "items.csv"),
+                           str(tmp / "own"), str(raw / "images")))
     return str(tmp / "own")
 
 
@@ -216,15 +216,15 @@ def test_settings_errors_name_the_flag(tiny_dir, tmp_path):
     # A model directory keeps one configuration: a different run there is refused.
     config = ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "b"), model="id",
                            **SMALL_MODEL)
-    (directory, settings, flag), = ctr.run_dirs(config)
-    ctr.claim_dir(directory, settings)
-    ctr.check_dir(directory, settings, flag)  # the same settings may resume
-    (_, other, _), = ctr.run_dirs(dataclasses.replace(config, embedding_dim=4))
+    (directory, settings, flag), = ctr.CTRJob(config).directories()
+    jobs.claim_dir(directory, settings)
+    jobs.check_dir(directory, settings, flag)  # the same settings may resume
+    (_, other, _), = ctr.CTRJob(dataclasses.replace(config, embedding_dim=4)).directories()
     with pytest.raises(ctr.SettingsError, match=r"other settings \(embedding_dim\)"):
-        ctr.check_dir(directory, other, flag)
+        jobs.check_dir(directory, other, flag)
     # Layer sizes are checked with the other settings, naming the flag.
-    for name, units, message in (("mlp_units", (16, 0), "--mlp_units=16,0: layer sizes"),
-                                 ("attention_units", (-1,), "--attention_units=-1: layer"),
+    for name, units, message in (("mlp_units", (16, 0), "--mlp_units=16,0: every value must"),
+                                 ("attention_units", (-1,), "--attention_units=-1: every"),
                                  ("make_units", (16, 8, 1), "--make_units=16,8,1: MAKEBlock")):
         with pytest.raises(ctr.SettingsError, match=message):
             dataclasses.replace(config, **{name: units}).validate()
@@ -239,7 +239,7 @@ def test_a_refused_run_writes_nothing(tiny_dir, oracle, tmp_path):
                            index=str(other), export_dir="", **SMALL_MODEL)
     with pytest.raises(ctr.SettingsError, match="holds vectors of another catalogue"):
         ctr.run(config)
-    with pytest.raises(ctr.SettingsError, match="--mlp_units=0: layer sizes must be >= 1"):
+    with pytest.raises(ctr.SettingsError, match="--mlp_units=0: every value must be >= 1"):
         ctr.run(dataclasses.replace(config, mlp_units=(0,)), vectors=oracle)
     assert not os.path.exists(tmp_path / "m")
     # The fixed command runs in the same --model_dir.
@@ -336,6 +336,22 @@ def test_cli_on_an_empty_index_pretrains_on_what_the_data_has_and_says_so(tmp_pa
     assert not runs.exists()
 
 
+def test_the_pretraining_into_an_empty_index_is_refused_by_its_own_flags(tiny_dir, tmp_path):
+    from tfmm import pretrain, train
+
+    config = ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "ctr"), model="simtier",
+                           index=str(tmp_path / "index.db"), **SMALL_MODEL)
+    encoder = pretrain.PretrainConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "pretrain"),
+                                      index=config.index, epochs=2, dim=8)
+    # Its directory holds a pre-training of another length: refused before anything runs.
+    jobs.claim_dir(encoder.model_dir, jobs.settings(dataclasses.replace(encoder, epochs=1)))
+    with pytest.raises(ctr.SettingsError, match=re.escape(
+            f"--pretrain_model_dir={tmp_path}/pretrain holds a run with other settings "
+            "(epochs); use a fresh --pretrain_model_dir.")):
+        train.ranker(config, encoder)
+    assert sorted(os.listdir(tmp_path)) == ["pretrain"] and not os.path.exists(config.model_dir)
+
+
 def _error_line(proc):
     """The one line a refused CLI run prints (after TensorFlow's start-up lines)."""
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -351,7 +367,7 @@ def test_cli_bad_flags_are_one_line_errors(tiny_dir, tmp_path):
     assert _refused(_cli(tiny_dir, tmp_path, "--model=id", "--mlp_units=16,x")) == (
         "--mlp_units=16,x: want integers.")
     assert _refused(_cli(tiny_dir, tmp_path, "--model=id", "--mlp_units=0")) == (
-        "--mlp_units=0: layer sizes must be >= 1.")
+        "--mlp_units=0: every value must be >= 1.")
     assert not os.path.exists(tmp_path / "ctr")
     # The encoder's pre-training settings are named by the flags that set them.
     assert _refused(_cli(tiny_dir, tmp_path, "--model=simtier", "--queue_size=100",

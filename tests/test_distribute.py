@@ -211,6 +211,37 @@ def test_strategy_none_is_one_process():
     assert distribute.chief_value(None, 7) == 7
 
 
+@pytest.mark.parametrize("strategy, tf_config, message", [
+    ("multi_worker", {}, "names no cluster for strategy='multi_worker': it needs "
+     '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": ..., "index": ...}}'),
+    ("multi_worker", {"cluster": {"worker": []}}, "names no cluster"),
+    ("multi_worker", [], "names no cluster"),
+    ("multi_worker", {"cluster": {"worker": ["localhost:1", "localhost:2"]}},
+     "task None is not a task of its cluster (worker: 2)"),
+    ("multi_worker", {"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker",
+                                                                      "index": 1}},
+     "task {'type': 'worker', 'index': 1} is not a task of its cluster"),
+    ("parameter_server", {"cluster": {"chief": ["localhost:1"], "worker": ["localhost:2"]},
+                          "task": {"type": "chief", "index": 0}},
+     'it needs {"cluster": {"ps": ["host:port", ...], "worker"'),
+])
+def test_a_tf_config_without_this_processs_cluster_is_refused(monkeypatch, strategy, tf_config,
+                                                               message):
+    """An empty TF_CONFIG made MultiWorkerMirroredStrategy train as one local worker."""
+    monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        distribute.strategy(strategy)
+
+
+def test_a_tf_config_of_one_worker_or_a_sparse_cluster_passes_the_check(monkeypatch):
+    for tf_config in ({"cluster": {"worker": ["localhost:1"]},
+                       "task": {"type": "worker", "index": 0}},
+                      {"cluster": {"chief": ["localhost:1"], "worker": {"3": "localhost:2"}},
+                       "task": {"type": "worker", "index": 3}}):
+        monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
+        distribute.check_tf_config("multi_worker")
+
+
 class _Killed(Exception):
     pass
 

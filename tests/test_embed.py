@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from tests.test_ctr import blank_content
+from tests.test_images import huge_png
 from tfmm.data import reader, schema
 from tfmm.export import export_saved_model
 from tfmm.index import open_index
@@ -130,6 +132,24 @@ def test_items_without_a_title_are_counted_for_a_text_encoder(world, tmp_path):
                                atol=1e-6)
 
 
+def test_an_image_over_the_pixel_limit_is_named_before_it_is_decoded(world, tmp_path):
+    """A data directory written past `prepare`'s check (an older tfmm, another writer)."""
+    data_dir = str(tmp_path / "data")
+    shutil.copytree(world["data_dir"], data_dir)
+    path = os.path.join(data_dir, "items.tfrecord")
+    records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+    records[7].features.feature["image"].bytes_list.value[0] = huge_png()  # item 9
+    with tf.io.TFRecordWriter(path) as w:
+        for example in records:
+            w.write(example.SerializeToString())
+    sink = IndexSink(str(tmp_path / "v.db"), 8, world["catalogue"])
+    with pytest.raises(ValueError, match=re.escape(
+            f"{path}: record 7, image: the image is 20000x20000 pixels, over the limit of "
+            "50,000,000 (tfmm.data.images.MAX_PIXELS); downscale it.")):
+        embed_catalogue(Encoder(world["export"]), data_dir, sink, batch_size=16, verbose=0)
+    assert sink.index.count() == 0
+
+
 def test_the_reader_says_which_items_have_a_title(world):
     parse = reader.item_parser(world["data_dir"])
     for title, has_title in ((b" red mug ", True), (b"", False), (b" \t\n", False)):
@@ -216,7 +236,7 @@ def test_cli_errors_are_one_line(world, tmp_path):
     other.claim("another-catalogue")
     for args, message, environ in (
             ([f"--index={tmp_path}/v.db", "--runner=DirectRunner"],
-             '--runner=DirectRunner needs Apache Beam, which is not installed: '
+             '--runner=DirectRunner needs Apache Beam, an extra of tfmm: '
              'pip install -e ".[beam]"', env),
             ([f"--index={tmp_path}/v.db", "--", "--direct_num_workers=2"],
              "unexpected arguments: ['--direct_num_workers=2'] (pipeline options need --runner)",

@@ -11,6 +11,7 @@ import pytest
 import redis
 import tensorflow as tf
 
+from tests.test_images import huge_png
 from tfmm.export import export_saved_model
 from tfmm.index import open_index
 from tfmm.ranker import DINRanker
@@ -237,3 +238,68 @@ def test_a_ranker_export_is_refused_as_an_encoder_in_one_line(tmp_path):
     assert last.startswith(f"--encoder={tmp_path}/ranker: {path} is not an encoder export")
     assert "Traceback" not in run.stderr
     assert not os.path.exists(tmp_path / "v.db")  # nothing was created
+
+
+@pytest.mark.parametrize("field, value", [("item_id", 2**70), ("item_id", 2**63),
+                                          ("category_id", 2**70)])
+def test_ids_beyond_int64_are_refused_at_publish(events_spec, field, value):
+    events = open_events(events_spec)
+    event = dict({"item_id": 7, "title": "x"}, **{field: value})
+    with pytest.raises(BadEvent, match=f"{field} {value} does not fit in a signed 64-bit "
+                       "integer"):
+        events.publish([{"item_id": 5, "title": "ok"}, event])
+    assert events.pending() == 0
+
+
+def _queue_raw(spec, fields):
+    """Queues `fields` as another producer would, past `publish`'s checks; on SQLite the
+    item id is written as an SQL literal (as a client in another language may)."""
+    if spec.startswith("redis://"):
+        client = redis.Redis.from_url(spec)
+        with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: made by an earlier read
+            client.xgroup_create("tfmm:new_items", "encoder", id="0", mkstream=True)
+        client.xadd("tfmm:new_items", dict(fields, item_id=str(fields["item_id"])))
+        return
+    with contextlib.closing(sqlite3.connect(spec)) as db, db:
+        db.execute(f"INSERT INTO events (item_id, image, created_at) VALUES "
+                   f"({fields['item_id']}, ?, 0)", (fields["image"],))
+
+
+def test_an_id_beyond_int64_is_dead_lettered_and_the_batch_indexed(image_encoder, events_spec,
+                                                                  tmp_path):
+    path, tower = image_encoder
+    events = open_events(events_spec)
+    good, images = new_items([100, 101])
+    events.publish(good[:1])
+    # With an image the encoder embeds: only the id is wrong.
+    _queue_raw(events_spec, {"item_id": 2**70, "image": good[0]["image"]})
+    _queue_raw(events_spec, {"item_id": "1e999", "image": good[0]["image"]})  # SQLite: Inf
+    events.publish(good[1:])
+    index = open_index(str(tmp_path / "v.db"), dim=8)
+    assert process(Encoder(path), events, index, "w", block=0.1) == (2, 2)
+    np.testing.assert_array_equal(index.ids(), [100, 101])
+    np.testing.assert_allclose(index.get([100, 101])[0], tower(images, training=False).numpy(),
+                               atol=1e-5)
+    assert events.pending() == 0
+    reasons = [d["reason"] for d in events.dead_letters()]
+    assert "does not fit in a signed 64-bit integer" in reasons[0], reasons
+    assert "is not an integer" in reasons[1], reasons
+
+
+def test_an_image_over_the_pixel_limit_is_dead_lettered_before_it_is_decoded(image_encoder,
+                                                                            tmp_path):
+    """A 20000 x 20000 PNG (49 kB) was decoded whole: the encoder peaked at 1.96 GB."""
+    path, tower = image_encoder
+    events = SQLiteEvents(tmp_path / "e.db")
+    good, images = new_items([100, 102])
+    events.publish([good[0], {"item_id": 101, "image": huge_png()}, good[1]])
+    index = open_index(str(tmp_path / "v.db"), dim=8)
+    assert process(Encoder(path), events, index, "w", block=0.1) == (2, 1)
+    np.testing.assert_array_equal(index.ids(), [100, 102])
+    np.testing.assert_allclose(index.get([100, 102])[0], tower(images, training=False).numpy(),
+                               atol=1e-5)
+    [letter] = events.dead_letters()
+    assert letter["item_id"] == 101 and letter["reason"] == (
+        "item 101: the image is 20000x20000 pixels, over the limit of 50,000,000 "
+        "(tfmm.data.images.MAX_PIXELS); downscale it.")
+    assert events.pending() == 0

@@ -228,7 +228,7 @@ def test_sources_the_ctr_job_falls_back_to(own_dir, tiny_dir, tmp_path):
     (["--objective=image_title", "--strategy=mirrored"],
      "--objective=image_title trains in one process: --strategy=mirrored is not supported "
      "with it."),
-    (["--objective=image_title", "--min_steps=-1"], "--min_steps=-1 is out of range."),
+    (["--objective=image_title", "--min_steps=-1"], "--min_steps=-1 must be >= 0."),
 ])
 def test_bad_flags_are_one_line(tiny_dir, tmp_path, flags, message):
     proc = subprocess.run(

@@ -148,6 +148,63 @@ def test_reads_of_any_size_see_one_put_while_puts_land(spec):
     assert writer.exitcode == 0
 
 
+def _keys_per_command(entry):
+    """The arguments of a SLOWLOG entry's command (it shows some, then "... (N more
+    arguments)")."""
+    words = entry["command"].split()
+    if words[-1] == b"arguments)":
+        return len(words) - 5 + int(words[-3].lstrip(b"("))
+    return len(words) - 1
+
+
+def test_a_redis_snapshot_never_holds_the_server_for_the_catalogue(redis_url, monkeypatch):
+    """A MULTI of every vector stalled every other client (predictors) for the whole read."""
+    n = 3000
+    index = RedisIndex(redis_url, dim=4)
+    index.put(np.arange(n) + FIRST_ID, np.ones((n, 4)))
+    monkeypatch.setattr(RedisIndex, "SNAPSHOT_CHUNK", 500, raising=False)
+    client = redis.Redis.from_url(redis_url)
+    client.config_set("slowlog-log-slower-than", 0)  # every command
+    client.config_set("slowlog-max-len", 10_000)
+    try:
+        client.slowlog_reset()
+        snap = index.snapshot(n + FIRST_ID)
+        log = client.slowlog_get(10_000)
+    finally:
+        client.config_set("slowlog-log-slower-than", 10_000)
+    assert snap.present.sum() == n
+    biggest = max(log, key=_keys_per_command)
+    assert _keys_per_command(biggest) <= 500, biggest["command"][:60]
+
+
+@pytest.mark.parametrize("catch_up", [3, 0])  # re-read in chunks, or atomically at once
+def test_a_redis_snapshot_shows_the_puts_made_while_it_read(redis_url, monkeypatch, catch_up):
+    n = 2000
+    index = RedisIndex(redis_url, dim=4)
+    index.put(np.arange(n) + FIRST_ID, np.zeros((n, 4)))
+    monkeypatch.setattr(RedisIndex, "SNAPSHOT_CHUNK", 500)
+    monkeypatch.setattr(RedisIndex, "CATCH_UP", catch_up)
+    writer = RedisIndex(redis_url)
+    reads = []
+    mget = index._redis.mget
+
+    def mget_then_put(keys):
+        values = mget(keys)
+        reads.append(len(keys))
+        if len(reads) == 2:  # a put over items read and not read yet, one new item
+            ids = np.array([FIRST_ID, FIRST_ID + 1900, n + FIRST_ID])
+            writer.put(ids, np.ones((3, 4)))
+        return values
+
+    monkeypatch.setattr(index._redis, "mget", mget_then_put)
+    snap = index.snapshot(n + 10)
+    assert reads[:4] == [500] * 4
+    present = np.flatnonzero(snap.present)
+    np.testing.assert_array_equal(present, np.arange(n + 1) + FIRST_ID)
+    ones = snap.table[present][:, 0] == 1
+    np.testing.assert_array_equal(np.flatnonzero(ones), [0, 1900, n])  # the put, whole
+
+
 def test_an_index_belongs_to_one_catalogue(spec):
     index = open_index(spec, dim=2)
     index.claim("abc")
@@ -218,18 +275,41 @@ def test_password_and_address_from_the_environment(tmp_path, monkeypatch):
     ("redis://ann:p%40ss:w@h:1/0", "redis://ann:***@h:1/0"),
     ("redis://h:6379/0", "redis://h:6379/0"),
     ("redis://ann@h:6379/0", "redis://ann@h:6379/0"),  # a user name alone
+    ("redis://h:6379/0?password=p@ss&prefix=a@b", "redis://h:6379/0?password=***&prefix=a%40b"),
     ("runs/x/index.db", "runs/x/index.db"),
 ])
 def test_redact_hides_only_the_password(spec, shown):
     assert redact(spec) == shown
 
 
+@pytest.mark.parametrize("spec, shown", [
+    # An unescaped '?', '#' or '/' ends the host part early: urllib and redis-py then read
+    # part of the password as the port ("Port could not be cast to integer value as 'PWa'").
+    ("redis://:PWa?PWb@h", "redis://***@h"),
+    ("redis://:PWa?x=PWb@h", "redis://***@h"),
+    ("redis://:PWa#PWb@h:6379/0", "redis://***@h:6379/0"),
+    ("redis://ann:PWa/PWb@h:6379/0", "redis://***@h:6379/0"),
+    ("unix://:PWa?PWb@/run/redis.sock?db=0", "unix://***@/run/redis.sock?db=0"),
+])
+def test_a_malformed_redis_url_is_refused_without_any_of_its_password(spec, shown):
+    from tfmm.serving.events import open_events
+
+    assert redact(spec) == shown
+    for opener in (open_index, open_events):
+        with pytest.raises(ValueError) as refused:
+            opener(spec)
+        message = str(refused.value)
+        assert message.startswith(f"{shown} is not a valid Redis URL: ") and \
+            "percent-encoded" in message
+        assert "PWa" not in message and "PWb" not in message
+
+
 def test_a_password_in_the_index_url_stays_out_of_settings_files():
-    from tfmm import ctr
+    from tfmm import ctr, jobs
 
     config = ctr.CTRConfig(data_dir="d", model_dir="m", index="redis://:s3cret@h:1/0")
-    assert ctr.config_json(config)["index"] == "redis://:***@h:1/0"
-    assert "s3cret" not in json.dumps(ctr._settings(config))
+    assert jobs.config_json(config)["index"] == "redis://:***@h:1/0"
+    assert "s3cret" not in json.dumps(jobs.settings(config))
 
 
 @pytest.mark.slow
@@ -301,7 +381,7 @@ def test_a_snapshot_with_ids_below_2_names_the_index_and_the_ids(tmp_path):
         index.snapshot(num_items=9)
 
 
-def test_a_corrupt_sqlite_file_is_named_at_open_and_at_reads(tmp_path):
+def test_a_corrupt_sqlite_file_is_named_at_open_reads_and_puts(tmp_path):
     real = SQLiteIndex(tmp_path / "real.db", dim=16)
     real.put(np.arange(2, 5002), np.ones((5000, 16)))
     real.close()
@@ -316,10 +396,10 @@ def test_a_corrupt_sqlite_file_is_named_at_open_and_at_reads(tmp_path):
     # A data page overwritten: the file opens, its reads fail.
     damaged.write_bytes(data[:50 * 4096] + b"\xff" * 4096 + data[51 * 4096:])
     index = open_index(str(damaged))
-    for read in (index.count, index.ids, lambda: index.get(np.arange(2, 5002)),
-                 lambda: index.snapshot(6000)):
+    for call in (index.count, index.ids, lambda: index.get(np.arange(2, 5002)),
+                 lambda: index.snapshot(6000), lambda: index.put([3], np.zeros((1, 16)))):
         with pytest.raises(ValueError, match=f"^{damaged} is not a valid index"):
-            read()
+            call()
 
 
 SECRET = "pw-Le4k-7f3a"
@@ -438,7 +518,7 @@ def prepared(tmp_path_factory):
     """A data directory prepared from logs with string item ids (vocab/items.txt)."""
     import csv
 
-    from tfmm.data.prepare import prepare
+    from tfmm.data.prepare import PrepareOptions, prepare
 
     root = tmp_path_factory.mktemp("own")
     with open(root / "log.csv", "w", newline="", encoding="utf-8") as f:
@@ -446,14 +526,14 @@ def prepared(tmp_path_factory):
             (f"u{t % 3}", RAW_ITEMS[t % 4], t % 2, t) for t in range(12)])
     with open(root / "items.csv", "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([("item_id",)] + [(i,) for i in RAW_ITEMS])
-    prepare(str(root / "log.csv"), str(root / "items.csv"), str(root / "data"))
+    prepare(PrepareOptions(str(root / "log.csv"), str(root / "items.csv"), str(root / "data")))
     return str(root / "data")
 
 
 def _dense(data_dir):
     from tfmm.data import schema
 
-    return schema.item_dense_ids(data_dir)
+    return schema.dense_ids(data_dir)
 
 
 def _write(path, raw_ids, vectors, form):

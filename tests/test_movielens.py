@@ -204,12 +204,13 @@ def test_posters_by_movie_id_or_by_title_and_year(tmp_path):
                                     str(art / "by_title.csv"))
     assert counts == dict(counts, posters=6, posters_unknown_movies=1)
     from tfmm import data
-    from tfmm.data.prepare import prepare
+    from tfmm.data.prepare import PrepareOptions, prepare
 
     images_dir, absolute = movielens_data.image_source(posters=str(art / "by_title.csv"))
     assert (images_dir, absolute) == (str(art), True)
-    prepare(str(raw / "impressions.csv"), str(raw / "items.csv"), str(tmp_path / "data"),
-            images_dir=images_dir, absolute_image_paths=absolute)
+    prepare(PrepareOptions(str(raw / "impressions.csv"), str(raw / "items.csv"),
+                           str(tmp_path / "data"), images_dir=images_dir,
+                           absolute_image_paths=absolute))
     items = next(iter(data.items(str(tmp_path / "data"), batch_size=10, image_size=8)))
     names = (tmp_path / "data" / "vocab" / "items.txt").read_text().split()
     colour = {names[i - 2]: int(image[0, 0, 0]) if has else None for i, image, has in zip(

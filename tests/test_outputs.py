@@ -16,7 +16,7 @@ import pytest
 
 from tfmm import outputs
 from tfmm.data import world as world_lib
-from tfmm.data.prepare import prepare
+from tfmm.data.prepare import PrepareOptions, prepare
 from tfmm.data.synthetic import write_raw, write_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,21 +110,22 @@ def test_prepare_into_the_folder_of_its_inputs_is_refused_and_deletes_nothing(my
 
 
 def test_prepare_library_and_beam_refuse_and_rerun_into_their_own_output(mydata, tmp_path):
-    from tfmm.data.prepare_beam import prepare as prepare_beam
-
     folder, before = mydata
     inputs = [str(folder / "impressions.csv"), str(folder / "items.csv")]
-    for run in (prepare, prepare_beam):
+    for runner in (None, "DirectRunner"):
         for out in (folder, folder / "images"):
             with pytest.raises(ValueError, match=f"^--out_dir={out} (holds|is) the input"):
-                run(*inputs, str(out), str(folder / "images"))
+                prepare(PrepareOptions(*inputs, str(out), str(folder / "images"),
+                                       runner=runner))
     notes, notes_before = foreign(tmp_path)
     with pytest.raises(ValueError, match="non-empty directory tfmm did not write"):
-        prepare_beam(str(folder / "impressions*.csv"), inputs[1], str(notes))  # a pattern
+        prepare(PrepareOptions(str(folder / "impressions*.csv"), inputs[1], str(notes),
+                               runner="DirectRunner"))  # a pattern
     assert tree(folder) == before and tree(notes) == notes_before
     out = tmp_path / "prepared"
-    first = prepare(*inputs, str(out), str(folder / "images"))
-    assert prepare(*inputs, str(out), str(folder / "images"), max_history=3) != first
+    first = prepare(PrepareOptions(*inputs, str(out), str(folder / "images")))
+    assert prepare(PrepareOptions(*inputs, str(out), str(folder / "images"),
+                                  max_history=3)) != first
     assert json.load(open(out / outputs.MARKER)) == {"written_by": "tfmm"}
 
 

@@ -187,9 +187,15 @@ def test_each_starting_point_ends_in_a_ranker_an_export_and_a_prediction(route, 
     assert (runs / "export" / "ranker" / "1" / "saved_model.pb").is_file()
     # The vectors came from the route's own step, not from a pre-training the CTR job ran.
     assert "pretrain_source" not in metrics
-    prediction = outputs[-1]
-    assert "(test impression 0)" in prediction and "rank    item category  P(click)" in prediction
-    assert re.search(r"the impression's item \d+ \((not )?clicked\): rank \d+ of \d+", prediction)
+    # The prediction names users, items and categories by their raw ids.
+    lines = outputs[-1].splitlines()
+    assert re.fullmatch(r"user u-[0-9a-f]{6} \(test impression 0\): .*", lines[1]), lines
+    assert re.fullmatch(r"rank +item +category +P\(click\)", lines[4]), lines
+    for line in lines[5:-1]:
+        rank, item, category, p = line.split()
+        assert re.fullmatch(r"sku-\d{5}", item) and category in CATEGORIES, line
+    assert re.fullmatch(r"the impression's item sku-\d{5} \((not )?clicked\): rank \d+ of \d+, "
+                        r"P\(click\) [\d.]+", lines[-1]), lines
     meta = json.load(open(root / "data" / "mine" / "metadata.json"))
     if name != "vectors":  # prepared with --images_dir: items without an image or title
         assert meta["missing"]["images"] > 0 and meta["missing"]["titles"] > 0
@@ -201,6 +207,45 @@ def test_each_starting_point_ends_in_a_ranker_an_export_and_a_prediction(route, 
         with_content = {i for i, image, title in zip(items["item_id"], items["image"],
                                                      items["title"]) if image or title}
         assert exported == with_content
+
+
+def test_the_predict_cli_takes_raw_ids_as_the_library_takes_dense_ids(route):
+    from tfmm.data import schema
+    from tfmm.index import open_index
+    from tfmm.serving.predictor import Predictor, Request, item_categories
+
+    root, _ = route("vectors")
+    data_dir = root / "data" / "mine"
+    items, users = schema.raw_ids(data_dir, "items"), schema.raw_ids(data_dir, "users")
+    history, candidates = items[3:9], [items[0], items[40], items[77], items[120]]
+
+    def predict(user):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tfmm.serving.predict", "--data_dir=data/mine",
+             f"--user_id={user}", f"--history={','.join(history)}",
+             f"--candidates={','.join(candidates)}", "--top_k=4"],
+            cwd=root, env=ENV, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = proc.stdout.splitlines()
+        return lines[1], {line.split()[1]: float(line.split()[3]) for line in lines[5:9]}
+
+    dense = schema.dense_ids(data_dir)
+    predictor = Predictor(str(root / "runs" / "mine" / "export" / "ranker"),
+                          open_index(str(root / "runs" / "mine" / "index" / "vectors.db")),
+                          item_categories=item_categories(str(data_dir)))
+    for user, dense_user in ((users[5], 5 + schema.FIRST_ID), ("u-unknown", schema.OOV_ID)):
+        line, got = predict(user)
+        assert line.startswith(f"user {user}{' (out of vocabulary)' * (user == 'u-unknown')}: "
+                               "6 history items"), line
+        expected = predictor.predict(Request(dense_user, [dense[i] for i in history],
+                                             [dense[i] for i in candidates]))
+        assert got == pytest.approx(dict(zip(candidates, expected)), abs=1e-4)
+    # An item the vocabulary lacks is named, not scored as another.
+    proc = subprocess.run([sys.executable, "-m", "tfmm.serving.predict", "--data_dir=data/mine",
+                           f"--user_id={users[0]}", f"--candidates={items[0]},sku-nope"],
+                          cwd=root, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        "--candidates: 'sku-nope' is not an item of data/mine (its vocab/items.txt; 1 such ids).")
 
 
 def _untrained(root, *flags):

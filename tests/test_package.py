@@ -42,6 +42,25 @@ def test_cli_is_quiet_by_default_and_verbose_on_request(tmp_path):
     assert "I0000" in _generate(tmp_path, "--verbose")
 
 
+@pytest.mark.slow
+def test_a_users_log_level_does_not_bring_the_start_up_lines_back():
+    """A user's TF_CPP_MIN_LOG_LEVEL governs TensorFlow's later lines; the start-up
+    notices, which no level reaches, stay hidden unless --verbose."""
+    def encoder(level, *flags):  # refused at once, after TensorFlow loaded
+        run = subprocess.run([sys.executable, "-m", "tfmm.serving.encoder", *flags],
+                             capture_output=True, text=True,
+                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL=level))
+        assert run.returncode == 1 and run.stderr.strip().endswith("--encoder is required.")
+        return run.stderr
+
+    start_up = ("I0000", "oneDNN", "absl::InitializeLog", "cudart_stub")
+    for level in ("3", "0"):
+        stderr = encoder(level)
+        assert not [line for line in stderr.splitlines() if any(n in line for n in start_up)], \
+            stderr
+    assert "oneDNN custom operations" in encoder("3", "--verbose")
+
+
 def test_the_public_surface_resolves_and_stays_lazy():
     import tfmm
     from tfmm.ranker import DINRanker

@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -153,6 +154,9 @@ def test_ctr_job_on_parameter_servers_resumes_and_exports_one_ranker(tiny_dir, t
             proc.kill()
             proc.wait()
     assert "Epoch 1/3" not in log and "Epoch 2/3" in log
+    # An epoch is as many steps as one pass over the training days has batches.
+    steps = -(-schema.read_metadata(tiny_dir)["counts"]["impressions/train"] // 64)
+    assert log.count(f"{steps}/{steps} - ") == 2, log[-3000:]
     with open(out / "metrics.json") as f:
         result = json.load(f)
     assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3]
@@ -205,3 +209,49 @@ def test_what_parameter_servers_cannot_run_is_refused_in_one_line(tiny_dir, tmp_
         "--strategy=parameter_server is for --task=ctr, whose ID tables may outgrow a machine; "
         "pre-training's are small: use multi_worker.")
     assert not (tmp_path / "pretrain").exists()
+
+
+def test_the_chief_says_which_servers_it_waits_for_and_gives_up(capsys):
+    cluster = distribute.loopback_cluster(chief=1, worker=1, ps=2)
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec(cluster), task_type="chief", task_id=0)
+    listening = []
+    try:
+        for address in cluster["worker"] + cluster["ps"][:1]:  # ps 1 never starts
+            host, port = address.split(":")
+            listening.append(socket.create_server((host, int(port))))
+        start = time.monotonic()
+        with pytest.raises(parameter_server.ClusterTimeout) as error:
+            parameter_server.wait_for_servers(resolver, timeout=1.0, poll=0.1)
+        assert 1.0 <= time.monotonic() - start < 10
+        assert str(error.value).startswith(
+            f"ps 1 ({cluster['ps'][1]}) of the cluster in $TF_CONFIG did not start within 1 s "
+            "(--cluster_timeout): start it")
+        assert capsys.readouterr().err == (
+            f"chief: waiting for ps 1 ({cluster['ps'][1]}) of the cluster to start "
+            "(giving up after 1 s, --cluster_timeout)\n")
+        host, port = cluster["ps"][1].split(":")
+        listening.append(socket.create_server((host, int(port))))
+        parameter_server.wait_for_servers(resolver, timeout=1.0)  # all up: no word
+        assert capsys.readouterr().err == ""
+    finally:
+        for s in listening:
+            s.close()
+
+
+@pytest.mark.slow
+def test_a_chief_whose_servers_never_start_gives_up_in_one_line(tiny_dir, tmp_path):
+    cluster = distribute.loopback_cluster(chief=1, worker=1, ps=1)
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CONFIG=json.dumps(
+        {"cluster": cluster, "task": {"type": "chief", "index": 0}}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfmm.train", "--task=ctr", "--model=id",
+         "--strategy=parameter_server", "--cluster_timeout=2", f"--data_dir={tiny_dir}",
+         f"--model_dir={tmp_path}/ctr", f"--export_dir={tmp_path}/export"], cwd=ROOT,
+        capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-2].startswith("chief: waiting for worker 0 (")
+    assert lines[-1].startswith("--strategy=parameter_server: worker 0 (") and \
+        "did not start within 2 s (--cluster_timeout)" in lines[-1]
+    assert not os.path.exists(tmp_path / "ctr")

@@ -64,7 +64,9 @@ def expected(world, method, request):
         inputs["item_vector"] = np.array([vector(i) for i in request.candidate_item_ids],
                                          np.float32)
         inputs["history_vectors"] = np.array([[vector(i) for i in history]] * n, np.float32)
-    return world["models"][method](inputs, training=False).numpy()[:, 0]
+    scores = world["models"][method](inputs, training=False).numpy()[:, 0]
+    # An id neither the catalogue nor the index knows gets the unknown score (0).
+    return np.where(np.array(request.candidate_item_ids) < len(CATEGORIES), scores, 0)
 
 
 def predictor(world, method, backend, signature=None):
@@ -79,7 +81,8 @@ REQUESTS = [
     Request(3, [4, 9, 11, 2, 7, 5, 20, 14], [6, MISSING, 12, 4, 25]),
     Request(7, [], [8, 3]),  # empty history
     Request(1, [13, 13, 28], [13]),  # repeated items, candidate also in the history
-    # A new user and a new item (ids outside the vocabulary, no vector, no category).
+    # A new user and a new item (ids outside the vocabulary, no vector, no category):
+    # the item is unknown.
     Request(12, [4, 1000], [1000, 5]),
 ]
 
@@ -99,7 +102,7 @@ def test_backends_score_like_the_keras_model(world, method, backend, signature):
     # Distinct items of the 4 requests: 10 (the recent 5 and 5 candidates), 2, 2 and 3.
     looked_up, missing = (0, 0) if method == "id" else (17, 2)  # MISSING and 1000
     assert p.stats == {"requests": 4, "candidates": 10, "vectors_looked_up": looked_up,
-                       "missing_vectors": missing}
+                       "missing_vectors": missing, "unknown_candidates": 1}
 
 
 def test_a_redis_index_serves_the_vectors(world, redis_url):
@@ -124,7 +127,7 @@ def test_a_redis_index_emptied_under_the_predictor_is_warned_about(world, redis_
     for _ in range(3):
         p.predict(REQUESTS[0])
     assert p.stats == {"requests": 4, "candidates": 20, "vectors_looked_up": 40,
-                       "missing_vectors": 31}
+                       "missing_vectors": 31, "unknown_candidates": 0}
     [record] = caplog.records  # once, not once a request
     assert record.getMessage().startswith(
         f"10 of the 10 items of a request have no vector in {index} and were scored with zeros")
@@ -194,6 +197,41 @@ def test_bad_requests_and_settings_are_refused(world):
         Predictor(world["dirs"]["simtier"])
     with pytest.raises(ValueError, match="holds 3-d vectors"):
         Predictor(world["dirs"]["simtier"], SQLiteIndex(world["index"].path + "3", dim=3))
+
+
+@pytest.mark.parametrize("method", ["id", "simtier"])
+def test_invalid_candidates_are_refused_and_unknown_ones_ranked_after_known(world, method,
+                                                                          tmp_path):
+    """An id neither the catalogue nor the index knows came out 1st of 200 with the
+    padding embedding; a negative id was scored too."""
+    p = predictor(world, method, "in_process")
+    for bad in (-4, 0, 1):
+        with pytest.raises(ValueError, match=rf"Request.candidate_item_ids: {bad} is not an "
+                           r"item id \(item ids start at 2; 0 is padding, 1 "
+                           r"out-of-vocabulary\)"):
+            p.predict(Request(3, [4], [5, bad]))
+    with pytest.raises(ValueError, match=r"Request.history_item_ids: -1 is not an item id"):
+        p.predict(Request(3, [4, -1], [5]))
+    assert p.stats["requests"] == 0
+    catalogue = list(range(2, VOCAB["num_items"]))  # MISSING (no vector) included
+    got = p.predict(Request(3, [4, 9], [999999] + catalogue + [1000]))
+    assert got[0] == got[-1] == 0 and got[1:-1].min() > 0  # last of all
+    np.testing.assert_allclose(got[1:-1], expected(world, method, Request(3, [4, 9], catalogue)),
+                               atol=1e-5)
+    assert p.stats["unknown_candidates"] == 2
+    prior = Predictor(world["dirs"][method], p.index, item_categories=CATEGORIES,
+                      unknown_score=0.03)  # e.g. the click rate of the training set
+    assert prior.predict(Request(3, [4], [999999, 5]))[0] == np.float32(0.03)
+    if method == "simtier":  # a new item the encoder service indexed is known by its vector
+        index = SQLiteIndex(tmp_path / "v.db", dim=D)
+        index.put([4, 1000], world["vectors"][[4, 5]])
+        fresh = Predictor(world["dirs"][method], index, item_categories=CATEGORIES)
+        request = Request(3, [4], [1000, 999999])
+        features, missing = fresh.assemble(request)
+        np.testing.assert_array_equal(missing, [999999])
+        scores = fresh.model(features).reshape(-1)
+        np.testing.assert_allclose(fresh.predict(request), [scores[0], 0], atol=1e-6)
+        assert scores[0] > 0
 
 
 def test_base_dir_loads_the_highest_version(world, tmp_path):
@@ -323,7 +361,7 @@ def test_cli_ranks_candidates_with_the_default_paths(tiny_dir, tmp_path):
     lines = run("--user_id=3", "--history=5,6,7", f"--candidates=5,{items[-1] + 1}", "--top_k=2")
     assert "items without a vector: 1" in lines[2] and len(lines) == 7
     assert lines[3] == ("predictor totals: requests 2, candidates 4, vectors_looked_up 8, "
-                        "missing_vectors 2")
+                        "missing_vectors 2, unknown_candidates 0")  # the last item is known
 
     # Bad flags and bad indexes: one line naming the flag or the file.
     real = tmp_path / "runs" / "tiny" / "index" / "vectors.db"

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.test_images import huge_png
 from tfmm import data
 from tfmm.data import schema
-from tfmm.data.prepare import prepare
+from tfmm.data.prepare import PrepareOptions, prepare
 
 # user, item, label, timestamp, device
 LOG = [
@@ -75,7 +76,8 @@ def vocab(out, name):
 def test_histories_split_and_vocabularies(inputs):
     tmp, log, items, images = inputs
     out = str(tmp / "out")
-    meta = prepare(log, items, out, images_dir=images, max_history=2, test_fraction=0.25)
+    meta = prepare(PrepareOptions(log, items, out, images_dir=images, max_history=2,
+                                  test_fraction=0.25))
     assert meta["counts"] == {"impressions/train": 9, "impressions/test": 3, "items": 4}
     assert meta["split_timestamp"] == 170 and meta["side_features"] == ["device"]
     assert meta["oov"] == {"test_users": 1, "test_user_impressions": 1,  # carol, once
@@ -109,12 +111,13 @@ def test_parquet_input_gives_the_same_records(inputs):
     import pyarrow.parquet as pq
 
     tmp, log, items, images = inputs
-    prepare(log, items, str(tmp / "from_csv"), images_dir=images)
+    prepare(PrepareOptions(log, items, str(tmp / "from_csv"), images_dir=images))
     table = pa.table({"user_id": [r[0] for r in LOG], "item_id": [r[1] for r in LOG],
                       "label": [r[2] for r in LOG], "timestamp": [r[3] for r in LOG],
                       "device": [r[4] for r in LOG]})
     pq.write_table(table, tmp / "impressions.parquet")
-    prepare(str(tmp / "impressions.parquet"), items, str(tmp / "from_parquet"), images_dir=images)
+    prepare(PrepareOptions(str(tmp / "impressions.parquet"), items, str(tmp / "from_parquet"),
+                           images_dir=images))
     for name in TABLES:
         assert filecmp.cmp(tmp / "from_csv" / name, tmp / "from_parquet" / name, shallow=False)
 
@@ -124,41 +127,43 @@ def test_parquet_whole_floats_are_integers_and_nan_is_named_at_its_row(inputs):
     import pyarrow.parquet as pq
 
     tmp, log, items, images = inputs
-    prepare(log, items, str(tmp / "from_csv"), images_dir=images)
+    prepare(PrepareOptions(log, items, str(tmp / "from_csv"), images_dir=images))
     # pandas stores an integer column holding a missing value as float64
     columns = {"user_id": [r[0] for r in LOG], "item_id": [r[1] for r in LOG],
                "label": [float(r[2]) for r in LOG], "timestamp": [float(r[3]) for r in LOG],
                "device": [r[4] for r in LOG]}
     pq.write_table(pa.table(columns), tmp / "floats.parquet")
-    prepare(str(tmp / "floats.parquet"), items, str(tmp / "from_floats"), images_dir=images)
+    prepare(PrepareOptions(str(tmp / "floats.parquet"), items, str(tmp / "from_floats"),
+                           images_dir=images))
     for name in TABLES:
         assert filecmp.cmp(tmp / "from_csv" / name, tmp / "from_floats" / name, shallow=False)
     columns["label"][6] = float("nan")
     pq.write_table(pa.table(columns), tmp / "nan.parquet")
     with pytest.raises(ValueError, match=r"nan.parquet: row 7, column 'label': nan is not an "
                                          r"integer"):
-        prepare(str(tmp / "nan.parquet"), items, str(tmp / "out"), images_dir=images)
+        prepare(PrepareOptions(str(tmp / "nan.parquet"), items, str(tmp / "out"),
+                               images_dir=images))
 
 
 def test_integers_are_read_as_python_int_reads_them(inputs):
     tmp, log, items, images = inputs
-    prepare(log, items, str(tmp / "plain"), images_dir=images)
+    prepare(PrepareOptions(log, items, str(tmp / "plain"), images_dir=images))
     spelled = [(u, i, f" {y}", ("+{}" if k % 2 else "{} ").format(t), d)
                for k, (u, i, y, t, d) in enumerate(LOG)]
     log = write_csv(tmp / "spelled.csv", ["user_id", "item_id", "label", "timestamp", "device"],
                     spelled)
-    prepare(log, items, str(tmp / "spelled"), images_dir=images)
+    prepare(PrepareOptions(log, items, str(tmp / "spelled"), images_dir=images))
     for name in TABLES:
         assert filecmp.cmp(tmp / "plain" / name, tmp / "spelled" / name, shallow=False)
 
 
 def test_timestamps_may_span_all_of_int64(inputs):
     tmp, log, items, images = inputs
-    prepare(log, items, str(tmp / "original"), images_dir=images)
+    prepare(PrepareOptions(log, items, str(tmp / "original"), images_dir=images))
     extreme = [("alice", "i1", 1, -2**63, "ios")] + LOG[1:-1] + [("bob", "i4", 0, 2**63 - 1, "web")]
     log = write_csv(tmp / "extreme.csv", ["user_id", "item_id", "label", "timestamp", "device"],
                     extreme)
-    prepare(log, items, str(tmp / "extreme"), images_dir=images)
+    prepare(PrepareOptions(log, items, str(tmp / "extreme"), images_dir=images))
     for split in ("train", "test"):
         (original, _), (shifted, _) = (read_split(str(tmp / d), split)
                                        for d in ("original", "extreme"))
@@ -170,13 +175,13 @@ def test_csv_is_utf8_with_or_without_a_byte_order_mark(inputs):
     tmp, log, items, images = inputs
     items_rows = [(i, c, t + " café") for i, c, t in ITEMS]
     items = write_csv(tmp / "items.csv", ["item_id", "category_id", "title"], items_rows)
-    prepare(log, items, str(tmp / "plain"), images_dir=images)
+    prepare(PrepareOptions(log, items, str(tmp / "plain"), images_dir=images))
     # Excel's "CSV UTF-8" starts every file with a byte order mark
     bom_log = write_csv(tmp / "bom-log.csv", ["user_id", "item_id", "label", "timestamp",
                                               "device"], LOG, encoding="utf-8-sig")
     bom_items = write_csv(tmp / "bom-items.csv", ["item_id", "category_id", "title"],
                           items_rows, encoding="utf-8-sig")
-    prepare(bom_log, bom_items, str(tmp / "bom"), images_dir=images)
+    prepare(PrepareOptions(bom_log, bom_items, str(tmp / "bom"), images_dir=images))
     for name in TABLES:
         assert filecmp.cmp(tmp / "plain" / name, tmp / "bom" / name, shallow=False)
     titles = next(iter(data.items(str(tmp / "bom"), batch_size=10)))["title"].numpy()
@@ -185,38 +190,40 @@ def test_csv_is_utf8_with_or_without_a_byte_order_mark(inputs):
 
 def test_duplicate_impressions_are_counted_and_can_be_dropped(inputs):
     tmp, log, items, images = inputs
-    meta = prepare(log, items, str(tmp / "original"), images_dir=images)
+    meta = prepare(PrepareOptions(log, items, str(tmp / "original"), images_dir=images))
     assert meta["duplicates"] == {"impressions": 0, "dropped": False}
     rows = LOG + [LOG[0], LOG[4], LOG[0], ("alice", "i1", 1, 100, "web")]  # the last differs
     log = write_csv(tmp / "impressions.csv", ["user_id", "item_id", "label", "timestamp",
                                               "device"], rows)
-    meta = prepare(log, items, str(tmp / "kept"), images_dir=images)
+    meta = prepare(PrepareOptions(log, items, str(tmp / "kept"), images_dir=images))
     assert meta["duplicates"] == {"impressions": 3, "dropped": False}
     assert sum(meta["counts"][f"impressions/{s}"] for s in ("train", "test")) == len(rows)
-    meta = prepare(log, items, str(tmp / "dropped"), images_dir=images, drop_duplicates=True)
+    meta = prepare(PrepareOptions(log, items, str(tmp / "dropped"), images_dir=images,
+                                  drop_duplicates=True))
     assert meta["duplicates"] == {"impressions": 3, "dropped": True}
     assert sum(meta["counts"][f"impressions/{s}"] for s in ("train", "test")) == len(LOG) + 1
     with_web = write_csv(tmp / "with_web.csv", ["user_id", "item_id", "label", "timestamp",
                                                 "device"], LOG + rows[-1:])
-    prepare(with_web, items, str(tmp / "expected"), images_dir=images)
+    prepare(PrepareOptions(with_web, items, str(tmp / "expected"), images_dir=images))
     for name in TABLES:
         assert filecmp.cmp(tmp / "expected" / name, tmp / "dropped" / name, shallow=False)
 
 
 def test_image_paths_stay_inside_images_dir_unless_absolute_ones_are_allowed(inputs):
     tmp, log, items, images = inputs
-    prepare(log, items, str(tmp / "by_id"), images_dir=images)
+    prepare(PrepareOptions(log, items, str(tmp / "by_id"), images_dir=images))
     header = ["item_id", "category_id", "title", "image"]
     os.mkdir(os.path.join(images, "sub"))
     rows = [(i, c, t, f"sub/../{i}.png") for i, c, t in ITEMS]  # ".." that stays inside is fine
-    prepare(log, write_csv(tmp / "relative.csv", header, rows), str(tmp / "relative"),
-            images_dir=images)
+    prepare(PrepareOptions(log, write_csv(tmp / "relative.csv", header, rows),
+                           str(tmp / "relative"), images_dir=images))
     rows[1] = rows[1][:3] + (os.path.join(images, "i2.png"),)
     absolute = write_csv(tmp / "absolute.csv", header, rows)
     with pytest.raises(ValueError, match=r"absolute.csv: row 3, column 'image': image path "
                                          r"'/.*i2.png' is absolute; pass --absolute_image_paths"):
-        prepare(log, absolute, str(tmp / "absolute"), images_dir=images)
-    prepare(log, absolute, str(tmp / "absolute"), images_dir=images, absolute_image_paths=True)
+        prepare(PrepareOptions(log, absolute, str(tmp / "absolute"), images_dir=images))
+    prepare(PrepareOptions(log, absolute, str(tmp / "absolute"), images_dir=images,
+                           absolute_image_paths=True))
     for out in ("relative", "absolute"):
         assert filecmp.cmp(tmp / "by_id" / "items.tfrecord", tmp / out / "items.tfrecord",
                            shallow=False)
@@ -282,11 +289,11 @@ def _bad_inputs(tmp, case):
 def test_bad_input_names_file_row_and_field_and_keeps_old_output(inputs, case, message):
     tmp, log, items, images = inputs
     out = tmp / "out"
-    prepare(log, items, str(out), images_dir=images)
+    prepare(PrepareOptions(log, items, str(out), images_dir=images))
     before = {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()}
     log, items = _bad_inputs(tmp, case)
     with pytest.raises(ValueError, match=message):
-        prepare(log, items, str(out), images_dir=images)
+        prepare(PrepareOptions(log, items, str(out), images_dir=images))
     assert {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()} == before
     assert sorted(os.listdir(tmp)) == ["images", "impressions.csv", "items.csv", "out"]
 
@@ -294,20 +301,34 @@ def test_bad_input_names_file_row_and_field_and_keeps_old_output(inputs, case, m
 def test_undecodable_image_fails_mid_write_without_damage(inputs):
     tmp, log, items, images = inputs
     out = tmp / "out"
-    prepare(log, items, str(out), images_dir=images)
+    prepare(PrepareOptions(log, items, str(out), images_dir=images))
     before = (out / "impressions-train.tfrecord").read_bytes()
     with open(os.path.join(images, "i3.png"), "wb") as f:
         f.write(b"\x89PNG not really")
     with pytest.raises(ValueError, match=r"i3.png \(item 'i3', .*items.csv: row 4\): does not decode"):
-        prepare(log, items, str(out), images_dir=images)
+        prepare(PrepareOptions(log, items, str(out), images_dir=images))
     assert (out / "impressions-train.tfrecord").read_bytes() == before
+    assert not [p for p in os.listdir(tmp) if ".tmp-" in p]
+
+
+def test_an_image_over_the_pixel_limit_is_named_before_it_is_decoded(inputs):
+    tmp, log, items, images = inputs
+    out = tmp / "out"
+    prepare(log, items, str(out), images_dir=images)
+    before = {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()}
+    (tmp / "images" / "i3.png").write_bytes(huge_png())  # 49 kB, 1.2 GB decoded
+    with pytest.raises(ValueError, match=re.escape(
+            f"{images}/i3.png (item 'i3', {items}: row 4): the image is 20000x20000 pixels, "
+            "over the limit of 50,000,000 (tfmm.data.images.MAX_PIXELS); downscale it.")):
+        prepare(log, items, str(out), images_dir=images)
+    assert {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()} == before
     assert not [p for p in os.listdir(tmp) if ".tmp-" in p]
 
 
 def test_unknown_items_can_map_to_oov(inputs):
     tmp, _, items, _ = inputs
     log, _ = _bad_inputs(tmp, "unknown item")
-    meta = prepare(log, items, str(tmp / "out"), unknown_items="oov")
+    meta = prepare(PrepareOptions(log, items, str(tmp / "out"), unknown_items="oov"))
     assert meta["oov"]["unknown_item_impressions"] == 1
     f, _ = read_split(str(tmp / "out"), "train")
     assert (f["item_id"] == schema.OOV_ID).sum() == 1
@@ -388,7 +409,7 @@ def test_items_may_lack_images_and_titles_and_parquet_is_known_by_name_or_conten
                "title": ["red mug", "blue mug", None, ""],
                "image": ["i1.png", None, "", "i4.png"]}
     items = write_parquet(tmp / "items.parquet.snappy", columns)
-    meta = prepare(log, items, str(tmp / "out"), images_dir=images)
+    meta = prepare(PrepareOptions(log, items, str(tmp / "out"), images_dir=images))
     assert meta["missing"] == {"images": 2, "titles": 2}
     written = records(str(tmp / "out"), "items")
     png = {i: (tmp / "images" / f"{i}.png").read_bytes() for i in ("i1", "i4")}
@@ -400,8 +421,8 @@ def test_items_may_lack_images_and_titles_and_parquet_is_known_by_name_or_conten
 
     # Any codec; by content when the name says nothing, or by a .pq name.
     for name, codec in (("x.brotli", "brotli"), ("items.pq", "zstd"), ("i.parquet.gz", "gzip")):
-        prepare(log, write_parquet(tmp / name, columns, codec), str(tmp / name.replace(".", "_")),
-                images_dir=images)
+        prepare(PrepareOptions(log, write_parquet(tmp / name, columns, codec),
+                               str(tmp / name.replace(".", "_")), images_dir=images))
         assert filecmp.cmp(tmp / "out" / "items.tfrecord",
                            tmp / name.replace(".", "_") / "items.tfrecord", shallow=False)
 
@@ -410,24 +431,25 @@ def test_items_may_lack_images_and_titles_and_parquet_is_known_by_name_or_conten
     items = write_parquet(tmp / "items.parquet.snappy", columns)
     with pytest.raises(ValueError, match=r"items.parquet.snappy: row 2, column 'image': image "
                                          r"'i9.png' not found \(looked for .*images/i9.png\)"):
-        prepare(log, items, str(tmp / "out"), images_dir=images)
+        prepare(PrepareOptions(log, items, str(tmp / "out"), images_dir=images))
     (tmp / "bad.parquet").write_text("item_id\ni1\n")
     with pytest.raises(ValueError, match=r"bad.parquet: not a readable Parquet file"):
-        prepare(log, str(tmp / "bad.parquet"), str(tmp / "out"))
+        prepare(PrepareOptions(log, str(tmp / "bad.parquet"), str(tmp / "out")))
 
 
 def test_items_without_an_image_column_may_lack_files_but_not_all_of_them(inputs):
     tmp, log, items, images = inputs
     os.remove(os.path.join(images, "i2.png"))
-    meta = prepare(log, items, str(tmp / "out"), images_dir=images)
+    meta = prepare(PrepareOptions(log, items, str(tmp / "out"), images_dir=images))
     assert meta["missing"] == {"images": 1, "titles": 0}
     assert [r["image"] == b"" for r in records(str(tmp / "out"), "items")] == [
         False, True, False, False]
-    assert prepare(log, items, str(tmp / "no_dir"))["missing"] == {"images": 4, "titles": 0}
+    meta = prepare(PrepareOptions(log, items, str(tmp / "no_dir")))
+    assert meta["missing"] == {"images": 4, "titles": 0}
     for name in os.listdir(images):
         os.remove(os.path.join(images, name))
     with pytest.raises(ValueError, match=r"items.csv: no item has an image in --images_dir="):
-        prepare(log, items, str(tmp / "out"), images_dir=images)
+        prepare(PrepareOptions(log, items, str(tmp / "out"), images_dir=images))
 
 
 def read_triplets(out, split):
@@ -446,8 +468,8 @@ def test_pairs_file_split_by_time_with_given_or_mined_negatives(inputs):
     rows = [("mug", "", "i2", 175, ""), ("red cup", "", "i1", 100, ""),
             ("", "q.png", "i3", 180, "i1"), ("lamp", "q.png", "i4", 120, "")]
     pairs = write_csv(tmp / "pairs.csv", header, rows, encoding="utf-8-sig")
-    meta = prepare(log, items, str(tmp / "out"), images_dir=images, test_fraction=0.25,
-                   pairs=pairs)
+    meta = prepare(PrepareOptions(log, items, str(tmp / "out"), images_dir=images,
+                                  test_fraction=0.25, pairs=pairs))
     assert meta["split_timestamp"] == 170  # the impressions' split, for the pairs too
     assert meta["pairs"] == {"source": pairs, "skipped_unknown": 0, "train": 2, "test": 2,
                              "mined_negatives": 3, "seed": 0}
@@ -467,16 +489,16 @@ def test_pairs_file_split_by_time_with_given_or_mined_negatives(inputs):
     with pytest.raises(ValueError, match=r"pairs.csv: row 6, column 'item_id': 'i9' is not in "
                                          r".*items.csv \(1 such rows; --unknown_items=oov "
                                          r"skips those pairs\)"):
-        prepare(log, items, str(tmp / "out"), images_dir=images, pairs=pairs)
-    meta = prepare(log, items, str(tmp / "out"), images_dir=images, test_fraction=0.25,
-                   pairs=pairs, unknown_items="oov")
+        prepare(PrepareOptions(log, items, str(tmp / "out"), images_dir=images, pairs=pairs))
+    meta = prepare(PrepareOptions(log, items, str(tmp / "out"), images_dir=images,
+                                  test_fraction=0.25, pairs=pairs, unknown_items="oov"))
     assert meta["pairs"]["skipped_unknown"] == 1
     assert [t[2] for t in read_triplets(str(tmp / "out"), "train")[0]] == ["i2", "i1", "i3"]
     assert [t[2] for t in read_triplets(str(tmp / "out"), "test")[0]] == ["i4"]
 
 
 def test_records_with_images_are_serialised_in_runs_of_bounded_bytes(inputs, monkeypatch):
-    from tfmm.data import prepare as module
+    from tfmm.data import tables as module
 
     tmp, log, items, images = inputs
     sizes = [10, 20, 30, None, 5, 50, 1]
@@ -497,9 +519,9 @@ def test_records_with_images_are_serialised_in_runs_of_bounded_bytes(inputs, mon
     pairs = write_csv(tmp / "pairs.csv", ["query_image", "item_id", "timestamp"],
                       [("q.png", "i2", 100), ("i3.png", "i1", 120), ("q.png", "i4", 195)])
     monkeypatch.setattr(module, "IMAGE_BYTES_PER_CHUNK", 1)  # one image a run
-    prepare(log, items, str(tmp / "small-runs"), images_dir=images, pairs=pairs)
+    prepare(PrepareOptions(log, items, str(tmp / "small-runs"), images_dir=images, pairs=pairs))
     monkeypatch.undo()
-    prepare(log, items, str(tmp / "out"), images_dir=images, pairs=pairs)
+    prepare(PrepareOptions(log, items, str(tmp / "out"), images_dir=images, pairs=pairs))
     for table in ("items", "pretrain-train", "pretrain-test"):
         assert filecmp.cmp(tmp / "out" / f"{table}.tfrecord",
                            tmp / "small-runs" / f"{table}.tfrecord", shallow=False), table
@@ -517,7 +539,7 @@ def test_bad_pairs_are_named_by_row(inputs, rows, message):
     pairs = write_csv(tmp / "pairs.csv", ["query_text", "item_id", "negative_item_id"],
                       rows + [("lamp", "i3", "")] * 3)
     with pytest.raises(ValueError, match=message):
-        prepare(log, items, str(tmp / "out"), pairs=pairs)
+        prepare(PrepareOptions(log, items, str(tmp / "out"), pairs=pairs))
 
 
 def test_mined_negatives_share_the_category_and_are_never_the_positive():
@@ -552,8 +574,8 @@ def test_pairs_from_clicks_stay_within_their_split(inputs, window, max_gap, trai
     log = write_csv(tmp / "clicks.csv", ["user_id", "item_id", "label", "timestamp", "device"],
                     CLICKS)
     out = str(tmp / "out")
-    meta = prepare(log, items, out, images_dir=images, split_timestamp=170, pairs_from="clicks",
-                   pair_window=window, pair_max_gap=max_gap)
+    meta = prepare(PrepareOptions(log, items, out, images_dir=images, split_timestamp=170,
+                                  pairs_from="clicks", pair_window=window, pair_max_gap=max_gap))
     assert meta["pairs"] == {"source": "clicks", "window": window, "max_gap": max_gap,
                              "train": len(train), "test": len(test),
                              "mined_negatives": len(train) + len(test), "seed": 0}
@@ -649,8 +671,8 @@ def test_records_and_vocabularies_equal_a_row_by_row_reference(tmp_path, drop_du
                      log)
     items_path = write_csv(tmp_path / "items.csv", ["item_id", "category_id"], items)
     out = str(tmp_path / "out")
-    meta = prepare(path, items_path, out, max_history=4, split_timestamp=150,
-                   unknown_items="oov", drop_duplicates=drop_duplicates)
+    meta = prepare(PrepareOptions(path, items_path, out, max_history=4, split_timestamp=150,
+                                  unknown_items="oov", drop_duplicates=drop_duplicates))
     train, test, vocabs = reference_records(log, items, 4, 150, drop_duplicates)
     assert parsed(out, "impressions/train") == train
     assert parsed(out, "impressions/test") == test
@@ -675,7 +697,7 @@ def test_pairs_from_clicks_equal_a_row_by_row_reference(tmp_path):
                      log)
     items_path = write_csv(tmp_path / "items.csv", ["item_id", "category_id", "title"], items)
     out = str(tmp_path / "out")
-    prepare(path, items_path, out, split_timestamp=70, pairs_from="clicks")
+    prepare(PrepareOptions(path, items_path, out, split_timestamp=70, pairs_from="clicks"))
     # Consecutive clicks of a user (ties in file order), in one split, of two items;
     # written in time order of the second click.
     clicks = sorted((u, t, k) for k, (u, _, label, t, _) in enumerate(log) if label)

@@ -16,14 +16,18 @@ pytest.importorskip("apache_beam")
 from tfmm import data  # noqa: E402
 from tfmm.data import schema  # noqa: E402
 from tfmm.data import world as world_lib  # noqa: E402
-from tfmm.data.prepare import prepare  # noqa: E402
-from tfmm.data.prepare_beam import prepare as prepare_beam  # noqa: E402
+from tfmm.data.prepare import PrepareOptions, prepare  # noqa: E402
 from tfmm.data.synthetic import write_raw  # noqa: E402
 from tests.test_prepare import ITEMS, LOG, ROOT, _bad_inputs, write_csv  # noqa: E402
 
 HEADER = ["user_id", "item_id", "label", "timestamp", "device"]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
            PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+
+
+def prepare_beam(*args, **kwargs):
+    """`prepare` with ``--runner=DirectRunner``."""
+    return prepare(PrepareOptions(*args, runner="DirectRunner", **kwargs))
 
 
 def tables(out):
@@ -72,9 +76,9 @@ def tiny_raw(tmp_path_factory):
 
 def test_tiny_world_gives_the_local_vocabularies_and_examples(tiny_raw, tmp_path):
     log, items, kwargs = tiny_raw
-    prepare(log, items, str(tmp_path / "local"), **kwargs)
+    prepare(PrepareOptions(log, items, str(tmp_path / "local"), **kwargs))
     meta = prepare_beam(log, items, str(tmp_path / "beam"), **kwargs,
-                        beam_args=["--direct_num_workers=1"])
+                        beam_args=("--direct_num_workers=1",))
     assert_same(tmp_path / "local", tmp_path / "beam")
     assert meta["counts"]["impressions/train"] > 0 and meta["counts"]["impressions/test"] > 0
     # The readers take the Beam directory as it is.
@@ -120,7 +124,7 @@ def test_log_in_shards_gives_the_local_output_of_the_whole_log(inputs, kwargs):
     write_csv(tmp / "part-0.csv", HEADER, MORE[:7])
     write_csv(tmp / "part-1.csv", HEADER, MORE[7:])
     kwargs = dict(dict(images_dir=images), **kwargs)
-    prepare(log, items, str(tmp / "local"), **kwargs)
+    prepare(PrepareOptions(log, items, str(tmp / "local"), **kwargs))
     prepare_beam(str(tmp / "part-*.csv"), items, str(tmp / "beam"), **kwargs)
     meta = assert_same(tmp / "local", tmp / "beam", differ=("files", "inputs"))
     assert meta["inputs"]["impressions"] == str(tmp / "part-*.csv")
@@ -137,13 +141,14 @@ def test_log_in_shards_gives_the_local_output_of_the_whole_log(inputs, kwargs):
 def test_bad_input_gives_the_local_error_and_keeps_old_output(inputs, case):
     tmp, items, images = inputs
     out = tmp / "out"
-    prepare(write_csv(tmp / "impressions.csv", HEADER, LOG), items, str(out), images_dir=images)
+    prepare(PrepareOptions(write_csv(tmp / "impressions.csv", HEADER, LOG), items, str(out),
+                           images_dir=images))
     before = {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()}
     log, items = _bad_inputs(tmp, "unknown item" if case == "empty split" else case)
     kwargs = dict(images_dir=images, unknown_items="oov" if case == "empty split" else "error",
                   split_timestamp=10**6 if case == "empty split" else None)
     with pytest.raises(ValueError) as expected:
-        prepare(log, items, str(tmp / "local"), **kwargs)
+        prepare(PrepareOptions(log, items, str(tmp / "local"), **kwargs))
     with pytest.raises(ValueError) as got:
         prepare_beam(log, items, str(out), **kwargs)
     assert str(got.value) == str(expected.value)

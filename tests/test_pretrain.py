@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfmm import data
+from tfmm import data, distribute
 from tfmm.data import schema
 from tfmm.data import world as world_lib
-from tfmm.data.prepare import prepare
+from tfmm.data.prepare import PrepareOptions, prepare
 from tfmm.data.synthetic import write_raw
 from tfmm.index import SQLiteIndex
 from tfmm.metrics import acc_at_n, neighbours_same_label, same_label_chance
@@ -230,7 +230,7 @@ def test_items_without_content_are_skipped_and_counted(own_dir, tmp_path, capsys
         present = SQLiteIndex(index).snapshot(num_items + schema.FIRST_ID).present
         assert not present[missing].any() and present[ids].all()
         # Training pairs never show them.
-        batches, _ = training_data(config, Catalogue(data_dir))
+        batches = training_data(config, Catalogue(data_dir))
         seen = np.concatenate([b["positive_id"].numpy() for b in batches.take(30)])
         assert not set(missing) & set(seen) and len(set(seen)) > 100
 
@@ -287,8 +287,13 @@ def test_word_dropout_keeps_words_and_never_empties():
     ({"objective": "clip"}, "--objective='clip'"),
     ({"modality": "audio"}, "--modality='audio'"),
     ({"objective": "generic", "triplet_weight": 1.0}, "no hard negatives"),
-    ({"queue_size": -128}, "--queue_size=-128 is out of range"),
+    ({"queue_size": -128}, "--queue_size=-128 must be >= 0"),
     ({"learning_rate": 0.0}, "--learning_rate=0.0 must be > 0"),
+    # A config backbone is randomly initialised: frozen, only the head would learn.
+    ({"freeze_backbone": True}, "--freeze_backbone keeps a pretrained backbone's weights, "
+     "but --backbone=resnet_tiny is a config backbone, randomly initialised"),
+    ({"freeze_backbone": True, "modality": "text", "backbone": "resnet_small"},
+     "but --backbone=resnet_small is a config backbone"),
 ])
 def test_bad_config(tiny_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -460,10 +465,10 @@ def clicks_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clicks")
     world = world_lib.generate(world_lib.PRESETS["tiny"])
     write_raw(world, tmp / "raw")
-    prepare(str(tmp / "raw" / "impressions.csv"), str(tmp / "raw" / "items.csv"),
-            str(tmp / "data"), str(tmp / "raw" / "images"),
-            split_timestamp=world_lib.T0 + world.config.train_days * world_lib.DAY,
-            pairs_from="clicks")
+    prepare(PrepareOptions(str(tmp / "raw" / "impressions.csv"), str(tmp / "raw" / "items.csv"),
+                           str(tmp / "data"), str(tmp / "raw" / "images"),
+                           split_timestamp=world_lib.T0 + world.config.train_days * world_lib.DAY,
+                           pairs_from="clicks"))
     return str(tmp / "data")
 
 
@@ -510,25 +515,30 @@ def test_click_pairs_name_their_query_item_and_train_as_copies_did(clicks_dir, t
         config = PretrainConfig(data_dir=clicks_dir, model_dir="unused", modality=modality,
                                 batch_size=32, dim=8, image_size=32)
         old = dataclasses.replace(config, data_dir=copied)
-        batches = zip(training_data(config, catalogue)[0].take(4),
-                      training_data(old, Catalogue(copied))[0].take(4))
+        batches = zip(training_data(config, catalogue).take(4),
+                      training_data(old, Catalogue(copied)).take(4))
         for new_batch, old_batch in batches:
             assert new_batch.keys() == old_batch.keys()
             for k in new_batch:
                 np.testing.assert_array_equal(new_batch[k], old_batch[k], err_msg=k)
             assert len({bytes(q) for q in new_batch["query"].numpy()}) > 8  # real content
         tower = build_tower(config, catalogue)()
-        assert evaluate(config, tower, catalogue) == evaluate(old, tower, Catalogue(copied))
+        one = distribute.distribution("none")
+        assert (evaluate(config, tower, catalogue, one)
+                == evaluate(old, tower, Catalogue(copied), one))
 
 
 def test_centring_spreads_the_narrow_cone_of_click_pair_vectors(clicks_dir, tmp_path):
     config = PretrainConfig(data_dir=clicks_dir, model_dir=str(tmp_path / "plain"),
                             index=str(tmp_path / "plain.db"), queue_size=0, epochs=2,
-                            batch_size=32, dim=16, min_steps=0, verbose=0)
+                            batch_size=32, dim=16, min_steps=0, center_vectors=False,
+                            verbose=0)
     run(config)
+    # Centred by the library's default: the pairs come from clicks.
     result = run(dataclasses.replace(config, model_dir=str(tmp_path / "centred"),
-                                     index=str(tmp_path / "centred.db"), center_vectors=True,
+                                     index=str(tmp_path / "centred.db"), center_vectors=None,
                                      export_dir=str(tmp_path / "export")))
+    assert result["config"]["center_vectors"] is True
     plain_index, index = SQLiteIndex(tmp_path / "plain.db"), SQLiteIndex(tmp_path / "centred.db")
     ids = index.ids()
     plain, _ = plain_index.get(ids)

@@ -2,8 +2,10 @@
 
 ``python -m tfmm.<tool>`` (and the repo's ``pipelines.*`` and ``benchmarks.*``)
 print no TensorFlow C++ INFO lines, oneDNN notice or failed ``cuInit`` by
-default; ``--verbose`` shows them, and so does any ``TF_CPP_MIN_LOG_LEVEL``
-the user set. Importing tfmm as a library changes nothing.
+default; ``--verbose`` shows them. A ``TF_CPP_MIN_LOG_LEVEL`` the user set is
+kept for the lines TensorFlow logs once running, but the start-up notices
+(written before any log level applies) show only with ``--verbose``.
+Importing tfmm as a library changes nothing.
 """
 
 import os
@@ -23,21 +25,14 @@ def running_cli(argv=None):
 
 
 def quiet_tensorflow(argv=None):
-    """Imports TensorFlow with its start-up lines hidden, unless asked for them.
-
-    Also defines the ``--verbose`` flag every tool accepts.
-    """
-    from absl import flags
-
-    if "verbose" not in flags.FLAGS:
-        flags.DEFINE_bool("verbose", False, "Show TensorFlow's C++ log lines (start-up notices, "
-                          "INFO, failed cuInit), hidden by default.")
+    """Imports TensorFlow with its start-up lines hidden, unless ``--verbose`` (a flag
+    `tfmm.cli.run` defines) asks for them."""
     argv = sys.argv if argv is None else argv
-    if ("tensorflow" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ
-            or any(a in ("--verbose", "--verbose=true") for a in argv)):
+    if "tensorflow" in sys.modules or any(a in ("--verbose", "--verbose=true") for a in argv):
         return
-    # 3, not 2: a machine without a GPU logs cuInit's failure as an ERROR.
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    own_level = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+    if own_level:  # 3, not 2: a machine without a GPU logs cuInit's failure as an ERROR.
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     # The start-up notices are written by absl before its logging is initialised,
     # which no log level reaches, so stderr is parked while TensorFlow loads.
     sys.stderr.flush()
@@ -49,8 +44,8 @@ def quiet_tensorflow(argv=None):
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-        # TensorFlow has read the level; tools this one starts choose their own.
-        del os.environ["TF_CPP_MIN_LOG_LEVEL"]
+        if own_level:  # TensorFlow has read it; tools this one starts choose their own
+            del os.environ["TF_CPP_MIN_LOG_LEVEL"]
 
 
 def quiet_logging():
@@ -58,6 +53,6 @@ def quiet_logging():
     own output), unless ``--verbosity`` or ``--verbose`` asks for them."""
     from absl import flags, logging
 
-    verbose = "verbose" in flags.FLAGS and flags.FLAGS.verbose  # defined by quiet_tensorflow
+    verbose = "verbose" in flags.FLAGS and flags.FLAGS.verbose  # defined by tfmm.cli.run
     if not flags.FLAGS["verbosity"].present and not verbose:
         logging.set_verbosity(logging.WARNING)

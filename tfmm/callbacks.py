@@ -100,6 +100,11 @@ class EpochRecord(keras.callbacks.Callback):
         """The entry of 0-based `epoch` (without "epoch"); by default its logs."""
         return {k: float(v) for k, v in (logs or {}).items()}
 
+    def columns(self):
+        """The entries by key, without "epoch" (as Keras' ``History.history``)."""
+        keys = [k for k in self.values[0] if k != "epoch"] if self.values else []
+        return {k: [v[k] for v in self.values] for k in keys}
+
     def on_train_begin(self, logs=None):
         self.values = []
         if os.path.isdir(self.backup) and os.path.exists(self.path):

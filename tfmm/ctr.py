@@ -22,28 +22,29 @@ every epoch, exports it and writes ``<model_dir>/metrics.json``:
   the start of each epoch (near-line training, paper §5).
 - ``export_path``, ``train_seconds``, ``config``.
 
-Multimodal methods read item vectors from the index table; an empty or
-missing table is first filled by running the pre-training given as
-``pretrain_config``, on the best source the data has (`tfmm.pretrain.run`'s
-``fallback``: SCL on triplets where the data has them, else image <-> title
-pairs, click pairs mined from the impressions or the generic objective),
-named in ``pretrain_source``. MAKE is pre-trained alone for ``make_epochs`` (0: trained
+Multimodal methods read item vectors from the index table; `tfmm.train.ranker`
+(``--task=ctr``) first fills an empty or missing table by pre-training the
+encoder on the best source the data has (`tfmm.pretrain.run`'s ``fallback``:
+SCL on triplets where the data has them, else image <-> title pairs, click
+pairs mined from the impressions or the generic objective), named in
+``pretrain_source``. MAKE is pre-trained alone for ``make_epochs`` (0: trained
 jointly with the ranker, from scratch), then frozen or, with
 ``make_trainable``, fine-tuned. A killed run resumes: MAKE's pre-trained
 weights are kept, and the ranker restarts from its last finished epoch; the
 per-epoch metrics list every epoch once (`tfmm.callbacks.EpochRecord`). A run
-that is refused (settings, data, index) writes nothing.
+that is refused (settings, data, index) writes nothing. `run` is the job
+(`CTRJob`) in the steps every job takes (`tfmm.jobs.run`).
 
-With ``strategy`` ``mirrored`` or ``multi_worker`` the rankers train under
-`tf.distribute` (`tfmm.distribute.fit`): each step is the one-process step
-on the global batch ``batch_size``; the chief alone evaluates (the whole
-test split, as one process does) and writes. With ``parameter_server`` the
-chief (the coordinator) runs the job alone: each ID table is split in rows
-over the ``ps`` tasks (`DINRanker`'s ``embedding_shards``), every epoch is
+The job trains with the ``strategy`` setting's `tfmm.distribute.Distribution`.
+With ``mirrored`` or ``multi_worker`` each step is the one-process step on
+the global batch ``batch_size``; the chief alone evaluates (the whole test
+split, as one process does) and writes. With ``parameter_server`` the chief
+(the coordinator) runs the job alone: each ID table is split in rows over the
+``ps`` tasks (`DINRanker`'s ``embedding_shards``), every epoch is
 ``ceil(train impressions / batch_size)`` asynchronous steps on the workers
-(`tfmm.parameter_server`), each worker reading its share of the batches;
-the export joins the shards into a one-machine ranker, and
-``embedding_shards`` in metrics.json says where each table's rows were.
+(`tfmm.parameter_server`), each worker reading its share of the batches; the
+export joins the shards into a one-machine ranker, and ``embedding_shards``
+in metrics.json says where each table's rows were.
 
 The vectors are a snapshot of the index taken at the start; with
 ``refresh_vectors`` the snapshot is taken again at every epoch (of MAKE's
@@ -51,17 +52,16 @@ pre-training and of the ranker), so vectors the encoder service wrote
 meanwhile, e.g. of new items, join training and evaluation without a restart.
 """
 
-import dataclasses
 import json
 import os
-import time
+from dataclasses import MISSING, dataclass
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmm import data, distribute, metrics, parameter_server
-from tfmm.config import SettingsError, default_of
+from tfmm import data, distribute, jobs, metrics
+from tfmm.config import SettingsError, check_settings, default_of, setting
 from tfmm.data import schema
 from tfmm.export import check_export_dir, export_saved_model
 from tfmm.index import IndexUnavailable, is_empty, local_index, open_index, redact
@@ -69,7 +69,7 @@ from tfmm.layers import MAKEBlock
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.optimizers import DenseGradientAdam
 from tfmm.ranker import MAKE_INTEGRATIONS, METHODS, DINRanker, build_make_pretrainer
-from tfmm.callbacks import BackupAndRestore, EpochRecord, RefreshVectors, write_json
+from tfmm.callbacks import EpochRecord, RefreshVectors
 
 # "adam" is Keras 3's, whose update for an embedding table's sparse gradient is
 # not Adam's (see DenseGradientAdam); "dense_adam" is Adam's, and faster. The
@@ -79,62 +79,82 @@ OPTIMIZERS = {"adam": keras.optimizers.Adam, "dense_adam": DenseGradientAdam,
 NUM_FREQUENCY_GROUPS = 8
 
 
-@dataclasses.dataclass
+@dataclass
 class CTRConfig:
-    data_dir: str
-    model_dir: str
-    export_dir: str = ""
-    index: str = ""
-    model: str = "simtier_make"
-    epochs: int = 1
-    make_epochs: int = 3
-    make_trainable: bool = False
-    make_dir: str = ""  # default <model_dir>/make; rankers may share one
-    max_history: int = 0  # 0: the dataset's own
-    embedding_dim: int = default_of(DINRanker, "embedding_dim")
-    attention_units: tuple = default_of(DINRanker, "attention_units")
-    mlp_units: tuple = default_of(DINRanker, "mlp_units")
-    make_units: tuple = (64, 32, 16, 1)  # the job's own; MAKEBlock's default is 256-128-64-1
+    data_dir: str = setting(MISSING, "tfmm data directory.")
+    model_dir: str = setting(MISSING, "Checkpoints, TensorBoard logs, metrics.json.")
+    export_dir: str = setting("", "SavedModels go to <export_dir>/<version>/ ('': none).")
+    index: str = setting("", "Index table of the item vectors: a SQLite file or a Redis URL "
+                             "(tfmm.index.open_index).")
+    model: str = setting("simtier_make", "Ranker: the ID baseline or a multimodal method "
+                                         "(paper §6.1.3).", choices=METHODS)
+    epochs: int = setting(1, "Training epochs (ID rankers overfit from the second, paper "
+                             "Fig. 3).", low=1)
+    make_epochs: int = setting(3, "Epochs MAKE is pre-trained alone (0: trained jointly).",
+                               low=0)
+    make_trainable: bool = setting(False, "Fine-tune the pre-trained MAKE in the ranker "
+                                          "(default: frozen).")
+    make_dir: str = setting("", "MAKE's pre-training directory (default <model_dir>/make); "
+                                "rankers that share one pre-train MAKE once.")
+    max_history: int = setting(0, "History length L (0: the dataset's).", low=0)
+    embedding_dim: int = setting(default_of(DINRanker, "embedding_dim"), "ID embedding width.",
+                                 low=1)
+    attention_units: tuple = setting(default_of(DINRanker, "attention_units"),
+                                     "DIN attention MLP.", low=1)
+    mlp_units: tuple = setting(default_of(DINRanker, "mlp_units"), "Ranker MLP.", low=1)
+    # The job's own; MAKEBlock's default is 256-128-64-1, and it checks them (validate).
+    make_units: tuple = setting((64, 32, 16, 1), "MAKE's four MLP layers.")
     # MAKE's MLP reads concat(v_MAKE, target), not eq. 4's v_MAKE alone, which cannot
     # tell which target it scores; it trained much better (BUILD.md, "Layer conventions").
-    make_target_in_mlp: bool = True
-    num_tiers: int = default_of(DINRanker, "num_tiers")
-    simtier_output: str = default_of(DINRanker, "simtier_output")
-    batch_norm: bool = default_of(DINRanker, "batch_norm")
-    start_as_id: bool = default_of(DINRanker, "start_as_id")
-    make_integration: str = default_of(DINRanker, "make_integration")
-    refresh_vectors: bool = False  # re-read the index at every epoch (near-line)
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    batch_size: int = 512
-    seed: int = 0
-    strategy: str = "none"  # tfmm.distribute.STRATEGIES
-    verbose: int = 2
+    make_target_in_mlp: bool = setting(
+        True, "MAKE's MLP reads concat(v_MAKE, target vector), as DIN's own head does; "
+              "false: v_MAKE alone (paper eq. 4), which cannot tell which target it scores "
+              "except through the attention weights.")
+    num_tiers: int = setting(default_of(DINRanker, "num_tiers"), "SimTier tiers.", low=1)
+    simtier_output: str = setting(
+        default_of(DINRanker, "simtier_output"),
+        "SimTier's histogram in the ranker: fractions of the history, log(1 + count) or raw "
+        "counts (the paper's; they trained worse here).", choices=SIMTIER_OUTPUTS)
+    batch_norm: bool = setting(default_of(DINRanker, "batch_norm"),
+                               "Batch-normalise the ranker's MLP input (as the DIN reference "
+                               "code does).")
+    start_as_id: bool = setting(
+        default_of(DINRanker, "start_as_id"),
+        "Multimodal features enter the ranker's MLP with zero weights, so it starts as the ID "
+        "ranker of the same seed; false: Glorot weights for them too (a plain concatenation, "
+        "as the paper).")
+    make_integration: str = setting(
+        default_of(DINRanker, "make_integration"),
+        "How MAKE's knowledge joins the ranker: residual (the ranker without MAKE trains on "
+        "its own loss; a head over MAKE's knowledge adds to its logit, so MAKE cannot make it "
+        "worse) or concat (concatenated before the MLP, as the paper).",
+        choices=MAKE_INTEGRATIONS)
+    refresh_vectors: bool = setting(False, "Re-read the index table at every epoch, so "
+                                           "vectors the encoder service writes meanwhile "
+                                           "join training (near-line).")
+    optimizer: str = setting(
+        "adam", "Ranker optimizer: adam is Keras 3's, whose second moment of an embedding "
+                "row looked up n times in a batch sums n squares instead of squaring the "
+                "sum; dense_adam is Adam's (as tf-keras'), and faster.", choices=OPTIMIZERS)
+    learning_rate: float = setting(1e-3, "Learning rate.", above=0)
+    batch_size: int = setting(512, "Batch size.", low=1)
+    seed: int = setting(0, "Random seed.")
+    strategy: str = setting(
+        "none", "tf.distribute strategy: none (one process, Keras fit), mirrored (this "
+                "machine's devices) or multi_worker (the cluster in $TF_CONFIG, the same "
+                "command on every worker; worker 0 writes metrics, logs and exports) or "
+                "parameter_server (--task=ctr: ID tables split over the cluster's ps tasks, "
+                "asynchronous steps on its workers; on a worker or ps task the command runs "
+                "its server, on the chief the job).", choices=distribute.STRATEGIES)
+    cluster_timeout: float = setting(
+        default_of(distribute.strategy, "cluster_timeout"),
+        "--strategy=parameter_server: seconds the chief waits for the cluster's worker and ps "
+        "servers to start, saying which, before it gives up (0: no limit).", low=0)
+    verbose: int = setting(2, "Keras' progress output: 0 none, 1 a bar, 2 a line an epoch.",
+                           flag=False)
 
     def validate(self):
-        if self.model not in METHODS:
-            raise SettingsError(f"--model={self.model!r} is not one of {METHODS}.")
-        if self.strategy not in distribute.STRATEGIES:
-            raise SettingsError(f"--strategy={self.strategy!r} is not one of "
-                                f"{distribute.STRATEGIES}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise SettingsError(f"--optimizer={self.optimizer!r} is not one of {tuple(OPTIMIZERS)}.")
-        for name, low in (("epochs", 1), ("make_epochs", 0), ("batch_size", 1),
-                          ("max_history", 0), ("embedding_dim", 1), ("num_tiers", 1)):
-            if getattr(self, name) < low:
-                raise SettingsError(f"--{name}={getattr(self, name)} must be >= {low}.")
-        if self.make_integration not in MAKE_INTEGRATIONS:
-            raise SettingsError(f"--make_integration={self.make_integration!r} is not one of "
-                                f"{MAKE_INTEGRATIONS}.")
-        if self.simtier_output not in SIMTIER_OUTPUTS:
-            raise SettingsError(f"--simtier_output={self.simtier_output!r} is not one of "
-                                f"{SIMTIER_OUTPUTS}.")
-        if not self.learning_rate > 0:
-            raise SettingsError(f"--learning_rate={self.learning_rate} must be > 0.")
-        for name in ("attention_units", "mlp_units"):
-            if min(getattr(self, name), default=1) < 1:
-                raise SettingsError(f"--{name}={','.join(map(str, getattr(self, name)))}: "
-                                    "layer sizes must be >= 1.")
+        check_settings(self)
         try:
             MAKEBlock(mlp_units=self.make_units)
         except ValueError as e:
@@ -142,7 +162,7 @@ class CTRConfig:
                                 f"{e}") from None
         if self.model != "id" and not self.index:
             raise SettingsError(f"--model={self.model} needs item vectors: set --index.")
-        if self.strategy == "parameter_server":
+        if self.strategy == "parameter_server":  # what the asynchronous workers cannot run
             if self.refresh_vectors:
                 raise SettingsError("--refresh_vectors cannot run with "
                                     "--strategy=parameter_server: the workers read the vectors "
@@ -169,8 +189,8 @@ class CTRConfig:
 class TestSet:
     """The test days: reader batches for a model plus the columns the metrics need."""
 
-    def __init__(self, config, meta, vectors, strategy=None):
-        self.config, self.vectors, self.strategy = config, vectors, strategy
+    def __init__(self, config, meta, vectors, dist):
+        self.config, self.vectors, self.dist = config, vectors, dist
         self.length = config.max_history or meta["max_history"]
         columns = {k: [] for k in ("user_id", "item_id", "is_new_item", "label")}
         for f, y in self._batches(["user_id", "item_id", "is_new_item"]):
@@ -185,15 +205,12 @@ class TestSet:
                                 features=features, validate=False)
 
     def predict(self, model, fn=None):
-        """P(click) of every test impression by `model`, or by `fn(features)`."""
+        """P(click) of every test impression by `model`, or by `fn(features)` (on this
+        process alone)."""
         batches = self._batches(list(model.input))
         if fn is not None:
             return np.concatenate([fn(x).numpy()[:, 0] for x, _ in batches])
-        if self.strategy is None:
-            return model.predict(batches, verbose=0)[:, 0]
-        # Under a strategy the chief predicts alone (tfmm.distribute.predictor).
-        predict = distribute.predictor(model)
-        return np.concatenate([predict(x).numpy()[:, 0] for x, _ in batches])
+        return self.dist.predict(model, batches)[:, 0]
 
     def summary(self, p):
         """The per-epoch metrics of predictions `p`."""
@@ -263,121 +280,55 @@ def train_counts(config, num_items):
     return counts
 
 
-def load_vectors(config, num_items, pretrain_config=None, strategy=None):
-    """The index table's vectors, pre-training the encoder first when it is empty, on the
-    best source the data has; returns (vectors, that source or None).
-
-    Under a `strategy` every worker reads the index the chief found and wrote.
-    """
+def index_empty(config, dist):
+    """Whether `config`'s index holds no vectors, as the chief finds it (every worker
+    calls it)."""
     try:
-        empty = distribute.chief_value(strategy, int(is_empty(config.index)))
+        return bool(dist.chief_value(int(is_empty(config.index))))
     except (ValueError, OSError, IndexUnavailable) as e:  # a corrupt file, a server down
         raise SettingsError(f"--index: {e}") from None
-    if empty:
-        if pretrain_config is None:
-            raise SettingsError(f"--index={redact(config.index)} holds no vectors; run "
-                                "--task=pretrain first or pass a pre-training config.")
-        from tfmm import pretrain
 
-        print(f"the index {redact(config.index)} is empty: pre-training the encoder first ...",
-              flush=True)
-        result = pretrain.run(dataclasses.replace(pretrain_config, index=config.index),
-                              fallback=True)
-        source = result and result["source"]  # None on a worker that is not the chief
-    else:
-        source = None
+
+def load_vectors(config, num_items, dist):
+    """The index table's vectors, on every worker the ones the chief found."""
+    if index_empty(config, dist):
+        raise SettingsError(f"--index={redact(config.index)} holds no vectors; run "
+                            "--task=pretrain first (--task=ctr does, tfmm.train.ranker).")
     index = open_index(config.index)
     try:
-        if distribute.is_chief(strategy):
+        if dist.is_chief:
             index.claim(schema.catalogue_fingerprint(config.data_dir))
     except ValueError as e:
         raise SettingsError(f"--index: {e}") from None
-    distribute.chief_value(strategy, 0)  # the chief's vectors and claim are in
+    dist.barrier()  # the chief's claim is in
     try:
-        return index.snapshot(num_items), source
+        return index.snapshot(num_items)
     except ValueError as e:  # ids no writer accepts now: written by hand or an old encoder
         raise SettingsError(f"--index: {e} Rebuild it: --task=pretrain with a fresh "
                             "--index.") from None
 
 
-def _fit(model, config, train, epochs, test, out, callbacks=(), weights=None, strategy=None):
-    """Fits with checkpoints (resume), TensorBoard logs and per-epoch test metrics
-    (and weights, with `weights`: see `EpochRecord`).
-
-    `train(slices, shard)` makes the training batches: under a `strategy`, with
-    `tfmm.distribute.replica_slices`, under a ParameterServerStrategy a worker's
-    `shard`, repeated; only the chief evaluates and writes.
-    """
-    backup = os.path.join(out, "backup")
-    evaluation = EpochEvaluation(test, os.path.join(out, "epochs.json"), backup, weights)
-    with distribute.scope(strategy):
+def _fit(model, config, batches, epochs, test, out, dist, callbacks=(), weights=None):
+    """Fits `model` with `dist` (`tfmm.distribute.Distribution.fit`: checkpoints to
+    resume, TensorBoard logs) and per-epoch test metrics (and weights, with `weights`:
+    see `EpochRecord`), which only the chief evaluates and writes; returns them."""
+    evaluation = EpochEvaluation(test, os.path.join(out, "epochs.json"),
+                                 distribute.backup_dir(out), weights)
+    with dist.scope():
         model.compile(OPTIMIZERS[config.optimizer](config.learning_rate), "binary_crossentropy")
-    tensorboard = keras.callbacks.TensorBoard(os.path.join(out, "logs"))
-    if isinstance(strategy, tf.distribute.ParameterServerStrategy):
-        rows = schema.read_metadata(config.data_dir)["counts"]["impressions/train"]
-        distribute.fit(model, strategy, lambda workers, index: train(shard=(workers, index)),
-                       epochs, backup, steps=-(-rows // config.batch_size), callbacks=callbacks,
-                       chief_callbacks=[evaluation, tensorboard], verbose=config.verbose)
-        return evaluation.values
-    if strategy is not None:
-        replicas = strategy.num_replicas_in_sync
-        distribute.fit(model, strategy, lambda c: train(distribute.replica_slices(c, replicas)),
-                       epochs, backup, callbacks=callbacks,
-                       chief_callbacks=[evaluation, tensorboard], verbose=config.verbose)
-        return evaluation.values
-    # The evaluation first: an epoch's metrics are written before its backup marks it done.
-    callbacks = [evaluation, BackupAndRestore(backup), tensorboard, *callbacks]
-    model.fit(train(), epochs=epochs, shuffle=False, callbacks=callbacks,
-              verbose=config.verbose)
+    dist.fit(model, batches, epochs, out, evaluation, callbacks=callbacks, verbose=config.verbose)
     return evaluation.values
-
-
-def config_json(config):
-    """Every setting, JSON-ready, with no index password (metrics.json, config.json)."""
-    return json.loads(json.dumps(dict(dataclasses.asdict(config), index=redact(config.index))))
-
-
-def _settings(config, names=None):
-    values = config_json(config)
-    return {k: v for k, v in values.items() if k != "verbose" and (names is None or k in names)}
-
-
-def check_dir(directory, settings, flag):
-    """Refuses a directory that holds a run with other `settings` (writes nothing)."""
-    path = os.path.join(directory, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            theirs = json.load(f)
-        changed = sorted(k for k in set(settings) | set(theirs)
-                         if settings.get(k) != theirs.get(k))
-        if changed:
-            raise SettingsError(f"--{flag}={directory} holds a run with other settings "
-                                f"({', '.join(changed)}); use a fresh --{flag}.")
-
-
-def claim_dir(directory, settings):
-    """Records `settings` in `directory`, which `check_dir` then holds to them."""
-    os.makedirs(directory, exist_ok=True)
-    write_json(os.path.join(directory, "config.json"), settings)
 
 
 MAKE_SETTINGS = ("data_dir", "index", "make_units", "make_target_in_mlp", "max_history",
                  "optimizer", "learning_rate", "batch_size", "seed")
 
 
-def run_dirs(config):
-    """(directory, settings, flag) of each directory the run writes and holds to its settings."""
-    dirs = [(config.model_dir, _settings(config), "model_dir")]
-    if config.uses_make and config.make_epochs:
-        dirs.append((make_dir(config), _settings(config, MAKE_SETTINGS), "make_dir"))
-    return dirs
-
-
 def make_dir(config):
     return config.make_dir or os.path.join(config.model_dir, "make")
 
 
-def pretrain_make(config, vectors, test, length, refresh=(), strategy=None):
+def pretrain_make(config, vectors, test, length, dist, refresh=()):
     """MAKE trained alone on the CTR task (paper eq. 5); frozen unless make_trainable.
 
     Every epoch's weights stay in the MAKE directory, so rankers sharing it
@@ -385,7 +336,7 @@ def pretrain_make(config, vectors, test, length, refresh=(), strategy=None):
     Its epochs.json lists the epochs whose weights are there, all of one run
     (`EpochRecord`): a ranker uses them only when it lists epochs 1..make_epochs.
     """
-    with distribute.scope(strategy):
+    with dist.scope():
         make = MAKEBlock(mlp_units=config.make_units, target_in_mlp=config.make_target_in_mlp,
                          return_knowledge=True, name="make")
         if not config.make_epochs:
@@ -398,11 +349,11 @@ def pretrain_make(config, vectors, test, length, refresh=(), strategy=None):
         with open(record) as f:
             values = json.load(f)[:config.make_epochs]
     done = [v["epoch"] for v in values] == list(range(1, config.make_epochs + 1))
-    if not distribute.chief_value(strategy, int(done)):
+    if not dist.chief_value(int(done)):
         print(f"pre-training MAKE for {config.make_epochs} epochs ...", flush=True)
         values = _fit(model, config, _train_data(config, length, vectors, model),
-                      config.make_epochs, test, out, refresh,
-                      weights=os.path.join(out, "epoch{epoch}.weights.h5"), strategy=strategy)
+                      config.make_epochs, test, out, dist, refresh,
+                      weights=os.path.join(out, "epoch{epoch}.weights.h5"))
     else:
         model.load_weights(os.path.join(out, f"epoch{config.make_epochs}.weights.h5"))
     make.trainable = config.make_trainable
@@ -410,106 +361,114 @@ def pretrain_make(config, vectors, test, length, refresh=(), strategy=None):
 
 
 def _train_data(config, length, vectors, model):
-    """The training batches for `model` in time order, as `_fit` takes them."""
+    """The training batches for `model` in time order, as `Distribution.fit` takes them."""
     return lambda slices=None, shard=None: data.impressions(
         config.data_dir, "train", batch_size=config.batch_size, max_history=length,
         vectors=vectors, features=list(model.input), validate=False, slices=slices,
         shard=shard, repeat=shard is not None)
 
 
-def run(config, vectors=None, pretrain_config=None):
-    """Trains, evaluates and exports one ranker; returns the metrics dict (None on a
-    worker that is not the chief of a `strategy`: it writes nothing).
+class CTRJob(jobs.Job):
+    """The CTR job as `tfmm.jobs.run` takes it through its steps.
+
+    Args:
+        config: a `CTRConfig`.
+        vectors: a `tfmm.data.Vectors` snapshot to use instead of the index.
+    """
+
+    def __init__(self, config, vectors=None):
+        super().__init__(config)
+        self.vectors = vectors
+
+    @property
+    def reads_index(self):
+        """Whether the run reads its vectors from the index."""
+        return self.config.model != "id" and self.vectors is None
+
+    def directories(self):
+        config = self.config
+        dirs = [(config.model_dir, jobs.settings(config), "model_dir")]
+        if config.uses_make and config.make_epochs:
+            dirs.append((make_dir(config), jobs.settings(config, MAKE_SETTINGS), "make_dir"))
+        return dirs
+
+    def check(self, dist):
+        self.meta = check_data(self.config)
+
+    def load(self, dist):
+        if self.reads_index:
+            self.vectors = load_vectors(self.config, self.meta["vocab"]["num_items"], dist)
+        elif self.config.model == "id":
+            self.vectors = None
+
+    def train(self, dist):
+        try:
+            return self._train(dist)
+        except tf.errors.DataLossError:  # a file went bad after check_data: name it
+            check_data(self.config)
+            raise
+
+    def _train(self, dist):
+        config, vectors, meta = self.config, self.vectors, self.meta
+        vocab, length = meta["vocab"], config.max_history or meta["max_history"]
+        refresh = []
+        if config.refresh_vectors and vectors is not None:
+            vectors = vectors.live()
+            refresh = [RefreshVectors(open_index(config.index), vectors)]
+        keras.utils.set_random_seed(config.seed)
+        test = TestSet(config, meta, vectors, dist) if dist.is_chief else None
+        make, make_epochs = (pretrain_make(config, vectors, test, length, dist, refresh)
+                             if config.uses_make else (None, []))
+        # The ranker's weights are the seed's alone, whatever MAKE drew: a multimodal ranker
+        # starts as the ID ranker of its seed (start_as_id).
+        keras.utils.set_random_seed(config.seed)
+        with dist.scope():
+            model = DINRanker(vocab, length, method=config.model,
+                              vector_dim=None if vectors is None else vectors.table.shape[1],
+                              make=make, embedding_dim=config.embedding_dim,
+                              attention_units=config.attention_units,
+                              mlp_units=config.mlp_units, num_tiers=config.num_tiers,
+                              simtier_output=config.simtier_output,
+                              batch_norm=config.batch_norm,
+                              embedding_shards=dist.embedding_shards,
+                              start_as_id=config.start_as_id,
+                              make_integration=config.make_integration)
+        print(f"training the {config.model} ranker for {config.epochs} epoch(s) ...", flush=True)
+        epochs = _fit(model, config, _train_data(config, length, vectors, model), config.epochs,
+                      test, config.model_dir, dist, refresh)
+        distributed = dist.describe(model)
+        if not dist.is_chief:
+            return None
+        groups = metrics.frequency_groups(train_counts(config, vocab["num_items"]),
+                                          NUM_FREQUENCY_GROUPS)
+        result = {"model": config.model, **test.report(test.predict(model), groups),
+                  "epochs": epochs, **distributed}
+        if config.uses_make:
+            result["make"] = {"pretrain_epochs": config.make_epochs,
+                              "trainable": config.make_trainable, "epochs": make_epochs}
+            if model.make_head is not None:  # the same run without MAKE's head: what MAKE adds
+                result["make"]["without_make"] = test.summary(
+                    test.predict(model, tf.function(model.without_make)))
+        if refresh:
+            result["vector_refreshes"] = refresh[0].values
+        if config.export_dir:
+            result["export_path"] = export_saved_model(dist.exportable(model), config.export_dir,
+                                                       "probability")
+        return result
+
+
+def run(config, vectors=None):
+    """Trains, evaluates and exports one ranker (`tfmm.jobs.run`); returns the metrics
+    dict (None on a worker that is not the chief: it writes nothing).
 
     Raises `SettingsError` before writing anything when the settings, the
-    data directory or the index cannot be used.
+    data directory or the index cannot be used; an empty index too
+    (`tfmm.train.ranker` pre-trains the encoder into it first).
 
     Args:
         vectors: a `tfmm.data.Vectors` snapshot to use instead of the index.
-        pretrain_config: a `tfmm.pretrain.PretrainConfig` run first when a
-            multimodal model finds the index empty.
     """
-    try:
-        return _run(config, vectors, pretrain_config)
-    except tf.errors.DataLossError:  # a file went bad after check_data: name it
-        check_data(config)
-        raise
-
-
-def _run(config, vectors, pretrain_config):
-    config.validate()
-    try:  # first: a multi-worker strategy must exist before TensorFlow runs anything
-        strategy = distribute.strategy(config.strategy)
-    except ValueError as e:
-        raise SettingsError(f"--strategy={config.strategy}: {e}") from None
-    chief = distribute.is_chief(strategy)
-    start = time.time()
-    dirs = run_dirs(config)
-    for directory, settings, flag in dirs:
-        check_dir(directory, settings, flag)
-    meta = check_data(config)
-    vocab, length = meta["vocab"], config.max_history or meta["max_history"]
-    source = None
-    if config.model != "id" and vectors is None:
-        vectors, source = load_vectors(config, vocab["num_items"], pretrain_config, strategy)
-    elif config.model == "id":
-        vectors = None
-    for directory, settings, _ in dirs if chief else ():  # the run can start
-        claim_dir(directory, settings)
-    refresh = []
-    if config.refresh_vectors and vectors is not None:
-        vectors = vectors.live()
-        refresh = [RefreshVectors(open_index(config.index), vectors)]
-    keras.utils.set_random_seed(config.seed)
-    test = TestSet(config, meta, vectors, strategy) if chief else None
-    make, make_epochs = (pretrain_make(config, vectors, test, length, refresh, strategy)
-                         if config.uses_make else (None, []))
-    parameter_servers = isinstance(strategy, tf.distribute.ParameterServerStrategy)
-    shards = (parameter_server.num_parameter_servers(parameter_server.cluster_resolver(strategy))
-              if parameter_servers else 1)
-    # The ranker's weights are the seed's alone, whatever MAKE drew: a multimodal ranker
-    # starts as the ID ranker of its seed (start_as_id).
-    keras.utils.set_random_seed(config.seed)
-    with distribute.scope(strategy):
-        model = DINRanker(vocab, length, method=config.model,
-                          vector_dim=None if vectors is None else vectors.table.shape[1],
-                          make=make, embedding_dim=config.embedding_dim,
-                          attention_units=config.attention_units, mlp_units=config.mlp_units,
-                          num_tiers=config.num_tiers, simtier_output=config.simtier_output,
-                          batch_norm=config.batch_norm, embedding_shards=shards,
-                          start_as_id=config.start_as_id,
-                          make_integration=config.make_integration)
-    print(f"training the {config.model} ranker for {config.epochs} epoch(s) ...", flush=True)
-    epochs = _fit(model, config, _train_data(config, length, vectors, model), config.epochs, test,
-                  config.model_dir, refresh, strategy=strategy)
-    digest = None if strategy is None else distribute.weights_digest(model, strategy)
-    if not chief:
-        return None
-    groups = metrics.frequency_groups(train_counts(config, vocab["num_items"]),
-                                      NUM_FREQUENCY_GROUPS)
-    result = {"model": config.model, **test.report(test.predict(model), groups),
-              "epochs": epochs}
-    if digest:
-        result["weights_sha256"] = digest
-    if parameter_servers:
-        result["embedding_shards"] = parameter_server.placement(model)
-    if config.uses_make:
-        result["make"] = {"pretrain_epochs": config.make_epochs,
-                          "trainable": config.make_trainable, "epochs": make_epochs}
-        if model.make_head is not None:  # the same run without MAKE's head: what MAKE adds
-            result["make"]["without_make"] = test.summary(
-                test.predict(model, tf.function(model.without_make)))
-    if refresh:
-        result["vector_refreshes"] = refresh[0].values
-    if source:
-        result["pretrain_source"] = source
-    if config.export_dir:
-        result["export_path"] = export_saved_model(
-            parameter_server.joined(model) if parameter_servers else model, config.export_dir,
-            "probability")
-    result.update(train_seconds=time.time() - start, config=config_json(config))
-    write_json(os.path.join(config.model_dir, "metrics.json"), result)
-    return result
+    return jobs.run(CTRJob(config, vectors))
 
 
 def summary_table(result):

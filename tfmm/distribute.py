@@ -24,6 +24,11 @@ requires (saving may read variables through collectives), the others into a
 temporary directory they delete. A killed job restarted with the same command
 resumes on every worker from the chief's last checkpoint, which must be on a
 file system every worker reads.
+
+The jobs see none of this: `distribution` builds, once per process, a
+`Distribution` for the setting, with the same calls with or without a
+strategy (scope, chief, fit, predict, barrier, what metrics.json records of
+the training, the model to export), so a job never branches on the strategy.
 """
 
 import contextlib
@@ -39,9 +44,11 @@ import numpy as np
 import tensorflow as tf
 
 from tfmm import parameter_server
+from tfmm.callbacks import BackupAndRestore
 
 STRATEGIES = ("none", "mirrored", "multi_worker", "parameter_server")
 _strategies = {}
+_distributions = {}
 _sums = weakref.WeakKeyDictionary()  # strategy -> its all-reduce of a number
 _predictors = weakref.WeakKeyDictionary()  # model -> its `predictor`
 
@@ -58,11 +65,13 @@ def loopback_cluster(**tasks):
     return {task: [f"localhost:{next(ports)}" for _ in range(n)] for task, n in tasks.items()}
 
 
-def strategy(name):
+def strategy(name, cluster_timeout=300.0):
     """The process's `tf.distribute.Strategy` of `name` (None for ``none``).
 
     Made once per process: MultiWorkerMirroredStrategy must exist before
     TensorFlow runs its first operation, so callers create it first thing.
+    A ``parameter_server`` chief waits up to `cluster_timeout` seconds (0: no
+    limit) for its cluster's servers (`tfmm.parameter_server.wait_for_servers`).
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy={name!r} is not one of {STRATEGIES}.")
@@ -72,20 +81,44 @@ def strategy(name):
         if name == "mirrored":
             _strategies[name] = tf.distribute.MirroredStrategy()
         else:
-            if "TF_CONFIG" not in os.environ:
-                raise ValueError(f"strategy={name!r} needs the cluster in $TF_CONFIG.")
-            try:
-                json.loads(os.environ["TF_CONFIG"])
-            except ValueError as e:
-                raise ValueError(f"$TF_CONFIG is not JSON: {e}") from None
+            check_tf_config(name)
             if name == "multi_worker":
                 _strategies[name] = tf.distribute.MultiWorkerMirroredStrategy()
             elif parameter_server.is_server():
                 raise ValueError("$TF_CONFIG names a worker or ps task: it runs its server "
                                  "(tfmm.parameter_server.serve); the chief trains.")
             else:
-                _strategies[name] = parameter_server.strategy()
+                _strategies[name] = parameter_server.strategy(timeout=cluster_timeout)
     return _strategies[name]
+
+
+def check_tf_config(name):
+    """Raises ValueError unless ``$TF_CONFIG`` names a cluster for strategy `name` and this
+    process's task in it: an empty one (``{}``) would train as one local worker."""
+    if "TF_CONFIG" not in os.environ:
+        raise ValueError(f"strategy={name!r} needs the cluster in $TF_CONFIG.")
+    try:
+        config = json.loads(os.environ["TF_CONFIG"])
+    except ValueError as e:
+        raise ValueError(f"$TF_CONFIG is not JSON: {e}") from None
+    config = config if isinstance(config, dict) else {}
+    cluster, task = config.get("cluster"), config.get("task")
+    # Task lists, or TensorFlow's sparse {"index": "host:port"} form.
+    cluster = {k: v for k, v in cluster.items() if isinstance(v, (list, dict)) and v} \
+        if isinstance(cluster, dict) else {}
+    needs = ("ps", "worker") if name == "parameter_server" else ("worker",)
+    if not all(t in cluster for t in needs) and not (needs == ("worker",) and "chief" in cluster):
+        example = ", ".join(f'"{t}": ["host:port", ...]' for t in needs)
+        raise ValueError(f"$TF_CONFIG names no cluster for strategy={name!r}: it needs "
+                         f'{{"cluster": {{{example}}}, "task": {{"type": ..., "index": ...}}}}, '
+                         "each process its own task.")
+    kind, index = (task.get("type"), task.get("index")) if isinstance(task, dict) else (None, None)
+    tasks = cluster.get(kind, [])
+    if not (isinstance(index, int) and (str(index) in tasks if isinstance(tasks, dict)
+                                        else 0 <= index < len(tasks))):
+        raise ValueError(f"$TF_CONFIG's task {task!r} is not a task of its cluster "
+                         f"({', '.join(f'{t}: {len(v)}' for t, v in cluster.items())}): "
+                         'give this process\'s own as "task": {"type": ..., "index": ...}.')
 
 
 def is_chief(strategy):
@@ -97,11 +130,6 @@ def alone(strategy):
     """Whether this process runs the job alone: no strategy, or the chief (coordinator)
     of a `tf.distribute.ParameterServerStrategy`, the only one that runs it."""
     return strategy is None or isinstance(strategy, tf.distribute.ParameterServerStrategy)
-
-
-def scope(strategy):
-    """Where models and optimizers trained under `strategy` are made."""
-    return contextlib.nullcontext() if strategy is None else strategy.scope()
 
 
 def worker_id(strategy):
@@ -306,3 +334,168 @@ def fit(model, strategy, dataset_fn, epochs, backup, steps=None, callbacks=(),
     if chief:
         shutil.rmtree(backup, ignore_errors=True)
     return logs
+
+
+def backup_dir(directory):
+    """Where `Distribution.fit` keeps the checkpoint a killed run resumes from."""
+    return os.path.join(directory, "backup")
+
+
+def distribution(name, cluster_timeout=300.0):
+    """The process's `Distribution` of strategy `name` (one of `STRATEGIES`), made once
+    (a ``parameter_server`` chief waits up to `cluster_timeout` seconds: `strategy`).
+
+    Made first thing: MultiWorkerMirroredStrategy must exist before TensorFlow
+    runs its first operation. ValueError where the strategy cannot be made
+    (no cluster in ``$TF_CONFIG``, a worker or ps task of parameter servers).
+    """
+    if name not in _distributions:
+        made = strategy(name, cluster_timeout)
+        kind = (Distribution if made is None
+                else ParameterServers if isinstance(made, tf.distribute.ParameterServerStrategy)
+                else Replicas)
+        _distributions[name] = kind(made)
+    return _distributions[name]
+
+
+class Distribution:
+    """How a job trains, behind the same calls with or without a strategy: one process
+    (this class), `Replicas` in sync or `ParameterServers`.
+
+    Example:
+
+    ```python
+    dist = distribute.distribution("none")  # the job's --strategy
+    with dist.scope():
+        model = keras.Sequential([keras.layers.Dense(1, activation="sigmoid")])
+        model.compile("adam", "binary_crossentropy")
+    record = EpochRecord("runs/x/epochs.json", distribute.backup_dir("runs/x"))
+    dist.fit(model, lambda slices=None, shard=None: batches, 2, "runs/x", record)
+    p = dist.predict(model, test_batches)
+    ```
+    """
+
+    def __init__(self, strategy=None):
+        self.strategy = strategy
+
+    @property
+    def is_chief(self):
+        """Whether this process writes the run's records, logs and exports."""
+        return is_chief(self.strategy)
+
+    @property
+    def embedding_shards(self):
+        """The shards of each ID table: a `DINRanker`'s ``embedding_shards``."""
+        return 1
+
+    def scope(self):
+        """Where models and optimizers trained here are made."""
+        return contextlib.nullcontext()
+
+    def chief_value(self, value):
+        """The chief's integer `value` on every worker; also a barrier (all must call it)."""
+        return chief_value(self.strategy, value)
+
+    def barrier(self):
+        """Returns when every worker has reached it (e.g. to read what the chief wrote)."""
+        self.chief_value(0)
+
+    def fit(self, model, batches, epochs, directory, record, steps=None, callbacks=(),
+            verbose=2, weigh_rows=True):
+        """Trains compiled `model` for `epochs` (the resumed ones included), resuming a
+        killed run from its checkpoint in `backup_dir(directory)`, with TensorBoard logs
+        in ``<directory>/logs``.
+
+        Args:
+            batches: ``batches(slices=None, shard=None)``, the training batches in
+                order: all of them in one process; with `slices`
+                (`replica_slices`, weighing the rows when `weigh_rows`) this input
+                pipeline's rows of every global batch; with ``shard=(workers,
+                index)`` a parameter-server worker's share, repeated.
+            record: the chief's `tfmm.callbacks.EpochRecord`, made with
+                ``backup_dir(directory)``: it writes an epoch's entry before the
+                checkpoint marks the epoch done.
+            steps: steps per epoch; None: one pass over ``batches()``.
+            callbacks: Keras callbacks every worker runs (that change the training).
+        """
+        model.fit(batches(), epochs=epochs, steps_per_epoch=steps, shuffle=False,
+                  callbacks=[record, BackupAndRestore(backup_dir(directory)),
+                             _logs(directory), *callbacks], verbose=verbose)
+
+    def predict(self, model, batches):
+        """`model`'s outputs on a dataset of ``(inputs, label)`` batches, as one array."""
+        return model.predict(batches, verbose=0)
+
+    def predict_on_batch(self, model, x):
+        """`model`'s outputs on one batch of inputs, as an array."""
+        return model.predict_on_batch(x)
+
+    def describe(self, model):
+        """What metrics.json records of how trained `model` was distributed (every
+        worker calls it): nothing in one process."""
+        return {}
+
+    def exportable(self, model):
+        """Trained `model` as one machine serves it."""
+        return model
+
+
+def _logs(directory):
+    return keras.callbacks.TensorBoard(os.path.join(directory, "logs"))
+
+
+class Replicas(Distribution):
+    """Replicas in sync (`tf.distribute.MirroredStrategy`,
+    `tf.distribute.MultiWorkerMirroredStrategy`): every worker runs the job, the
+    chief alone writes and evaluates."""
+
+    def scope(self):
+        return self.strategy.scope()
+
+    def fit(self, model, batches, epochs, directory, record, steps=None, callbacks=(),
+            verbose=2, weigh_rows=True):
+        replicas = self.strategy.num_replicas_in_sync
+        fit(model, self.strategy,
+            lambda c: batches(slices=replica_slices(c, replicas, weights=weigh_rows)),
+            epochs, backup_dir(directory), steps=steps, callbacks=callbacks,
+            chief_callbacks=[record, _logs(directory)], verbose=verbose)
+
+    def predict(self, model, batches):
+        # On the chief alone: Keras' predict would wait for the other workers (`predictor`).
+        return np.concatenate([predictor(model)(x).numpy() for x, _ in batches])
+
+    def predict_on_batch(self, model, x):
+        return predictor(model)(x).numpy()
+
+    def describe(self, model):
+        """The weights' SHA-256, which every worker prints: they are equal."""
+        return {"weights_sha256": weights_digest(model, self.strategy)}
+
+
+class ParameterServers(Replicas):
+    """`tf.distribute.ParameterServerStrategy` (`tfmm.parameter_server`): the chief runs
+    the job alone, scheduling asynchronous steps on the workers; each ID table is
+    split in rows over the ``ps`` tasks."""
+
+    @property
+    def embedding_shards(self):
+        return parameter_server.num_parameter_servers(
+            parameter_server.cluster_resolver(self.strategy))
+
+    def fit(self, model, batches, epochs, directory, record, steps=None, callbacks=(),
+            verbose=2, weigh_rows=True):
+        if steps is None:  # the workers' batches repeat: an epoch is one pass's steps
+            steps = int(batches().cardinality())
+            if steps < 0:
+                raise ValueError("fit: the batches' count is unknown; give steps.")
+        fit(model, self.strategy, lambda workers, index: batches(shard=(workers, index)),
+            epochs, backup_dir(directory), steps=steps, callbacks=callbacks,
+            chief_callbacks=[record, _logs(directory)], verbose=verbose)
+
+    def describe(self, model):
+        """The weights' SHA-256 and where each ID table's rows are."""
+        return {**super().describe(model), "embedding_shards": parameter_server.placement(model)}
+
+    def exportable(self, model):
+        """The ranker with each table's shards joined (`tfmm.parameter_server.joined`)."""
+        return parameter_server.joined(model)

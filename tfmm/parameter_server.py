@@ -23,12 +23,15 @@ than one worker".
 """
 
 import os
+import socket
+import sys
+import time
 import weakref
 
 import numpy as np
 import tensorflow as tf
-from absl import app
 
+from tfmm import cli
 from tfmm.keras_compat import LEGACY, keras
 from tfmm.layers import ShardedEmbedding
 
@@ -58,9 +61,52 @@ def serve(resolver=None):
     server.join()
 
 
-def strategy(resolver=None):
-    """The strategy of the chief of ``TF_CONFIG``'s cluster (or of `resolver`'s)."""
+class ClusterTimeout(ValueError):
+    """Tasks of the cluster that did not start within the chief's timeout."""
+
+
+def _accepts(address, timeout=1.0):
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def wait_for_servers(resolver, timeout, poll=0.5):
+    """Returns once every ``worker`` and ``ps`` task of `resolver`'s cluster accepts
+    connections; says once on stderr which it waits for, and raises ClusterTimeout
+    after `timeout` seconds (0: never). TensorFlow would wait for them silently,
+    forever."""
+    spec = resolver.cluster_spec()
+    tasks = {f"{job} {i} ({spec.task_address(job, i)})": spec.task_address(job, i)
+             for job in SERVER_TASKS if job in spec.jobs for i in spec.task_indices(job)}
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        missing = [name for name, address in tasks.items() if not _accepts(address)]
+        if not missing:
+            return
+        if timeout and time.monotonic() >= deadline:
+            raise ClusterTimeout(f"{', '.join(missing)} of the cluster in $TF_CONFIG did not "
+                                 f"start within {timeout:g} s (--cluster_timeout): start "
+                                 f"{'it' if len(missing) == 1 else 'them'} (the same command, "
+                                 "or python -m tfmm.parameter_server, with each task's "
+                                 "TF_CONFIG) or correct the addresses.")
+        if not said:
+            limit = f"giving up after {timeout:g} s" if timeout else "without a time limit"
+            print(f"chief: waiting for {', '.join(missing)} of the cluster to start "
+                  f"({limit}, --cluster_timeout)", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(poll)
+
+
+def strategy(resolver=None, timeout=300.0):
+    """The strategy of the chief of ``TF_CONFIG``'s cluster (or of `resolver`'s), made
+    once its servers are up (`wait_for_servers`, up to `timeout` seconds)."""
     resolver = resolver or tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    wait_for_servers(resolver, timeout)
     return tf.distribute.ParameterServerStrategy(resolver)
 
 
@@ -210,4 +256,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

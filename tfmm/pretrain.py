@@ -19,13 +19,19 @@ steps, after which the generic objective's vectors group categories worse
 than the untrained tower's (``small``: 0.71 against 0.82; after 500 steps
 0.87).
 
-With ``center_vectors``, the trained tower gets a last step
-that subtracts the mean of the catalogue's vectors and re-normalises
-(`tfmm.towers.Centring`), so the exported encoder, the index and Acc@N all
-see centred vectors. Pairs that barely tell items apart, as behaviour pairs
-do, train a tower whose vectors all lie in a narrow cone (cosines 0.97-1 on
-the ``small`` world's click pairs), which SimTier's fixed tiers cannot
-resolve; centring spreads them (BUILD.md, "Pairs from clicks").
+`run` is the job (`PretrainJob`) in the steps every job takes
+(`tfmm.jobs.run`), with the ``strategy`` setting's
+`tfmm.distribute.Distribution`: under ``mirrored`` or ``multi_worker`` the
+chief alone evaluates, exports and writes.
+
+With ``center_vectors`` (by default where the data dir's pairs come from
+clicks), the trained tower gets a last step that subtracts the mean of the
+catalogue's vectors and re-normalises (`tfmm.towers.Centring`), so the
+exported encoder, the index and Acc@N all see centred vectors. Pairs that
+barely tell items apart, as behaviour pairs do, train a tower whose vectors
+all lie in a narrow cone (cosines 0.97-1 on the ``small`` world's click
+pairs), which SimTier's fixed tiers cannot resolve; centring spreads them
+(BUILD.md, "Pairs from clicks").
 
 The label-free check, for every run: ``neighbours_same_category@10``, the mean
 share of an item's 10 nearest items (by cosine of their vectors) that share its
@@ -53,20 +59,19 @@ objective on the modality the items have.
 import dataclasses
 import functools
 import os
-import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmm import data, distribute, image_title, metrics
-from tfmm.callbacks import BackupAndRestore, EpochRecord, write_json
-from tfmm.config import SettingsError, as_flags, default_of
+from tfmm import data, distribute, image_title, jobs, metrics
+from tfmm.callbacks import EpochRecord
+from tfmm.config import SettingsError, as_flags, check_settings, default_of, setting
 from tfmm.data import pairs as behaviour, schema
 from tfmm.export import check_export_dir, export_saved_model
-from tfmm.index import IndexUnavailable, is_empty, local_index, open_index, redact
+from tfmm.index import IndexUnavailable, is_empty, local_index, open_index
 from tfmm.momentum_queue import MomentumQueueCallback
-from tfmm.scl import SCLModel, check_arguments
+from tfmm.scl import POSITIVE_TOWERS, SCLModel, check_arguments
 from tfmm.towers import (BACKBONES, BackboneError, Centring, centred, check_backbone,
                          image_tower, preset_text_tower, text_tower, vocabulary_of)
 
@@ -79,92 +84,122 @@ HELD_OUT_WORDS = f"{image_title.HELD_OUT:.0%} of them"
 
 @dataclasses.dataclass
 class PretrainConfig:
-    data_dir: str
-    model_dir: str
-    export_dir: str = ""
-    index: str = ""
-    modality: str = "image"
-    objective: str = "scl"
-    pairs_from: str = "data"
-    queue_size: int = 4096  # SCLModel's default is none
-    momentum: float = default_of(SCLModel, "momentum")
-    triplet_weight: float = default_of(SCLModel, "triplet_weight")
-    margin: float = default_of(SCLModel, "margin")
-    temperature: float = default_of(SCLModel, "temperature")
-    mask_own_positive: bool = default_of(SCLModel, "mask_own_positive")
-    positive_tower: str = default_of(SCLModel, "positive_tower")
-    dim: int = default_of(image_tower, "dim")
-    # a config name of towers.BACKBONES, a KerasHub preset or a preset directory
-    backbone: str = default_of(image_tower, "backbone")
-    # fine-tune only the projection head on a pretrained backbone
-    freeze_backbone: bool = default_of(image_tower, "freeze_backbone")
-    image_size: int = default_of(image_tower, "image_size")
-    center_vectors: bool = False
-    # image_title: the vector an item gets (image, text or both fused) and the towers trained
-    index_vector: str = "fused"
-    train_towers: str = default_of(image_title.ImageTitleModel, "train")
-    epochs: int = 2
-    # at least this many steps in all: epochs stretch on a small catalogue
-    min_steps: int = 500
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    seed: int = 0
-    strategy: str = "none"  # tfmm.distribute.STRATEGIES
-    verbose: int = 2
+    data_dir: str = setting(dataclasses.MISSING, "tfmm data directory.")
+    model_dir: str = setting(dataclasses.MISSING, "Checkpoints, TensorBoard logs, metrics.json.")
+    export_dir: str = setting("", "The encoder's SavedModels go to <export_dir>/<version>/ "
+                                  "('': none).")
+    index: str = setting("", "Index table every item's vector is written to: a SQLite file or "
+                             "a Redis URL (tfmm.index.open_index; '': none).")
+    modality: str = setting("image", "Which tower to pre-train.", choices=MODALITIES)
+    objective: str = setting(
+        "scl", "Pre-training objective: SCL on query -> item pairs; image_title, an item's "
+               "image and its own title are a pair (CLIP-style); generic, two augmentations "
+               "of an image (or views of a title); random, the untrained tower.",
+        choices=OBJECTIVES)
+    pairs_from: str = setting(
+        "data", "Where --objective=scl takes its pairs: the data dir's pretrain tables, or "
+                "clicks: mined from its training impressions (a click and the same user's "
+                "next click); with --objective=image_title, clicks adds those pairs' loss on "
+                "the item vectors.", choices=PAIR_SOURCES)
+    queue_size: int = setting(4096, "MoCo queue size K (0: in-batch negatives only).",
+                              low=0)  # SCLModel's default is none
+    momentum: float = setting(default_of(SCLModel, "momentum"),
+                              "EMA momentum of the key tower.")
+    triplet_weight: float = setting(default_of(SCLModel, "triplet_weight"),
+                                    "Weight of the hard-negative triplet loss (0: off).")
+    margin: float = setting(default_of(SCLModel, "margin"), "Triplet margin.")
+    temperature: float = setting(default_of(SCLModel, "temperature"),
+                                 "Initial InfoNCE temperature (learned).")
+    mask_own_positive: bool = setting(default_of(SCLModel, "mask_own_positive"),
+                                      "Leave a query's own item out of its negatives.")
+    positive_tower: str = setting(
+        default_of(SCLModel, "positive_tower"),
+        "With MoCo, the tower that encodes the batch's positives: the key tower (MoCo) or the "
+        "query tower, with gradient (the key tower then only fills the queue).",
+        choices=POSITIVE_TOWERS)
+    dim: int = setting(default_of(image_tower, "dim"), "Vector dimension d.", low=1)
+    backbone: str = setting(
+        default_of(image_tower, "backbone"),
+        "Backbone: a config name (resnet_tiny, resnet_small), a KerasHub preset name (e.g. "
+        "resnet_50_imagenet, clip_vit_base_patch16; downloaded) or a local preset directory; "
+        "a CLIP preset gives its vision or text encoder (--modality).")
+    freeze_backbone: bool = setting(default_of(image_tower, "freeze_backbone"),
+                                    "Keep the backbone's weights as loaded; train only the "
+                                    "projection head.")
+    image_size: int = setting(default_of(image_tower, "image_size"),
+                              "Backbone input size (images are resized to it).", low=1)
+    center_vectors: bool | None = setting(
+        None, "End the trained tower with subtracting the mean of the catalogue's vectors "
+              "(then re-normalising): the exported encoder, the index and Acc@N see centred "
+              "vectors. Weak pairs (--pairs_from=clicks) leave all vectors in a narrow cone "
+              "that SimTier's tiers cannot resolve. Default: on where the data dir's pairs "
+              "come from clicks, else off.")
+    index_vector: str = setting(
+        "fused", "--objective=image_title: an item's vector in the index and the exported "
+                 "encoder: its image tower's, its title tower's, or both fused (the one an "
+                 "item has where it lacks the other).", choices=image_title.VECTORS)
+    train_towers: str = setting(
+        default_of(image_title.ImageTitleModel, "train"),
+        "--objective=image_title: train both towers, or only the image or the text tower "
+        "(the other kept as built, e.g. a pretrained preset).", choices=image_title.TRAIN)
+    epochs: int = setting(2, "Pre-training epochs.", low=0)
+    min_steps: int = setting(500, "Train at least this many steps in all: a small "
+                                  "catalogue's epochs are stretched to reach them.", low=0)
+    batch_size: int = setting(128, "Batch size.", low=1)
+    learning_rate: float = setting(1e-3, "Learning rate.", above=0)
+    seed: int = setting(0, "Random seed.")
+    strategy: str = setting("none", "tf.distribute strategy (tfmm.distribute.STRATEGIES; not "
+                                    "parameter_server).", choices=distribute.STRATEGIES)
+    verbose: int = setting(2, "Keras' progress output: 0 none, 1 a bar, 2 a line an epoch.",
+                           flag=False)
 
     def validate(self):
-        if self.strategy not in distribute.STRATEGIES:
-            raise ValueError(f"--strategy={self.strategy!r} is not one of "
-                             f"{distribute.STRATEGIES}.")
-        if self.strategy == "parameter_server":
-            raise ValueError("--strategy=parameter_server is for --task=ctr, whose ID tables "
-                             "may outgrow a machine; pre-training's are small: use "
-                             "multi_worker.")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"--objective={self.objective!r} is not one of {OBJECTIVES}.")
-        if self.modality not in MODALITIES:
-            raise ValueError(f"--modality={self.modality!r} is not one of {MODALITIES}.")
-        if self.pairs_from not in PAIR_SOURCES:
-            raise ValueError(f"--pairs_from={self.pairs_from!r} is not one of {PAIR_SOURCES}.")
+        check_settings(self)
+        if self.strategy == "parameter_server":  # its tables are small
+            raise SettingsError("--strategy=parameter_server is for --task=ctr, whose ID tables "
+                                "may outgrow a machine; pre-training's are small: use "
+                                "multi_worker.")
         if self.pairs_from == "clicks" and self.objective not in ("scl", "image_title"):
-            raise ValueError(f"--pairs_from=clicks mines pairs for --objective=scl or "
-                             f"image_title: --objective={self.objective} takes none.")
-        if self.index_vector not in image_title.VECTORS:
-            raise ValueError(f"--index_vector={self.index_vector!r} is not one of "
-                             f"{image_title.VECTORS}.")
+            raise SettingsError(f"--pairs_from=clicks mines pairs for --objective=scl or "
+                                f"image_title: --objective={self.objective} takes none.")
         if self.objective == "image_title" and self.strategy != "none":
-            raise ValueError(f"--objective=image_title trains in one process: --strategy="
-                             f"{self.strategy} is not supported with it.")
-        for name in ("epochs", "queue_size", "batch_size", "dim", "image_size", "min_steps"):
-            if getattr(self, name) < (0 if name in ("epochs", "queue_size", "min_steps") else 1):
-                raise ValueError(f"--{name}={getattr(self, name)} is out of range.")
-        if not self.learning_rate > 0:
-            raise ValueError(f"--learning_rate={self.learning_rate} must be > 0.")
+            raise SettingsError(f"--objective=image_title trains in one process: --strategy="
+                                f"{self.strategy} is not supported with it.")
         if self.queue_size and self.queue_size % self.batch_size:
-            raise ValueError(f"--queue_size={self.queue_size} must be a multiple of "
-                             f"--batch_size={self.batch_size}.")
+            raise SettingsError(f"--queue_size={self.queue_size} must be a multiple of "
+                                f"--batch_size={self.batch_size}.")
         try:  # the library's own checks, in flag terms
             check_arguments(triplet_weight=self.triplet_weight, temperature=self.temperature,
                             positive_tower=self.positive_tower)
             MomentumQueueCallback(self.momentum)
             image_title.check_arguments(train=self.train_towers, temperature=self.temperature)
         except ValueError as e:
-            raise ValueError(as_flags(e, [f.name for f in dataclasses.fields(self)])) from None
+            raise SettingsError(as_flags(e, [f.name for f in dataclasses.fields(self)])) from None
         if self.objective == "generic" and self.triplet_weight:
-            raise ValueError("--objective=generic has no hard negatives: set --triplet_weight=0.")
+            raise SettingsError("--objective=generic has no hard negatives: set "
+                                "--triplet_weight=0.")
         try:
             check_backbone(self.backbone)
         except BackboneError as e:
-            raise ValueError(f"--{e}") from None
+            raise SettingsError(f"--{e}") from None
+        if self.freeze_backbone and self.backbone in BACKBONES:
+            raise SettingsError(f"--freeze_backbone keeps a pretrained backbone's weights, but "
+                                f"--backbone={self.backbone} is a config backbone, randomly "
+                                "initialised (only the projection head would learn); give a "
+                                "KerasHub preset or preset directory as --backbone, or drop "
+                                "--freeze_backbone.")
         if self.export_dir:  # before anything runs: a base of user files is refused
-            check_export_dir(self.export_dir, (self.data_dir, local_index(self.index)))
+            try:
+                check_export_dir(self.export_dir, (self.data_dir, local_index(self.index)))
+            except ValueError as e:
+                raise SettingsError(str(e)) from None
         if self.embeds() != "image" and self.backbone not in BACKBONES and self.export_dir:
             what = ("--modality=text" if self.objective != "image_title"
                     else f"--index_vector={self.index_vector}")
-            raise ValueError(f"--backbone={self.backbone} {what}: the preset's tokenizer "
-                             "runs tensorflow-text ops, which TF Serving need not have; set "
-                             "--export_dir='' (--encoder_export_dir='' with --task=ctr); the "
-                             "vectors still go to --index.")
+            raise SettingsError(f"--backbone={self.backbone} {what}: the preset's tokenizer "
+                                "runs tensorflow-text ops, which TF Serving need not have; set "
+                                "--export_dir='' (--encoder_export_dir='' with --task=ctr); "
+                                "the vectors still go to --index.")
         return self
 
     def embeds(self):
@@ -229,7 +264,9 @@ def choose_source(config, catalogue, fallback=False):
     ``small`` (README, "Your own data"): image_title (fused vectors), SCL on
     click pairs mined from the training impressions (centred, as such pairs
     need), the generic objective; an image tower without images becomes a
-    text tower. SettingsError too when no item has any content.
+    text tower. SettingsError too when no item has any content. ``center_vectors``
+    left None becomes True where the data dir's pairs come from clicks (their
+    vectors need it: BUILD.md, "Pairs from clicks"), else False.
     """
     meta = schema.read_metadata(config.data_dir)
     if not (catalogue.has_image.any() or catalogue.has_title.any()):
@@ -253,6 +290,9 @@ def choose_source(config, catalogue, fallback=False):
                 break
     elif missing:
         raise SettingsError(missing[1])
+    if config.center_vectors is None:
+        config = dataclasses.replace(
+            config, center_vectors=meta.get("pairs", {}).get("source") == "clicks")
     line = _source_line(config, catalogue, meta)
     return config, line + (f" ({', '.join(why)})" if why else "")
 
@@ -347,16 +387,19 @@ def word_dropout(texts, rate=0.3, seed=None):
     return kept
 
 
-def training_data(config, catalogue):
+def training_data(config, catalogue, slices=None):
     """Batches {query, positive, negative, positive_id} for the objective (image_title:
-    {image, title, item_id}), and the steps of an epoch."""
-    if config.objective == "image_title":
+    {image, title, item_id}), repeated.
+
+    `slices`: under tf.distribute, `tfmm.distribute.replica_slices` (without
+    weights): keeps this input pipeline's rows of every batch.
+    """
+    if config.objective == "image_title":  # one process (validate)
         pairs = (mined_pairs(config.data_dir, "train", config.seed)[:2]
                  if config.pairs_from == "clicks" else None)
-        return (image_title.training_data(catalogue, image_title_split(config, catalogue)[0],
-                                          config.batch_size, config.seed, pairs,
-                                          config.index_vector),
-                _steps(config, catalogue))
+        return image_title.training_data(catalogue, image_title_split(config, catalogue)[0],
+                                         config.batch_size, config.seed, pairs,
+                                         config.index_vector)
     content = tf.constant(catalogue.content(config.modality))
     row = tf.constant(catalogue.row)
     if config.objective == "generic":
@@ -374,8 +417,8 @@ def training_data(config, catalogue):
                     [tf.constant(config.seed, tf.int64), 2 * step + k])) for k in (1, 2))
             return {"query": query, "positive": positive, "positive_id": ids}
 
-        return (ds.map(pair, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2),
-                _steps(config, catalogue))
+        ds = ds.map(pair, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+        return ds if slices is None else slices(ds)
 
     if config.pairs_from == "clicks":  # item ids: the query is the first item's content
         first, second, negative = mined_pairs(config.data_dir, "train", config.seed)
@@ -395,8 +438,8 @@ def training_data(config, catalogue):
                 "positive": tf.gather(content, tf.gather(row, t["positive_item_id"])),
                 "negative": tf.gather(content, tf.gather(row, t["negative_item_id"]))}
 
-    return (ds.map(triple, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2),
-            _steps(config, catalogue))
+    ds = ds.map(triple, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+    return ds if slices is None else slices(ds)
 
 
 def queries(triplets, key, content, row):
@@ -462,19 +505,18 @@ def _query_texts(data_dir):
         yield from (t.decode() for t in batch["query_text"].numpy())
 
 
-def embed(tower, inputs, batch_size=512, strategy=None):
-    """The tower's vectors of `inputs`: an array, or a dict of arrays (a model of named inputs)."""
-    # Under a strategy the chief embeds alone (tfmm.distribute.predictor).
-    predict = (tower.predict_on_batch if strategy is None
-               else lambda x: distribute.predictor(tower)(x).numpy())
+def embed(tower, inputs, dist, batch_size=512):
+    """The tower's vectors of `inputs` (an array, or a dict of arrays: a model of named
+    inputs), predicted by `dist` (a `tfmm.distribute.Distribution`)."""
     named = isinstance(inputs, dict)
     n = len(next(iter(inputs.values()))) if named else len(inputs)
-    return np.concatenate([predict({k: v[i:i + batch_size] for k, v in inputs.items()} if named
-                                   else inputs[i:i + batch_size])
-                           for i in range(0, n, batch_size)])
+    return np.concatenate([
+        dist.predict_on_batch(tower, {k: v[i:i + batch_size] for k, v in inputs.items()}
+                              if named else inputs[i:i + batch_size])
+        for i in range(0, n, batch_size)])
 
 
-def evaluate(config, tower, catalogue, ns=(1, 5), strategy=None, towers=None):
+def evaluate(config, tower, catalogue, dist, ns=(1, 5), towers=None):
     """Acc@N on the held-out triplets, queries against all their positives, and
     their count (``test_pairs``: 0, and no Acc@N, where the data has none).
 
@@ -488,8 +530,8 @@ def evaluate(config, tower, catalogue, ns=(1, 5), strategy=None, towers=None):
             print("too few items with both an image and a title to hold some out: no Acc@N, "
                   "only the label-free check.", flush=True)
             return {"test_pairs": 0}
-        images = embed(towers[0], catalogue.images[rows], strategy=strategy)
-        titles = embed(towers[1], catalogue.titles[rows], strategy=strategy)
+        images = embed(towers[0], catalogue.images[rows], dist)
+        titles = embed(towers[1], catalogue.titles[rows], dist)
         return dict(metrics.acc_at_n(images, titles, ns), test_pairs=len(rows),
                     acc_pairs="held-out items: image -> title")
     content = catalogue.content(config.modality)
@@ -510,8 +552,8 @@ def evaluate(config, tower, catalogue, ns=(1, 5), strategy=None, towers=None):
         by_id, row = tf.constant(content), tf.constant(catalogue.row)
         query_inputs = np.concatenate([queries(b, key, by_id, row).numpy() for b in batches])
         positives = np.concatenate([b["positive_item_id"].numpy() for b in batches])
-    q = embed(tower, query_inputs, strategy=strategy)
-    p = embed(tower, content[catalogue.row[positives]], strategy=strategy)
+    q = embed(tower, query_inputs, dist)
+    p = embed(tower, content[catalogue.row[positives]], dist)
     return dict(metrics.acc_at_n(q, p, ns), test_pairs=len(positives))
 
 
@@ -530,111 +572,115 @@ def label_free_check(catalogue, present, vectors, untrained):
             "neighbours_items": int(known.sum())}
 
 
+class PretrainJob(jobs.Job):
+    """Pre-training as `tfmm.jobs.run` takes it through its steps.
+
+    Args:
+        config: a `PretrainConfig`.
+        fallback: train on the best source the data has (`choose_source`).
+    """
+
+    def __init__(self, config, fallback=False):
+        super().__init__(config)
+        self.fallback = fallback
+
+    def check(self, dist):
+        catalogue = check_data(self.config)
+        try:  # before training: the vectors must have somewhere to go
+            self.config.index and dist.is_chief and is_empty(self.config.index)
+        except (ValueError, OSError, IndexUnavailable) as e:  # a corrupt file, a server down
+            raise SettingsError(f"--index: {e}") from None
+        config, source = choose_source(self.config, catalogue, self.fallback)
+        print(f"pre-training: {source}", flush=True)
+        embeds = config.embeds()
+        present = catalogue.present(embeds)
+        if not present.all():
+            what = {"image": "image", "text": "title", "fused": "image or title"}[embeds]
+            print(f"{(~present).sum()} of {len(present)} items have no {what}: not embedded, "
+                  "so not in the index (the CTR reader flags their vectors missing).",
+                  flush=True)
+        keras.utils.set_random_seed(config.seed)
+        pairs = config.objective == "image_title"
+        # image_title: an image and a text tower; the tower whose vectors are indexed is
+        # one of them, or both fused.
+        makers = ([build_tower(dataclasses.replace(config, modality=m), catalogue)
+                   for m in MODALITIES] if pairs else [build_tower(config, catalogue)])
+        try:  # before anything is written: a preset may not load
+            with dist.scope():
+                towers = [make() for make in makers]
+        except BackboneError as e:
+            raise SettingsError(f"--{e}") from None
+        self.config, self.source, self.catalogue, self.present = config, source, catalogue, present
+        self.makers, self.towers = makers, towers
+        self.tower = image_title.item_encoder(*towers, config.index_vector) if pairs else towers[0]
+
+    def train(self, dist):
+        config, catalogue, present = self.config, self.catalogue, self.present
+        makers, towers, tower = self.makers, self.towers, self.tower
+        content = catalogue.content(config.embeds())
+        content = ({k: v[present] for k, v in content.items()} if isinstance(content, dict)
+                   else content[present])
+        trains = config.objective != "random" and config.epochs
+        untrained = embed(tower, content, dist) if trains and dist.is_chief else None
+        history, distributed = {}, {}
+        if trains:
+            with dist.scope():
+                if config.objective == "image_title":
+                    model = image_title.ImageTitleModel(
+                        *towers, *makers, queue_size=config.queue_size,
+                        momentum=config.momentum, temperature=config.temperature,
+                        train=config.train_towers,
+                        encoder=tower if config.pairs_from == "clicks" else None)
+                else:
+                    model = SCLModel(towers[0], make_key_tower=makers[0],
+                                     queue_size=config.queue_size, momentum=config.momentum,
+                                     triplet_weight=config.triplet_weight, margin=config.margin,
+                                     temperature=config.temperature,
+                                     mask_own_positive=config.mask_own_positive,
+                                     positive_tower=config.positive_tower)
+                model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+                model.optimizer.build(model.trained_weights())  # not the key towers'
+            queue = [MomentumQueueCallback(config.momentum)] if model.queue is not None else []
+            # Each epoch's losses, kept across a kill (fit's history has only the resumed epochs).
+            record = EpochRecord(os.path.join(config.model_dir, "epochs.json"),
+                                 distribute.backup_dir(config.model_dir))
+
+            def batches(slices=None, shard=None):  # no shard: no parameter servers here
+                return training_data(config, catalogue, slices)
+
+            dist.fit(model, batches, config.epochs, config.model_dir, record,
+                     steps=_steps(config, catalogue), callbacks=queue, verbose=config.verbose,
+                     weigh_rows=False)
+            distributed, history = dist.describe(model), record.columns()
+        if not dist.is_chief:
+            return None
+        vectors = embed(tower, content, dist)
+        if config.center_vectors and len(vectors) > 1:
+            tower = centred(tower, vectors.mean(axis=0))
+            vectors = tower.get_layer("centre")(vectors).numpy()  # its output; not embedded again
+            if untrained is not None:  # compared as it would be indexed
+                untrained = Centring(untrained.mean(axis=0))(untrained).numpy()
+        result = evaluate(config, tower, catalogue, dist, towers=towers)
+        result.update(label_free_check(catalogue, present, vectors,
+                                       vectors if untrained is None else untrained))
+        result.update(source=self.source, items_without_content=int((~present).sum()),
+                      history=history, **distributed)
+        if config.export_dir:
+            result["export_path"] = export_saved_model(tower, config.export_dir, "vector")
+        if config.index:
+            index = open_index(config.index, dim=config.dim)
+            index.claim(schema.catalogue_fingerprint(config.data_dir))
+            result["index_version"] = index.put(catalogue.ids[present], vectors)
+            result["index_items"] = int(present.sum())
+        return result
+
+
 def run(config, fallback=False):
-    """Trains, evaluates, exports and indexes; returns the metrics dict.
+    """Trains, evaluates, exports and indexes (`tfmm.jobs.run`); returns the metrics dict.
 
     Raises SettingsError, before writing anything, when the data directory
     cannot feed `config`; with `fallback`, trains on the best source it has
     instead (`choose_source`), which ``source`` in the result names. Under a
     ``strategy`` only the chief evaluates and writes; the others return None.
     """
-    config.validate()
-    try:  # first: a multi-worker strategy must exist before TensorFlow runs anything
-        strategy = distribute.strategy(config.strategy)
-    except ValueError as e:
-        raise SettingsError(f"--strategy={config.strategy}: {e}") from None
-    chief = distribute.is_chief(strategy)
-    start = time.time()
-    catalogue = check_data(config)
-    try:  # before training: the vectors must have somewhere to go
-        config.index and chief and is_empty(config.index)
-    except (ValueError, OSError, IndexUnavailable) as e:  # a corrupt file, a server down
-        raise SettingsError(f"--index: {e}") from None
-    config, source = choose_source(config, catalogue, fallback)
-    print(f"pre-training: {source}", flush=True)
-    embeds = config.embeds()
-    present = catalogue.present(embeds)
-    if not present.all():
-        what = {"image": "image", "text": "title", "fused": "image or title"}[embeds]
-        print(f"{(~present).sum()} of {len(present)} items have no {what}: not embedded, so "
-              "not in the index (the CTR reader flags their vectors missing).", flush=True)
-    keras.utils.set_random_seed(config.seed)
-    pairs = config.objective == "image_title"
-    # image_title: an image and a text tower; the tower whose vectors are indexed is
-    # one of them, or both fused.
-    makers = ([build_tower(dataclasses.replace(config, modality=m), catalogue)
-               for m in MODALITIES] if pairs else [build_tower(config, catalogue)])
-    try:  # before anything is written: a preset may not load
-        with distribute.scope(strategy):
-            towers = [make() for make in makers]
-    except BackboneError as e:
-        raise SettingsError(f"--{e}") from None
-    tower = image_title.item_encoder(*towers, config.index_vector) if pairs else towers[0]
-    if chief:
-        os.makedirs(config.model_dir, exist_ok=True)
-    content = catalogue.content(embeds)
-    content = ({k: v[present] for k, v in content.items()} if isinstance(content, dict)
-               else content[present])
-    trains = config.objective != "random" and config.epochs
-    untrained = embed(tower, content, strategy=strategy) if trains and chief else None
-    history = {}
-    if trains:
-        with distribute.scope(strategy):
-            if pairs:
-                model = image_title.ImageTitleModel(
-                    *towers, *makers, queue_size=config.queue_size, momentum=config.momentum,
-                    temperature=config.temperature, train=config.train_towers,
-                    encoder=tower if config.pairs_from == "clicks" else None)
-            else:
-                model = SCLModel(towers[0], make_key_tower=makers[0],
-                                 queue_size=config.queue_size, momentum=config.momentum,
-                                 triplet_weight=config.triplet_weight, margin=config.margin,
-                                 temperature=config.temperature,
-                                 mask_own_positive=config.mask_own_positive,
-                                 positive_tower=config.positive_tower)
-            model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
-        backup = os.path.join(config.model_dir, "backup")
-        # Each epoch's losses, kept across a kill (fit's history has only the resumed epochs).
-        record = EpochRecord(os.path.join(config.model_dir, "epochs.json"), backup)
-        tensorboard = keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"))
-        steps = _steps(config, catalogue)
-        if strategy is None:
-            callbacks = [record, BackupAndRestore(backup), tensorboard]
-            model.fit(training_data(config, catalogue)[0], epochs=config.epochs,
-                      steps_per_epoch=steps, callbacks=callbacks, verbose=config.verbose)
-        else:
-            with strategy.scope():  # what SCLModel.fit does
-                model.optimizer.build(model.trained_weights())
-            queue = [MomentumQueueCallback(config.momentum)] if model.queue is not None else []
-            replicas = strategy.num_replicas_in_sync
-            distribute.fit(
-                model, strategy, lambda c: distribute.replica_slices(c, replicas, weights=False)(
-                    training_data(config, catalogue)[0]),
-                config.epochs, backup, steps=steps, callbacks=queue,
-                chief_callbacks=[record, tensorboard], verbose=config.verbose)
-            distribute.weights_digest(model, strategy)
-        if not chief:
-            return None
-        history = {k: [v[k] for v in record.values] for k in record.values[0] if k != "epoch"}
-    elif not chief:
-        return None
-    vectors = embed(tower, content, strategy=strategy)
-    if config.center_vectors and len(vectors) > 1:
-        tower = centred(tower, vectors.mean(axis=0))
-        vectors = tower.get_layer("centre")(vectors).numpy()  # its output; not embedded again
-        if untrained is not None:  # compared as it would be indexed
-            untrained = Centring(untrained.mean(axis=0))(untrained).numpy()
-    result = evaluate(config, tower, catalogue, strategy=strategy, towers=towers)
-    result.update(label_free_check(catalogue, present, vectors,
-                                   vectors if untrained is None else untrained))
-    result.update(source=source, items_without_content=int((~present).sum()), history=history,
-                  train_seconds=time.time() - start, config=dict(dataclasses.asdict(config), index=redact(config.index)))
-    if config.export_dir:
-        result["export_path"] = export_saved_model(tower, config.export_dir, "vector")
-    if config.index:
-        index = open_index(config.index, dim=config.dim)
-        index.claim(schema.catalogue_fingerprint(config.data_dir))
-        result["index_version"] = index.put(catalogue.ids[present], vectors)
-        result["index_items"] = int(present.sum())
-    write_json(os.path.join(config.model_dir, "metrics.json"), result)
-    return result
+    return jobs.run(PretrainJob(config, fallback))

@@ -15,57 +15,50 @@ truth is known; ``python -m tfmm.data.prepare --flagfile=<raw_dir>/prepare.flags
 impressions, histories and train/test days (no triplets).
 """
 
-import sys
 import dataclasses
 import time
 
-from absl import app, flags
+from absl import flags
 
-from tfmm.data import world as world_lib
+from tfmm import cli, outputs
+from tfmm.data import schema, world as world_lib
+from tfmm.data.synthetic import config_from_flags, write_raw, write_world
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("world", "small", sorted(world_lib.PRESETS), "Preset world size.")
-flags.DEFINE_string("out_dir", None, "Data directory to write (replaced atomically; one "
-                    "holding files tfmm did not write is refused).")
-flags.DEFINE_string("raw_dir", None, "Directory to write the world to as raw CSV files and "
-                    "PNG images, the input of tfmm.data.prepare (replaced atomically).")
-for _field in dataclasses.fields(world_lib.WorldConfig):
-    _define = flags.DEFINE_integer if _field.type in ("int", int) else flags.DEFINE_float
-    _define(_field.name, None, "World knob (default: the preset's). See tfmm.data.world.")
 
-from tfmm import outputs  # noqa: E402
-from tfmm.data import schema  # noqa: E402
-from tfmm.data.synthetic import config_from_flags, write_raw, write_world  # noqa: E402
+
+def define_flags():
+    flags.DEFINE_enum("world", "small", list(world_lib.PRESETS), "Preset world size.")
+    flags.DEFINE_string("out_dir", None, "Data directory to write (replaced atomically; one "
+                        "holding files tfmm did not write is refused).")
+    flags.DEFINE_string("raw_dir", None, "Directory to write the world to as raw CSV files and "
+                        "PNG images, the input of tfmm.data.prepare (replaced atomically).")
+    for field in dataclasses.fields(world_lib.WorldConfig):
+        define = flags.DEFINE_integer if field.type in ("int", int) else flags.DEFINE_float
+        define(field.name, None, "World knob (default: the preset's). See tfmm.data.world.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"unexpected arguments: {argv[1:]}")
+    del argv
     if not (FLAGS.out_dir or FLAGS.raw_dir):
-        sys.exit("--out_dir or --raw_dir is required.")
+        cli.fail("--out_dir or --raw_dir is required.")
     knobs = {f.name: FLAGS[f.name].value for f in dataclasses.fields(world_lib.WorldConfig)}
-    try:
-        cfg = config_from_flags(FLAGS.world, knobs)
-        for flag in ("out_dir", "raw_dir"):  # before the world is made
-            if FLAGS[flag].value:
-                outputs.check_output_dir(FLAGS[flag].value, flag)
-    except ValueError as e:
-        sys.exit(str(e))
+    cfg = config_from_flags(FLAGS.world, knobs)
+    for flag in ("out_dir", "raw_dir"):  # before the world is made
+        if FLAGS[flag].value:
+            outputs.check_output_dir(FLAGS[flag].value, flag)
     start = time.time()
     world = world_lib.generate(cfg)
-    try:
-        if FLAGS.out_dir:
-            write_world(world, FLAGS.out_dir)
-            meta = schema.read_metadata(FLAGS.out_dir)
-            print(f"wrote {FLAGS.out_dir} in {time.time() - start:.1f}s: {meta['counts']}")
-        if FLAGS.raw_dir:
-            flagfile = write_raw(world, FLAGS.raw_dir)
-    except (ValueError, OSError) as e:  # a full disk
-        sys.exit(str(e))
+    if FLAGS.out_dir:
+        write_world(world, FLAGS.out_dir)
+        meta = schema.read_metadata(FLAGS.out_dir)
+        print(f"wrote {FLAGS.out_dir} in {time.time() - start:.1f}s: {meta['counts']}")
     if FLAGS.raw_dir:
+        flagfile = write_raw(world, FLAGS.raw_dir)
         print(f"wrote {FLAGS.raw_dir}; prepare it with: python -m tfmm.data.prepare "
               f"--flagfile={flagfile} --out_dir=DIR")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main, errors=(ValueError, OSError))  # a directory of user files, a full disk

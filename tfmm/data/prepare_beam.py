@@ -4,9 +4,9 @@ runner), the runner's pipeline options after a ``--``::
     python -m tfmm.data.prepare --runner=DirectRunner --impressions='logs/part-*.csv' \\
         --items=items.csv --images_dir=img --out_dir=data/mine -- --direct_num_workers=2
 
-The flags, checks and output are the local path's (prepare.py's helpers read
-and check each file, and lay out each record, serialised here one at a time by
-``schema.example``): the same vocabularies, metadata (plus ``runner``) and set
+The flags, checks and output are the local path's (`tfmm.data.tables` reads
+and checks each file, and lays out each record, serialised here one at a time
+by ``schema.example``): the same vocabularies, metadata (plus ``runner``) and set
 of records per table, byte for byte, in no particular order, in as many shards
 as the runner makes (``impressions-train-00000-of-00002.tfrecord``).
 ``--impressions`` and ``--items`` may be glob patterns: each file is read
@@ -34,8 +34,8 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import AsDict, AsSingleton, TaggedOutput
 
-from tfmm.data import prepare as local
-from tfmm.data import schema
+from tfmm.config import SettingsError
+from tfmm.data import schema, tables
 from tfmm.data.history import history_ranges
 from tfmm.data.writer import DataDirWriter
 
@@ -45,8 +45,8 @@ CRC32C_MODULES = ("crcmod", "google_crc32c", "snappy")  # WriteToTFRecord's chec
 # The order in which the local path meets each kind of error.
 ITEMS_FILE, ITEM_TWICE, NO_IMAGE, LOG_FILE, UNKNOWN_ITEM, SPLIT, IMAGE = range(7)
 
-# Functions given to Beam live here (pickled by reference): `local` may be the
-# __main__ module of the command, which workers do not have.
+# Functions given to Beam live here (pickled by reference): `tfmm.data.prepare` may be
+# the __main__ module of the command, which workers do not have.
 
 
 def _files(pattern):
@@ -63,8 +63,8 @@ def _read_items(indexed, images_dir, absolute_image_paths):
     """One items file: (raw id, (position, raw category, title, image file, row))."""
     index, path = indexed
     try:
-        items, ids, categories, titles, images = local.read_catalogue(path, images_dir,
-                                                                      absolute_image_paths)
+        items, ids, categories, titles, images = tables.read_catalogue(path, images_dir,
+                                                                       absolute_image_paths)
     except (ValueError, OSError) as e:
         yield TaggedOutput("errors", (ITEMS_FILE, (index,), str(e)))
         return
@@ -81,7 +81,7 @@ def _item_row(item):
 
 
 def _item_twice(found):
-    """An item id in two files (prepare.read_items finds it within one)."""
+    """An item id in two files (tables.read_items finds it within one)."""
     raw, rows = found
     if len(rows) > 1:
         (_, first), (position, row) = sorted(rows)[:2]
@@ -94,16 +94,16 @@ def _category(item):
 
 
 def _vocabulary(values):
-    return local.vocabulary(list(values))
+    return tables.vocabulary(list(values))
 
 
 def _dense(vocab):
-    """{raw value: dense id} of a prepare.vocabulary."""
+    """{raw value: dense id} of a tables.vocabulary."""
     return {v: k + schema.FIRST_ID for k, v in enumerate(vocab.to_pylist())}
 
 
 class _Vocabulary(beam.PTransform):
-    """Raw values -> one prepare.vocabulary (sorted distinct values), on one worker."""
+    """Raw values -> one tables.vocabulary (sorted distinct values), on one worker."""
 
     def expand(self, values):
         return values | beam.combiners.ToSet() | beam.Map(_vocabulary)
@@ -120,7 +120,7 @@ def _item_record(item, ids):
     yield TaggedOutput("stats", ("missing_images", int(image is None)))
     yield TaggedOutput("stats", ("missing_titles", int(title == "")))
     try:
-        yield schema.example(**local.item_features(*ids[raw], local.item_image(raw, image, row),
+        yield schema.example(**tables.item_features(*ids[raw], tables.item_image(raw, image, row),
                                                    title.encode()))
     except (ValueError, OSError) as e:
         yield TaggedOutput("errors", (IMAGE, position, str(e)))
@@ -131,7 +131,7 @@ def _read_log(indexed, items):
     category, label, side values)); "unknown": (position, row, raw item)."""
     index, path = indexed
     try:
-        log, _, _, timestamp, label, side = local.read_log(path)
+        log, _, _, timestamp, label, side = tables.read_log(path)
     except (ValueError, OSError) as e:
         yield TaggedOutput("errors", (LOG_FILE, (index,), str(e)))
         return
@@ -162,7 +162,7 @@ def _other_columns(found):
 
 def _unknown_error(first, items_path, count):
     for position, row, raw in first:
-        yield UNKNOWN_ITEM, position, str(local.unknown_item_error(row, raw, items_path, count))
+        yield UNKNOWN_ITEM, position, str(tables.unknown_item_error(row, raw, items_path, count))
 
 
 def _histories(user_rows, max_history, drop_duplicates):
@@ -195,11 +195,11 @@ def _timestamp(row):
 
 
 def _cut(counts, test_fraction, split_timestamp):
-    """The split timestamp: given, or the one at prepare.first_test in time order."""
+    """The split timestamp: given, or the one at tables.first_test in time order."""
     if split_timestamp is not None or not counts:
         return split_timestamp or 0
     counts = sorted(counts)
-    first = local.first_test(sum(n for _, n in counts), test_fraction)
+    first = tables.first_test(sum(n for _, n in counts), test_fraction)
     for t, seen in zip((t for t, _ in counts), itertools.accumulate(n for _, n in counts)):
         if seen > first:
             return t
@@ -240,7 +240,7 @@ def _impression(row, cut, columns, users, side_ids, trained):
         yield TaggedOutput("stats", ("test_oov_impressions", 1))
         yield TaggedOutput("oov_users", user)
     yield TaggedOutput("stats", ("unknown_items", int(item == schema.OOV_ID)))
-    yield TaggedOutput(split, schema.example(**local.impression_features(
+    yield TaggedOutput(split, schema.example(**tables.impression_features(
         user_id, item, category, t, label, int(item not in trained),
         {c: side_ids.get(j, {}).get(v, schema.OOV_ID)
          for j, (c, v) in enumerate(zip(columns, side))}, history)))
@@ -251,7 +251,7 @@ def _stat(value, name):
 
 
 def _write_vocabulary(vocab, out, name):
-    local.write_vocabulary(os.path.join(out, "vocab", f"{name}.txt"), vocab)
+    tables.write_vocabulary(os.path.join(out, "vocab", f"{name}.txt"), vocab)
     return f"vocab/{name}", len(vocab)
 
 
@@ -271,11 +271,10 @@ def _write_records(records, out, stem):
         os.path.join(out, stem), file_name_suffix=".tfrecord", shard_name_template=SHARDS)
 
 
-def build(p, out, log_files, item_files, items_path, images_dir=None, max_history=50,
-          test_fraction=0.1, split_timestamp=None, unknown_items="error",
-          drop_duplicates=False, absolute_image_paths=False):
-    """Adds the preparation to pipeline `p`: tables, ``vocab/`` and the summary
-    into the existing directory `out`."""
+def build(p, out, log_files, item_files, options):
+    """Adds the preparation with `options` (a `prepare.PrepareOptions`) to pipeline `p`:
+    tables, ``vocab/`` and the summary into the existing directory `out`."""
+    images_dir, absolute_image_paths = options.images_dir, options.absolute_image_paths
     stats, errors = [], []
     items = (p | "Item files" >> beam.Create(list(enumerate(item_files)))
              | "Read items" >> beam.FlatMap(_read_items, images_dir, absolute_image_paths)
@@ -306,21 +305,22 @@ def build(p, out, log_files, item_files, items_path, images_dir=None, max_histor
     found = log.columns | "All columns" >> beam.combiners.ToList()
     columns = AsSingleton(found | "Side columns" >> beam.Map(_side_columns))
     errors.append(found | "Other columns" >> beam.FlatMap(_other_columns))
-    if unknown_items == "error":
+    if options.unknown_items == "error":
         count = log.unknown | "Count unknown" >> beam.combiners.Count.Globally()
         errors.append(log.unknown | "First unknown" >> beam.combiners.Top.Smallest(1)
-                      | "Unknown error" >> beam.FlatMap(_unknown_error, items_path,
+                      | "Unknown error" >> beam.FlatMap(_unknown_error, options.items,
                                                         AsSingleton(count)))
 
     rows = (log.rows | "By user" >> beam.GroupByKey()
-            | "Histories" >> beam.FlatMap(_histories, max_history, drop_duplicates)
+            | "Histories" >> beam.FlatMap(_histories, options.max_history,
+                                          options.drop_duplicates)
             .with_outputs("stats", main="rows"))
     stats.append(rows.stats)
     rows = rows.rows
     cut = (rows | "Timestamps" >> beam.Map(_timestamp)
            | "Count timestamps" >> beam.combiners.Count.PerElement()
            | "All timestamps" >> beam.combiners.ToList()
-           | "Cut" >> beam.Map(_cut, test_fraction, split_timestamp))
+           | "Cut" >> beam.Map(_cut, options.test_fraction, options.split_timestamp))
     train = rows | "Train" >> beam.Filter(_train, AsSingleton(cut))
     user_vocab = train | "Users" >> beam.Map(_user) | "User vocabulary" >> _Vocabulary()
     side_vocab = (train | "Side values" >> beam.FlatMap(_side_values)
@@ -352,37 +352,36 @@ def build(p, out, log_files, item_files, items_path, images_dir=None, max_histor
                                    AsSingleton(cut), columns))
 
 
-def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=50,
-            test_fraction=0.1, split_timestamp=None, unknown_items="error",
-            drop_duplicates=False, absolute_image_paths=False, pairs=None, pairs_from=None,
-            pair_window=1, pair_max_gap=None, seed=0, runner="DirectRunner", beam_args=()):
-    """`tfmm.data.prepare.prepare` as a Beam pipeline on `runner`, with the
-    pipeline options `beam_args` (``["--project=...", ...]``)."""
-    local.check_options(max_history, test_fraction, split_timestamp, pairs, pairs_from,
-                        pair_window, pair_max_gap)
-    if pairs or pairs_from:
-        raise ValueError(f"--runner={runner}: pre-training pairs (--pairs, --pairs_from) are "
-                         "prepared without --runner only.")
+def prepare(options):
+    """`tfmm.data.prepare.prepare` of `options` (a `prepare.PrepareOptions`) as a Beam
+    pipeline on ``options.runner`` (default DirectRunner), with its pipeline options
+    ``options.beam_args`` (``["--project=...", ...]``)."""
+    options.validate()
+    runner = options.runner or "DirectRunner"
+    if options.pairs or options.pairs_from:
+        raise SettingsError(f"--runner={runner}: pre-training pairs (--pairs, --pairs_from) are "
+                            "prepared without --runner only.")
     if not any(map(importlib.util.find_spec, CRC32C_MODULES)):
         raise ValueError("Beam writes TFRecords with crcmod (or google-crc32c, python-snappy), "
                          'which is not installed: pip install -e ".[beam]"')
-    log_files, item_files = _files(impressions_path), _files(items_path)
-    with DataDirWriter(out_dir, inputs=(*log_files, *item_files, images_dir)) as w:
+    log_files, item_files = _files(options.impressions), _files(options.items)
+    with DataDirWriter(options.out_dir,
+                       inputs=(*log_files, *item_files, options.images_dir)) as w:
         os.makedirs(w.path("vocab"))
-        with beam.Pipeline(options=PipelineOptions([f"--runner={runner}", *beam_args])) as p:
-            build(p, w.tmp_dir, log_files, item_files, items_path, images_dir, max_history,
-                  test_fraction, split_timestamp, unknown_items, drop_duplicates,
-                  absolute_image_paths)
+        pipeline = PipelineOptions([f"--runner={runner}", *options.beam_args])
+        with beam.Pipeline(options=pipeline) as p:
+            build(p, w.tmp_dir, log_files, item_files, options)
         with open(w.path(SUMMARY)) as f:
             summary = json.load(f)
         os.remove(w.path(SUMMARY))
         stats, cut, side = summary["stats"], summary["split_timestamp"], summary["side_features"]
         errors = summary["errors"]
-        if images_dir and stats.get("files_without_image_column") and \
+        if options.images_dir and stats.get("files_without_image_column") and \
                 stats.get("missing_images") == stats.get("items"):
-            errors.append([NO_IMAGE, [], str(local.no_image_error(items_path, images_dir))])
+            errors.append([NO_IMAGE, [], str(tables.no_image_error(options.items,
+                                                                   options.images_dir))])
         if not stats.get("impressions/train") or not stats.get("impressions/test"):
-            errors.append([SPLIT, [], str(local.split_error(impressions_path, cut))])
+            errors.append([SPLIT, [], str(tables.split_error(options.impressions, cut))])
         if errors:
             raise ValueError(min(errors)[2])
         for table in ("impressions/train", "impressions/test", "items"):
@@ -391,9 +390,9 @@ def prepare(impressions_path, items_path, out_dir, images_dir=None, max_history=
         sizes = {"items": stats["vocab/items"], "users": stats["vocab/users"],
                  "categories": stats["vocab/categories"],
                  **{c: stats[f"vocab/side-{c}"] for c in side}}
-        w.finish(dict(local.metadata(
-            impressions_path, items_path, images_dir, pairs, sizes, max_history, side, cut,
+        w.finish(dict(tables.metadata(
+            options, sizes, side, cut,
             (stats["test_oov_users"], stats.get("test_oov_impressions", 0)),
-            stats["unknown_items"], stats["duplicates"],
-            drop_duplicates, stats["missing_images"], stats["missing_titles"]), runner=runner))
-    return schema.read_metadata(out_dir)
+            stats["unknown_items"], stats["duplicates"], stats["missing_images"],
+            stats["missing_titles"]), runner=runner))
+    return schema.read_metadata(options.out_dir)

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmm.data import schema
+from tfmm.data.images import too_many_pixels
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -73,7 +74,10 @@ def check_records(paths, spec):
     """Reads every record of `paths` and parses it with `spec`.
 
     Raises ValueError naming the file and record number of the first record
-    that is truncated, corrupt or does not parse. Returns the number of records.
+    that is truncated, corrupt or does not parse, or whose image header
+    declares more than `tfmm.data.images.MAX_PIXELS` pixels (`prepare` refuses such
+    images; a directory written otherwise would decode them whole at every read).
+    Returns the number of records.
     """
     total = 0
     for path in paths:
@@ -89,7 +93,7 @@ def check_records(paths, spec):
                 raise ValueError(f"{path}: record {n} is truncated or corrupt "
                                  f"({n} good records before it).") from None
             try:
-                tf.io.parse_example(batch, spec)
+                parsed = tf.io.parse_example(batch, spec)
             except tf.errors.InvalidArgumentError:
                 for i, record in enumerate(batch):
                     try:
@@ -97,6 +101,11 @@ def check_records(paths, spec):
                     except tf.errors.InvalidArgumentError as e:
                         raise ValueError(f"{path}: record {done + i} does not parse: "
                                          f"{e.message.splitlines()[0]}") from None
+            for name in set(spec) & {"image", "query_image"}:
+                for i, data in enumerate(parsed[name].numpy()):
+                    too_large = too_many_pixels(data)
+                    if too_large:
+                        raise ValueError(f"{path}: record {done + i}, {name}: {too_large}.")
             done += int(batch.shape[0])
         total += done
     return total

@@ -21,7 +21,7 @@ A data directory holds TFRecords of `tf.train.Example`s and `metadata.json`:
 
 Ids are dense int64: 0 is padding, 1 is out-of-vocabulary, real ids start at 2.
 A prepared directory maps its raw ids to them in ``vocab/<name>.txt`` (line k
-is dense id k + 2); `item_raw_ids` and `item_dense_ids` read the items'.
+is dense id k + 2); `raw_ids` and `dense_ids` read them.
 """
 
 import hashlib
@@ -276,29 +276,35 @@ def catalogue_fingerprint(data_dir):
     return digest.hexdigest()[:16]
 
 
-def item_raw_ids(data_dir):
-    """The raw item ids of a data directory by dense id: entry k names dense id k + FIRST_ID.
+def has_vocabulary(data_dir):
+    """Whether `data_dir` maps raw ids to dense ids (``vocab/``, a prepared directory's)."""
+    return os.path.isdir(os.path.join(data_dir, "vocab"))
 
-    A prepared directory lists them in ``vocab/items.txt`` (line k, UTF-8; ids
+
+def raw_ids(data_dir, name="items"):
+    """The raw ids of one of a data directory's vocabularies (``items``, ``users``,
+    ``categories``) by dense id: entry k names dense id k + FIRST_ID.
+
+    A prepared directory lists them in ``vocab/<name>.txt`` (line k, UTF-8; ids
     of a Parquet integer column are written as decimal text). A generated
-    world has no vocabulary: its items are named by their dense ids, so entry k
+    world has no vocabulary: its ids are named by their dense ids, so entry k
     is ``str(k + FIRST_ID)``.
     """
-    num_items = read_metadata(data_dir)["vocab"]["num_items"]
-    path = os.path.join(data_dir, "vocab", "items.txt")
+    count = read_metadata(data_dir)["vocab"][f"num_{name}"]
+    path = os.path.join(data_dir, "vocab", f"{name}.txt")
     if not os.path.exists(path):
-        return [str(i) for i in range(FIRST_ID, num_items)]
+        return [str(i) for i in range(FIRST_ID, count)]
     with open(path, encoding="utf-8", newline="") as f:
         raw = f.read().split("\n")[:-1]  # each line ends with "\n"; ids keep any other byte
-    if len(raw) != num_items - FIRST_ID:
-        raise ValueError(f"{path}: {len(raw)} item ids, but metadata.json counts "
-                         f"{num_items - FIRST_ID} items.")
+    if len(raw) != count - FIRST_ID:
+        raise ValueError(f"{path}: {len(raw)} ids, but metadata.json counts "
+                         f"{count - FIRST_ID} {name}.")
     return raw
 
 
-def item_dense_ids(data_dir):
-    """{raw item id: dense id} of a data directory (see `item_raw_ids`)."""
-    return {raw: k + FIRST_ID for k, raw in enumerate(item_raw_ids(data_dir))}
+def dense_ids(data_dir, name="items"):
+    """{raw id: dense id} of one of a data directory's vocabularies (see `raw_ids`)."""
+    return {raw: k + FIRST_ID for k, raw in enumerate(raw_ids(data_dir, name))}
 
 
 def files(data_dir, meta, table):

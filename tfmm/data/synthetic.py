@@ -7,6 +7,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tfmm.config import SettingsError
 from tfmm.data import render, schema, world as world_lib
 from tfmm.data.writer import DataDirWriter
 
@@ -16,7 +17,7 @@ def config_from_flags(preset, overrides):
     fields = {f.name for f in dataclasses.fields(world_lib.WorldConfig)}
     unknown = set(overrides) - fields
     if unknown:
-        raise ValueError(f"unknown world knobs: {sorted(unknown)}")
+        raise SettingsError(f"unknown world knobs: {sorted(unknown)}")
     changes = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(world_lib.PRESETS[preset], **changes).validate()
 

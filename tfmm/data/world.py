@@ -43,6 +43,7 @@ import math
 
 import numpy as np
 
+from tfmm.config import SettingsError
 from tfmm.data import render
 from tfmm.data.history import history_ranges
 from tfmm.metrics import auc
@@ -94,7 +95,7 @@ class WorldConfig:
     def validate(self):
         def need(ok, field, what):
             if not ok:
-                raise ValueError(f"world: --{field}={getattr(self, field)!r}: {what}.")
+                raise SettingsError(f"world: --{field}={getattr(self, field)!r}: {what}.")
 
         for field in ("num_items", "num_users", "num_impressions", "max_history",
                       "pretrain_train", "pretrain_test", "train_shards"):
@@ -231,8 +232,8 @@ def _catalogue(cfg, rng):
     bias = rng.normal(0.0, cfg.item_bias_std, cfg.num_items)
     first_day = np.where(rng.random(cfg.num_items) < cfg.new_item_fraction, cfg.train_days, 0)
     if not (first_day == 0).any():
-        raise ValueError(f"world: --new_item_fraction={cfg.new_item_fraction} left no item "
-                         "for the training days.")
+        raise SettingsError(f"world: --new_item_fraction={cfg.new_item_fraction} left no "
+                            "item for the training days.")
     titles = [_title(rng, *a) for a in zip(category, colour, pattern)]
     return category, colour, pattern, family, popularity, bias, first_day, titles
 

@@ -279,6 +279,8 @@ def redact(spec):
     ``***``, the rest kept: safe for logs, metrics files and errors."""
     if not is_redis(spec):
         return spec
+    if _misplaced_at(spec):  # where the password ends is unknown: all up to the last '@'
+        return f"{urllib.parse.urlsplit(str(spec)).scheme}://***@{str(spec).rpartition('@')[2]}"
     parts = urllib.parse.urlsplit(str(spec))
     netloc, query = parts.netloc, urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     if parts.password is not None:
@@ -294,9 +296,37 @@ def redact(spec):
             + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
+def _misplaced_at(spec):
+    """Whether an '@' follows a URL's host part where a password holding an unescaped '?',
+    '#' or '/' ended it early: the host part then does not parse (a parser takes part of
+    the password for the port) or the '@' is where none belongs (path, a query name).
+    An '@' in a query value (``?password=p@ss``) is fine."""
+    spec = str(spec)
+    parts = urllib.parse.urlsplit(spec)
+    if "@" not in spec[spec.index("://") + 3 + len(parts.netloc):]:
+        return False
+    try:
+        _ = parts.port  # ValueError unless a number in range
+        host = parts.path if parts.scheme == "unix" else parts.hostname
+    except ValueError:
+        host = None
+    names = [k for k, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+    return not host or "@" in parts.path + parts.fragment or any("@" in k for k in names)
+
+
 def redis_url(url=None):
     """`url`, else ``$TFMM_REDIS_URL``, else the local default server."""
     return url or os.environ.get("TFMM_REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+
+def _checked_url(url=None):
+    """`redis_url(url)`; ValueError, showing none of the password, when it is malformed."""
+    url = redis_url(url)
+    if _misplaced_at(url):
+        raise ValueError(f"{redact(url)} is not a valid Redis URL: an '@' after the host; a "
+                         "password holding '?', '#', '/' or '@' must be percent-encoded (%3F, "
+                         "%23, %2F, %40), or given in $TFMM_REDIS_PASSWORD.")
+    return url
 
 
 def redis_client(url=None, retries=3, backoff=0.01, connect_timeout=0.5, timeout=5.0):
@@ -318,10 +348,16 @@ def redis_client(url=None, retries=3, backoff=0.01, connect_timeout=0.5, timeout
         ``retries + 1`` timeouts: an online predictor wants a far smaller
         `timeout` than the default, which leaves room for bulk writes.
     """
-    client = redis.Redis.from_url(
-        redis_url(url), password=os.environ.get("TFMM_REDIS_PASSWORD"),  # the URL's wins
-        retry=Retry(ExponentialBackoff(cap=1.0, base=backoff), retries),
-        socket_connect_timeout=connect_timeout, socket_timeout=timeout)
+    url = _checked_url(url)
+    try:
+        client = redis.Redis.from_url(
+            url, password=os.environ.get("TFMM_REDIS_PASSWORD"),  # the URL's wins
+            retry=Retry(ExponentialBackoff(cap=1.0, base=backoff), retries),
+            socket_connect_timeout=connect_timeout, socket_timeout=timeout)
+    except ValueError as e:  # a port that is no number, an unknown scheme
+        password = urllib.parse.urlsplit(url).password
+        reason = str(e).replace(password, "***") if password else str(e)
+        raise ValueError(f"{redact(url)} is not a valid Redis URL: {reason}") from None
     options = client.connection_pool.connection_kwargs
     return client, options.get("path") or f"{options.get('host')}:{options.get('port')}"
 
@@ -329,8 +365,9 @@ def redis_client(url=None, retries=3, backoff=0.01, connect_timeout=0.5, timeout
 # One atomic script: the version comes from INCR and is stamped on every item in
 # commit order (as SQLite's MAX + 1 in its transaction), with no WATCH retry loop
 # that a stream of small puts could starve a bulk put with. It also records `dim`
-# again, so an index emptied by a Redis restart describes itself once written.
-# KEYS: version counter, id set, meta hash, then (vector key, stamp key) per item.
+# again, so an index emptied by a Redis restart describes itself once written, and
+# each item's version in the log (a snapshot reads what changed while it ran).
+# KEYS: version counter, id set, meta hash, log, then (vector key, stamp key) per item.
 # ARGV: the time, dim, then (id, vector bytes) per item.
 _PUT = """
 redis.call('HSETNX', KEYS[3], 'dim', ARGV[2])
@@ -341,11 +378,29 @@ end
 local version = redis.call('INCR', KEYS[1])
 local stamp = version .. ' ' .. ARGV[1]
 for i = 3, #ARGV, 2 do
-  redis.call('SET', KEYS[i + 1], ARGV[i + 1])
-  redis.call('SET', KEYS[i + 2], stamp)
+  redis.call('SET', KEYS[i + 2], ARGV[i + 1])
+  redis.call('SET', KEYS[i + 3], stamp)
   redis.call('SADD', KEYS[2], ARGV[i])
+  redis.call('ZADD', KEYS[4], version, ARGV[i])
 end
 return version
+"""
+
+# A snapshot's last step, atomic: the version, and the ids below num_items that puts
+# after version `base` wrote (from the log), with their vectors now.
+# KEYS: version counter, log. ARGV: base, the vector keys' prefix, num_items, chunk.
+_CHANGED = """
+local now = tonumber(redis.call('GET', KEYS[1]) or '0')
+local ids, values = {}, {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf')) do
+  if tonumber(id) < tonumber(ARGV[3]) then table.insert(ids, id) end
+end
+for s = 1, #ids, tonumber(ARGV[4]) do
+  local keys = {}
+  for i = s, math.min(s + tonumber(ARGV[4]) - 1, #ids) do table.insert(keys, ARGV[2] .. ids[i]) end
+  for _, v in ipairs(redis.call('MGET', unpack(keys))) do table.insert(values, v) end
+end
+return {now, ids, values}
 """
 
 
@@ -354,9 +409,16 @@ class RedisIndex(VectorIndex):
 
     Layout: ``<prefix>:v:<id>`` the float32 bytes of one vector (`get` is one
     MGET), ``<prefix>:t:<id>`` "<version> <updated_at>", ``<prefix>:ids`` the
-    set of ids, ``<prefix>:version`` the put counter, ``<prefix>:meta`` a hash
+    set of ids, ``<prefix>:version`` the put counter, ``<prefix>:log`` a sorted
+    set of ids by the version that last wrote them, ``<prefix>:meta`` a hash
     with ``dim`` and ``catalogue``. Several indexes share a database with
     different prefixes.
+
+    `snapshot` never holds the server for the whole catalogue (Redis runs one
+    command at a time: a MULTI of every vector stalled every other client,
+    predictors included): it reads in commands of ``SNAPSHOT_CHUNK`` keys, then
+    re-reads what puts wrote meanwhile (the log), the last of it in one small
+    atomic script, so it still shows one moment of the index.
 
     Args:
       url: as `redis_client`'s, plus an optional ``?prefix=name`` query.
@@ -367,10 +429,12 @@ class RedisIndex(VectorIndex):
         object works again once the server is back.
     """
 
-    CHUNK = 10_000  # keys per MGET of a longer read (one MULTI/EXEC)
+    CHUNK = 10_000  # keys per MGET of a longer `get` (one MULTI/EXEC)
+    SNAPSHOT_CHUNK = 1000  # keys per command of a snapshot (about a millisecond of the server)
+    CATCH_UP = 3  # chunked re-reads of a snapshot's changed items before the atomic one
 
     def __init__(self, url=None, dim=None, prefix="tfmm", **client):
-        parts = urllib.parse.urlsplit(redis_url(url))
+        parts = urllib.parse.urlsplit(_checked_url(url))
         query = dict(urllib.parse.parse_qsl(parts.query))
         self.prefix = query.pop("prefix", prefix)  # ours, not a redis-py option
         url = parts._replace(query=urllib.parse.urlencode(query)).geturl()
@@ -381,6 +445,7 @@ class RedisIndex(VectorIndex):
         # Never the password: this names the index in errors and logs.
         self.location = f"{parts.scheme}://{self.address}/{db} prefix={self.prefix}"
         self._put = self._redis.register_script(_PUT)
+        self._changed = self._redis.register_script(_CHANGED)
         held = self._meta("dim", None if dim is None else int(dim))
         if held is None:
             raise IndexNotFound(f"{self.location}: a new index needs `dim`.")
@@ -418,24 +483,19 @@ class RedisIndex(VectorIndex):
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise IndexUnavailable(f"Redis index at {self.address} is unreachable: {e}") from e
 
-    def _mget(self, kind, ids, members=False):
-        """(ids, keys, values) of `kind` keys, and with `members` the id set, as of one
-        moment: a put between MGET chunks would otherwise show half of it."""
+    def _mget(self, kind, ids):
+        """(ids, keys, values) of `kind` keys as of one moment: a put between MGET chunks
+        would otherwise show half of it."""
         ids = np.asarray(ids, np.int64).reshape(-1)
         keys = [f"{self.prefix}:{kind}:{i}" for i in ids.tolist()]
         with self._reachable():
-            if len(keys) <= self.CHUNK and not members:
+            if len(keys) <= self.CHUNK:
                 return ids, keys, self._redis.mget(keys) if keys else []
             pipe = self._redis.pipeline(transaction=True)  # MULTI/EXEC
-            if members:
-                pipe.smembers(self._key("ids"))
             for start in range(0, len(keys), self.CHUNK):
                 pipe.mget(keys[start:start + self.CHUNK])
             replies = pipe.execute()
-        if not members:
-            return ids, keys, [value for chunk in replies for value in chunk]
-        values = [value for chunk in replies[1:] for value in chunk]
-        return ids, keys, values, np.array(sorted(int(m) for m in replies[0]), np.int64)
+        return ids, keys, [value for chunk in replies for value in chunk]
 
     def put(self, ids, vectors):
         """Writes all items or none, in one atomic script.
@@ -444,7 +504,7 @@ class RedisIndex(VectorIndex):
         already run may run twice: the same vectors under the next version.
         """
         ids, vectors = self.check(ids, vectors)
-        keys = [self._key("version"), self._key("ids"), self._key("meta")]
+        keys = [self._key("version"), self._key("ids"), self._key("meta"), self._key("log")]
         args = [repr(time.time()), self.dim]
         for i, v in zip(ids.tolist(), vectors):
             keys += [self._key("v", i), self._key("t", i)]
@@ -475,18 +535,50 @@ class RedisIndex(VectorIndex):
         return np.frombuffer(joined, np.float32).reshape(len(keys), self.dim), present
 
     def _items_below(self, num_items):
-        ids = self.ids()
-        while True:
-            ids = ids[ids < num_items]
-            ids, keys, blobs, members = self._mget("v", ids, members=True)
-            members = members[members < num_items]
-            # The id set read in the same MULTI: a put that added ids since `ids` was read
-            # means reading again with them.
-            if np.isin(members, ids).all():
-                break
-            ids = members
-        vectors, present = self._vectors(keys, blobs)
+        """Every item once, `SNAPSHOT_CHUNK` keys a command; then, until no put came
+        between, the items that puts wrote since the last pass (the log), read again;
+        after `CATCH_UP` such passes the rest in one atomic script. Each value read is
+        then the item's value at the last pass's moment, so the whole is one moment."""
+        blobs, chunk = {}, self.SNAPSHOT_CHUNK
+
+        def read(ids):
+            for start in range(0, len(ids), chunk):
+                part = ids[start:start + chunk]
+                blobs.update(zip(part, self._redis.mget([self._key("v", i) for i in part])))
+
+        def version():
+            return int(self._redis.get(self._key("version")) or 0)
+
+        with self._reachable():
+            base = version()  # every put after this one is in the log
+            read([int(m) for m in self._redis.sscan_iter(self._key("ids"), count=chunk)
+                  if int(m) < num_items])
+            for _ in range(self.CATCH_UP):
+                pipe = self._redis.pipeline(transaction=True)  # two small reads, one moment
+                pipe.get(self._key("version"))
+                pipe.zrangebyscore(self._key("log"), f"({base}", "+inf")
+                now, changed = pipe.execute()
+                now = int(now or 0)
+                if now == base:
+                    break
+                self._check_not_emptied(now, base)
+                read([int(i) for i in changed if int(i) < num_items])
+                base = now
+            else:
+                now, changed, values = self._changed(
+                    keys=[self._key("version"), self._key("log")],
+                    args=[base, self._key("v", ""), int(num_items), chunk])
+                self._check_not_emptied(int(now), base)
+                blobs.update(zip(map(int, changed), values))
+        ids = np.array(sorted(blobs), np.int64)
+        vectors, present = self._vectors([self._key("v", i) for i in ids.tolist()],
+                                          [blobs[i] for i in ids.tolist()])
         return ids[present], vectors[present]
+
+    def _check_not_emptied(self, now, base):
+        if now < base:  # the counter went back: the server restarted without its data
+            raise IndexUnavailable(f"{self} was emptied while a snapshot read it (a restarted "
+                                   "Redis without persistence?); nothing was returned.")
 
     def versions(self, ids):
         ids, _, stamps = self._mget("t", ids)

@@ -17,43 +17,44 @@ takes unit vectors only). An export writes every vector, as of one moment,
 through a temporary file renamed into place.
 """
 
-import sys
-
 import redis
-from absl import app, flags
+from absl import flags
 
+from tfmm import cli
 from tfmm.index import files, redact
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "The data directory whose catalogue the vectors "
-                    "describe (its vocabulary maps raw ids to dense ids).")
-flags.DEFINE_string("index", None, "Index table: a SQLite file or a redis:// URL.")
-flags.DEFINE_string("vectors", None, "import: the vector file (Parquet, CSV or .npy).")
-flags.DEFINE_string("out", None, "export: the file to write (.parquet, .csv or .npy).")
-flags.DEFINE_string("ids", None, "With .npy vectors: their raw item ids in row order, one a "
-                    "line in a text file, or a .npy array.")
-flags.DEFINE_string("vector_column", "vector", "import: the column holding whole vectors; "
-                    "without it, every column but item_id is one component.")
-flags.DEFINE_enum("unknown", "error", ["error", "skip"], "import: a raw id not in the "
-                  "vocabulary fails the import, or is skipped and counted.")
-flags.DEFINE_bool("normalize", True, "import: scale vectors to unit length (the rankers "
-                  "compare dot products of unit vectors); --nonormalize refuses others.")
-
 COMMANDS = {"import": ("vectors",), "export": ("out",)}
+
+
+def define_flags():
+    flags.DEFINE_string("data_dir", None, "The data directory whose catalogue the vectors "
+                        "describe (its vocabulary maps raw ids to dense ids).")
+    flags.DEFINE_string("index", None, "Index table: a SQLite file or a redis:// URL.")
+    flags.DEFINE_string("vectors", None, "import: the vector file (Parquet, CSV or .npy).")
+    flags.DEFINE_string("out", None, "export: the file to write (.parquet, .csv or .npy).")
+    flags.DEFINE_string("ids", None, "With .npy vectors: their raw item ids in row order, one a "
+                        "line in a text file, or a .npy array.")
+    flags.DEFINE_string("vector_column", "vector", "import: the column holding whole vectors; "
+                        "without it, every column but item_id is one component.")
+    flags.DEFINE_enum("unknown", "error", ["error", "skip"], "import: a raw id not in the "
+                      "vocabulary fails the import, or is skipped and counted.")
+    flags.DEFINE_bool("normalize", True, "import: scale vectors to unit length (the rankers "
+                      "compare dot products of unit vectors); --nonormalize refuses others.")
 
 
 def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
-        sys.exit(f"usage: python -m tfmm.index import|export --data_dir=... --index=...; "
+        cli.fail(f"usage: python -m tfmm.index import|export --data_dir=... --index=...; "
                  f"got {argv[1:]} (--help lists the flags).")
     command = argv[1]
     for name in ("data_dir", "index", *COMMANDS[command]):
         if not FLAGS[name].value:
-            sys.exit(f"--{name} is required for {command}.")
+            cli.fail(f"--{name} is required for {command}.")
     for other, names in COMMANDS.items():
         for name in names:
             if other != command and FLAGS[name].present:
-                sys.exit(f"--{name} is for {other}, not {command}.")
+                cli.fail(f"--{name} is for {other}, not {command}.")
     try:
         if command == "import":
             result = files.import_vectors(FLAGS.index, FLAGS.data_dir, FLAGS.vectors,
@@ -61,10 +62,8 @@ def main(argv):
                                           FLAGS.normalize)
         else:
             count = files.export_vectors(FLAGS.index, FLAGS.data_dir, FLAGS.out, FLAGS.ids)
-    except (ValueError, OSError) as e:  # bad input or an unreachable index: one line
-        sys.exit(str(e))
     except redis.RedisError as e:  # e.g. a put over the server's query buffer limit
-        sys.exit(f"{redact(FLAGS.index)}: {e}")
+        cli.fail(f"{redact(FLAGS.index)}: {e}")
     if command == "import":
         skipped = f", skipped {result['skipped']} unknown ids" if result["skipped"] else ""
         print(f"imported {result['items']} {result['dim']}-d vectors from {FLAGS.vectors} "
@@ -74,4 +73,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    # Bad input or an unreachable index: one line.
+    cli.run(main, positional=True, errors=(ValueError, OSError))

@@ -2,7 +2,7 @@
 
 A vector file names items by their raw ids (as in the logs `tfmm.data.prepare`
 read); `import_vectors` maps them to dense ids through the data directory's
-vocabulary (`tfmm.data.schema.item_dense_ids`) and `export_vectors` back.
+vocabulary (`tfmm.data.schema.dense_ids`) and `export_vectors` back.
 Formats, recognised by content (else by name) when read, by name when written:
 
 - Parquet (``PAR1`` magic bytes, or a ``.parquet*`` or ``.pq`` name): an
@@ -296,7 +296,7 @@ def import_vectors(index, data_dir, path, ids=None, vector_column="vector", unkn
     if unknown not in ("error", "skip"):
         raise ValueError(f"unknown={unknown!r}: want 'error' or 'skip'.")
     file = read_vectors(path, ids, vector_column)
-    dense_of = schema.item_dense_ids(data_dir)
+    dense_of = schema.dense_ids(data_dir)
     dense = np.array([dense_of.get(raw, -1) for raw in file.raw_ids], np.int64)
     missing = np.flatnonzero(dense < 0)
     if len(missing) and unknown == "error":
@@ -346,7 +346,7 @@ def export_vectors(index, data_dir, path, ids=None):
         if out is not None:  # before anything is read: never over an input or a user's file
             outputs.check_output_file(out, flag, (data_dir, local_index(index)),
                                       owned=lambda _: written_vectors(path, ids))
-    raw = schema.item_raw_ids(data_dir)
+    raw = schema.raw_ids(data_dir)
     if not _exists(index):
         raise ValueError(f"{redact(index)} holds no vectors.")
     catalogue = schema.catalogue_fingerprint(data_dir)

@@ -27,17 +27,15 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
 import numpy as np
 import tensorflow as tf
+from absl import flags
 from tensorflow.core.protobuf import named_tensor_pb2
 
+from tfmm import cli
 from tfmm.export import SIGNATURE, conform_inputs, example_inputs, latest_version, read_warmup
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("signature", SIGNATURE, "The signature to run.")
-flags.DEFINE_integer("batch_size", 4, "Batch size of inputs built from the signature.")
-flags.DEFINE_float("atol", 1e-5, "Largest absolute difference allowed between outputs.")
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "check.cc")
 
@@ -230,9 +228,15 @@ def check_saved_model(export_dir, inputs=None, keras_model=None, signature=SIGNA
             "outputs": outputs, "binary": exe, "seconds": time.time() - start}
 
 
+def define_flags():
+    flags.DEFINE_string("signature", SIGNATURE, "The signature to run.")
+    flags.DEFINE_integer("batch_size", 4, "Batch size of inputs built from the signature.")
+    flags.DEFINE_float("atol", 1e-5, "Largest absolute difference allowed between outputs.")
+
+
 def main(argv):
     if len(argv) < 2:
-        raise app.UsageError("usage: python -m tfmm.serving.check EXPORT_DIR [EXPORT_DIR ...]")
+        cli.fail("usage: python -m tfmm.serving.check EXPORT_DIR [EXPORT_DIR ...]")
     failed = 0
     for export_dir in argv[1:]:
         try:
@@ -251,4 +255,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main, positional=True)

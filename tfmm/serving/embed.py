@@ -30,84 +30,130 @@ With ``--runner`` the job is an Apache Beam pipeline (``pip install -e
 and the arguments after ``--`` are the runner's pipeline options, as
 ``python -m tfmm.data.prepare`` takes them (e.g. ``-- --direct_num_workers=2``,
 or Dataflow's ``--project``, ``--region``, ``--temp_location``).
+
+As a library: ``embed(EmbedOptions(encoder=..., data_dir=..., index=...))``, the
+options being the flags of the same names.
 """
 
+import dataclasses
 import sys
+from typing import Optional
 
-from absl import app, flags
+from absl import flags
 
-from tfmm import _startup
+from tfmm import cli
+from tfmm.config import SettingsError
 from tfmm.index import redact
 from tfmm.serving.encoding import Encoder, IndexSink, PartSink, embed_catalogue, job_manifest
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("encoder", None, "The encoder's SavedModel (a version dir, or a base dir: "
-                    "its latest version).")
-flags.DEFINE_string("data_dir", None, "The data directory whose items are embedded.")
-flags.DEFINE_string("index", None, "Write to this index table: a SQLite file or a redis:// URL.")
-flags.DEFINE_string("out_dir", None, "Or write Parquet files (item_id: the raw id, vector) "
-                    "to this directory.")
-flags.DEFINE_integer("batch_size", 256, "Items embedded (and put) in one batch.")
-flags.DEFINE_integer("part_size", 100_000, "Local Parquet output: catalogue items per part "
-                     "file, the unit a rerun skips.")
-flags.DEFINE_integer("shards", 4, "Beam Parquet output: number of files.")
-flags.DEFINE_string("runner", None, "Run as an Apache Beam pipeline on this runner "
-                    "(DirectRunner, DataflowRunner, FlinkRunner, ...).")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedOptions:
+    """What `embed` embeds and where: the fields are the CLI's flags of the same names;
+    `beam_args` are the pipeline options of `runner`."""
+
+    encoder: str
+    data_dir: str
+    index: Optional[str] = None
+    out_dir: Optional[str] = None
+    batch_size: int = 256
+    part_size: int = 100_000
+    shards: int = 4
+    runner: Optional[str] = None
+    beam_args: tuple = ()
+
+    def validate(self):
+        """Returns the options; SettingsError names the first bad one."""
+        if bool(self.index) == bool(self.out_dir):
+            raise SettingsError("give one of --index (an index table) or --out_dir (Parquet "
+                                "files).")
+        for name in ("batch_size", "part_size", "shards"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"--{name}={getattr(self, name)} must be >= 1.")
+        return self
+
+
+def embed(options, announce=None, verbose=0):
+    """Embeds every item of ``options.data_dir`` with ``options.encoder`` into the index or
+    the Parquet directory; with ``options.runner``, as a Beam pipeline (`embed_beam`, the
+    ``beam`` extra).
+
+    `announce`, when given, is called with one line naming the job before it starts;
+    `verbose` shows a progress bar (local job). Returns the counts ``items``,
+    ``embedded``, ``without_content`` (and locally ``already_done``) and the encoder's
+    ``modality``. SettingsError names a bad option; ValueError or OSError another
+    catalogue's index or directory, or bad records.
+    """
+    options.validate()
+    try:
+        encoder = Encoder(options.encoder)
+    except (OSError, ValueError) as e:
+        raise SettingsError(f"--encoder={options.encoder}: {e}") from None
+    try:
+        job = job_manifest(encoder, options.data_dir)
+    except (OSError, ValueError) as e:  # no data dir, no metadata.json
+        raise SettingsError(f"--data_dir={options.data_dir}: {e}") from None
+    announce = announce or (lambda line: None)
+    what = f"{encoder.modality} -> {encoder.dim}-d"
+    if options.runner:
+        from tfmm.serving import embed_beam  # the beam extra
+
+        target = redact(options.index) if options.index else options.out_dir
+        announce(f"embedding {options.data_dir} with {encoder.path} ({what}) into {target} on "
+                 f"{options.runner}")
+        result = embed_beam.run(encoder, options.data_dir, job,
+                                [f"--runner={options.runner}", *options.beam_args],
+                                index=options.index, out_dir=options.out_dir,
+                                batch_size=options.batch_size, shards=options.shards)
+    else:
+        sink = (IndexSink(options.index, encoder.dim, job["catalogue"]) if options.index else
+                PartSink(options.out_dir, options.data_dir, job, options.part_size))
+        announce(f"embedding {options.data_dir} with {encoder.path} ({what}) into {sink}")
+        result = embed_catalogue(encoder, options.data_dir, sink, options.batch_size,
+                                 verbose=verbose)
+    return dict(result, modality=encoder.modality)
+
+
+def define_flags():
+    """The CLI's flags: `EmbedOptions`' fields, with its defaults."""
+    o = EmbedOptions
+    flags.DEFINE_string("encoder", None, "The encoder's SavedModel (a version dir, or a base "
+                        "dir: its latest version).")
+    flags.DEFINE_string("data_dir", None, "The data directory whose items are embedded.")
+    flags.DEFINE_string("index", o.index, "Write to this index table: a SQLite file or a "
+                        "redis:// URL.")
+    flags.DEFINE_string("out_dir", o.out_dir, "Or write Parquet files (item_id: the raw id, "
+                        "vector) to this directory.")
+    flags.DEFINE_integer("batch_size", o.batch_size, "Items embedded (and put) in one batch.")
+    flags.DEFINE_integer("part_size", o.part_size, "Local Parquet output: catalogue items per "
+                         "part file, the unit a rerun skips.")
+    flags.DEFINE_integer("shards", o.shards, "Beam Parquet output: number of files.")
+    cli.define_runner_flag()
 
 
 def main(argv):
-    if len(argv) > 1 and not FLAGS.runner:
-        sys.exit(f"unexpected arguments: {argv[1:]} (pipeline options need --runner)")
+    beam_args = cli.pipeline_options(argv)
     for name in ("encoder", "data_dir"):
         if not FLAGS[name].value:
-            sys.exit(f"--{name} is required.")
-    if bool(FLAGS.index) == bool(FLAGS.out_dir):
-        sys.exit("give one of --index (an index table) or --out_dir (Parquet files).")
-    for name in ("batch_size", "part_size", "shards"):
-        if FLAGS[name].value < 1:
-            sys.exit(f"--{name}={FLAGS[name].value} must be >= 1.")
-    if FLAGS.runner:
-        _startup.quiet_logging()  # Beam logs every step at INFO
-        try:
-            import apache_beam  # noqa: F401
-        except ImportError:
-            sys.exit(f"--runner={FLAGS.runner} needs Apache Beam, which is not installed: "
-                     'pip install -e ".[beam]"')
-        from tfmm.serving import embed_beam
-    try:
-        encoder = Encoder(FLAGS.encoder)
-    except (OSError, ValueError) as e:
-        sys.exit(f"--encoder={FLAGS.encoder}: {e}")
-    try:
-        job = job_manifest(encoder, FLAGS.data_dir)
-    except (OSError, ValueError) as e:  # no data dir, no metadata.json
-        sys.exit(f"--data_dir={FLAGS.data_dir}: {e}")
-    what = f"{encoder.modality} -> {encoder.dim}-d"
-    try:
-        if FLAGS.runner:
-            target = redact(FLAGS.index) if FLAGS.index else FLAGS.out_dir
-            print(f"embedding {FLAGS.data_dir} with {encoder.path} ({what}) into {target} on "
-                  f"{FLAGS.runner}", flush=True)
-            result = embed_beam.run(encoder, FLAGS.data_dir, job,
-                                    [f"--runner={FLAGS.runner}", *argv[1:]],
-                                    index=FLAGS.index, out_dir=FLAGS.out_dir,
-                                    batch_size=FLAGS.batch_size, shards=FLAGS.shards)
-        else:
-            sink = (IndexSink(FLAGS.index, encoder.dim, job["catalogue"]) if FLAGS.index else
-                    PartSink(FLAGS.out_dir, FLAGS.data_dir, job, FLAGS.part_size))
-            print(f"embedding {FLAGS.data_dir} with {encoder.path} ({what}) into {sink}",
-                  flush=True)
-            result = embed_catalogue(encoder, FLAGS.data_dir, sink, FLAGS.batch_size,
-                                     verbose=1 if sys.stderr.isatty() else 0)
-    except (OSError, ValueError) as e:  # another catalogue's index or directory, bad records
-        sys.exit(str(e))
+            cli.fail(f"--{name} is required.")
+    options = EmbedOptions(beam_args=beam_args, **{
+        f.name: FLAGS[f.name].value for f in dataclasses.fields(EmbedOptions) if f.name in FLAGS})
+    options.validate()
+    if options.runner:
+        cli.require_extra("beam", f"--runner={options.runner}")
+    result = embed(options, announce=lambda line: print(line, flush=True),
+                   verbose=1 if sys.stderr.isatty() else 0)
     done = f", {result['already_done']} were done by an earlier run" \
         if result.get("already_done") else ""
     content = {"image": "an image", "text": "a title", "fused": "an image or a title"}[
-        encoder.modality]
+        result["modality"]]
     print(f"embedded {result['embedded']} of {result['items']} items{done}; "
           f"{result['without_content']} without {content} skipped", flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    # Another catalogue's index or directory, bad records: one line.
+    cli.run(main, positional=True, errors=(ValueError, OSError))

@@ -105,7 +105,7 @@ class RawIds(beam.DoFn):
         self.embedded = Metrics.counter(NAMESPACE, "embedded")
 
     def setup(self):
-        self.raw = schema.item_raw_ids(self.data_dir)
+        self.raw = schema.raw_ids(self.data_dir)
 
     def process(self, element):
         item, vector = element

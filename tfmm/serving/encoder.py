@@ -15,27 +15,16 @@ so it cannot block the stream.
 """
 
 import logging
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
+from tfmm import cli
 from tfmm.index import open_index
 from tfmm.serving.encoding import Encoder
 from tfmm.serving.events import BadEvent, open_events
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("encoder", None, "The encoder's SavedModel (a version dir, or a base dir: "
-                    "its latest version).")
-flags.DEFINE_string("events", None, "New-item events: a SQLite file, or a redis:// URL.")
-flags.DEFINE_string("index", None, "The index table: a SQLite file, or a redis:// URL.")
-flags.DEFINE_string("consumer", "encoder-1", "This worker's name in the consumer group.")
-flags.DEFINE_integer("max_batch", 64, "Most events embedded in one batch.")
-flags.DEFINE_float("block", 0.5, "Seconds a read waits for the first event.")
-flags.DEFINE_float("reclaim_after", 5.0, "Seconds after which another worker's pending "
-                   "events are taken over.")
-flags.DEFINE_integer("max_events", 0, "Stop after this many events (0: run until killed).")
-flags.DEFINE_float("idle_exit", 0.0, "Stop after this many seconds without events (0: never).")
 
 log = logging.getLogger("tfmm.serving.encoder")
 
@@ -87,19 +76,34 @@ def serve(encoder, events, index, consumer, batch_size=64, block=0.5, max_events
     return handled, bad
 
 
+def define_flags():
+    flags.DEFINE_string("encoder", None, "The encoder's SavedModel (a version dir, or a base "
+                        "dir: its latest version).")
+    flags.DEFINE_string("events", None, "New-item events: a SQLite file, or a redis:// URL.")
+    flags.DEFINE_string("index", None, "The index table: a SQLite file, or a redis:// URL.")
+    flags.DEFINE_string("consumer", "encoder-1", "This worker's name in the consumer group.")
+    flags.DEFINE_integer("max_batch", 64, "Most events embedded in one batch.")
+    flags.DEFINE_float("block", 0.5, "Seconds a read waits for the first event.")
+    flags.DEFINE_float("reclaim_after", 5.0, "Seconds after which another worker's pending "
+                       "events are taken over.")
+    flags.DEFINE_integer("max_events", 0, "Stop after this many events (0: run until killed).")
+    flags.DEFINE_float("idle_exit", 0.0, "Stop after this many seconds without events "
+                       "(0: never).")
+
+
 def main(argv):
     del argv
     for name in ("encoder", "events", "index"):
         if not getattr(FLAGS, name):
-            sys.exit(f"--{name} is required.")
+            cli.fail(f"--{name} is required.")
     try:
         encoder = Encoder(FLAGS.encoder)
     except (OSError, ValueError) as e:
-        sys.exit(f"--encoder={FLAGS.encoder}: {e}")
+        cli.fail(f"--encoder={FLAGS.encoder}: {e}")
     try:
         index = open_index(FLAGS.index, dim=encoder.dim)
     except ValueError as e:  # a corrupt index file, another width
-        sys.exit(f"--index: {e}")
+        cli.fail(f"--index: {e}")
     events = open_events(FLAGS.events, reclaim_after=FLAGS.reclaim_after)
     print(f"encoder {encoder.path} ({encoder.modality} -> {encoder.dim}-d): {events} -> {index}",
           flush=True)
@@ -110,4 +114,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

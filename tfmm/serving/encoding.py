@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from tfmm import data, outputs
 from tfmm.data import schema
+from tfmm.data.images import too_many_pixels
 from tfmm.export import latest_version
 from tfmm.index import files, open_index
 from tfmm.serving.events import BadEvent
@@ -86,6 +87,9 @@ class Encoder:
         if not event["image"]:
             raise BadEvent(f"item {event['item_id']}: the encoder embeds images; "
                            "the event has none.")
+        too_large = too_many_pixels(event["image"])
+        if too_large:  # before a decoder allocates them
+            raise BadEvent(f"item {event['item_id']}: {too_large}.")
         try:
             image = tf.io.decode_image(event["image"], channels=3, expand_animations=False)
         except tf.errors.OpError as e:  # pure decoding: any failure is the content's
@@ -163,7 +167,7 @@ class PartSink:
 
     def __init__(self, out_dir, data_dir, manifest, part_size):
         self.out_dir, self.part_size = out_dir, part_size
-        self.raw = schema.item_raw_ids(data_dir)
+        self.raw = schema.raw_ids(data_dir)
         claim_dir(out_dir, dict(manifest, layout=f"local parts of {part_size} items"),
                   inputs=(data_dir,))
         for path in glob.glob(os.path.join(out_dir, "part-*.parquet.tmp-*")):

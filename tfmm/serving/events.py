@@ -58,7 +58,7 @@ def check_event(event):
         raise BadEvent(f"new-item event {event!r:.80}: missing field 'item_id'.")
     try:
         item_id = int(event["item_id"])
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite REAL in SQLite
         raise BadEvent(f"new-item event {event!r:.80}: item_id {event['item_id']!r:.40} is "
                        "not an integer.") from None
     if item_id < FIRST_ID:
@@ -68,8 +68,12 @@ def check_event(event):
     try:
         category = int(event.get("category_id") or 0)
         created_at = float(event.get("created_at") or time.time())
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise BadEvent(f"{where}: {e}") from None
+    # Ids are int64 everywhere downstream (SQLite, NumPy, the index, the ranker).
+    for name, value in (("item_id", item_id), ("category_id", category)):
+        if not -2**63 <= value < 2**63:
+            raise BadEvent(f"{where}: {name} {value} does not fit in a signed 64-bit integer.")
     image, title = event.get("image") or b"", event.get("title") or ""
     if not isinstance(image, (bytes, bytearray, memoryview)):
         raise BadEvent(f"{where}: the image must be bytes, not {type(image).__name__}.")

@@ -6,10 +6,13 @@ ranker's inputs exactly as the training reader builds them
 (`tfmm.data.impressions`): the history cut to the most recent L items and
 padded with 0 after them; category ids from the catalogue; multimodal
 vectors from the index table, zeros where an item has none (the training
-fallback, counted in ``Predictor.stats``). A SavedModel with the ``rank``
-signature (tfmm exports rankers with it, `tfmm.export`) gets one row for the
-user with all candidates and the history once; otherwise ``serving_default``
-gets one row per candidate, each repeating the history. It then calls the
+fallback, counted in ``Predictor.stats``). A candidate neither the catalogue
+nor the index knows gets a defined score (``unknown_score``, default 0: after
+every known one), not the ranker's guess; invalid ids are refused. A
+SavedModel with the ``rank`` signature (tfmm exports rankers with it,
+`tfmm.export`) gets one row for the user with all candidates and the history
+once; otherwise ``serving_default`` gets one row per candidate, each
+repeating the history. It then calls the
 SavedModel in-process, or TF Serving over REST or gRPC:
 
     predictor = Predictor.from_data_dir(
@@ -337,13 +340,18 @@ def item_categories(data_dir):
     return table
 
 
-def _ids(value, field):
+def _ids(value, field, low=None):
+    """`value` as int64 ids; with `low`, ValueError names the first id below it."""
     ids = np.asarray(value)
     if ids.size == 0:
         return np.zeros(ids.shape, np.int64)
     if ids.dtype.kind not in "iu":
         raise ValueError(f"Request.{field}: want integer ids, got {ids.dtype} values.")
-    return ids.astype(np.int64)
+    ids = ids.astype(np.int64)
+    if low is not None and (ids < low).any():
+        raise ValueError(f"Request.{field}: {ids[ids < low].flat[0]} is not an item id (item "
+                         f"ids start at {schema.FIRST_ID}; 0 is padding, 1 out-of-vocabulary).")
+    return ids
 
 
 class Predictor:
@@ -367,11 +375,24 @@ class Predictor:
             reaches this logs a warning (at most one a minute): an emptied
             index (a Redis restarted without persistence) scores everything
             with zeros and fails no request.
+        unknown_score: the P(click) of a candidate the ranker knows nothing
+            of: an id that `item_categories` does not list and the index
+            has no vector for. The ranker would score it with its padding
+            embedding, a value training never shaped (such ids came out 1st
+            and 2nd of 200 in one run); 0 ranks them after every known
+            candidate, a base click rate gives them the neutral prior.
+
+    Candidate ids below 2 (0 is padding, 1 out-of-vocabulary) and negative
+    history ids are refused (ValueError naming the field). An item that is
+    not in the catalogue but has a vector (a new item the encoder service
+    indexed) is known by its vector and scored by the ranker. Without
+    `item_categories` every candidate counts as known.
 
     ``stats`` counts ``requests``, ``candidates``, ``vectors_looked_up``
-    (distinct items of a request, history and candidates) and
+    (distinct items of a request, history and candidates),
     ``missing_vectors`` (those with no vector in the index, scored with
-    zeros). Safe to call from many threads.
+    zeros) and ``unknown_candidates`` (scored `unknown_score`). Safe to call
+    from many threads.
 
     Example:
 
@@ -384,7 +405,7 @@ class Predictor:
     WARN_EVERY = 60.0  # seconds between missing-vector warnings
 
     def __init__(self, model, index=None, item_categories=None, signature=None, catalogue=None,
-                 missing_warning=0.5):
+                 missing_warning=0.5, unknown_score=0.0):
         self.model = (open_model(os.fspath(model), signature=signature)
                       if isinstance(model, (str, os.PathLike)) else model)
         # One row per user with C candidates (rank), or one row per candidate.
@@ -416,10 +437,11 @@ class Predictor:
                                  f"{catalogue}): its item ids name other items.")
         self.index = index
         self.missing_warning = missing_warning
+        self.unknown_score = np.float32(unknown_score)
         self._categories = item_categories
         self._lock = threading.Lock()
         self._stats = collections.Counter(requests=0, candidates=0, vectors_looked_up=0,
-                                          missing_vectors=0)
+                                          missing_vectors=0, unknown_candidates=0)
         self._next_warning = 0.0
 
     @classmethod
@@ -450,6 +472,15 @@ class Predictor:
         known = (items >= 0) & (items < len(table))
         return np.where(known, table[np.where(known, items, 0)], 0).astype(np.int64)
 
+    def _in_catalogue(self, items):
+        """Whether `item_categories` lists each of `items` (all True without it)."""
+        table = self._categories
+        if table is None:
+            return np.ones(items.shape, bool)
+        if isinstance(table, Mapping):
+            return np.array([int(i) in table for i in items], bool).reshape(items.shape)
+        return items < len(table)
+
     def assemble(self, request):
         """The signature's inputs for `request` and the item ids that had no vector.
 
@@ -457,16 +488,18 @@ class Predictor:
         vectors [1, C, d] and [1, L, d]; for ``serving_default``, C rows
         that repeat the history (views of one row, without copies).
         """
-        features, missing, _ = self._assemble(request)
+        features, missing, _, _ = self._assemble(request)
         return features, missing
 
     def _assemble(self, request):
-        """`assemble`'s, and how many distinct items' vectors were looked up."""
+        """`assemble`'s, how many distinct items' vectors were looked up, and which
+        candidates are unknown (no catalogue entry, no vector)."""
         user = _ids(request.user_id, "user_id")
         if user.ndim != 0:
             raise ValueError(f"Request.user_id: want one id, got shape {user.shape}.")
-        candidates = _ids(request.candidate_item_ids, "candidate_item_ids")
-        history = _ids(request.history_item_ids, "history_item_ids")
+        candidates = _ids(request.candidate_item_ids, "candidate_item_ids", schema.FIRST_ID)
+        # 0 pads a history, 1 is the out-of-vocabulary item training histories may hold.
+        history = _ids(request.history_item_ids, "history_item_ids", schema.PAD_ID)
         if candidates.ndim != 1 or history.ndim != 1:
             raise ValueError("Request: candidate_item_ids and history_item_ids must be lists.")
         history_categories = self._category_ids(history, request.history_category_ids,
@@ -498,6 +531,7 @@ class Predictor:
             "history_mask": rows(mask),
         }
         missing, keys = np.zeros(0, np.int64), ()
+        unknown = ~self._in_catalogue(candidates)
         if self.vector_dim:
             # One index round trip for the history and the candidates together.
             keys = np.unique(np.concatenate([history[mask], candidates]))
@@ -512,23 +546,25 @@ class Predictor:
 
             features["item_vector"] = candidate_rows(table[positions(candidates)])
             features["history_vectors"] = rows(table[positions(history)])
+            unknown &= np.isin(candidates, missing)
         # History rows stay views of one row: tf.constant copies them once, faster than numpy.
         inputs = self.model.inputs
         features = {k: v.astype(inputs[k].dtype.as_numpy_dtype, copy=False)
                     for k, v in features.items() if k in inputs}
-        return features, missing, len(keys)
+        return features, missing, len(keys), unknown
 
     def predict(self, request):
         """P(click) of each candidate of `request`: float32 [len(candidate_item_ids)]."""
-        features, missing, looked_up = self._assemble(request)
+        features, missing, looked_up, unknown = self._assemble(request)
         n = len(request.candidate_item_ids)
         p = np.asarray(self.model(features) if n else [], np.float32).reshape(-1)
         if len(p) != n:
             raise ServingError(f"{self.model}: {len(p)} outputs for {n} candidates.")
+        p = np.where(unknown, self.unknown_score, p)
         now = time.monotonic()
         with self._lock:
             self._stats.update(requests=1, candidates=n, vectors_looked_up=looked_up,
-                               missing_vectors=len(missing))
+                               missing_vectors=len(missing), unknown_candidates=int(unknown.sum()))
             warn = (looked_up and len(missing) >= self.missing_warning * looked_up
                     and now >= self._next_warning)
             if warn:
