@@ -26,9 +26,12 @@ def test_vector_feature_projection_is_shared(rng):
 
 
 def test_vector_feature_with_candidates(rng):
-    t, h = VectorFeature()(np.ones((2, 7, 3), "float32"), np.ones((2, 4, 3), "float32"),
-                           np.ones((2, 7, 5), "float32"), np.ones((2, 4, 5), "float32"))
-    assert t.shape == (2, 7, 8) and h.shape == (2, 4, 8)
+    te, he = rng.normal(size=(2, 7, 3)), rng.normal(size=(2, 4, 3))
+    tv, hv = rng.normal(size=(2, 7, 5)), rng.normal(size=(2, 4, 5))
+    t, h = VectorFeature()(*(x.astype("float32") for x in (te, he, tv, hv)))
+    # Each candidate's target is its own embedding and vector; the history is unchanged.
+    np.testing.assert_allclose(t.numpy(), np.concatenate([te, tv], -1), rtol=1e-6)
+    np.testing.assert_allclose(h.numpy(), np.concatenate([he, hv], -1), rtol=1e-6)
 
 
 def test_simscore_appends_scores_and_self_similarity(rng):

@@ -123,7 +123,7 @@ def test_parquet_input_gives_the_same_records(inputs):
 
 
 def test_parquet_whole_floats_are_integers_and_nan_is_named_at_its_row(inputs):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # a dependency of tfmm: never skipped
     import pyarrow.parquet as pq
 
     tmp, log, items, images = inputs
