@@ -200,14 +200,16 @@ def main(argv):
     try:
         seeds = [int(s) for s in FLAGS.seeds]
     except ValueError:
-        cli.fail(f"--seeds={','.join(FLAGS.seeds)}: want integers.")
-    if not FLAGS.index:
-        cli.fail("--index is required: your filled index table (a SQLite file or a redis:// "
-                 "URL).")
+        seeds = []
+    if not seeds:
+        cli.fail(f"--seeds={','.join(FLAGS.seeds)}: want one or more integers.")
     data_dir = cli.data_dir(generate=False)
     if not os.path.exists(os.path.join(data_dir, "metadata.json")):
         cli.fail(f"--data_dir={data_dir} holds no tfmm data (no metadata.json); prepare it with "
                  "python -m tfmm.data.prepare.")
+    if not FLAGS.index:
+        cli.fail("--index is required: your filled index table (a SQLite file or a redis:// "
+                 "URL).")
     name = os.path.basename(os.path.normpath(data_dir))
     runs_dir = FLAGS.runs_dir or cli.runs(data_dir, "never_hurts")
     out = FLAGS.out_dir or os.path.join("results", "never_hurts", name)
