@@ -60,7 +60,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmm import data, distribute, jobs, metrics
+from tfmm import data, distribute, encoder_checks, jobs, metrics
 from tfmm.config import SettingsError, check_settings, default_of, setting
 from tfmm.data import schema
 from tfmm.export import check_export_dir, export_saved_model
@@ -396,10 +396,18 @@ class CTRJob(jobs.Job):
         self.meta = check_data(self.config)
 
     def load(self, dist):
-        if self.reads_index:
+        reads_index = self.reads_index
+        if reads_index:
             self.vectors = load_vectors(self.config, self.meta["vocab"]["num_items"], dist)
         elif self.config.model == "id":
             self.vectors = None
+        self.encoder = None
+        if self.vectors is not None and dist.is_chief:  # what the vectors are worth, said first
+            recorded = open_index(self.config.index).description() if reads_index else None
+            self.encoder = encoder_checks.checks(recorded, self.vectors, data.item_categories(
+                self.config.data_dir, self.meta["vocab"]["num_items"]))
+            for line in encoder_checks.lines(self.encoder):
+                print(line, flush=True)
 
     def train(self, dist):
         try:
@@ -443,6 +451,8 @@ class CTRJob(jobs.Job):
                                           NUM_FREQUENCY_GROUPS)
         result = {"model": config.model, **test.report(test.predict(model), groups),
                   "epochs": epochs, **distributed}
+        if self.encoder is not None:
+            result["encoder"] = self.encoder
         if config.uses_make:
             result["make"] = {"pretrain_epochs": config.make_epochs,
                               "trainable": config.make_trainable, "epochs": make_epochs}
