@@ -14,7 +14,9 @@ your index holds, of the same width, written once to
 shared by ``make`` and ``simtier_make``.
 
 The report (``--out_dir``/report.md and report.json) leads with the encoder's
-checks as the user's rankers recorded them (metrics.json's ``encoder``), then
+checks as the user's rankers recorded them (metrics.json's ``encoder``: the
+index's record, the label-free check on the vectors, a warning or None) and
+the random control's label-free value beside them, then
 per vectors source a table of GAUC and ΔGAUC against the ID ranker of the same
 seed (mean and min over seeds) and, for residual MAKE, what MAKE's head adds to
 the same run (metrics.json's ``make.without_make``). A method **never hurts**
@@ -39,7 +41,7 @@ import numpy as np
 from absl import flags
 
 from pipelines.runs import NAMES, Runs, method_table, pipeline_dir, write_report
-from tfmm import cli, ctr, outputs
+from tfmm import cli, ctr, encoder_checks, outputs
 from tfmm.config import SettingsError
 from tfmm.data import schema
 from tfmm.index import is_empty, local_index, open_index, redact, remove_files
@@ -134,33 +136,35 @@ def remember_inputs(runs_dir, record):
         json.dump(record, f, indent=1)
 
 
-def value_lines(values, prefix=""):
+def value_lines(values):
     """`values` (a dict, nested or not) as Markdown list lines ``key: value``."""
     lines = []
     for key, value in values.items():
         if isinstance(value, dict):
-            lines += [f"- {prefix}{key}:"] + ["  " + line for line in value_lines(value)]
+            lines += [f"- {key}:"] + ["  " + line for line in value_lines(value)]
         else:
-            shown = f"{value:.4f}" if isinstance(value, float) else value
-            lines.append(f"- {prefix}{key}: {shown}")
+            lines.append(f"- {key}: {f'{value:.4f}' if isinstance(value, float) else value}")
     return lines
 
 
-def encoder_lines(user_results, index):
-    """The report's lead: the encoder's checks from the user's rankers' metrics.json, else
-    the index's own record of what made its vectors, if any."""
-    recorded = [r["encoder"] for runs in user_results.values() for r in runs
-                if r.get("encoder") is not None]
-    if recorded:
-        return (["The encoder's checks, as your rankers recorded them (metrics.json, "
-                 "`encoder`):", ""] + value_lines(recorded[0]), recorded[0])
-    lines = ["The encoder's checks were not recorded in your rankers' metrics.json."]
-    with contextlib.closing(open_index(index)) as held:
-        description = held.description()
-    if description:
-        lines += ["", f"What made the vectors, as {redact(index)} records it:", ""]
-        lines += value_lines(description)
-    return lines, None
+def encoder_lines(by_source):
+    """The report's lead: the encoder's checks as the user's rankers recorded them
+    (metrics.json's ``encoder``, `tfmm.encoder_checks`), the random control's label-free
+    value beside them; lines and the user's checks (None where not recorded)."""
+    recorded = {source: next((r["encoder"] for runs in results.values() for r in runs
+                              if r.get("encoder") is not None), None)
+                for source, results in by_source.items()}
+    checks = recorded["user"]
+    if checks is None:
+        return ["The encoder's checks were not recorded in your rankers' metrics.json "
+                "(runs made before tfmm recorded them)."], None
+    lines = ["As your rankers printed and recorded them (metrics.json, `encoder`):", ""]
+    lines += [f"    {line}" for line in encoder_checks.lines(checks)] + [""] + value_lines(checks)
+    control = (recorded["random"] or {}).get("snapshot", {}).get(encoder_checks.KEY)
+    if control is not None:
+        lines += ["", f"The random control's vectors on the label-free check: "
+                  f"{encoder_checks.KEY} {control:.4f}."]
+    return lines, checks
 
 
 def verdicts(summaries, tolerance):
@@ -237,7 +241,7 @@ def main(argv):
                                                      methods)}
                  for source, index in (("user", FLAGS.index), ("random", control))}
 
-    head, encoder = encoder_lines(by_source["user"], FLAGS.index)
+    head, encoder = encoder_lines(by_source)
     lines = [f"# Never hurts: multimodal rankers on `{name}` against the ID ranker", "",
              "## Encoder", ""] + head
     summaries = {}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines.never_hurts import random_index
+from tfmm import encoder_checks
 from tfmm.data import schema
 from tfmm.index import open_index
 
@@ -119,11 +120,14 @@ def test_never_hurts_report_on_tiny(tiny_dir, tmp_path):
         assert control.dim == 8 and np.array_equal(control.ids(), ids)
         np.testing.assert_allclose(np.linalg.norm(control.get(ids)[0], axis=1), 1, atol=1e-6)
 
-    # The encoder's checks as the rankers recorded them, else the index's own record.
-    recorded = metrics(report["runs"]["user"]["make"][0]).get("encoder")
-    assert report["encoder"] == recorded
-    if recorded is None:
-        assert "were not recorded" in md and "- source: a test import" in md
+    # The encoder's checks as the user's rankers recorded them, the random control's beside.
+    checks = metrics(report["runs"]["user"]["make"][0])["encoder"]
+    assert report["encoder"] == checks and checks["recorded"]["source"] == "a test import"
+    assert all(f"    {line}\n" in md for line in encoder_checks.lines(checks))
+    control = metrics(report["runs"]["random"]["make"][0])["encoder"]
+    assert control["recorded"]["source"] == "random unit vectors"
+    assert (f"{encoder_checks.KEY} {control['snapshot'][encoder_checks.KEY]:.4f}."
+            in md.split("## Rankers")[0])
 
     # A rerun trains nothing: every finished run is read back.
     finished = sorted(runs_dir.rglob("metrics.json"))
