@@ -181,10 +181,10 @@ def verdicts(summaries, tolerance):
         numbers[method] = {"never_hurts": not hurts, "random_delta_mean": float(delta.mean()),
                            "random_delta_min": float(delta.min()),
                            "user_minus_random": gain.tolist()}
-        verdict = (f"**HURTS**: on random vectors its GAUC is {delta.mean():+.4f} against ID "
-                   f"(mean; min {delta.min():+.4f}), beyond -{tolerance:g}" if hurts else
-                   f"never hurts: on random vectors {delta.mean():+.4f} against ID (mean; "
-                   f"min {delta.min():+.4f}), within -{tolerance:g}")
+        verdict = (f"**HURTS**: on random vectors {delta.mean():+.4f} GAUC against ID "
+                   f"(mean; min {delta.min():+.4f}), below -{tolerance:g}" if hurts else
+                   f"never hurts: on random vectors {delta.mean():+.4f} GAUC against ID "
+                   f"(mean; min {delta.min():+.4f}), not below -{tolerance:g}")
         worth = ("beat" if gain.mean() > tolerance else "are below" if gain.mean() < -tolerance
                  else f"are within ±{tolerance:g} of")
         lines.append(f"- {NAMES[method]}: {verdict}. Your vectors {worth} the random control: "
