@@ -222,6 +222,20 @@ def test_settings_errors_name_the_flag(tiny_dir, tmp_path):
     (_, other, _), = ctr.CTRJob(dataclasses.replace(config, embedding_dim=4)).directories()
     with pytest.raises(ctr.SettingsError, match=r"other settings \(embedding_dim\)"):
         jobs.check_dir(directory, other, flag)
+    # A user's folder that holds what a run writes (its backup is deleted when the run
+    # ends, MAKE's epochs replaced) is refused before anything is written.
+    mine = tmp_path / "mine"
+    (mine / "backup").mkdir(parents=True)
+    (mine / "backup" / "thesis.tex").write_text("years of work")
+    (mine / "notes.txt").write_text("kept")
+    with pytest.raises(ctr.SettingsError, match=re.escape(
+            f"--model_dir={mine} holds backup but no run of tfmm (no config.json): a run "
+            "would replace or delete them; use a fresh --model_dir.")):
+        ctr.run(dataclasses.replace(config, model_dir=str(mine)))
+    assert sorted(p.name for p in mine.rglob("*")) == ["backup", "notes.txt", "thesis.tex"]
+    (mine / "backup" / "thesis.tex").unlink()
+    (mine / "backup").rmdir()
+    jobs.check_dir(str(mine), settings, flag)  # other files: kept beside the run's
     # Layer sizes are checked with the other settings, naming the flag.
     for name, units, message in (("mlp_units", (16, 0), "--mlp_units=16,0: every value must"),
                                  ("attention_units", (-1,), "--attention_units=-1: every"),
