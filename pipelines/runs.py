@@ -94,9 +94,9 @@ class Runs:
         return results
 
 
-def mean_std(x):
+def mean_std(x, signed=False):
     x = np.asarray(x, np.float64)
-    return f"{x.mean():.4f} ± {x.std():.4f}"
+    return f"{x.mean():{'+' if signed else ''}.4f} ± {x.std():.4f}"
 
 
 def relative(x, base):
@@ -105,17 +105,36 @@ def relative(x, base):
     return f"{r.mean():+.2f}% ± {r.std():.2f}", float(r.mean())
 
 
-def method_table(results):
-    """Markdown rows of GAUC and AUC by method against ID (in `results`), and their summary."""
+def method_table(results, paired=False):
+    """Markdown rows of GAUC and AUC by method against ID (in `results`), and their summary.
+
+    `paired`: instead of the relative and AUC columns, each seed's GAUC minus the ID
+    ranker's of the same seed (mean and min over seeds) and, where a residual-MAKE run
+    recorded the same run without MAKE's head (``make.without_make``), what the head adds
+    to its GAUC. The summary has both (``gauc_delta``, ``make_head``: per seed).
+    """
     base = {m: [r[m] for r in results["id"]] for m in ("gauc", "auc")}
-    lines = ["| Method | GAUC | vs ID | AUC | vs ID |", "| --- | --- | --- | --- | --- |"]
+    lines = (["| Method | GAUC | ΔGAUC vs ID, mean | ΔGAUC vs ID, min | MAKE's head |",
+              "| --- | --- | --- | --- | --- |"] if paired else
+             ["| Method | GAUC | vs ID | AUC | vs ID |", "| --- | --- | --- | --- | --- |"])
     summary = {}
     for method, runs in results.items():
         g, a = [r["gauc"] for r in runs], [r["auc"] for r in runs]
         (gr, grm), (ar, arm) = relative(g, base["gauc"]), relative(a, base["auc"])
-        lines.append(f"| {NAMES[method]} | {mean_std(g)} | {gr} | {mean_std(a)} | {ar} |")
+        delta = (np.asarray(g) - np.asarray(base["gauc"])).tolist()
         summary[method] = {"gauc": g, "auc": a, "gauc_rel_pct": grm, "auc_rel_pct": arm,
+                           "gauc_delta": delta,
                            "new_item_auc": [r["new_items"]["auc"] for r in runs]}
+        if all("without_make" in r.get("make", {}) for r in runs):
+            summary[method]["make_head"] = [r["gauc"] - r["make"]["without_make"]["gauc"]
+                                            for r in runs]
+        if paired:
+            head = summary[method].get("make_head")
+            lines.append(f"| {NAMES[method]} | {mean_std(g)} | {np.mean(delta):+.4f} | "
+                         f"{np.min(delta):+.4f} | "
+                         f"{'–' if head is None else mean_std(head, signed=True)} |")
+        else:
+            lines.append(f"| {NAMES[method]} | {mean_std(g)} | {gr} | {mean_std(a)} | {ar} |")
     return lines, summary
 
 

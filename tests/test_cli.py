@@ -15,7 +15,8 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
            PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
 # The tools with --world and --data_dir (the world generated into the data dir where asked).
 DATA_TOOLS = ["tfmm.train", "tfmm.serving.predict", "pipelines.paper", "pipelines.table2",
-              "benchmarks.distribute", "benchmarks.embed", "benchmarks.input_pipeline"]
+              "benchmarks.distribute", "benchmarks.embed", "benchmarks.input_pipeline",
+              "pipelines.never_hurts"]
 
 
 def modules():
@@ -251,7 +252,7 @@ def test_every_tool_refuses_a_mistyped_data_dir(tool, tmp_path):
     typo = tmp_path / "data" / "smal"
     proc = subprocess.run([sys.executable, "-m", tool, f"--data_dir={typo}"], cwd=tmp_path,
                           env=ENV, capture_output=True, text=True)
-    hint = "." if tool == "tfmm.serving.predict" else \
+    hint = "." if tool in ("tfmm.serving.predict", "pipelines.never_hurts") else \
         "; give --world to generate a synthetic world there."
     assert _last_line(proc) == f"--data_dir={typo} does not exist{hint}"
     assert os.listdir(tmp_path) == []  # nothing generated, nothing written
