@@ -543,7 +543,7 @@ def test_bad_pairs_are_named_by_row(inputs, rows, message):
 
 
 def test_mined_negatives_share_the_category_and_are_never_the_positive():
-    from tfmm.data.prepare import hard_negatives
+    from tfmm.data.pairs import hard_negatives
 
     # ids 2..7: categories 10, 10, 10, 11, 11, 12 (12 has no other item)
     category_of = np.array([0, 0, 10, 10, 10, 11, 11, 12])
