@@ -79,7 +79,7 @@ from absl import flags
 from pipelines.movielens_data import convert, export_tfds, image_source
 from pipelines.runs import (NAMES, Runs, frequency_gains, mean_std, method_table, pipeline_dir,
                             write_report)
-from tfmm import cli, ctr, outputs, pretrain
+from tfmm import cli, ctr, encoder_checks, outputs, pretrain
 from tfmm.config import SettingsError
 from tfmm.data import schema
 from tfmm.data.prepare import PrepareOptions, prepare, summary
@@ -211,7 +211,7 @@ def prepared(work, ratings, movies):
 def encoder_lines(trained, untrained):
     """The report's lead: the encoder's Acc@N and label-free check next to its untrained
     tower's and chance's, and whether training moved the label-free check."""
-    key = f"neighbours_same_category@{pretrain.NEIGHBOURS}"
+    key = encoder_checks.KEY
     pairs = trained.get("test_pairs", 0)
     # A random ranking puts a query's own positive among the top N of `pairs` with N / pairs.
     chance = {f"acc@{n}": min(n, pairs) / pairs for n in (1, 5) if pairs}

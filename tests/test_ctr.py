@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfmm import ctr, data, jobs
+from tfmm import ctr, data, encoder_checks, jobs
 from tfmm.data import schema, world as world_lib
 from tfmm.data.prepare import PrepareOptions, prepare
 from tfmm.data.synthetic import write_raw
@@ -222,6 +222,20 @@ def test_settings_errors_name_the_flag(tiny_dir, tmp_path):
     (_, other, _), = ctr.CTRJob(dataclasses.replace(config, embedding_dim=4)).directories()
     with pytest.raises(ctr.SettingsError, match=r"other settings \(embedding_dim\)"):
         jobs.check_dir(directory, other, flag)
+    # A user's folder that holds what a run writes (its backup is deleted when the run
+    # ends, MAKE's epochs replaced) is refused before anything is written.
+    mine = tmp_path / "mine"
+    (mine / "backup").mkdir(parents=True)
+    (mine / "backup" / "thesis.tex").write_text("years of work")
+    (mine / "notes.txt").write_text("kept")
+    with pytest.raises(ctr.SettingsError, match=re.escape(
+            f"--model_dir={mine} holds backup but no run of tfmm (no config.json): a run "
+            "would replace or delete them; use a fresh --model_dir.")):
+        ctr.run(dataclasses.replace(config, model_dir=str(mine)))
+    assert sorted(p.name for p in mine.rglob("*")) == ["backup", "notes.txt", "thesis.tex"]
+    (mine / "backup" / "thesis.tex").unlink()
+    (mine / "backup").rmdir()
+    jobs.check_dir(str(mine), settings, flag)  # other files: kept beside the run's
     # Layer sizes are checked with the other settings, naming the flag.
     for name, units, message in (("mlp_units", (16, 0), "--mlp_units=16,0: every value must"),
                                  ("attention_units", (-1,), "--attention_units=-1: every"),
@@ -521,3 +535,36 @@ def test_a_kill_while_makes_backup_is_written_resumes(tiny_dir, oracle, tmp_path
     assert "Epoch 2/3" in rerun.stdout  # MAKE's epoch 2 again, from epoch 1's backup
     result = json.load(open(tmp_path / "ctr" / "metrics.json"))
     assert [e["epoch"] for e in result["make"]["epochs"]] == [1, 2, 3]
+
+
+def test_a_ranker_on_an_untrained_encoder_says_so(tiny_dir, oracle, tmp_path, capsys):
+    from tfmm import pretrain
+
+    index = str(tmp_path / "random.db")
+    pretrain.run(pretrain.PretrainConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "p"),
+                                         index=index, objective="random", dim=8, verbose=0))
+    config = ctr.CTRConfig(data_dir=tiny_dir, model_dir=str(tmp_path / "m"), model="simtier",
+                           index=index, **SMALL_MODEL)
+    capsys.readouterr()
+    result = ctr.run(config)
+    printed = capsys.readouterr().out
+    checks = result["encoder"]
+    assert checks["recorded"]["source"].startswith("random: the untrained tower")
+    # The untrained tower is its own reference: no better, by construction.
+    assert (checks["snapshot"][encoder_checks.KEY]
+            == checks["recorded"][f"{encoder_checks.KEY}_untrained"])
+    assert checks["warning"].startswith("warning: the item vectors are no better than its "
+                                        "untrained tower")
+    assert checks["warning"] in printed.splitlines()
+    with open(os.path.join(config.model_dir, "metrics.json")) as f:
+        assert json.load(f)["encoder"] == checks
+    # Vectors that group items as the world does, put in without a record: no warning.
+    oracle_index = SQLiteIndex(tmp_path / "oracle.db", dim=oracle.table.shape[1])
+    oracle_index.claim(schema.catalogue_fingerprint(tiny_dir))
+    ids = np.flatnonzero(oracle.present)
+    oracle_index.put(ids, oracle.table[ids])
+    good = ctr.run(dataclasses.replace(config, index=str(tmp_path / "oracle.db"),
+                                       model_dir=str(tmp_path / "m2")))["encoder"]
+    assert good["recorded"] is None and good["warning"] is None
+    assert good["snapshot"][encoder_checks.KEY] > good["snapshot"][
+        f"{encoder_checks.KEY}_chance"] + encoder_checks.MARGIN

@@ -8,7 +8,7 @@ import pytest
 MODULES = ["tfmm.layers.dice", "tfmm.layers.din_attention", "tfmm.layers.known_ids",
            "tfmm.layers.make", "tfmm.layers.simscore", "tfmm.layers.simtier",
            "tfmm.layers.sharded_embedding", "tfmm.layers.vector", "tfmm.ranker",
-           "tfmm.data.images"]
+           "tfmm.data.images", "tfmm.encoder_checks"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -314,13 +314,13 @@ def test_undecodable_image_fails_mid_write_without_damage(inputs):
 def test_an_image_over_the_pixel_limit_is_named_before_it_is_decoded(inputs):
     tmp, log, items, images = inputs
     out = tmp / "out"
-    prepare(log, items, str(out), images_dir=images)
+    prepare(PrepareOptions(log, items, str(out), images))
     before = {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()}
     (tmp / "images" / "i3.png").write_bytes(huge_png())  # 49 kB, 1.2 GB decoded
     with pytest.raises(ValueError, match=re.escape(
             f"{images}/i3.png (item 'i3', {items}: row 4): the image is 20000x20000 pixels, "
             "over the limit of 50,000,000 (tfmm.data.images.MAX_PIXELS); downscale it.")):
-        prepare(log, items, str(out), images_dir=images)
+        prepare(PrepareOptions(log, items, str(out), images))
     assert {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()} == before
     assert not [p for p in os.listdir(tmp) if ".tmp-" in p]
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfmm import data, distribute
+from tfmm import data, distribute, encoder_checks
 from tfmm.data import schema
 from tfmm.data import world as world_lib
 from tfmm.data.prepare import PrepareOptions, prepare
 from tfmm.data.synthetic import write_raw
-from tfmm.index import SQLiteIndex
+from tfmm.index import SQLiteIndex, open_index
 from tfmm.metrics import acc_at_n, neighbours_same_label, same_label_chance
 from tfmm.pretrain import (Catalogue, PretrainConfig, SettingsError, build_tower, choose_source,
                            evaluate, run, training_data, word_dropout)
@@ -153,6 +153,21 @@ def test_objectives_run(tiny_dir, tmp_path, objective, modality, queue, triplet)
                                 epochs=1, batch_size=32, dim=8, min_steps=0, verbose=0))
     assert 0.0 <= result["acc@1"] <= result["acc@5"] <= 1.0
     assert json.load(open(tmp_path / "metrics.json"))["acc@5"] == result["acc@5"]
+
+
+def test_the_untrained_towers_checks_are_recorded_in_the_index(tiny_dir, tmp_path):
+    settings = dict(data_dir=tiny_dir, modality="text", epochs=1, batch_size=32, dim=8,
+                    min_steps=0, verbose=0, seed=3)
+    untrained = run(PretrainConfig(model_dir=str(tmp_path / "r"), objective="random",
+                                   index=str(tmp_path / "r.db"), **settings))
+    trained = run(PretrainConfig(model_dir=str(tmp_path / "s"), objective="scl",
+                                 index=str(tmp_path / "s.db"), **settings))
+    # The scl run's reference is its own tower before training: the random run's, same seed.
+    for k in ("acc@1", "acc@5", "neighbours_same_category@10"):
+        assert trained[f"{k}_untrained"] == pytest.approx(untrained[k], abs=1e-9)
+    assert "acc@1_untrained" not in untrained
+    for path, result in ((tmp_path / "r.db", untrained), (tmp_path / "s.db", trained)):
+        assert open_index(str(path)).description() == encoder_checks.record(result)
 
 
 @pytest.mark.parametrize("objective, modality", [

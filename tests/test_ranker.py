@@ -148,3 +148,76 @@ def test_only_a_din_ranker_gets_a_rank_signature():
     assert list(ranker_signatures(ranker)) == ["rank"]
     inputs = {"x": keras.Input((3,), name="x")}
     assert ranker_signatures(keras.Model(inputs, keras.layers.Dense(1)(inputs["x"]))) == {}
+
+
+def _oracle_snapshot(tiny_dir):
+    meta = schema.read_metadata(tiny_dir)
+    truth = np.load(f"{tiny_dir}/truth.npz")
+    cfg = world_lib.WorldConfig(**meta["world"])
+    vecs = world_lib.oracle_vectors(truth["category"], truth["colour"], truth["pattern"], cfg)
+    return meta, data.Vectors.from_items(np.arange(len(vecs)) + schema.FIRST_ID, vecs,
+                                         meta["vocab"]["num_items"])
+
+
+def _small_ranker(meta, method, seed, vector_dim, **kwargs):
+    keras.utils.set_random_seed(seed)
+    return DINRanker(meta["vocab"], max_history=10, method=method,
+                     vector_dim=None if method == "id" else vector_dim, embedding_dim=8,
+                     attention_units=(8,), mlp_units=(16,), **kwargs)
+
+
+def _make_block(vector_dim, frozen):
+    make = MAKEBlock(din={"hidden_units": (4,)}, mlp_units=(8, 4, 2, 1), return_knowledge=True,
+                     target_in_mlp=True, name="make")
+    make.build((None, vector_dim))
+    make.trainable = not frozen
+    return make
+
+
+@pytest.mark.parametrize("method,integration", [
+    ("simtier", "residual"), ("make", "residual"), ("simtier_make", "residual"),
+    ("make", "concat"), ("simtier_make", "concat"), ("simtier_make", "joint")])
+def test_multimodal_rankers_start_as_the_id_ranker(tiny_dir, method, integration):
+    """The same seed gives the same initial scores as the ID ranker: the multimodal inputs
+    enter with zero weights, a residual MAKE's head adds zero, and a MAKE trained jointly
+    (made by the ranker) draws its weights after the ranker's."""
+    meta, snapshot = _oracle_snapshot(tiny_dir)
+    d = snapshot.table.shape[1]
+    make = None if integration == "joint" else _make_block(d, frozen=True)
+    mm = _small_ranker(meta, method, 7, d, make=make,
+                       make_integration="concat" if integration == "concat" else "residual")
+    plain = _small_ranker(meta, "id", 7, d)
+    x, _ = next(iter(data.impressions(tiny_dir, "test", batch_size=64, max_history=10,
+                                      vectors=snapshot, features=list(mm.input))))
+    want = plain.predict_on_batch({k: x[k] for k in plain.input})
+    np.testing.assert_allclose(mm.predict_on_batch(x), want, atol=1e-6)  # float rounding
+    assert np.ptp(want) > 1e-3  # scores that differ by example: not a trivial equality
+    glorot = _small_ranker(meta, method, 7, d, make=make, start_as_id=False,
+                           make_integration="concat")
+    assert np.abs(glorot.predict_on_batch(x) - want).max() > 1e-3
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_residual_make_leaves_the_ranker_to_train_as_without_make(tiny_dir, frozen):
+    """With a residual MAKE the ranker's own weights follow the same steps as the ID
+    ranker's (they learn from their own loss only); the head and, where it trains, MAKE
+    learn too."""
+    meta, snapshot = _oracle_snapshot(tiny_dir)
+    d = snapshot.table.shape[1]
+    make = _make_block(d, frozen)
+    start = [w.numpy() for w in make.weights]
+    models = {"id": _small_ranker(meta, "id", 3, d),
+              "make": _small_ranker(meta, "make", 3, d, make=make)}
+    for model in models.values():
+        model.compile(keras.optimizers.Adam(3e-3), "binary_crossentropy")
+        model.fit(data.impressions(tiny_dir, "train", batch_size=256, max_history=10,
+                                   vectors=snapshot, features=list(model.input)),
+                  epochs=1, verbose=0)
+    ranker = models["id"].weights
+    own = [w for w in models["make"].weights if not w.path.startswith("make")]
+    assert [w.shape for w in own] == [w.shape for w in ranker]
+    for w, v in zip(own, ranker):
+        np.testing.assert_allclose(w.numpy(), v.numpy(), atol=1e-6, err_msg=w.path)
+    assert np.abs(models["make"].make_head.kernel.numpy()).max() > 1e-4
+    moved = [not np.array_equal(a, w.numpy()) for a, w in zip(start, make.weights)]
+    assert any(moved) != frozen

@@ -60,7 +60,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmm import data, distribute, jobs, metrics
+from tfmm import data, distribute, encoder_checks, jobs, metrics
 from tfmm.config import SettingsError, check_settings, default_of, setting
 from tfmm.data import schema
 from tfmm.export import check_export_dir, export_saved_model
@@ -68,7 +68,7 @@ from tfmm.index import IndexUnavailable, is_empty, local_index, open_index, reda
 from tfmm.layers import MAKEBlock
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.optimizers import DenseGradientAdam
-from tfmm.ranker import METHODS, DINRanker, build_make_pretrainer
+from tfmm.ranker import MAKE_INTEGRATIONS, METHODS, DINRanker, build_make_pretrainer
 from tfmm.callbacks import EpochRecord, RefreshVectors
 
 # "adam" is Keras 3's, whose update for an embedding table's sparse gradient is
@@ -118,6 +118,17 @@ class CTRConfig:
     batch_norm: bool = setting(default_of(DINRanker, "batch_norm"),
                                "Batch-normalise the ranker's MLP input (as the DIN reference "
                                "code does).")
+    start_as_id: bool = setting(
+        default_of(DINRanker, "start_as_id"),
+        "Multimodal features enter the ranker's MLP with zero weights, so it starts as the ID "
+        "ranker of the same seed; false: Glorot weights for them too (a plain concatenation, "
+        "as the paper).")
+    make_integration: str = setting(
+        default_of(DINRanker, "make_integration"),
+        "How MAKE's knowledge joins the ranker: residual (the ranker without MAKE trains on "
+        "its own loss; a head over MAKE's knowledge adds to its logit, so MAKE cannot make it "
+        "worse) or concat (concatenated before the MLP, as the paper).",
+        choices=MAKE_INTEGRATIONS)
     refresh_vectors: bool = setting(False, "Re-read the index table at every epoch, so "
                                            "vectors the encoder service writes meanwhile "
                                            "join training (near-line).")
@@ -193,8 +204,13 @@ class TestSet:
                                 max_history=self.length, vectors=self.vectors,
                                 features=features, validate=False)
 
-    def predict(self, model):
-        return self.dist.predict(model, self._batches(list(model.input)))[:, 0]
+    def predict(self, model, fn=None):
+        """P(click) of every test impression by `model`, or by `fn(features)` (on this
+        process alone)."""
+        batches = self._batches(list(model.input))
+        if fn is not None:
+            return np.concatenate([fn(x).numpy()[:, 0] for x, _ in batches])
+        return self.dist.predict(model, batches)[:, 0]
 
     def summary(self, p):
         """The per-epoch metrics of predictions `p`."""
@@ -380,10 +396,18 @@ class CTRJob(jobs.Job):
         self.meta = check_data(self.config)
 
     def load(self, dist):
-        if self.reads_index:
+        reads_index = self.reads_index
+        if reads_index:
             self.vectors = load_vectors(self.config, self.meta["vocab"]["num_items"], dist)
         elif self.config.model == "id":
             self.vectors = None
+        self.encoder = None
+        if self.vectors is not None and dist.is_chief:  # what the vectors are worth, said first
+            recorded = open_index(self.config.index).description() if reads_index else None
+            self.encoder = encoder_checks.checks(recorded, self.vectors, data.item_categories(
+                self.config.data_dir, self.meta["vocab"]["num_items"]))
+            for line in encoder_checks.lines(self.encoder):
+                print(line, flush=True)
 
     def train(self, dist):
         try:
@@ -403,6 +427,9 @@ class CTRJob(jobs.Job):
         test = TestSet(config, meta, vectors, dist) if dist.is_chief else None
         make, make_epochs = (pretrain_make(config, vectors, test, length, dist, refresh)
                              if config.uses_make else (None, []))
+        # The ranker's weights are the seed's alone, whatever MAKE drew: a multimodal ranker
+        # starts as the ID ranker of its seed (start_as_id).
+        keras.utils.set_random_seed(config.seed)
         with dist.scope():
             model = DINRanker(vocab, length, method=config.model,
                               vector_dim=None if vectors is None else vectors.table.shape[1],
@@ -411,7 +438,9 @@ class CTRJob(jobs.Job):
                               mlp_units=config.mlp_units, num_tiers=config.num_tiers,
                               simtier_output=config.simtier_output,
                               batch_norm=config.batch_norm,
-                              embedding_shards=dist.embedding_shards)
+                              embedding_shards=dist.embedding_shards,
+                              start_as_id=config.start_as_id,
+                              make_integration=config.make_integration)
         print(f"training the {config.model} ranker for {config.epochs} epoch(s) ...", flush=True)
         epochs = _fit(model, config, _train_data(config, length, vectors, model), config.epochs,
                       test, config.model_dir, dist, refresh)
@@ -422,9 +451,14 @@ class CTRJob(jobs.Job):
                                           NUM_FREQUENCY_GROUPS)
         result = {"model": config.model, **test.report(test.predict(model), groups),
                   "epochs": epochs, **distributed}
+        if self.encoder is not None:
+            result["encoder"] = self.encoder
         if config.uses_make:
             result["make"] = {"pretrain_epochs": config.make_epochs,
                               "trainable": config.make_trainable, "epochs": make_epochs}
+            if model.make_head is not None:  # the same run without MAKE's head: what MAKE adds
+                result["make"]["without_make"] = test.summary(
+                    test.predict(model, tf.function(model.without_make)))
         if refresh:
             result["vector_refreshes"] = refresh[0].values
         if config.export_dir:

@@ -112,9 +112,23 @@ def settings(config, names=None):
     return {k: v for k, v in values.items() if k != "verbose" and (names is None or k in names)}
 
 
+# What a job writes in its directory, and replaces or deletes there (the backup when
+# the run ends, MAKE's epochs when it pre-trains afresh).
+RUN_FILES = ("backup", "logs", "epochs.json", "metrics.json", "make")
+
+
 def check_dir(directory, values, flag):
-    """Refuses a directory that holds a run with other settings `values` (writes nothing)."""
+    """Refuses a directory that holds a run with other settings `values`, or, without a
+    run's ``config.json``, files of the names a run writes (`RUN_FILES`, weights):
+    the user's, which the run would replace or delete. Writes nothing."""
     path = os.path.join(directory, "config.json")
+    if not os.path.exists(path) and os.path.isdir(directory):
+        theirs = sorted(name for name in os.listdir(directory)
+                        if name in RUN_FILES or name.endswith(".weights.h5"))
+        if theirs:
+            raise SettingsError(f"--{flag}={directory} holds {', '.join(theirs)} but no run of "
+                                "tfmm (no config.json): a run would replace or delete them; "
+                                f"use a fresh --{flag}.")
     if os.path.exists(path):
         with open(path) as f:
             theirs = json.load(f)

@@ -64,7 +64,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmm import data, distribute, image_title, jobs, metrics
+from tfmm import data, distribute, encoder_checks, image_title, jobs, metrics
 from tfmm.callbacks import EpochRecord
 from tfmm.config import SettingsError, as_flags, check_settings, default_of, setting
 from tfmm.data import pairs as behaviour, schema
@@ -78,7 +78,6 @@ from tfmm.towers import (BACKBONES, BackboneError, Centring, centred, check_back
 OBJECTIVES = ("random", "generic", "scl", "image_title")
 MODALITIES = ("image", "text")
 PAIR_SOURCES = ("data", "clicks")  # SCL's pairs: the data dir's tables, or mined from clicks
-NEIGHBOURS = 10  # k of the label-free check
 HELD_OUT_WORDS = f"{image_title.HELD_OUT:.0%} of them"
 
 
@@ -516,19 +515,21 @@ def embed(tower, inputs, dist, batch_size=512):
         for i in range(0, n, batch_size)])
 
 
-def evaluate(config, tower, catalogue, dist, ns=(1, 5), towers=None):
+def evaluate(config, tower, catalogue, dist, ns=(1, 5), towers=None, say=None):
     """Acc@N on the held-out triplets, queries against all their positives, and
     their count (``test_pairs``: 0, and no Acc@N, where the data has none).
 
     image_title (`towers` = the image and text towers): Acc@N of each held-out
     item's image against the titles of all held-out items (``test_pairs``:
-    their count, ``acc_pairs``: what the pairs are).
+    their count, ``acc_pairs``: what the pairs are). `say` prints why there is no
+    Acc@N (default: print).
     """
+    say = say or (lambda line: print(line, flush=True))
     if config.objective == "image_title":
         rows = catalogue.row[image_title_split(config, catalogue)[1]]
         if not len(rows):
-            print("too few items with both an image and a title to hold some out: no Acc@N, "
-                  "only the label-free check.", flush=True)
+            say("too few items with both an image and a title to hold some out: no Acc@N, "
+                "only the label-free check.")
             return {"test_pairs": 0}
         images = embed(towers[0], catalogue.images[rows], dist)
         titles = embed(towers[1], catalogue.titles[rows], dist)
@@ -538,13 +539,13 @@ def evaluate(config, tower, catalogue, dist, ns=(1, 5), towers=None):
     if config.pairs_from == "clicks":
         first, positives, _ = mined_pairs(config.data_dir, "test", config.seed)
         if not len(first):
-            print(f"no click pairs in the test impressions of {config.data_dir}: no Acc@N, "
-                  "only the label-free check.", flush=True)
+            say(f"no click pairs in the test impressions of {config.data_dir}: no Acc@N, "
+                "only the label-free check.")
             return {"test_pairs": 0}
         query_inputs = content[catalogue.row[first]]
     elif "pretrain/test" not in schema.read_metadata(config.data_dir)["files"]:
-        print(f"no test pairs in {config.data_dir} (no table 'pretrain/test'): no Acc@N, "
-              "only the label-free check.", flush=True)
+        say(f"no test pairs in {config.data_dir} (no table 'pretrain/test'): no Acc@N, "
+            "only the label-free check.")
         return {"test_pairs": 0}
     else:
         key = "query_image" if config.modality == "image" else "query_text"
@@ -555,21 +556,6 @@ def evaluate(config, tower, catalogue, dist, ns=(1, 5), towers=None):
     q = embed(tower, query_inputs, dist)
     p = embed(tower, content[catalogue.row[positives]], dist)
     return dict(metrics.acc_at_n(q, p, ns), test_pairs=len(positives))
-
-
-def label_free_check(catalogue, present, vectors, untrained):
-    """neighbours_same_category@k of the vectors of the `present` items, of the
-    untrained tower's, and by chance; None where fewer than 2 have a category."""
-    key = f"neighbours_same_category@{NEIGHBOURS}"
-    known = catalogue.categories[present] != schema.OOV_ID
-    if known.sum() < 2:
-        return {key: None, "neighbours_items": int(known.sum())}
-    labels = catalogue.categories[present][known]
-    return {key: metrics.neighbours_same_label(vectors[known], labels, NEIGHBOURS),
-            f"{key}_untrained": metrics.neighbours_same_label(untrained[known], labels,
-                                                              NEIGHBOURS),
-            f"{key}_chance": metrics.same_label_chance(labels),
-            "neighbours_items": int(known.sum())}
 
 
 class PretrainJob(jobs.Job):
@@ -622,6 +608,13 @@ class PretrainJob(jobs.Job):
                    else content[present])
         trains = config.objective != "random" and config.epochs
         untrained = embed(tower, content, dist) if trains and dist.is_chief else None
+        untrained_acc = {}  # the untrained tower's Acc@N, the trained one's reference
+        if untrained is not None:
+            before = (centred(tower, untrained.mean(axis=0))
+                      if config.center_vectors and len(untrained) > 1 else tower)
+            untrained_acc = {f"{k}_untrained": v for k, v in evaluate(
+                config, before, catalogue, dist, towers=towers, say=lambda line: None).items()
+                if k.startswith("acc@")}
         history, distributed = {}, {}
         if trains:
             with dist.scope():
@@ -661,8 +654,9 @@ class PretrainJob(jobs.Job):
             if untrained is not None:  # compared as it would be indexed
                 untrained = Centring(untrained.mean(axis=0))(untrained).numpy()
         result = evaluate(config, tower, catalogue, dist, towers=towers)
-        result.update(label_free_check(catalogue, present, vectors,
-                                       vectors if untrained is None else untrained))
+        result.update(untrained_acc)
+        result.update(encoder_checks.label_free(
+            vectors, catalogue.categories[present], vectors if untrained is None else untrained))
         result.update(source=self.source, items_without_content=int((~present).sum()),
                       history=history, **distributed)
         if config.export_dir:
@@ -672,6 +666,7 @@ class PretrainJob(jobs.Job):
             index.claim(schema.catalogue_fingerprint(config.data_dir))
             result["index_version"] = index.put(catalogue.ids[present], vectors)
             result["index_items"] = int(present.sum())
+            index.describe(encoder_checks.record(result))
         return result
 
 

@@ -289,6 +289,20 @@ def items(data_dir, batch_size=256, image_size=None, validate=True):
             .batch(batch_size).prefetch(AUTOTUNE))
 
 
+def item_categories(data_dir, num_items):
+    """Each dense item id's category id, int64 [num_items] (1, unknown, where the catalogue
+    has no such item); reads only the two ids of the items table (no image decoded)."""
+    meta = schema.read_metadata(data_dir)
+    spec = {k: schema.item_spec()[k] for k in ("item_id", "category_id")}
+    categories = np.full(num_items, schema.OOV_ID, np.int64)
+    for batch in (tf.data.TFRecordDataset(schema.files(data_dir, meta, "items")).batch(4096)
+                  .map(lambda b: tf.io.parse_example(b, spec))):
+        ids = batch["item_id"].numpy()
+        keep = ids < num_items
+        categories[ids[keep]] = batch["category_id"].numpy()[keep]
+    return categories
+
+
 def triplets(data_dir, split="train", batch_size=256, shuffle=False, seed=None, repeat=False,
              image_size=None, drop_remainder=False, validate=True):
     """Pre-training triplet batches: query_image (uint8), query_text, positive/negative ids,

@@ -72,6 +72,24 @@ class VectorIndex:
         """The fingerprint `claim` recorded, or None when no writer claimed the index."""
         raise NotImplementedError
 
+    def _set_meta(self, key, value):
+        raise NotImplementedError
+
+    def _get_meta(self, key):
+        """The meta value of `key` (str), or None."""
+        raise NotImplementedError
+
+    def describe(self, encoder):
+        """Records what made the index's vectors: `encoder`, a JSON-able dict (the
+        pre-training's source and checks, or an import's file), replacing any earlier
+        record; the CTR job prints it (`tfmm.encoder_checks`)."""
+        self._set_meta("encoder", json.dumps(encoder, sort_keys=True))
+
+    def description(self):
+        """The record `describe` wrote last, or None."""
+        value = self._get_meta("encoder")
+        return None if value is None else json.loads(value)
+
     def snapshot(self, num_items):
         """All vectors as a `tfmm.data.Vectors` table over dense ids [0, num_items),
         read as of one moment: never part of a put."""
@@ -241,8 +259,15 @@ class SQLiteIndex(VectorIndex):
                              f"{catalogue}); use another index for this data directory.")
 
     def catalogue(self):
+        return self._get_meta("catalogue")
+
+    def _set_meta(self, key, value):
         with self._valid():
-            row = self._db.execute("SELECT value FROM meta WHERE key='catalogue'").fetchone()
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def _get_meta(self, key):
+        with self._valid():
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else row[0]
 
     def close(self):
@@ -578,7 +603,14 @@ class RedisIndex(VectorIndex):
                              "directory.")
 
     def catalogue(self):
-        held = self._meta("catalogue")
+        return self._get_meta("catalogue")
+
+    def _set_meta(self, key, value):
+        with self._reachable():
+            self._redis.hset(self._key("meta"), key, value)
+
+    def _get_meta(self, key):
+        held = self._meta(key)
         return None if held is None else held.decode()
 
     def close(self):

@@ -323,6 +323,7 @@ def import_vectors(index, data_dir, path, ids=None, vector_column="vector", unkn
         with contextlib.closing(open_index(index, dim=dim)) as target:
             target.claim(catalogue)
             version = target.put(dense[rows], vectors)
+            target.describe({"source": f"imported from {file.path}", "items": len(rows)})
             return {"items": len(rows), "skipped": len(missing), "dim": dim,
                     "version": version, "index": repr(target)}
     except BaseException:
