@@ -5,10 +5,11 @@ import importlib
 
 import pytest
 
-MODULES = ["tfmm.layers.dice", "tfmm.layers.din_attention", "tfmm.layers.known_ids",
-           "tfmm.layers.make", "tfmm.layers.simscore", "tfmm.layers.simtier",
-           "tfmm.layers.sharded_embedding", "tfmm.layers.vector", "tfmm.ranker",
-           "tfmm.data.images", "tfmm.encoder_checks"]
+import tfmm.layers
+
+# Every public layer's module, and the other modules with examples.
+MODULES = sorted({getattr(tfmm.layers, name).__module__ for name in tfmm.layers.__all__}) + [
+    "tfmm.ranker", "tfmm.data.images", "tfmm.encoder_checks"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -4,7 +4,9 @@ import pytest
 from tests.conftest import unit
 from tests.layer_testing import assert_config_round_trip, assert_keras_file_round_trip
 from tfmm.keras_compat import keras
-from tfmm.layers import DINAttention, Dice, MAKEBlock, SimScore, SimTierLayer, VectorFeature
+import tfmm.layers
+from tfmm.layers import (DINAttention, Dice, KnownIds, MAKEBlock, ShardedEmbedding, SimScore,
+                         SimTierLayer, VectorFeature)
 
 
 def all_layers_model(l=6, e=4, d=8):
@@ -57,30 +59,38 @@ def test_keras_file_round_trip_gives_identical_outputs(rng, tmp_path):
         "VectorFeature", "SimScore", "DINAttention", "SimTierLayer", "MAKEBlock", "Dice"}
 
 
-@pytest.mark.parametrize(
-    "layer",
-    [
-        SimTierLayer(num_tiers=5, output="fraction", similarity="cosine",
-                     boundaries=[-0.5, 0.0, 0.5, 0.9]),
+# Every public layer with settings away from their defaults; a layer added to
+# tfmm.layers.__all__ without cases here fails test_every_public_layer_has_cases.
+CASES = {
+    "SimTierLayer": lambda: [SimTierLayer(num_tiers=5, output="fraction", similarity="cosine",
+                                          boundaries=[-0.5, 0.0, 0.5, 0.9])],
+    "DINAttention": lambda: [
         DINAttention(hidden_units=(3,), activation="relu", normalization="softmax",
                      return_weights=True, kernel_initializer="he_normal"),
-        DINAttention(activation="dice"),
-        Dice(epsilon=1e-6, momentum=0.9),
-        MAKEBlock(din=DINAttention(hidden_units=(4, 2)), mlp_units=(9, 7, 5, 1),
-                  mlp_activation="tanh", dropout=0.3, return_knowledge=True, target_in_mlp=True),
-        VectorFeature(projection_dim=7),
-        SimScore(similarity="cosine"),
-    ],
-    ids=lambda layer: type(layer).__name__,
-)
-def test_config_round_trip(layer):
-    assert_config_round_trip(layer)
+        DINAttention(activation="dice")],
+    "Dice": lambda: [Dice(epsilon=1e-6, momentum=0.9)],
+    "MAKEBlock": lambda: [MAKEBlock(din=DINAttention(hidden_units=(4, 2)),
+                                    mlp_units=(9, 7, 5, 1), mlp_activation="tanh", dropout=0.3,
+                                    return_knowledge=True, target_in_mlp=True)],
+    "VectorFeature": lambda: [VectorFeature(projection_dim=7)],
+    "SimScore": lambda: [SimScore(similarity="cosine")],
+    "KnownIds": lambda: [KnownIds(5, unknown_id=1)],
+    "ShardedEmbedding": lambda: [ShardedEmbedding(10, 3, num_shards=2,
+                                                  embeddings_initializer="zeros")],
+}
+
+
+def test_every_public_layer_has_cases():
+    assert sorted(CASES) == sorted(tfmm.layers.__all__)
+
+
+@pytest.mark.parametrize("name", tfmm.layers.__all__)
+def test_config_round_trip(name):
+    for layer in CASES[name]():
+        assert_config_round_trip(layer)
 
 
 def test_known_ids_round_trip_and_errors(tmp_path):
-    from tfmm.layers import KnownIds
-
-    assert_config_round_trip(KnownIds(5, unknown_id=1))
     assert_keras_file_round_trip(KnownIds(5, unknown_id=1), [np.array([[0, 4, 5, -1]])],
                                  tmp_path / "known_ids.keras")
     layer = KnownIds.from_config(KnownIds(5, unknown_id=1).get_config())

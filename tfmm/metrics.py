@@ -1,5 +1,7 @@
 """Ranking metrics, exact, from arrays: AUC, GAUC, LogLoss, item-frequency groups, Acc@N."""
 
+import functools
+
 import numpy as np
 
 
@@ -110,16 +112,25 @@ def _ranks(q, p, chunk_size):
     import tensorflow as tf
 
     n = int(q.shape[0])
+    chunk_ranks = _chunk_ranks()
+    return tf.concat([chunk_ranks(q, p, tf.constant(s), tf.constant(min(s + chunk_size, n)))
+                      for s in range(0, n, chunk_size)], axis=0)
 
-    @tf.function
-    def chunk_ranks(start, stop):
+
+@functools.cache
+def _chunk_ranks():
+    """One traced function for every call (a function per call retraced each time, and
+    TensorFlow warned of it)."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def chunk_ranks(q, p, start, stop):
         scores = tf.matmul(q[start:stop], p, transpose_b=True)  # [c, D]
         own = tf.linalg.diag_part(scores[:, start:stop])  # the same matmul's own score
         # int32 counts: an int64 copy of the [c, D] comparison would double the traffic.
         return tf.reduce_sum(tf.cast(scores >= own[:, None], tf.int32), axis=1) - 1
 
-    return tf.concat([chunk_ranks(tf.constant(s), tf.constant(min(s + chunk_size, n)))
-                      for s in range(0, n, chunk_size)], axis=0)
+    return chunk_ranks
 
 
 def acc_at_n(queries, positives, ns=(1, 5), chunk_size=4096):
