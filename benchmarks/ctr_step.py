@@ -8,7 +8,9 @@ pipeline is measured by benchmarks.input_pipeline), with the same shapes:
 embedding 16 for user, item and category, history of L items and their
 categories, attention MLP 80-40 with sigmoid, MLP 200-80 with ReLU, and the
 same compile settings (``jit_compile`` pinned by --jit_compile on both
-sides: Keras 3's default "auto" and tf-keras' None differ). Like for like:
+sides: Keras 3's default "auto" and tf-keras' None differ) and the same dtype
+policy (--mixed_precision: ``mixed_float16`` in Keras 3 and in tf-keras, whose
+``compile`` then scales the loss). Like for like:
 
 - Adam with Adam: DeepCTR trains with tf-keras' Adam, which sums an
   embedding row's gradients before squaring them; so does
@@ -23,7 +25,7 @@ Each model runs in its own subprocess (DeepCTR with TF_USE_LEGACY_KERAS=1,
 since it needs Keras 2), in --rounds rounds that alternate the models, so
 that this VM's drifting speed (up to 2x between runs) hits them alike.
 Prints every run, the median of each model over the rounds and the ratios
-the training goals are stated in.
+the training goals are stated in (--models: a subset); --json writes them.
 """
 
 import json
@@ -35,6 +37,7 @@ import time
 from absl import flags
 import numpy as np
 
+from benchmarks import report
 from tfmm import cli
 
 FLAGS = flags.FLAGS
@@ -59,6 +62,12 @@ def random_batch(vector_dim=0):
     return f, rng.integers(0, 2, (b, 1)).astype(np.float32)
 
 
+def set_precision(keras):
+    """--mixed_precision: float16 compute, float32 variables, for the models built next."""
+    if FLAGS.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+
+
 def rate(model, features, label, optimizer):
     """Examples/s of model.fit over one repeated in-memory batch: the best of
     --repeats timed runs after a warm-up (the first model in a process pays
@@ -81,6 +90,7 @@ def deepctr_rate():
 
     from benchmarks.deepctr_din import deepctr_din
 
+    set_precision(tf.keras)  # tf-keras: this process runs with TF_USE_LEGACY_KERAS=1
     model = deepctr_din(FLAGS.max_history, FLAGS.num_users, FLAGS.num_items,
                         FLAGS.num_categories)
     f, y = random_batch()
@@ -96,6 +106,7 @@ def tfmm_rate(name):
     from tfmm.optimizers import DenseGradientAdam
     from tfmm.ranker import DINRanker
 
+    set_precision(keras)
     vocab = {"num_items": FLAGS.num_items, "num_users": FLAGS.num_users,
              "num_categories": FLAGS.num_categories}
     method = "id" if name.startswith("id") else name
@@ -116,7 +127,8 @@ def run(model):
     """Examples/s of `model` (and the TF version) from a fresh subprocess."""
     args = [f"--{k}={FLAGS[k].value}" for k in ("batch_size", "max_history", "steps", "repeats",
                                                 "num_items", "num_users", "num_categories",
-                                                "vector_dim", "history_fill", "jit_compile")]
+                                                "vector_dim", "history_fill", "jit_compile",
+                                                "mixed_precision")]
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1") if model == "deepctr" else os.environ
     proc = subprocess.run([sys.executable, "-m", "benchmarks.ctr_step", f"--only={model}", *args],
                           capture_output=True, text=True, env=env)
@@ -124,6 +136,17 @@ def run(model):
         hint = " (pip install -e '.[bench]'?)" if model == "deepctr" else ""
         sys.exit(f"{model} run failed{hint}:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+NAMES = {"deepctr": "DeepCTR 0.9.4 DIN (tf-keras Adam)",
+         "id": "tfmm ID-DIN (Keras 3 Adam)",
+         "id_dense_adam": "tfmm ID-DIN (DenseGradientAdam)",
+         "simtier_make": "tfmm SimTier+MAKE (d={d}, MAKE frozen)"}
+# (model, peer): the printed line of their ratio, the goals' terms.
+RATIOS = {("id_dense_adam", "deepctr"): "tfmm ID-DIN / DeepCTR, Adam with Adam "
+          "(DenseGradientAdam): {:5.2f}x (goal >= 3x)",
+          ("id", "deepctr"): "  with Keras 3's Adam instead:  {:5.2f}x",
+          ("simtier_make", "id"): "tfmm SimTier+MAKE / ID-DIN:   {:5.2f}x (goal >= 0.75x)"}
 
 
 def define_flags():
@@ -139,6 +162,10 @@ def define_flags():
     flags.DEFINE_enum("history_fill", "random", ["random", "full"], "History lengths: uniform in "
                       "1..L, or all L.")
     flags.DEFINE_bool("jit_compile", False, "XLA for every model (compile's jit_compile).")
+    flags.DEFINE_bool("mixed_precision", False, "Keras' mixed_float16 dtype policy for every "
+                      "model (float16 compute, float32 variables, loss scaling).")
+    flags.DEFINE_list("models", list(NAMES), "Models to run (the ratios of those present).")
+    report.define_json_flag()
     flags.DEFINE_string("only", "", "Internal: run one model (deepctr, id, id_dense_adam or "
                         "simtier_make) and print its rate.")
 
@@ -148,15 +175,18 @@ def main(argv):
     if FLAGS.only:
         print(json.dumps(deepctr_rate() if FLAGS.only == "deepctr" else tfmm_rate(FLAGS.only)))
         return
-    names = {"deepctr": "DeepCTR 0.9.4 DIN (tf-keras Adam)",
-             "id": "tfmm ID-DIN (Keras 3 Adam)",
-             "id_dense_adam": "tfmm ID-DIN (DenseGradientAdam)",
-             "simtier_make": f"tfmm SimTier+MAKE (d={FLAGS.vector_dim}, MAKE frozen)"}
+    unknown = set(FLAGS.models) - set(NAMES)
+    if unknown or not FLAGS.models:
+        cli.fail(f"--models: unknown {sorted(unknown)}; choose from {', '.join(NAMES)}."
+                 if unknown else "--models: name at least one model.")
+    names = {m: label.format(d=FLAGS.vector_dim) for m, label in NAMES.items()
+             if m in FLAGS.models}
     rates = {m: [] for m in names}
     print(f"batch {FLAGS.batch_size}, L={FLAGS.max_history}, history fill "
-          f"{FLAGS.history_fill}, jit_compile={FLAGS.jit_compile}, best of {FLAGS.repeats} x "
-          f"{FLAGS.steps} steps per run, {FLAGS.rounds} rounds, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f} at the start", flush=True)
+          f"{FLAGS.history_fill}, jit_compile={FLAGS.jit_compile}, mixed_precision="
+          f"{FLAGS.mixed_precision}, best of {FLAGS.repeats} x {FLAGS.steps} steps per run, "
+          f"{FLAGS.rounds} rounds, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.2f} at the start", flush=True)
     for r in range(FLAGS.rounds):
         for m in names if r % 2 == 0 else reversed(names):
             rate, tf_version = run(m)
@@ -166,10 +196,13 @@ def main(argv):
     print(f"TF {tf_version}; medians over the rounds:")
     for m, label in names.items():
         print(f"{label:<44} {med[m]:10,.0f} examples/s")
-    print(f"tfmm ID-DIN / DeepCTR, Adam with Adam (DenseGradientAdam): "
-          f"{med['id_dense_adam'] / med['deepctr']:5.2f}x (goal >= 3x)")
-    print(f"  with Keras 3's Adam instead:  {med['id'] / med['deepctr']:5.2f}x")
-    print(f"tfmm SimTier+MAKE / ID-DIN:   {med['simtier_make'] / med['id']:5.2f}x (goal >= 0.75x)")
+    ratios = {}
+    for (ours, peer), line in RATIOS.items():
+        if ours in med and peer in med:
+            ratios[f"{ours}/{peer}"] = med[ours] / med[peer]
+            print(line.format(ratios[f"{ours}/{peer}"]))
+    report.write_json({"examples_per_s": med, "rounds": rates, "ratios": ratios,
+                       "tf_version": tf_version})
 
 
 if __name__ == "__main__":

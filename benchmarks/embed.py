@@ -1,7 +1,7 @@
 """Embedding a whole catalogue: the batch job (locally and on Beam's DirectRunner) against
 the near-line encoder service fed the same items as new-item events.
 
-    python -m benchmarks.embed --world=small
+    python -m benchmarks.embed --world=small [--json=PATH]
 
 One export (an untrained image tower of --dim, unless --encoder names one)
 and one catalogue (a generated world's items). Each way writes a fresh SQLite
@@ -24,6 +24,7 @@ import time
 from absl import flags
 import tensorflow as tf
 
+from benchmarks import report
 from tfmm import cli
 from tfmm.data import schema
 from tfmm.export import export_saved_model
@@ -66,6 +67,7 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 256, "Items per model call and put of the batch job.")
     flags.DEFINE_list("beam_options", [], "Pipeline options of the DirectRunner run, e.g. "
                       "--direct_num_workers=2.")
+    report.define_json_flag()
 
 
 def main(argv):
@@ -106,16 +108,20 @@ def compare(data_dir, work):
                            max_events=len(events))
         return handled
 
-    rates = {}
-    for name, fn in ((f"batch job, local, batches of {FLAGS.batch_size}", local),
-                     (f"batch job, DirectRunner, batches of {FLAGS.batch_size}", beam),
-                     (f"near-line encoder, batches of {FLAGS.max_batch} events", nearline)):
-        n, rates[name] = timed(fn)
-        print(f"{name}: {n} items, {rates[name]:.0f} items/s", flush=True)
+    rates, items = {}, {}
+    for key, name, fn in (
+            ("local", f"batch job, local, batches of {FLAGS.batch_size}", local),
+            ("directrunner", f"batch job, DirectRunner, batches of {FLAGS.batch_size}", beam),
+            ("nearline", f"near-line encoder, batches of {FLAGS.max_batch} events", nearline)):
+        items[key], rates[key] = timed(fn)
+        print(f"{name}: {items[key]} items, {rates[key]:.0f} items/s", flush=True)
     local_rate, beam_rate, nearline_rate = rates.values()
     print(f"local / near-line: {local_rate / nearline_rate:.2f}x; "
           f"DirectRunner / near-line: {beam_rate / nearline_rate:.2f}x")
     print(f"load average {os.getloadavg()[0]:.2f}")
+    report.write_json({"items": items, "items_per_s": rates,
+                       "local_over_nearline": local_rate / nearline_rate,
+                       "directrunner_over_nearline": beam_rate / nearline_rate})
 
 
 if __name__ == "__main__":

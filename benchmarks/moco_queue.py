@@ -2,7 +2,7 @@
 against the same step with a minimal queue, next to the extra logits matmul
 (forward, and its gradient) that K keys require.
 
-    python -m benchmarks.moco_queue --queue_size=196800 --batch_size=64
+    python -m benchmarks.moco_queue --queue_size=196800 --batch_size=64 [--json=PATH]
 """
 
 import os
@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from benchmarks import report
 from tfmm import cli
 from tfmm.scl import SCLModel
 from tfmm.towers import image_tower
@@ -54,6 +55,7 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 64, "Batch size (K must be a multiple).")
     flags.DEFINE_integer("dim", 128, "Vector dimension.")
     flags.DEFINE_integer("steps", 20, "Timed steps.")
+    report.define_json_flag()
 
 
 def main(argv):
@@ -72,6 +74,9 @@ def main(argv):
     print(f"queue's extra cost:               {(big - small) * 1e3:8.1f} ms")
     print(f"extra logits matmul + its grad:   {extra * 1e3:8.1f} ms "
           f"(queue cost / matmul = {(big - small) / extra:.2f})")
+    report.write_json({"step_small_queue_ms": small * 1e3, "step_queue_ms": big * 1e3,
+                       "queue_cost_ms": (big - small) * 1e3, "matmul_and_grad_ms": extra * 1e3,
+                       "queue_cost_over_matmul": (big - small) / extra})
 
 
 if __name__ == "__main__":

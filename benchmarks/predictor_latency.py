@@ -22,7 +22,8 @@ per candidate (it has no candidate axis), alternating request by request
 with tfmm's ID ranker's model call; the ratio of the two (goal: at most
 0.5). Against ``serving_default`` (one row per candidate too) the ratio is
 like for like; against ``rank`` it is not (the history is computed once per
-request there, 200 times in DeepCTR), and the output says so.
+request there, 200 times in DeepCTR), and the output says so. --json writes
+every printed row's figures and the ratios.
 """
 
 import json
@@ -34,6 +35,7 @@ import tempfile
 from absl import flags
 import numpy as np
 
+from benchmarks import report
 from benchmarks.timing import latencies, paired
 from tfmm import cli
 from tfmm.export import export_saved_model
@@ -115,10 +117,14 @@ def run_deepctr(workdir):
     return DeepCTRModel(path), json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def row(label, ms, rate=None):
-    rate = "" if rate is None else f"{rate:8.0f}"
-    print(f"{label:<64} {np.percentile(ms, 50):7.2f} {np.percentile(ms, 99):7.2f} {rate}",
+def row(label, ms, rate=None, figures=None):
+    """Prints a row of latencies (and requests/s); records them in `figures` under `label`."""
+    p50, p99 = np.percentile(ms, 50), np.percentile(ms, 99)
+    print(f"{label:<64} {p50:7.2f} {p99:7.2f} {'' if rate is None else f'{rate:8.0f}'}",
           flush=True)
+    if figures is not None:
+        figures[label.strip()] = {"p50_ms": p50, "p99_ms": p99,
+                                  **({} if rate is None else {"requests_per_s": rate})}
 
 
 def define_flags():
@@ -140,6 +146,7 @@ def define_flags():
     flags.DEFINE_bool("deepctr", True, "Also time DeepCTR 0.9.4's DIN SavedModel (tf-keras).")
     flags.DEFINE_string("only", "", "Internal: 'deepctr:PATH' saves DeepCTR's DIN there "
                         "(tf-keras).")
+    report.define_json_flag()
     flags.DEFINE_string("redis_url", "", "An existing Redis (keys under tfmm-bench-predictor: are "
                         "overwritten); default: a private redis-server.")
 
@@ -189,7 +196,7 @@ def main(argv):
               f"history {FLAGS.max_history}, {os.cpu_count()} CPUs, load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start")
         print(f"{'':<64} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>8}")
-        calls, peers = {}, []
+        calls, peers, rows, versus = {}, [], {}, {}
         for name, model in models.items():
             length = model.inputs["history_item_ids"].shape[1]
             requests = make_requests(length)
@@ -197,23 +204,25 @@ def main(argv):
             for index_name, index in (indexes.items() if takes_vectors else [("-", None)]):
                 predictor = Predictor(model, index)
                 label = f"{name}, index {index_name}"
-                row(f"{label}: predict, 1 thread", *latencies(predictor.predict, requests))
+                row(f"{label}: predict, 1 thread", *latencies(predictor.predict, requests),
+                    figures=rows)
                 row(f"{label}: predict, {FLAGS.threads} threads",
-                    *latencies(predictor.predict, requests, FLAGS.threads))
+                    *latencies(predictor.predict, requests, FLAGS.threads), figures=rows)
                 assembled = {id(r): predictor.assemble(r)[0] for r in requests}
                 features = [assembled[id(r)] for r in requests]
                 if index is not None:
                     keys = [np.unique(np.concatenate([r.history_item_ids, r.candidate_item_ids]))
                             for r in requests]
                     row(f"{label}:   index get ({len(keys[0])} ids)",
-                        latencies(index.get, keys)[0])
-                row(f"{label}:   assemble inputs", latencies(predictor.assemble, requests)[0])
+                        latencies(index.get, keys)[0], figures=rows)
+                row(f"{label}:   assemble inputs", latencies(predictor.assemble, requests)[0],
+                    figures=rows)
                 calls[name] = latencies(model, features)[0]
-                row(f"{label}:   model call", calls[name])
+                row(f"{label}:   model call", calls[name], figures=rows)
                 calls[f"{name}, {FLAGS.threads} threads"] = latencies(model, features,
                                                                       FLAGS.threads)[0]
                 row(f"{label}:   model call, {FLAGS.threads} threads",
-                    calls[f"{name}, {FLAGS.threads} threads"])
+                    calls[f"{name}, {FLAGS.threads} threads"], figures=rows)
                 if deepctr is not None and "item_vector" not in model.inputs:
                     # The same requests, alternating with DeepCTR's DIN (ID features only).
                     by_request = {id(r): f for r, f in zip(requests, features)}
@@ -227,11 +236,14 @@ def main(argv):
                                       f"{deepctr_tf}), {threads} thread(s), {kind}", ours, peer))
         for label, ours, peer in peers:
             print(f"{label}, model calls alternating on each request:")
-            row("  tfmm", ours)
-            row("  DeepCTR (200 rows a request)", peer)
+            versus[label] = {}
+            row("  tfmm", ours, figures=versus[label])
+            row("  DeepCTR (200 rows a request)", peer, figures=versus[label])
             ratio = [np.percentile(ours, q) / np.percentile(peer, q) for q in (50, 99)]
             print(f"  ratio tfmm / DeepCTR: p50 {ratio[0]:.2f}x, p99 {ratio[1]:.2f}x "
                   "(goal <= 0.5x)")
+            versus[label].update(ratio_p50=ratio[0], ratio_p99=ratio[1])
+        report.write_json({"rows": rows, "versus_deepctr": versus})
     finally:
         if server is not None:
             server.stop()

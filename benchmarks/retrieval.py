@@ -1,6 +1,6 @@
 """Acc@N's cost against the bare chunked matrix products it needs.
 
-    python -m benchmarks.retrieval --n=100000 --dim=128
+    python -m benchmarks.retrieval --n=100000 --dim=128 [--json=PATH]
 
 Acc@N (paper eq. 6) scores every query against every positive; tfmm does it
 exactly, in chunks of queries. The peer is the same chunked products with
@@ -14,6 +14,7 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
+from benchmarks import report
 from tfmm import cli
 from tfmm.metrics import acc_at_n
 
@@ -44,6 +45,7 @@ def define_flags():
     flags.DEFINE_integer("dim", 128, "Vector dimension.")
     flags.DEFINE_integer("chunk_size", 4096, "Queries per chunk.")
     flags.DEFINE_integer("repeats", 2, "Timed repetitions (best kept).")
+    report.define_json_flag()
 
 
 def main(argv):
@@ -62,6 +64,8 @@ def main(argv):
           f"{os.cpu_count()} CPUs, TF {tf.__version__}")
     print(f"bare chunked products: {bare:8.2f} s")
     print(f"tfmm Acc@N (exact):    {ours:8.2f} s   ({ours / bare:.2f}x the products)")
+    report.write_json({"bare_products_s": bare, "acc_at_n_s": ours,
+                       "acc_at_n_over_bare": ours / bare})
 
 
 if __name__ == "__main__":

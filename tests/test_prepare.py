@@ -543,7 +543,7 @@ def test_bad_pairs_are_named_by_row(inputs, rows, message):
 
 
 def test_mined_negatives_share_the_category_and_are_never_the_positive():
-    from tfmm.data.prepare import hard_negatives
+    from tfmm.data.pairs import hard_negatives
 
     # ids 2..7: categories 10, 10, 10, 11, 11, 12 (12 has no other item)
     category_of = np.array([0, 0, 10, 10, 10, 11, 11, 12])
@@ -554,6 +554,29 @@ def test_mined_negatives_share_the_category_and_are_never_the_positive():
         assert set(negative[positive == p]) == others  # every other member, uniformly drawn
     np.testing.assert_array_equal(
         negative, hard_negatives(positive, category_of, np.random.default_rng(0)))
+
+
+def test_mined_negatives_drawn_per_pair_do_not_depend_on_the_other_pairs():
+    """`PairDraws`: each pair's negative is a function of the seed and its key alone, so
+    a pipeline meeting the pairs in any order and batches draws the same ones."""
+    from tfmm.data.pairs import HardNegatives, PairDraws
+
+    category_of = np.array([0, 0, 10, 10, 10, 11, 11, 12])
+    negatives = HardNegatives(category_of)
+    positive = np.repeat([2, 3, 5, 7], 300)
+    keys = np.stack([positive, np.arange(len(positive)) * 7919 - 500], 1)  # any int64s
+    negative = negatives(positive, PairDraws(0, keys))
+    assert (negative != positive).all()
+    for p, others in ((2, {3, 4}), (3, {2, 4}), (5, {6}), (7, {2, 3, 4, 5, 6})):
+        drawn = negative[positive == p]
+        assert set(drawn) == others
+        counts = np.unique(drawn, return_counts=True)[1]  # about uniform: 300 over the others
+        assert counts.min() > 300 / len(others) * 0.7, counts
+    order = np.random.default_rng(1).permutation(len(positive))
+    np.testing.assert_array_equal(negatives(positive[order], PairDraws(0, keys[order])),
+                                  negative[order])
+    np.testing.assert_array_equal(negatives(positive[:5], PairDraws(0, keys[:5])), negative[:5])
+    assert (negatives(positive, PairDraws(1, keys)) != negative).mean() > 0.3  # the seed counts
 
 
 # The log plus test-split clicks: alice i4@180 -> i1@185 (a test pair), bob i1@130 (train)

@@ -18,7 +18,7 @@ from tfmm.data import schema  # noqa: E402
 from tfmm.data import world as world_lib  # noqa: E402
 from tfmm.data.prepare import PrepareOptions, prepare  # noqa: E402
 from tfmm.data.synthetic import write_raw  # noqa: E402
-from tests.test_prepare import ITEMS, LOG, ROOT, _bad_inputs, write_csv  # noqa: E402
+from tests.test_prepare import CLICKS, ITEMS, LOG, ROOT, _bad_inputs, write_csv  # noqa: E402
 
 HEADER = ["user_id", "item_id", "label", "timestamp", "device"]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
@@ -76,11 +76,17 @@ def tiny_raw(tmp_path_factory):
 
 def test_tiny_world_gives_the_local_vocabularies_and_examples(tiny_raw, tmp_path):
     log, items, kwargs = tiny_raw
+    # Click pairs too: the same pairs and mined negatives, whatever order the pipeline
+    # meets them in.
+    kwargs = dict(kwargs, pairs_from="clicks", pair_window=2)
     prepare(PrepareOptions(log, items, str(tmp_path / "local"), **kwargs))
     meta = prepare_beam(log, items, str(tmp_path / "beam"), **kwargs,
                         beam_args=("--direct_num_workers=1",))
     assert_same(tmp_path / "local", tmp_path / "beam")
     assert meta["counts"]["impressions/train"] > 0 and meta["counts"]["impressions/test"] > 0
+    assert meta["counts"]["pretrain/train"] > 1000 and meta["counts"]["pretrain/test"] > 100
+    assert meta["pairs"]["mined_negatives"] == sum(meta["counts"][f"pretrain/{s}"]
+                                                   for s in ("train", "test"))
     # The readers take the Beam directory as it is.
     for split in ("train", "test"):
         labels = np.concatenate([y.numpy() for _, y in data.impressions(
@@ -132,6 +138,75 @@ def test_log_in_shards_gives_the_local_output_of_the_whole_log(inputs, kwargs):
     assert meta["missing"] == {"images": 1 if kwargs["images_dir"] else 4, "titles": 1}
     assert meta["side_features"] == ["device"]
     assert meta["oov"]["test_users"] == 1 and meta["oov"]["test_user_impressions"] == 2
+
+
+def pairs_file(tmp, images, timestamps=True):
+    """Query texts and photos, given and mined negatives, an unknown item."""
+    rng = np.random.default_rng(1)
+    for name in ("q1.png", "q2.png"):
+        pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        (tmp / "images" / name).write_bytes(tf.io.encode_png(pixels).numpy())
+    header = ["query_text", "query_image", "item_id", "timestamp", "negative_item_id"]
+    rows = [("mug", "", "i2", 175, ""), ("red cup", "", "i1", 100, ""),
+            ("", "q1.png", "i3", 180, "i1"), ("lamp", "q2.png", "i4", 120, ""),
+            ("vase", "", "i9", 130, ""), ("mug", "q2.png", "i2", 175, ""),
+            ("cup", "q1.png", "i1", 110, "i3")]
+    if not timestamps:
+        header, rows = header[:3] + header[4:], [r[:3] + r[4:] for r in rows]
+    return write_csv(tmp / "pairs.csv", header, rows)
+
+
+@pytest.mark.parametrize("case", [
+    "clicks", pytest.param("clicks, window 2, gap 19, duplicates dropped", marks=pytest.mark.slow),
+    "file", pytest.param("file without timestamps", marks=pytest.mark.slow)])
+def test_pairs_give_the_local_records(inputs, case):
+    tmp, items, images = inputs
+    write_csv(tmp / "part-0.csv", HEADER, CLICKS[:8] + MORE[12:14])
+    write_csv(tmp / "part-1.csv", HEADER, CLICKS[8:])
+    log = write_csv(tmp / "log.csv", HEADER, CLICKS[:8] + MORE[12:14] + CLICKS[8:])
+    kwargs = dict(images_dir=images, split_timestamp=170, unknown_items="oov", seed=3)
+    if case.startswith("clicks"):
+        kwargs.update(pairs_from="clicks")
+        if "window 2" in case:
+            kwargs.update(pair_window=2, pair_max_gap=19, drop_duplicates=True)
+    else:
+        kwargs.update(pairs=pairs_file(tmp, images, timestamps="without" not in case),
+                      test_fraction=0.3)
+    local = prepare(PrepareOptions(log, items, str(tmp / "local"), **kwargs))
+    prepare_beam(str(tmp / "part-*.csv"), items, str(tmp / "beam"), **kwargs)
+    meta = assert_same(tmp / "local", tmp / "beam", differ=("files", "inputs"))
+    assert meta["pairs"] == local["pairs"] and meta["pairs"]["seed"] == 3
+    assert meta["counts"]["pretrain/train"] > 0 and meta["counts"]["pretrain/test"] > 0
+    if case.startswith("file"):
+        assert meta["pairs"]["skipped_unknown"] == 1 and meta["pairs"]["mined_negatives"] == 4
+
+
+@pytest.mark.parametrize("case", ["no test click pairs",
+                                  pytest.param("bad pair row", marks=pytest.mark.slow),
+                                  "bad query photo"])
+def test_bad_pairs_give_the_local_error_and_keep_old_output(inputs, case):
+    tmp, items, images = inputs
+    out = tmp / "out"
+    log = write_csv(tmp / "impressions.csv", HEADER, CLICKS)
+    prepare(PrepareOptions(log, items, str(out), images_dir=images))
+    before = {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()}
+    kwargs = dict(images_dir=images, split_timestamp=170)
+    if case == "no test click pairs":
+        kwargs.update(pairs_from="clicks", split_timestamp=186)
+    else:
+        # i9 is unknown: an error without --unknown_items=oov
+        kwargs.update(pairs=pairs_file(tmp, images))
+        if case == "bad query photo":
+            kwargs.update(unknown_items="oov")
+            (tmp / "images" / "q2.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError) as expected:
+        prepare(PrepareOptions(log, items, str(tmp / "local"), **kwargs))
+    with pytest.raises(ValueError) as got:
+        prepare_beam(log, items, str(out), **kwargs)
+    assert str(got.value) == str(expected.value)
+    assert {"no test click pairs": "no test pairs", "bad pair row": "'i9' is not in",
+            "bad query photo": "q2.png"}[case] in str(got.value)
+    assert {p: (out / p).read_bytes() for p in os.listdir(out) if (out / p).is_file()} == before
 
 
 # One of each kind: a log file's, an unknown item (counted over the log), an items file's,
@@ -206,8 +281,8 @@ def test_cli_passes_pipeline_options_and_names_the_extra_without_beam(inputs):
     assert "Traceback" not in refused.stderr
     stray = run_cli(*common, "--", "--direct_num_workers=1")
     assert stray.returncode == 1 and "pipeline options need --runner" in stray.stderr
-    pairs = run_cli(*common, "--runner=DirectRunner", "--pairs_from=clicks")
-    assert pairs.returncode == 1 and "Traceback" not in pairs.stderr
-    assert pairs.stderr.strip().splitlines()[-1] == (
-        "--runner=DirectRunner: pre-training pairs (--pairs, --pairs_from) are prepared without "
-        "--runner only.")
+    clicks = write_csv(tmp / "clicks.csv", HEADER, CLICKS)
+    pairs = run_cli(f"--impressions={clicks}", *common[1:], "--split_timestamp=170",
+                    "--runner=DirectRunner", "--pairs_from=clicks")
+    assert pairs.returncode == 0, pairs.stderr
+    assert "pairs {'max_gap': None, 'mined_negatives': 5, " in pairs.stdout

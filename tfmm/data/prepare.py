@@ -83,7 +83,8 @@ one of two sources:
 A pair without a given negative gets a hard negative: a random other item of
 the positive's category (of the whole catalogue when the category has no
 other; without a ``category_id`` column all items are one category), drawn
-with ``--seed``. Pairs are written in time order. The counts go to the output
+from ``--seed`` and the pair's own values (`tfmm.data.pairs.PairDraws`: the
+same with ``--runner``, whatever order the pipeline meets the pairs in). Pairs are written in time order. The counts go to the output
 line and ``metadata.json`` (``pairs``).
 """
 
@@ -99,7 +100,7 @@ from tfmm import cli
 from tfmm.config import SettingsError
 from tfmm.data import schema, tables
 from tfmm.data.history import history_ranges
-from tfmm.data.pairs import hard_negatives
+from tfmm.data import pairs as pair_lib
 from tfmm.data.writer import DataDirWriter
 
 FLAGS = flags.FLAGS
@@ -304,50 +305,21 @@ def read_log(options, catalogue):
                clicks, start, end, trained)
 
 
-class Pairs(NamedTuple):
-    """Pre-training pairs in time order: query image files (None: none), query texts,
-    query items (a click pair's query is an item, by dense id; 0: a query of its own),
-    dense positives and negatives, is_test, where each query image is named (for
-    errors) and ``metadata.json``'s ``pairs``."""
-
-    query_image: np.ndarray
-    query_text: np.ndarray
-    query_item: np.ndarray
-    positive: np.ndarray
-    negative: np.ndarray
-    is_test: np.ndarray
-    where: np.ndarray
-    meta: dict
-
-
 def read_pairs(options, catalogue, log):
     """The pairs of ``options.pairs`` or ``options.pairs_from``, their missing
-    negatives mined."""
+    negatives mined (`tfmm.data.pairs`)."""
     if options.pairs:
-        pairs = file_pairs(options, catalogue.vocab, log.cut)
+        pairs = pair_lib.file_pairs(options, catalogue.vocab, log.cut)
     else:
-        first, second = click_pairs(log.user_codes, log.item, log.timestamp, log.label,
-                                    log.is_test, options.pair_window, options.pair_max_gap)
-        is_test = log.is_test[second]
-        if is_test.all() or not is_test.any():
-            raise ValueError(f"--pairs_from=clicks: no {'train' if is_test.all() else 'test'} "
-                             "pairs (no user clicks two items in that split within "
-                             "--pair_window and --pair_max_gap).")
-        # The query is the first item, by id: its content is in the catalogue, once.
-        no_image = np.full(len(first), None)
-        pairs = Pairs(no_image, np.full(len(first), "", object), log.item[first],
-                      log.item[second], np.full(len(second), schema.PAD_ID, np.int64), is_test,
-                      no_image, {"source": "clicks", "window": options.pair_window,
-                                 "max_gap": options.pair_max_gap})
-    mine = pairs.negative == schema.PAD_ID
-    if mine.any() and len(catalogue.vocab) < 2:
-        raise ValueError(f"{options.items}: one item only; a hard negative needs another.")
-    negative = np.where(mine, hard_negatives(pairs.positive, catalogue.category_of,
-                                             np.random.default_rng(options.seed)),
-                        pairs.negative)
-    meta = dict(pairs.meta, train=int((~pairs.is_test).sum()), test=int(pairs.is_test.sum()),
-                mined_negatives=int(mine.sum()), seed=options.seed)
-    return pairs._replace(negative=negative, meta=meta)
+        first, second = pair_lib.click_pair_rows(log.user_codes, log.item, log.timestamp,
+                                                 log.label, log.is_test, options.pair_window,
+                                                 options.pair_max_gap)
+        pairs = pair_lib.click_pairs_of_rows(log.item, log.timestamp, log.is_test, first,
+                                             second, options)
+        if pairs.is_test.all() or not pairs.is_test.any():
+            raise pair_lib.no_click_pairs_error("train" if pairs.is_test.all() else "test")
+    return pair_lib.mine_negatives(pairs, pair_lib.HardNegatives(catalogue.category_of),
+                                   options)
 
 
 def write(writer, options, catalogue, log, pairs=None):
@@ -355,13 +327,10 @@ def write(writer, options, catalogue, log, pairs=None):
     vocabularies and metadata."""
     def triplets(rows):
         for chunk in tables.image_chunks(rows, pairs.query_image):
-            yield from schema.examples(
-                ints={"positive_item_id": pairs.positive[chunk],
-                      "negative_item_id": pairs.negative[chunk],
-                      schema.QUERY_ITEM: pairs.query_item[chunk]},
-                strings={"query_image": [tables.read_image(pairs.query_image[i], pairs.where[i])
-                                         for i in chunk],
-                         "query_text": [pairs.query_text[i].encode() for i in chunk]})
+            yield from schema.examples(**tables.pair_features(
+                pairs.query_item[chunk], pairs.positive[chunk], pairs.negative[chunk],
+                [tables.read_image(pairs.query_image[i], pairs.where[i]) for i in chunk],
+                [pairs.query_text[i].encode() for i in chunk]))
 
     item, category_of, side = log.item, catalogue.category_of, list(log.side_codes)
     # A history is a run of its user's clicks: their varints are made once.
@@ -404,62 +373,6 @@ def write(writer, options, catalogue, log, pairs=None):
             None if pairs is None else pairs.meta))
 
 
-def file_pairs(options, item_vocab, cut):
-    """The pairs of the ``options.pairs`` file, in time order; their negatives are
-    the given ones (0: mine one)."""
-    path, images_dir = options.pairs, options.images_dir
-    table = tables.Table(path, ints=("timestamp",))
-    table.require(["item_id"])
-    if "query_text" not in table.columns and "query_image" not in table.columns:
-        raise ValueError(f"{path}: needs a 'query_text' or 'query_image' column; it has "
-                         f"{sorted(table.columns)}.")
-    text = table.texts("query_text")
-    image = np.full(table.num_rows, None, object)
-    if "query_image" in table.columns:
-        if not images_dir and table.texts("query_image").any():
-            raise ValueError(f"{path}: column 'query_image' names image files; pass "
-                             "--images_dir (they are read relative to it).")
-        if images_dir:
-            image = tables.image_paths(table, "query_image", images_dir,
-                                           options.absolute_image_paths)
-    empty = np.flatnonzero((text == "") & (image == None))  # noqa: E711 (elementwise)
-    if len(empty):
-        raise ValueError(f"{table.row(empty[0])}: no query: both 'query_text' and "
-                         "'query_image' are empty.")
-    positive = tables.lookup(item_vocab, table.ids("item_id"))
-    named = table.texts("negative_item_id")
-    negative = np.where(named != "", tables.lookup(item_vocab, named), schema.PAD_ID)
-    for column, ids in (("item_id", positive), ("negative_item_id", negative)):
-        unknown = np.flatnonzero(ids == schema.OOV_ID)
-        if len(unknown) and options.unknown_items == "error":
-            raise ValueError(f"{table.row(unknown[0])}, column {column!r}: "
-                             f"{table.value(column, unknown[0])!r} is not in {options.items} "
-                             f"({len(unknown)} such rows; --unknown_items=oov skips those "
-                             "pairs).")
-    same = np.flatnonzero((negative == positive) & (positive != schema.OOV_ID))
-    if len(same):
-        raise ValueError(f"{table.row(same[0])}, column 'negative_item_id': "
-                         f"{named[same[0]]!r} is the pair's own item_id.")
-    known = (positive != schema.OOV_ID) & (negative != schema.OOV_ID)
-    if "timestamp" in table.columns:
-        timestamp = table.ints("timestamp")
-        rows = np.argsort(timestamp, kind="stable")
-        rows = rows[known[rows]]
-        is_test = timestamp[rows] >= cut
-        split = f"the split at timestamp {cut}"
-    else:
-        rows = np.flatnonzero(known)
-        is_test = np.arange(len(rows)) >= tables.first_test(len(rows), options.test_fraction)
-        split = f"{len(rows)} rows without timestamps, split by --test_fraction"
-    if is_test.all() or not is_test.any():
-        raise ValueError(f"{path}: {split} leaves no {'train' if is_test.all() else 'test'} "
-                         "pairs.")
-    where = np.array([f"{table.row(i)}, column 'query_image'" for i in rows], dtype=object)
-    return Pairs(image[rows], text[rows], np.full(len(rows), schema.PAD_ID, np.int64),
-                 positive[rows], negative[rows], is_test, where,
-                 {"source": os.path.abspath(path), "skipped_unknown": int((~known).sum())})
-
-
 def _train_vocabulary(codes, values, train):
     """The vocabulary of the `values` (sorted distinct) that training rows hold, and
     each code's dense id: what `tables.vocabulary` and `tables.lookup` give, from the codes."""
@@ -467,25 +380,6 @@ def _train_vocabulary(codes, values, train):
     seen[codes[train]] = True
     dense = np.where(seen, np.cumsum(seen) - 1 + schema.FIRST_ID, schema.OOV_ID)
     return values.filter(pa.array(seen)), dense
-
-
-def click_pairs(user, item, timestamp, label, is_test, window, max_gap):
-    """Log rows (first, second) of a user's click and each of their next `window`
-    clicks of another item in the same split, at most `max_gap` later (None: any);
-    in time order of the second click."""
-    clicks = np.flatnonzero((label == 1) & (item != schema.OOV_ID))
-    clicks = clicks[np.lexsort((timestamp[clicks], user[clicks]))]  # stable: ties in file order
-    first, second = [], []
-    for k in range(1, window + 1):
-        a, b = clicks[:-k], clicks[k:]
-        keep = (user[a] == user[b]) & (is_test[a] == is_test[b]) & (item[a] != item[b])
-        if max_gap is not None:  # b is not earlier than a, so the uint64 difference is exact
-            keep &= timestamp[b].view(np.uint64) - timestamp[a].view(np.uint64) <= max_gap
-        first.append(a[keep])
-        second.append(b[keep])
-    first, second = np.concatenate(first), np.concatenate(second)
-    order = np.lexsort((first, second, timestamp[second]))
-    return first[order], second[order]
 
 
 def define_flags():

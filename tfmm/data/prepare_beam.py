@@ -15,7 +15,11 @@ the data directory written through the local file system, which the workers
 must share (a mount on a cluster). Each vocabulary (sorted distinct values),
 the items' dense ids and the split's timestamp counts are built on one worker
 and handed to the others as side inputs; the rest is per impression, histories
-per user. Pre-training pairs (``--pairs``, ``--pairs_from``) are not built here.
+per user. Pre-training pairs: ``--pairs_from=clicks`` per user, next to the
+histories; a ``--pairs`` file is read whole by one worker, as an items file,
+its query photos read per pair. Their mined negatives are the local path's:
+each is drawn from ``--seed`` and its own pair (`tfmm.data.pairs.PairDraws`),
+whatever the order, with the catalogue grouped by category as a side input.
 
 Bad input is collected in the pipeline and reported after it, as the local
 path does: the first error in the order the local path checks, one line;
@@ -34,7 +38,7 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import AsDict, AsSingleton, TaggedOutput
 
-from tfmm.config import SettingsError
+from tfmm.data import pairs as pair_lib
 from tfmm.data import schema, tables
 from tfmm.data.history import history_ranges
 from tfmm.data.writer import DataDirWriter
@@ -43,7 +47,8 @@ SUMMARY = "beam-summary.json"  # the pipeline's counts and first error, read aft
 SHARDS = "-SSSSS-of-NNNNN"
 CRC32C_MODULES = ("crcmod", "google_crc32c", "snappy")  # WriteToTFRecord's checksum, any one
 # The order in which the local path meets each kind of error.
-ITEMS_FILE, ITEM_TWICE, NO_IMAGE, LOG_FILE, UNKNOWN_ITEM, SPLIT, IMAGE = range(7)
+ITEMS_FILE, ITEM_TWICE, NO_IMAGE, LOG_FILE, UNKNOWN_ITEM, SPLIT, PAIRS, IMAGE, PAIR_IMAGE = \
+    range(9)
 
 # Functions given to Beam live here (pickled by reference): `tfmm.data.prepare` may be
 # the __main__ module of the command, which workers do not have.
@@ -165,9 +170,10 @@ def _unknown_error(first, items_path, count):
         yield UNKNOWN_ITEM, position, str(tables.unknown_item_error(row, raw, items_path, count))
 
 
-def _histories(user_rows, max_history, drop_duplicates):
+def _histories(user_rows, max_history, drop_duplicates, clicks=False):
     """A user's impressions, each with its history (`history_ranges` over the
-    user's rows in time order, ties in file order)."""
+    user's rows in time order, ties in file order); with `clicks`, also (tagged
+    "clicks") the user's (timestamps, dense items, labels) in that order."""
     user, rows = user_rows
     seen, kept, duplicates = set(), [], 0
     for row in sorted(rows):
@@ -188,6 +194,73 @@ def _histories(user_rows, max_history, drop_duplicates):
         yield user, item, category, label, t, side, tuple(
             tuple(h[j] for h in history) for j in (3, 4, 0))  # items, categories, times
     yield TaggedOutput("stats", ("duplicates", duplicates))
+    if clicks:
+        yield TaggedOutput("clicks", (np.array([row[0] for row in kept], np.int64),
+                                      np.array([row[3] for row in kept], np.int64),
+                                      np.array([row[5] for row in kept], np.int64)))
+
+
+def _click_pairs(user_clicks, cut, negatives, options):
+    """The pairs of one user's clicks (tables.click_pair_rows over them), as
+    (split, position, query image, where, query text, query item, positive,
+    negative); stats "pairs/train", "pairs/test", "mined_negatives"."""
+    t, item, label = user_clicks
+    is_test = t >= cut
+    first, second = pair_lib.click_pair_rows(np.zeros(len(t), np.int64), item, t, label,
+                                             is_test, options.pair_window,
+                                             options.pair_max_gap)
+    pairs = pair_lib.click_pairs_of_rows(item, t, is_test, first, second, options)
+    yield from _pair_rows(pair_lib.mine_negatives(pairs, negatives, options), None)
+
+
+def _file_pairs(path, item_vocab, cut, negatives, options):
+    """The pairs of the --pairs file (read whole, as locally), as `_click_pairs`;
+    "errors": the first bad row, or a catalogue of one item."""
+    try:
+        pairs = pair_lib.file_pairs(options, item_vocab, cut)
+        pairs = pair_lib.mine_negatives(pairs, negatives, options)
+    except (ValueError, OSError) as e:
+        yield TaggedOutput("errors", (PAIRS, (), str(e)))
+        return
+    yield TaggedOutput("stats", ("skipped_unknown", pairs.meta["skipped_unknown"]))
+    yield from _pair_rows(pairs, pairs.is_test)
+
+
+def _pair_rows(pairs, is_test):
+    """`pairs` (`tfmm.data.pairs.Pairs`) one by one, each with its split and position
+    in the local path's writing order (train then test, each in time order: given by
+    `is_test` where the whole file is here); and their stats."""
+    split = np.where(pairs.is_test, "test", "train")
+    order = np.argsort(pairs.is_test, kind="stable") if is_test is not None else None
+    position = np.empty(len(split), np.int64)
+    if order is not None:
+        position[order] = np.arange(len(order))
+    for i in range(len(split)):
+        yield (split[i], (int(position[i]),) if order is not None else (), pairs.query_image[i],
+               pairs.where[i], pairs.query_text[i], int(pairs.query_item[i]),
+               int(pairs.positive[i]), int(pairs.negative[i]))
+    for name, n in (("pairs/train", int((~pairs.is_test).sum())),
+                    ("pairs/test", int(pairs.is_test.sum())),
+                    ("mined_negatives", pairs.meta["mined_negatives"])):
+        yield TaggedOutput("stats", (name, n))
+
+
+def _pair_record(pair):
+    split, position, image, where, text, query_item, positive, negative = pair
+    try:
+        yield TaggedOutput(split, schema.example(**tables.pair_features(
+            query_item, positive, negative, tables.read_image(image, where), text.encode())))
+    except (ValueError, OSError) as e:
+        yield TaggedOutput("errors", (PAIR_IMAGE, position, str(e)))
+
+
+def _negatives(dense_ids):
+    """The catalogue grouped by category (`tfmm.data.pairs.HardNegatives`)."""
+    size = max((dense for _, (dense, _) in dense_ids), default=schema.FIRST_ID - 1) + 1
+    category_of = np.full(size, schema.OOV_ID, np.int64)  # an item in two files: one id
+    for _, (dense, category) in dense_ids:
+        category_of[dense] = category
+    return pair_lib.HardNegatives(category_of)
 
 
 def _timestamp(row):
@@ -289,8 +362,9 @@ def build(p, out, log_files, item_files, options):
                       | "Category vocabulary" >> _Vocabulary())
     item_ids = item_vocab | "Item dense ids" >> beam.Map(_dense)
     category_ids = category_vocab | "Category dense ids" >> beam.Map(_dense)
-    ids = AsDict(items | "Dense ids" >> beam.Map(_item_ids, AsSingleton(item_ids),
-                                                 AsSingleton(category_ids)))
+    dense_ids = items | "Dense ids" >> beam.Map(_item_ids, AsSingleton(item_ids),
+                                                AsSingleton(category_ids))
+    ids = AsDict(dense_ids)
     records = (items | "Item records" >> beam.FlatMap(_item_record, ids)
                .with_outputs("errors", "stats", main="records"))
     errors.append(records.errors)
@@ -313,10 +387,10 @@ def build(p, out, log_files, item_files, options):
 
     rows = (log.rows | "By user" >> beam.GroupByKey()
             | "Histories" >> beam.FlatMap(_histories, options.max_history,
-                                          options.drop_duplicates)
-            .with_outputs("stats", main="rows"))
+                                          options.drop_duplicates, bool(options.pairs_from))
+            .with_outputs("stats", "clicks", main="rows"))
     stats.append(rows.stats)
-    rows = rows.rows
+    clicks, rows = rows.clicks, rows.rows
     cut = (rows | "Timestamps" >> beam.Map(_timestamp)
            | "Count timestamps" >> beam.combiners.Count.PerElement()
            | "All timestamps" >> beam.combiners.ToList()
@@ -340,6 +414,27 @@ def build(p, out, log_files, item_files, options):
     for split in ("train", "test"):
         _write_records(impressions[split], out, f"impressions-{split}")
 
+    if options.pairs or options.pairs_from:
+        negatives = AsSingleton(dense_ids | "All dense ids" >> beam.combiners.ToList()
+                                | "By category" >> beam.Map(_negatives))
+        if options.pairs_from:
+            pairs = clicks | "Click pairs" >> beam.FlatMap(
+                _click_pairs, AsSingleton(cut), negatives, options).with_outputs(
+                    "errors", "stats", main="pairs")
+        else:
+            pairs = (p | "Pairs file" >> beam.Create([options.pairs])
+                     | "Read pairs" >> beam.FlatMap(
+                         _file_pairs, AsSingleton(item_vocab), AsSingleton(cut), negatives,
+                         options).with_outputs("errors", "stats", main="pairs"))
+        errors.append(pairs.errors)
+        stats.append(pairs.stats)
+        records = (pairs.pairs | "Spread pairs" >> beam.Reshuffle()  # their photos: any worker
+                   | "Pair records" >> beam.FlatMap(_pair_record)
+                   .with_outputs("train", "test", "errors"))
+        errors.append(records.errors)
+        for split in ("train", "test"):
+            _write_records(records[split], out, f"pretrain-{split}")
+
     for name, vocab in (("users", user_vocab), ("items", item_vocab),
                         ("categories", category_vocab)):
         stats.append(vocab | f"Write {name} vocabulary" >> beam.Map(_write_vocabulary, out, name))
@@ -358,15 +453,12 @@ def prepare(options):
     ``options.beam_args`` (``["--project=...", ...]``)."""
     options.validate()
     runner = options.runner or "DirectRunner"
-    if options.pairs or options.pairs_from:
-        raise SettingsError(f"--runner={runner}: pre-training pairs (--pairs, --pairs_from) are "
-                            "prepared without --runner only.")
     if not any(map(importlib.util.find_spec, CRC32C_MODULES)):
         raise ValueError("Beam writes TFRecords with crcmod (or google-crc32c, python-snappy), "
                          'which is not installed: pip install -e ".[beam]"')
     log_files, item_files = _files(options.impressions), _files(options.items)
-    with DataDirWriter(options.out_dir,
-                       inputs=(*log_files, *item_files, options.images_dir)) as w:
+    with DataDirWriter(options.out_dir, inputs=(*log_files, *item_files, options.images_dir,
+                                                options.pairs)) as w:
         os.makedirs(w.path("vocab"))
         pipeline = PipelineOptions([f"--runner={runner}", *options.beam_args])
         with beam.Pipeline(options=pipeline) as p:
@@ -382,11 +474,18 @@ def prepare(options):
                                                                    options.images_dir))])
         if not stats.get("impressions/train") or not stats.get("impressions/test"):
             errors.append([SPLIT, [], str(tables.split_error(options.impressions, cut))])
+        pair_tables = {"pretrain/train": "pairs/train", "pretrain/test": "pairs/test"} \
+            if options.pairs or options.pairs_from else {}
+        if options.pairs_from and not (stats.get("pairs/train") and stats.get("pairs/test")):
+            errors.append([PAIRS, [], str(pair_lib.no_click_pairs_error(
+                "test" if stats.get("pairs/train") else "train"))])
         if errors:
             raise ValueError(min(errors)[2])
-        for table in ("impressions/train", "impressions/test", "items"):
+        for table, stat in {"impressions/train": "impressions/train",
+                            "impressions/test": "impressions/test", "items": "items",
+                            **pair_tables}.items():
             names = glob.glob(w.path(f"{table.replace('/', '-')}-*-of-*.tfrecord"))
-            w.add(table, sorted(map(os.path.basename, names)), stats[table])
+            w.add(table, sorted(map(os.path.basename, names)), stats[stat])
         sizes = {"items": stats["vocab/items"], "users": stats["vocab/users"],
                  "categories": stats["vocab/categories"],
                  **{c: stats[f"vocab/side-{c}"] for c in side}}
@@ -394,5 +493,18 @@ def prepare(options):
             options, sizes, side, cut,
             (stats["test_oov_users"], stats.get("test_oov_impressions", 0)),
             stats["unknown_items"], stats["duplicates"], stats["missing_images"],
-            stats["missing_titles"]), runner=runner))
+            stats["missing_titles"], _pair_meta(options, stats)), runner=runner))
     return schema.read_metadata(options.out_dir)
+
+
+def _pair_meta(options, stats):
+    """metadata.json's "pairs" (None without pairs), as the local path writes it."""
+    if options.pairs_from:
+        source = pair_lib.clicks_source(options)
+    elif options.pairs:
+        source = {"source": os.path.abspath(options.pairs),
+                  "skipped_unknown": stats["skipped_unknown"]}
+    else:
+        return None
+    return pair_lib.pair_meta(source, stats["pairs/train"], stats["pairs/test"],
+                              stats["mined_negatives"], options.seed)

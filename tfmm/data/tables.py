@@ -362,6 +362,15 @@ def impression_features(user_id, item_id, category_id, timestamp, label, is_new_
             "int_lists": dict(zip(HISTORY, history))}
 
 
+def pair_features(query_item, positive, negative, query_image, query_text):
+    """A pre-training pair's record (an SCL triplet), for `schema.example` or
+    `schema.examples` (as `item_features`): dense ids (the query item 0 where the
+    query is a text or photo of its own), image bytes, encoded query text."""
+    return {"ints": {"positive_item_id": positive, "negative_item_id": negative,
+                     schema.QUERY_ITEM: query_item},
+            "strings": {"query_image": query_image, "query_text": query_text}}
+
+
 def image_chunks(rows, paths):
     """`rows` in runs of at most RECORDS_PER_CHUNK whose image files (`paths` by row, None:
     none) hold about IMAGE_BYTES_PER_CHUNK at most: what is serialised at once."""
