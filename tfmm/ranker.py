@@ -31,9 +31,14 @@ from types import FunctionType
 import numpy as np
 import tensorflow as tf
 
-from tfmm.keras_compat import keras, register
+from tfmm.keras_compat import LEGACY, keras, register
 from tfmm.layers import (DINAttention, KnownIds, MAKEBlock, ShardedEmbedding, SimScore, SimTierLayer,
                          VectorFeature)
+
+# Ops on the functional graph's tensors: Keras 3 takes only keras.ops there; tf-keras
+# (TFRS) has no keras.ops and takes tf ops.
+_stop_gradient = tf.stop_gradient if LEGACY else keras.ops.stop_gradient
+_concatenate = tf.concat if LEGACY else keras.ops.concatenate
 
 METHODS = ("id", "vector", "simscore", "simtier", "make", "simtier_make")
 MAKE_INTEGRATIONS = ("residual", "concat")
@@ -380,12 +385,11 @@ def _forward(n, x, training=None, own=False):
     heads = []
     if n.make_head is not None:
         # Neither the ranker nor MAKE learns from the sum: each from its own loss.
-        extra = n.make_head(keras.ops.stop_gradient(
-            keras.ops.concatenate([knowledge, make_logit], axis=-1)))
+        extra = n.make_head(_stop_gradient(_concatenate([knowledge, make_logit], axis=-1)))
         if candidates:
             extra = tf.reshape(extra, [-1, 1])
         heads = [logit] + ([make_logit] if own and n.make.trainable else [])
-        logit = keras.ops.stop_gradient(logit) + extra
+        logit = _stop_gradient(logit) + extra
     p = keras.activations.sigmoid(logit)
     if own:
         return p, [keras.activations.sigmoid(h) for h in heads]
