@@ -166,6 +166,7 @@ def test_two_worker_pretraining_equals_one_process(pretrained, tiny_dir, tmp_pat
         np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow  # tens of seconds or more: the full suite runs it, the fast loop not
 def test_multi_worker_without_a_cluster_is_one_line(tiny_dir, tmp_path):
     env = {k: v for k, v in ENV.items() if k != "TF_CONFIG"}
     proc = subprocess.run([*_cli(tiny_dir, tmp_path, "--model=id"), "--strategy=multi_worker"],

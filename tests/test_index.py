@@ -737,6 +737,7 @@ def _index_cli(*args):
                           text=True, env=env)
 
 
+@pytest.mark.slow  # tens of seconds or more: the full suite runs it, the fast loop not
 def test_index_cli_imports_exports_and_names_errors_without_the_password(prepared, tmp_path):
     server = RedisServer(tmp_path, password=SECRET)
     try:
@@ -766,6 +767,7 @@ def test_index_cli_imports_exports_and_names_errors_without_the_password(prepare
         server.stop()
 
 
+@pytest.mark.slow  # tens of seconds or more: the full suite runs it, the fast loop not
 def test_a_ranker_trains_on_imported_vectors_of_a_generated_world(tmp_path):
     """A generated world has no vocabulary: its raw ids are its dense ids."""
     from tfmm.data.synthetic import write_world

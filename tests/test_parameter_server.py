@@ -180,6 +180,7 @@ def test_ctr_job_on_parameter_servers_resumes_and_exports_one_ranker(tiny_dir, t
     assert logloss(y, p) == pytest.approx(result["logloss"], rel=1e-5)
 
 
+@pytest.mark.slow  # tens of seconds or more: the full suite runs it, the fast loop not
 def test_what_parameter_servers_cannot_run_is_refused_in_one_line(tiny_dir, tmp_path,
                                                                   monkeypatch):
     base = dict(data_dir=tiny_dir, model_dir=str(tmp_path), index="x.db",

@@ -74,6 +74,7 @@ def tiny_raw(tmp_path_factory):
                  split_timestamp=int(flags.pop("split_timestamp")), **flags))
 
 
+@pytest.mark.slow  # tens of seconds or more: the full suite runs it, the fast loop not
 def test_tiny_world_gives_the_local_vocabularies_and_examples(tiny_raw, tmp_path):
     log, items, kwargs = tiny_raw
     # Click pairs too: the same pairs and mined negatives, whatever order the pipeline

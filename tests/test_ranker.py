@@ -34,6 +34,7 @@ def test_reader_rejects_unknown_features(tiny_dir):
         data.impressions(tiny_dir, "train", features=["item_id", "item_vector"])
 
 
+@pytest.mark.slow  # tens of seconds or more: the full suite runs it, the fast loop not
 @pytest.mark.parametrize("method", ["vector", "simscore", "simtier", "make", "simtier_make"])
 def test_multimodal_rankers_train_with_vectors(tiny_dir, method):
     meta = schema.read_metadata(tiny_dir)
@@ -197,6 +198,7 @@ def test_multimodal_rankers_start_as_the_id_ranker(tiny_dir, method, integration
     assert np.abs(glorot.predict_on_batch(x) - want).max() > 1e-3
 
 
+@pytest.mark.slow  # tens of seconds or more: the full suite runs it, the fast loop not
 @pytest.mark.parametrize("frozen", [True, False])
 def test_residual_make_leaves_the_ranker_to_train_as_without_make(tiny_dir, frozen):
     """With a residual MAKE the ranker's own weights follow the same steps as the ID

@@ -267,6 +267,7 @@ def assert_replicas_equal_one_process(runs, cases=("momentum", "query")):
                                        err_msg=f"{case} {k}")
 
 
+@pytest.mark.slow  # tens of seconds or more: the full suite runs it, the fast loop not
 def test_two_replicas_equal_one_process_on_the_global_batch(tmp_path):
     """MirroredStrategy on 2 logical CPUs, strategy.run(train_step) and fit, vs one process."""
     proc = replicas_run(tmp_path / "replicas.npz")
