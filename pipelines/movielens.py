@@ -136,7 +136,7 @@ def define_flags():
                          "size.")
     flags.DEFINE_bool("center_vectors", None, "Centre the encoder's vectors (pre-training's "
                       "--center_vectors; default: the library's, on for these click pairs, "
-                      "which leave them in a narrow cone, BUILD.md).")
+                      "which leave them in a narrow cone, DECISIONS.md).")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Ranker seeds.")
     flags.DEFINE_list("methods", ["id", "simtier", "simtier_make"], "Rankers, id first (any of "
                       "tfmm.ctr's models).")

@@ -30,7 +30,7 @@ KEY = f"neighbours_same_category@{NEIGHBOURS}"
 # cost grows with the square of the items.
 MAX_ITEMS = 20_000
 # "No better" is within this of the reference: single runs differ by about 0.01 on
-# this check (the untrained tower's seeds, BUILD.md).
+# this check (the untrained tower's seeds; DECISIONS.md, "The encoder's warning").
 MARGIN = 0.01
 # What a user can change, named in the warning.
 ADVICE = ("try --objective=image_title where items have images and titles, more steps "

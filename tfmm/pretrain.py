@@ -31,7 +31,7 @@ exported encoder, the index and Acc@N all see centred vectors. Pairs that
 barely tell items apart, as behaviour pairs do, train a tower whose vectors
 all lie in a narrow cone (cosines 0.97-1 on the ``small`` world's click
 pairs), which SimTier's fixed tiers cannot resolve; centring spreads them
-(BUILD.md, "Pairs from clicks").
+(DECISIONS.md, "Pairs from clicks: centre the vectors").
 
 The label-free check, for every run: ``neighbours_same_category@10``, the mean
 share of an item's 10 nearest items (by cosine of their vectors) that share its
@@ -265,7 +265,7 @@ def choose_source(config, catalogue, fallback=False):
     need), the generic objective; an image tower without images becomes a
     text tower. SettingsError too when no item has any content. ``center_vectors``
     left None becomes True where the data dir's pairs come from clicks (their
-    vectors need it: BUILD.md, "Pairs from clicks"), else False.
+    vectors need it: DECISIONS.md, "Pairs from clicks"), else False.
     """
     meta = schema.read_metadata(config.data_dir)
     if not (catalogue.has_image.any() or catalogue.has_title.any()):

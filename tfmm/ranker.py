@@ -83,7 +83,7 @@ class DINRanker(keras.Model):
         num_tiers, simtier_output: SimTier's tiers and output (`SimTierLayer`).
             Fractions of the history by default, not the paper's raw counts:
             counts of up to L beside small ID embeddings trained the MLP worse
-            (BUILD.md, "CTR training").
+            (DECISIONS.md, "SimTier gives the ranker fractions").
         batch_norm: batch-normalise the concatenated features before the MLP,
             as the DIN reference code does (off: it cost AUC on time-ordered
             batches here).

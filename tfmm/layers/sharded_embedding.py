@@ -19,8 +19,8 @@ class ShardedEmbedding(keras.layers.Layer):
     Keras 3's Embedding cannot do that: with the strategy's
     ``variable_partitioner`` its table becomes a ``ShardedVariable`` that the
     lookup reads whole (``ops.take`` converts it to one tensor), and neither
-    ``GradientTape`` nor the optimizer accepts it (BUILD.md, "Embedding tables
-    bigger than one worker").
+    ``GradientTape`` nor the optimizer accepts it (DECISIONS.md, "ShardedEmbedding
+    for tables bigger than one worker").
 
     Args:
         input_dim, output_dim: the table's rows and width.
