@@ -32,8 +32,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfmm.keras_compat import keras, register
-from tfmm.layers import (DINAttention, KnownIds, MAKEBlock, ShardedEmbedding, SimScore, SimTierLayer,
-                         VectorFeature)
+from tfmm.layers import (DINAttention, KnownIds, MAKEBlock, ShardedEmbedding, SimScore,
+                         SimTierLayer, VectorFeature)
 
 METHODS = ("id", "vector", "simscore", "simtier", "make", "simtier_make")
 MAKE_INTEGRATIONS = ("residual", "concat")
