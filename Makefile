@@ -32,4 +32,5 @@ system-packages:
 	  $$install || { $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update && $$install; }; }
 
 test: setup system-packages
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests

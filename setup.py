@@ -31,9 +31,10 @@ setup(
         "redis[hiredis]==8.*",
     ],
     extras_require={
-        "test": ["pytest==9.*", "hypothesis==6.*"],
+        "test": ["pytest==9.*", "hypothesis==6.*", "ruff==0.17.6"],  # ruff: `make test` lints first
         "tfrs": ["tensorflow-recommenders==0.7.7", "tf-keras==2.21.*"],
         "beam": ["apache-beam[tfrecord]==2.77.*"],  # prepare and embed as Beam pipelines (--runner)
-        "bench": ["deepctr==0.9.4", "tf-keras==2.21.*"],  # the DIN peer of benchmarks.ctr_step (runs under tf-keras)
+        # the DIN peer of benchmarks.ctr_step (runs under tf-keras)
+        "bench": ["deepctr==0.9.4", "tf-keras==2.21.*"],
     },
 )

@@ -122,11 +122,12 @@ def main(argv):
         line_plot(os.path.join(out, "fig3.png"), "Fig. 3: test GAUC by training epoch", "epoch",
                   "test GAUC", {"ID": (epochs, id_g), "MM only (MAKE)": (epochs, mm_g)})
         report["fig3"] = {"id_gauc": id_g, "mm_gauc": mm_g}
-        parts["fig3"] = ["## Fig. 3: ID vs multimodal-only over epochs", "", "![fig3](fig3.png)", "",
-                  "| Epoch | " + " | ".join(map(str, epochs)) + " |",
-                  "| --- |" + " --- |" * n,
-                  "| ID GAUC | " + " | ".join(f"{g:.4f}" for g in id_g) + " |",
-                  "| MM-only GAUC | " + " | ".join(f"{g:.4f}" for g in mm_g) + " |", ""]
+        parts["fig3"] = [
+            "## Fig. 3: ID vs multimodal-only over epochs", "", "![fig3](fig3.png)", "",
+            "| Epoch | " + " | ".join(map(str, epochs)) + " |",
+            "| --- |" + " --- |" * n,
+            "| ID GAUC | " + " | ".join(f"{g:.4f}" for g in id_g) + " |",
+            "| MM-only GAUC | " + " | ".join(f"{g:.4f}" for g in mm_g) + " |", ""]
 
     if "fig6a" in FLAGS.sections:
         points = []
@@ -139,8 +140,9 @@ def main(argv):
                   "SimTier ranker test GAUC",
                   {"encoders": ([p[1] for p in points], [p[2] for p in points])})
         report["fig6a"] = [{"scl_epochs": e, "acc@1": a, "gauc": g} for e, a, g in points]
-        parts["fig6a"] = ["## Fig. 6(a): encoder Acc@1 vs ranker GAUC", "", "![fig6a](fig6a.png)", "",
-                  "| SCL epochs | Acc@1 | SimTier GAUC |", "| --- | --- | --- |"]
+        parts["fig6a"] = [
+            "## Fig. 6(a): encoder Acc@1 vs ranker GAUC", "", "![fig6a](fig6a.png)", "",
+            "| SCL epochs | Acc@1 | SimTier GAUC |", "| --- | --- | --- |"]
         parts["fig6a"] += [f"| {e} | {a:.4f} | {g:.4f} |" for e, a, g in points] + [""]
 
     if "fig6c" in FLAGS.sections:

@@ -8,12 +8,12 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from tfmm import ctr, outputs, pretrain  # noqa: E402
-from tfmm.data import schema  # noqa: E402
-from tfmm.index import open_index  # noqa: E402
+from tfmm import ctr, outputs, pretrain
+from tfmm.data import schema
+from tfmm.index import open_index
 
 NAMES = {"id": "ID (DIN)", "vector": "Vector", "simscore": "SimScore", "simtier": "SimTier",
          "make": "MAKE", "simtier_make": "SimTier+MAKE",

@@ -77,7 +77,8 @@ def main(argv):
     for name, runs in results.items():
         a1 = np.array([r["acc@1"] for r in runs])
         a5 = np.array([r["acc@5"] for r in runs])
-        lines.append(f"| {name} | {a1.mean():.4f} ± {a1.std():.4f} | {a5.mean():.4f} ± {a5.std():.4f} |")
+        lines.append(f"| {name} | {a1.mean():.4f} ± {a1.std():.4f} "
+                     f"| {a5.mean():.4f} ± {a5.std():.4f} |")
     lines += ["", "Command: `python -m pipelines.table2 --world=" + FLAGS.world +
               f" --seeds={','.join(FLAGS.seeds)} --epochs={FLAGS.epochs} "
               f"--positive_tower={FLAGS.positive_tower}`"]

@@ -50,14 +50,16 @@ def test_simscore_missing_target_vector_scores_zero():
                       np.zeros((1, 4), "float32"), np.ones((1, 3, 4), "float32"))
     np.testing.assert_array_equal(t.numpy()[:, -1], 0.0)
     np.testing.assert_array_equal(h.numpy()[..., -1], 0.0)
-    t, _ = SimScore(similarity="cosine")(np.zeros((1, 2), "float32"), np.zeros((1, 3, 2), "float32"),
-                                         np.zeros((1, 4), "float32"), np.ones((1, 3, 4), "float32"))
+    t, _ = SimScore(similarity="cosine")(
+        np.zeros((1, 2), "float32"), np.zeros((1, 3, 2), "float32"),
+        np.zeros((1, 4), "float32"), np.ones((1, 3, 4), "float32"))
     np.testing.assert_array_equal(t.numpy()[:, -1], 0.0)
 
 
 def test_simscore_candidates_feed_din_per_candidate_keys(rng):
     b, c, l, e, d = 2, 3, 4, 3, 5
-    te, he = rng.normal(size=(b, c, e)).astype("float32"), rng.normal(size=(b, l, e)).astype("float32")
+    te = rng.normal(size=(b, c, e)).astype("float32")
+    he = rng.normal(size=(b, l, e)).astype("float32")
     tv, hv = unit(rng.normal(size=(b, c, d))), unit(rng.normal(size=(b, l, d)))
     mask = rng.random((b, l)) < 0.8
     simscore = SimScore()

@@ -86,7 +86,8 @@ def test_id_run_writes_metrics_that_its_savedmodel_reproduces(tiny_dir, tmp_path
     assert result["auc"] == pytest.approx(auc(y, p), abs=1e-5)
     assert result["gauc"] == pytest.approx(gauc(y, p, users)["gauc"], abs=1e-5)
     assert result["logloss"] == pytest.approx(logloss(y, p), abs=1e-5)
-    assert result["gauc_unweighted"] == pytest.approx(gauc(y, p, users)["gauc_unweighted"], abs=1e-5)
+    assert result["gauc_unweighted"] == pytest.approx(gauc(y, p, users)["gauc_unweighted"],
+                                                      abs=1e-5)
 
     # Per-epoch values: the last epoch's are the final model's.
     assert [e["epoch"] for e in result["epochs"]] == [1, 2]

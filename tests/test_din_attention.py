@@ -164,13 +164,17 @@ def test_history_permutation_invariance(rng, inputs):
 @pytest.mark.parametrize(
     "query, keys, mask, message",
     [
-        (np.ones((2,)), np.ones((2, 3, 2)), None, r"`query` must have shape \[B, d\] or \[B, C, d\]"),
-        (np.ones((2, 2)), np.ones((2, 2)), None, r"`keys` must have shape \[B, L, d\] or \[B, C, L, d\]"),
+        (np.ones((2,)), np.ones((2, 3, 2)), None,
+         r"`query` must have shape \[B, d\] or \[B, C, d\]"),
+        (np.ones((2, 2)), np.ones((2, 2)), None,
+         r"`keys` must have shape \[B, L, d\] or \[B, C, L, d\]"),
         (np.ones((2, 4)), np.ones((2, 3, 2)), None, r"`keys` must have shape \[B, L, 4\]"),
         (np.ones((2, 2)), np.ones((2, 1, 3, 2)), None, r"need a `query` of shape \[B, C, d\]"),
         (np.ones((2, 3, 2)), np.ones((2, 4, 3, 2)), None, r"`keys` must have shape \[B, 3, L, 2\]"),
-        (np.ones((2, 2)), np.ones((2, 3, 2)), np.ones((3,), bool), r"`mask` must have shape \[B, L\] = \[2, 3\]"),
-        (np.ones((2, 2)), np.ones((2, 3, 2)), np.ones((2, 5), bool), r"`mask` must have shape \[B, L\] = \[2, 3\]"),
+        (np.ones((2, 2)), np.ones((2, 3, 2)), np.ones((3,), bool),
+         r"`mask` must have shape \[B, L\] = \[2, 3\]"),
+        (np.ones((2, 2)), np.ones((2, 3, 2)), np.ones((2, 5), bool),
+         r"`mask` must have shape \[B, L\] = \[2, 3\]"),
     ],
 )
 def test_bad_shapes_name_the_argument(query, keys, mask, message):

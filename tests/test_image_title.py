@@ -2,8 +2,6 @@
 
 import collections
 import dataclasses
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -180,8 +178,8 @@ def test_click_pairs_mined_from_impressions_are_prepares(clicks_dir):  # noqa: F
 @pytest.mark.slow
 def test_image_title_with_click_pairs_trains_the_item_vectors(clicks_dir, tmp_path):  # noqa: F811
     result = run(PretrainConfig(data_dir=clicks_dir, model_dir=str(tmp_path),
-                                objective="image_title", pairs_from="clicks", queue_size=0, epochs=2, batch_size=32,
-                                dim=8, min_steps=0, verbose=0))
+                                objective="image_title", pairs_from="clicks", queue_size=0,
+                                epochs=2, batch_size=32, dim=8, min_steps=0, verbose=0))
     first, _ = click_pairs(clicks_dir, "train")
     assert result["source"] == (
         f"image_title, on the 216 items with an image and a title (24 held out for Acc@N), and "

@@ -69,7 +69,7 @@ def test_the_public_surface_resolves_and_stays_lazy():
         assert getattr(tfmm, name) is not None, name
     assert tfmm.DINRanker is DINRanker and tfmm.layers.SimTierLayer.__name__ == "SimTierLayer"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        tfmm.nope  # noqa: B018
+        tfmm.nope
     code = "import sys, tfmm; print('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True,
                           text=True).stdout.strip() == "False"

@@ -305,7 +305,8 @@ def test_undecodable_image_fails_mid_write_without_damage(inputs):
     before = (out / "impressions-train.tfrecord").read_bytes()
     with open(os.path.join(images, "i3.png"), "wb") as f:
         f.write(b"\x89PNG not really")
-    with pytest.raises(ValueError, match=r"i3.png \(item 'i3', .*items.csv: row 4\): does not decode"):
+    with pytest.raises(ValueError,
+                       match=r"i3.png \(item 'i3', .*items.csv: row 4\): does not decode"):
         prepare(PrepareOptions(log, items, str(out), images_dir=images))
     assert (out / "impressions-train.tfrecord").read_bytes() == before
     assert not [p for p in os.listdir(tmp) if ".tmp-" in p]
@@ -641,7 +642,9 @@ def test_cli_writes_pairs_and_missing_counts_in_its_line(inputs):
 def reference_records(log, items, max_history, split_timestamp, drop_duplicates=False):
     """The impressions and vocabularies `prepare` must write, straight from the rows:
     (train features, test features, {vocab name: raw ids by dense id - 2})."""
-    dense = lambda values: {v: k + schema.FIRST_ID for k, v in enumerate(sorted(set(values)))}
+    def dense(values):
+        return {v: k + schema.FIRST_ID for k, v in enumerate(sorted(set(values)))}
+
     item_id, category_id = dense(i for i, _ in items), dense(c for _, c in items)
     category_of = {item_id[i]: category_id[c] for i, c in items}
     if drop_duplicates:

@@ -13,12 +13,12 @@ import tensorflow as tf
 
 pytest.importorskip("apache_beam")
 
-from tfmm import data  # noqa: E402
-from tfmm.data import schema  # noqa: E402
-from tfmm.data import world as world_lib  # noqa: E402
-from tfmm.data.prepare import PrepareOptions, prepare  # noqa: E402
-from tfmm.data.synthetic import write_raw  # noqa: E402
-from tests.test_prepare import CLICKS, ITEMS, LOG, ROOT, _bad_inputs, write_csv  # noqa: E402
+from tfmm import data
+from tfmm.data import schema
+from tfmm.data import world as world_lib
+from tfmm.data.prepare import PrepareOptions, prepare
+from tfmm.data.synthetic import write_raw
+from tests.test_prepare import CLICKS, ITEMS, LOG, ROOT, _bad_inputs, write_csv
 
 HEADER = ["user_id", "item_id", "label", "timestamp", "device"]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",

@@ -30,7 +30,8 @@ def test_din_ranker_trains_on_reader_batches(tiny_dir):
 
 
 def test_reader_rejects_unknown_features(tiny_dir):
-    with pytest.raises(ValueError, match=r"features \['item_vector'\] are not in .* need `vectors`"):
+    with pytest.raises(ValueError,
+                       match=r"features \['item_vector'\] are not in .* need `vectors`"):
         data.impressions(tiny_dir, "train", features=["item_id", "item_vector"])
 
 

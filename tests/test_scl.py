@@ -25,7 +25,8 @@ def reference_info_nce(q, k, inv_t, extra=None, key_ids=None, extra_ids=None, ma
             if j == i:
                 own = logits[-1]
         for j in range(0 if extra is None else len(extra)):
-            if extra_ids is not None and (extra_ids[j] == -1 or (mask_own and extra_ids[j] == key_ids[i])):
+            if extra_ids is not None and (
+                    extra_ids[j] == -1 or (mask_own and extra_ids[j] == key_ids[i])):
                 continue
             logits.append(q[i] @ extra[j] * inv_t)
         logits = np.array(logits, np.float64)
@@ -40,13 +41,15 @@ def unit(x):
 @pytest.mark.parametrize("mask_own", [True, False])
 def test_info_nce_matches_numpy(mask_own):
     rng = np.random.default_rng(0)
-    q, k, extra = unit(rng.normal(size=(6, 5))), unit(rng.normal(size=(6, 5))), unit(rng.normal(size=(8, 5)))
+    q, k = unit(rng.normal(size=(6, 5))), unit(rng.normal(size=(6, 5)))
+    extra = unit(rng.normal(size=(8, 5)))
     key_ids = np.array([3, 4, 3, 5, 6, 7])
     extra_ids = np.array([-1, 4, 9, 9, 3, -1, 8, 10])
     got = info_nce(q, k, 1 / 0.07, extra, key_ids, extra_ids, mask_own).numpy()
-    np.testing.assert_allclose(got, reference_info_nce(q, k, 1 / 0.07, extra, key_ids, extra_ids, mask_own),
-                               rtol=1e-4)
-    np.testing.assert_allclose(info_nce(q, k, 2.0).numpy(), reference_info_nce(q, k, 2.0), rtol=1e-5)
+    want = reference_info_nce(q, k, 1 / 0.07, extra, key_ids, extra_ids, mask_own)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    np.testing.assert_allclose(info_nce(q, k, 2.0).numpy(), reference_info_nce(q, k, 2.0),
+                               rtol=1e-5)
 
 
 def test_info_nce_of_one_replicas_rows_against_gathered_keys():
@@ -192,7 +195,8 @@ def test_callback_needs_a_queue_model():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
     with pytest.raises(ValueError, match="needs a model with a MomentumQueue"):
-        model.fit(np.zeros((4, 3)), np.zeros((4, 1)), callbacks=[MomentumQueueCallback()], verbose=0)
+        model.fit(np.zeros((4, 3)), np.zeros((4, 1)), callbacks=[MomentumQueueCallback()],
+                  verbose=0)
     with pytest.raises(ValueError, match="momentum=1.0 must be in"):
         MomentumQueueCallback(1.0)
 

@@ -166,10 +166,12 @@ def test_bad_arguments_are_rejected(kwargs, message):
 @pytest.mark.parametrize(
     "target, history, mask, message",
     [
-        (np.ones((2,)), np.ones((2, 3, 2)), None, r"`target` must have shape \[B, d\] or \[B, C, d\]"),
+        (np.ones((2,)), np.ones((2, 3, 2)), None,
+         r"`target` must have shape \[B, d\] or \[B, C, d\]"),
         (np.ones((2, 2)), np.ones((2, 2)), None, r"`history` must have shape \[B, L, d\]"),
         (np.ones((2, 4)), np.ones((2, 3, 2)), None, r"`history` must have shape \[B, L, 4\]"),
-        (np.ones((2, 2)), np.ones((2, 3, 2)), np.ones((2, 4), bool), r"`mask` must have shape \[B, L\] = \[2, 3\]"),
+        (np.ones((2, 2)), np.ones((2, 3, 2)), np.ones((2, 4), bool),
+         r"`mask` must have shape \[B, L\] = \[2, 3\]"),
         (np.ones((2, 2)), np.ones((2, 3, 2)), np.ones((2, 3, 1), bool), r"`mask` must have shape"),
         (np.ones((2, 2)), np.ones((3, 3, 2)), None, r"`history` must have shape \[2, L, d\]"),
     ],

@@ -33,7 +33,8 @@ def test_centring_subtracts_the_mean_and_renormalises(tmp_path):
     texts = np.array(["red hat", "blue", "red"])
     raw = tower(texts).numpy()
     model = centred(tower, raw.mean(axis=0))
-    assert model.name == tower.name and [x.name for x in model.inputs] == [x.name for x in tower.inputs]
+    assert model.name == tower.name
+    assert [x.name for x in model.inputs] == [x.name for x in tower.inputs]
     want = (raw - raw.mean(axis=0)) / np.linalg.norm(raw - raw.mean(axis=0), axis=1,
                                                       keepdims=True)
     np.testing.assert_allclose(model(texts).numpy(), want, atol=1e-6)

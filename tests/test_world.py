@@ -44,7 +44,8 @@ def _read_all(data_dir, split, max_history=None, wanted=None):
                                  features=wanted):
         features.append({k: v.numpy() for k, v in f.items()})
         labels.append(y.numpy())
-    return {k: np.concatenate([f[k] for f in features]) for k in features[0]}, np.concatenate(labels)
+    return ({k: np.concatenate([f[k] for f in features]) for k in features[0]},
+            np.concatenate(labels))
 
 
 def test_histories_are_earlier_clicks_of_the_same_user(tiny):
@@ -154,7 +155,8 @@ def test_shuffle_is_seeded_and_order_is_deterministic(tiny):
     _, path = tiny
 
     def first_ids(**kw):
-        return next(iter(data.impressions(path, "train", batch_size=64, **kw)))[0]["timestamp"].numpy()
+        features, _ = next(iter(data.impressions(path, "train", batch_size=64, **kw)))
+        return features["timestamp"].numpy()
 
     in_order = first_ids()
     assert (np.diff(in_order) >= 0).all()  # time order
@@ -183,7 +185,8 @@ def test_visual_taste_knob_drives_clicks():
     categories; with visual_weight=0 it does not (no signal in the pictures)."""
     gains = {}
     for weight in (1.0, 0.0):
-        w = world_lib.generate(dataclasses.replace(world_lib.PRESETS["small"], visual_weight=weight))
+        w = world_lib.generate(
+            dataclasses.replace(world_lib.PRESETS["small"], visual_weight=weight))
         visual, category = w.oracle_aucs()
         gains[weight] = visual - category
     assert gains[1.0] > 0.05

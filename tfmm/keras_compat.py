@@ -12,9 +12,9 @@ import os
 LEGACY = os.environ.get("TF_USE_LEGACY_KERAS", "0").strip().lower() in ("1", "true", "yes")
 
 if LEGACY:
-    import tf_keras as keras  # noqa: F401
+    import tf_keras as keras
 else:
-    import keras  # noqa: F401
+    import keras
 
     if keras.backend.backend() != "tensorflow":
         raise ImportError(

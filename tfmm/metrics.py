@@ -102,7 +102,8 @@ def retrieval_ranks(queries, positives, chunk_size=4096):
 
     q = tf.convert_to_tensor(queries, tf.float32)
     p = tf.convert_to_tensor(positives, tf.float32)
-    if q.shape.rank != 2 or p.shape.rank != 2 or q.shape[0] != p.shape[0] or q.shape[1] != p.shape[1]:
+    if (q.shape.rank != 2 or p.shape.rank != 2
+            or q.shape[0] != p.shape[0] or q.shape[1] != p.shape[1]):
         raise ValueError(f"retrieval_ranks: want queries and positives of one shape [D, d], got "
                          f"{tuple(q.shape)} and {tuple(p.shape)}.")
     return _ranks(q, p, int(chunk_size)).numpy()

@@ -17,9 +17,9 @@ the ranker with its shards joined (`joined`).
 
 Every task reads the standard ``TF_CONFIG`` (a ``chief``, ``worker`` and
 ``ps`` cluster); ``python -m tfmm.parameter_server``, or the job's own
-command, runs a ``worker`` or ``ps`` task's server until it is killed. Why not Keras 3's Embedding with
-the strategy's ``variable_partitioner``: DECISIONS.md, "ShardedEmbedding for
-tables bigger than one worker".
+command, runs a ``worker`` or ``ps`` task's server until it is killed. Why
+not Keras 3's Embedding with the strategy's ``variable_partitioner``:
+DECISIONS.md, "ShardedEmbedding for tables bigger than one worker".
 """
 
 import os

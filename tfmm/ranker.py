@@ -32,8 +32,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfmm.keras_compat import LEGACY, keras, register
-from tfmm.layers import (DINAttention, KnownIds, MAKEBlock, ShardedEmbedding, SimScore, SimTierLayer,
-                         VectorFeature)
+from tfmm.layers import (DINAttention, KnownIds, MAKEBlock, ShardedEmbedding, SimScore,
+                         SimTierLayer, VectorFeature)
 
 # Ops on the functional graph's tensors: Keras 3 takes only keras.ops there; tf-keras
 # (TFRS) has no keras.ops and takes tf ops.

@@ -156,7 +156,7 @@ class SCLModel(keras.Model):
             towers.append(self.key_tower)
         if tf.distribute.get_strategy().num_replicas_in_sync > 1:
             # Global-batch statistics, as in one process (MoCo shuffles BN instead).
-            for layer in (l for t in towers for l in t._flatten_layers()):
+            for layer in (x for t in towers for x in t._flatten_layers()):
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.synchronized = True
         self.loss_tracker = keras.metrics.Mean(name="loss")

@@ -32,8 +32,8 @@ class Ranker(tfrs.Model):
 
     def call(self, f, training=False):
         mask = f["history_mask"]
-        pooled = self.din(self.item_embedding(f["item_id"]), self.item_embedding(f["history_item_ids"]),
-                          mask=mask, training=training)
+        pooled = self.din(self.item_embedding(f["item_id"]),
+                          self.item_embedding(f["history_item_ids"]), mask=mask, training=training)
         tiers = self.simtier(f["item_vector"], f["history_vectors"], mask=mask)
         make_logit, knowledge = self.make(f["item_vector"], f["history_vectors"], mask=mask,
                                           training=training)

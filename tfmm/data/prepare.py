@@ -84,8 +84,9 @@ A pair without a given negative gets a hard negative: a random other item of
 the positive's category (of the whole catalogue when the category has no
 other; without a ``category_id`` column all items are one category), drawn
 from ``--seed`` and the pair's own values (`tfmm.data.pairs.PairDraws`: the
-same with ``--runner``, whatever order the pipeline meets the pairs in). Pairs are written in time order. The counts go to the output
-line and ``metadata.json`` (``pairs``).
+same with ``--runner``, whatever order the pipeline meets the pairs in).
+Pairs are written in time order. The counts go to the output line and
+``metadata.json`` (``pairs``).
 """
 
 import dataclasses

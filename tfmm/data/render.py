@@ -52,7 +52,8 @@ def shape_mask(shape, u, v):
     if shape == "cross":
         return ((abs(u) < 0.3 * r) & (abs(v) < r)) | ((abs(v) < 0.3 * r) & (abs(u) < r))
     if shape == "hexagon":
-        return np.maximum(abs(u), abs(0.5 * u + 0.866 * v)).clip(abs(0.5 * u - 0.866 * v)) < 0.85 * r
+        return (np.maximum(abs(u), abs(0.5 * u + 0.866 * v)).clip(abs(0.5 * u - 0.866 * v))
+                < 0.85 * r)
     if shape == "star":
         return rad < r * (0.6 + 0.4 * np.cos(5.0 * np.arctan2(v, u)))
     if shape == "crescent":

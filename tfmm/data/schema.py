@@ -52,7 +52,8 @@ QUERY_ITEM = "query_item_id"
 
 
 def impression_spec(side_features=()):
-    spec = {k: tf.io.FixedLenFeature([], tf.int64) for k in IMPRESSION_SCALARS + tuple(side_features)}
+    spec = {k: tf.io.FixedLenFeature([], tf.int64)
+            for k in IMPRESSION_SCALARS + tuple(side_features)}
     spec.update({k: tf.io.VarLenFeature(tf.int64) for k in HISTORY_LISTS})
     return spec
 

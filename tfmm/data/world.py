@@ -259,7 +259,8 @@ def generate(config):
 
     r = rng["impressions"]
     n = cfg.num_impressions
-    day = np.repeat(np.arange(cfg.num_days), np.diff(np.linspace(0, n, cfg.num_days + 1).astype(int)))
+    day = np.repeat(np.arange(cfg.num_days),
+                    np.diff(np.linspace(0, n, cfg.num_days + 1).astype(int)))
     timestamp = T0 + day * DAY + r.integers(0, DAY, n)
     order = np.argsort(timestamp, kind="stable")
     day, timestamp = day[order], timestamp[order]
@@ -281,7 +282,8 @@ def generate(config):
     r = rng["labels"]
     logit = cfg.base_logit + bias[item] + (
         cfg.category_weight * taste_category[user, category[item]]
-        + cfg.visual_weight * (taste_colour[user, colour[item]] + taste_pattern[user, pattern[item]])
+        + cfg.visual_weight
+        * (taste_colour[user, colour[item]] + taste_pattern[user, pattern[item]])
         / math.sqrt(2.0))
     p = 1.0 / (1.0 + np.exp(-logit))
     label = (r.random(n) < p) ^ (r.random(n) < cfg.label_noise)

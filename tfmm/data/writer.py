@@ -51,7 +51,8 @@ class DataDirWriter:
         """
         stem = table.replace("/", "-")
         names = [
-            f"{stem}.tfrecord" if num_shards == 1 else f"{stem}-{i:05d}-of-{num_shards:05d}.tfrecord"
+            f"{stem}.tfrecord" if num_shards == 1
+            else f"{stem}-{i:05d}-of-{num_shards:05d}.tfrecord"
             for i in range(num_shards)
         ]
         per_shard = -(-count // num_shards)

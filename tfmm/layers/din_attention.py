@@ -83,8 +83,9 @@ class DINAttention(keras.layers.Layer):
             keras.initializers.get(kernel_initializer))
         units = hidden_units + (1,)
         self.dense = [
-            keras.layers.Dense(u, kernel_initializer=keras.initializers.get(self.kernel_initializer),
-                               name=f"dense_{i + 1}")
+            keras.layers.Dense(
+                u, kernel_initializer=keras.initializers.get(self.kernel_initializer),
+                name=f"dense_{i + 1}")
             for i, u in enumerate(units[1:])
         ]
         if activation == "dice":

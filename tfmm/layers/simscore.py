@@ -61,7 +61,8 @@ class SimScore(keras.layers.Layer):
         if len(t) == 3:
             # [B, C, 1, e]: one copy of the history per candidate.
             history_emb = tf.broadcast_to(
-                history_emb[:, None], tf.concat([tf.shape(target_emb)[:2], tf.shape(history_emb)[1:]], 0)
+                history_emb[:, None],
+                tf.concat([tf.shape(target_emb)[:2], tf.shape(history_emb)[1:]], 0),
             )
         dtype = target_emb.dtype
         return (tf.concat([target_emb, tf.cast(self_score, dtype)], axis=-1),
