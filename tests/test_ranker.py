@@ -224,7 +224,8 @@ def test_residual_make_leaves_the_ranker_to_train_as_without_make(tiny_dir, froz
     own = [w for w in models["make"].weights if id(w) not in theirs]
     assert [w.shape for w in own] == [w.shape for w in ranker]
     for w, v in zip(own, ranker):
-        np.testing.assert_allclose(w.numpy(), v.numpy(), atol=1e-6, err_msg=getattr(w, "path", w.name))
+        np.testing.assert_allclose(w.numpy(), v.numpy(), atol=1e-6,
+                                   err_msg=getattr(w, "path", w.name))
     assert np.abs(models["make"].make_head.kernel.numpy()).max() > 1e-4
     moved = [not np.array_equal(a, w.numpy()) for a, w in zip(start, make.weights)]
     assert any(moved) != frozen

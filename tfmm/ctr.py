@@ -105,7 +105,8 @@ class CTRConfig:
     # The job's own; MAKEBlock's default is 256-128-64-1, and it checks them (validate).
     make_units: tuple = setting((64, 32, 16, 1), "MAKE's four MLP layers.")
     # MAKE's MLP reads concat(v_MAKE, target), not eq. 4's v_MAKE alone, which cannot
-    # tell which target it scores; it trained much better (DECISIONS.md, "MAKE's MLP reads the target").
+    # tell which target it scores; it trained much better (DECISIONS.md, "MAKE's MLP
+    # reads the target").
     make_target_in_mlp: bool = setting(
         True, "MAKE's MLP reads concat(v_MAKE, target vector), as DIN's own head does; "
               "false: v_MAKE alone (paper eq. 4), which cannot tell which target it scores "
