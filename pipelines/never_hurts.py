@@ -33,7 +33,6 @@ index's vectors and the ranker settings, and refuses others (use a fresh
 
 import contextlib
 import hashlib
-import json
 import os
 import time
 
@@ -41,7 +40,7 @@ import numpy as np
 from absl import flags
 
 from pipelines.runs import NAMES, Runs, method_table, pipeline_dir, write_report
-from tfmm import cli, ctr, encoder_checks, outputs
+from tfmm import cli, ctr, encoder_checks, jobs, outputs
 from tfmm.config import SettingsError
 from tfmm.data import schema
 from tfmm.index import is_empty, local_index, open_index, redact, remove_files
@@ -118,22 +117,6 @@ def random_index(path, ids, dim, data_dir, source):
                         "items_of": source})
         index.put(ids, vectors)
     return path
-
-
-def remember_inputs(runs_dir, record):
-    """Writes `record` (data, index, settings) to `runs_dir`/inputs.json, or refuses a
-    `runs_dir` whose runs were made from other ones."""
-    path = os.path.join(runs_dir, "inputs.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        changed = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
-        if changed:
-            raise SettingsError(f"--runs_dir={runs_dir} holds runs of other inputs or "
-                                f"settings ({', '.join(changed)}); use a fresh --runs_dir.")
-        return
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
 
 
 def value_lines(values):
@@ -225,10 +208,12 @@ def main(argv):
 
     settings = {k: FLAGS[k].value for k in SETTINGS}
     outputs.claim_dir(runs_dir, "runs_dir", given, pipeline_dir, "pipelines.never_hurts")
-    remember_inputs(runs_dir, {"data_dir": os.path.abspath(data_dir),
-                               "catalogue": schema.catalogue_fingerprint(data_dir),
-                               "index": redact(FLAGS.index), "index_vectors": fingerprint,
-                               **settings})
+    # Its runs are of one data dir, index and settings: others are refused, as a job's are.
+    inputs = {"data_dir": os.path.abspath(data_dir),
+              "catalogue": schema.catalogue_fingerprint(data_dir),
+              "index": redact(FLAGS.index), "index_vectors": fingerprint, **settings}
+    jobs.check_dir(runs_dir, inputs, "runs_dir")
+    jobs.claim_dir(runs_dir, inputs)
     control = random_index(os.path.join(runs_dir, "random", "vectors.db"), ids, dim, data_dir,
                            redact(FLAGS.index))
     runs = Runs(runs_dir, FLAGS.batch_size, FLAGS.make_epochs, ctr.CTRConfig.make_target_in_mlp,
