@@ -168,6 +168,15 @@ def test_live_vectors_reach_an_existing_dataset_after_a_refresh(tiny_dir, oracle
         oracle.refresh(oracle)
 
 
+def _oracle_index(path, data_dir, oracle):
+    """An index at `path` holding `oracle`'s vectors for `data_dir`'s catalogue (no record)."""
+    index = SQLiteIndex(path, dim=oracle.table.shape[1])
+    index.claim(schema.catalogue_fingerprint(data_dir))
+    ids = np.flatnonzero(oracle.present)
+    index.put(ids, oracle.table[ids])
+    index.close()
+
+
 def test_refresh_vectors_trains_on_vectors_written_between_epochs(tiny_dir, oracle, tmp_path,
                                                                   monkeypatch):
     ids = np.flatnonzero(oracle.present)
@@ -497,11 +506,7 @@ def test_killed_run_resumes_from_its_last_epoch_with_every_epochs_metrics(tiny_d
 
 
 def test_killed_make_pretraining_leaves_its_directory_to_one_run(tiny_dir, oracle, tmp_path):
-    index = SQLiteIndex(tmp_path / "index.db", dim=oracle.table.shape[1])
-    index.claim(schema.catalogue_fingerprint(tiny_dir))
-    ids = np.flatnonzero(oracle.present)
-    index.put(ids, oracle.table[ids])
-    index.close()
+    _oracle_index(tmp_path / "index.db", tiny_dir, oracle)
     cmd = _cli(tiny_dir, tmp_path, "--model=make", "--make_epochs=3", "--make_units=16,8,4,1",
                "--batch_size=32", "--export_dir=")
     make_dir = tmp_path / "ctr" / "make"
@@ -523,11 +528,7 @@ def test_killed_make_pretraining_leaves_its_directory_to_one_run(tiny_dir, oracl
 
 
 def test_a_kill_while_makes_backup_is_written_resumes(tiny_dir, oracle, tmp_path):
-    index = SQLiteIndex(tmp_path / "index.db", dim=oracle.table.shape[1])
-    index.claim(schema.catalogue_fingerprint(tiny_dir))
-    ids = np.flatnonzero(oracle.present)
-    index.put(ids, oracle.table[ids])
-    index.close()
+    _oracle_index(tmp_path / "index.db", tiny_dir, oracle)
     cmd = _cli(tiny_dir, tmp_path, "--model=make", "--make_epochs=3", "--make_units=16,8,4,1",
                "--batch_size=64", "--export_dir=")
     assert _torn_backup(cmd, tmp_path / "ctr" / "make", 2) == [1, 2]
@@ -560,10 +561,7 @@ def test_a_ranker_on_an_untrained_encoder_says_so(tiny_dir, oracle, tmp_path, ca
     with open(os.path.join(config.model_dir, "metrics.json")) as f:
         assert json.load(f)["encoder"] == checks
     # Vectors that group items as the world does, put in without a record: no warning.
-    oracle_index = SQLiteIndex(tmp_path / "oracle.db", dim=oracle.table.shape[1])
-    oracle_index.claim(schema.catalogue_fingerprint(tiny_dir))
-    ids = np.flatnonzero(oracle.present)
-    oracle_index.put(ids, oracle.table[ids])
+    _oracle_index(tmp_path / "oracle.db", tiny_dir, oracle)
     good = ctr.run(dataclasses.replace(config, index=str(tmp_path / "oracle.db"),
                                        model_dir=str(tmp_path / "m2")))["encoder"]
     assert good["recorded"] is None and good["warning"] is None
