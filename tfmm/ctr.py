@@ -63,8 +63,8 @@ import tensorflow as tf
 from tfmm import data, distribute, encoder_checks, jobs, metrics
 from tfmm.config import SettingsError, check_settings, default_of, setting
 from tfmm.data import schema
-from tfmm.export import check_export_dir, export_saved_model
-from tfmm.index import IndexUnavailable, is_empty, local_index, open_index, redact
+from tfmm.export import export_saved_model
+from tfmm.index import IndexUnavailable, is_empty, open_index, redact
 from tfmm.layers import MAKEBlock
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
 from tfmm.optimizers import DenseGradientAdam
@@ -172,11 +172,7 @@ class CTRConfig:
                 raise SettingsError("--optimizer=dense_adam cannot run with "
                                     "--strategy=parameter_server: it makes every table's whole "
                                     "gradient on a worker; use adam, adagrad or sgd.")
-        if self.export_dir:  # before anything runs: a base of user files is refused
-            try:
-                check_export_dir(self.export_dir, (self.data_dir, local_index(self.index)))
-            except ValueError as e:
-                raise SettingsError(str(e)) from None
+        jobs.check_export_dir(self)
         if self.refresh_vectors and self.model == "id":
             raise SettingsError("--refresh_vectors needs a multimodal --model; id reads no "
                                 "vectors.")

@@ -37,10 +37,10 @@ import json
 import os
 import time
 
-from tfmm import distribute
+from tfmm import distribute, export
 from tfmm.callbacks import write_json
 from tfmm.config import SettingsError
-from tfmm.index import redact
+from tfmm.index import local_index, redact
 
 
 class Job:
@@ -115,6 +115,17 @@ def settings(config, names=None):
 # What a job writes in its directory, and replaces or deletes there (the backup when
 # the run ends, MAKE's epochs when it pre-trains afresh).
 RUN_FILES = ("backup", "logs", "epochs.json", "metrics.json", "make")
+
+
+def check_export_dir(config):
+    """Refuses `config`'s ``export_dir`` where it is a base of user files or of the job's
+    inputs (`tfmm.export.check_export_dir`), as a SettingsError, before anything runs."""
+    if config.export_dir:
+        try:
+            export.check_export_dir(config.export_dir,
+                                    (config.data_dir, local_index(config.index)))
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
 
 
 def check_dir(directory, values, flag):

@@ -68,8 +68,8 @@ from tfmm import data, distribute, encoder_checks, image_title, jobs, metrics
 from tfmm.callbacks import EpochRecord
 from tfmm.config import SettingsError, as_flags, check_settings, default_of, setting
 from tfmm.data import pairs as behaviour, schema
-from tfmm.export import check_export_dir, export_saved_model
-from tfmm.index import IndexUnavailable, is_empty, local_index, open_index
+from tfmm.export import export_saved_model
+from tfmm.index import IndexUnavailable, is_empty, open_index
 from tfmm.momentum_queue import MomentumQueueCallback
 from tfmm.scl import POSITIVE_TOWERS, SCLModel, check_arguments
 from tfmm.towers import (BACKBONES, BackboneError, Centring, centred, check_backbone,
@@ -187,11 +187,7 @@ class PretrainConfig:
                                 "initialised (only the projection head would learn); give a "
                                 "KerasHub preset or preset directory as --backbone, or drop "
                                 "--freeze_backbone.")
-        if self.export_dir:  # before anything runs: a base of user files is refused
-            try:
-                check_export_dir(self.export_dir, (self.data_dir, local_index(self.index)))
-            except ValueError as e:
-                raise SettingsError(str(e)) from None
+        jobs.check_export_dir(self)
         if self.embeds() != "image" and self.backbone not in BACKBONES and self.export_dir:
             what = ("--modality=text" if self.objective != "image_title"
                     else f"--index_vector={self.index_vector}")
