@@ -82,8 +82,9 @@ def queue_logsumexp(query, extra, extra_ids=None, own_ids=None, block=QUEUE_BLOC
     while it is in cache, and its exponentials kept for the gradient, which then
     needs no pass over them (each block's [B, d] product is scaled instead).
     Against one [B, K] tensor and autodiff (50 MB at the paper's K and B = 64,
-    each op a pass over memory) this takes the queue's softmax from ~1.4x to
-    ~1.2x the CPU time of its two products (BENCHMARKS.md).
+    each op a pass over memory) this took the queue's loss, forward and
+    backward, from 1.42x to 1.15-1.3x the CPU time of its two products
+    (BENCHMARKS.md, the MoCo queue).
 
     Example: ``queue_logsumexp(q, queue_keys, queue_ids, own_ids)`` -> [B].
     """
