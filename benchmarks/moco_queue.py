@@ -27,9 +27,15 @@ def step_time(queue_size, batch):
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     data = tf.data.Dataset.from_tensors(batch).repeat()
     model.fit(data, steps_per_epoch=3, verbose=0)  # trace, warm up
-    start = time.perf_counter()
-    model.fit(data, steps_per_epoch=FLAGS.steps, verbose=0)
-    return (time.perf_counter() - start) / FLAGS.steps
+    return timed(lambda: model.fit(data, steps_per_epoch=FLAGS.steps, verbose=0))
+
+
+def timed(run):
+    """(wall, CPU) seconds per step of `run` (FLAGS.steps steps): the CPU time of
+    the process's threads is less disturbed by other jobs on a shared machine."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return ((time.perf_counter() - wall) / FLAGS.steps, (time.process_time() - cpu) / FLAGS.steps)
 
 
 def matmul_time(batch_size, queue_size, dim):
@@ -41,13 +47,12 @@ def matmul_time(batch_size, queue_size, dim):
         with tf.GradientTape() as tape:
             tape.watch(q)
             s = tf.reduce_sum(tf.matmul(q, keys, transpose_b=True))
-        return tape.gradient(s, q)
+        # Return the sum too: else the forward matmul is pruned (the gradient of a
+        # sum of products needs only the backward one).
+        return s, tape.gradient(s, q)
 
     logits_and_grad()
-    start = time.perf_counter()
-    for _ in range(FLAGS.steps):
-        logits_and_grad().numpy()
-    return (time.perf_counter() - start) / FLAGS.steps
+    return timed(lambda: [[t.numpy() for t in logits_and_grad()] for _ in range(FLAGS.steps)])
 
 
 def define_flags():
@@ -68,15 +73,24 @@ def main(argv):
     small = step_time(b, batch)
     big = step_time(FLAGS.queue_size, batch)
     extra = matmul_time(b, FLAGS.queue_size, FLAGS.dim)
-    print(f"batch {b}, d={FLAGS.dim}, {os.cpu_count()} CPUs, TF {tf.__version__}")
-    print(f"SCL step, queue of {b}:           {small * 1e3:8.1f} ms")
-    print(f"SCL step, queue of {FLAGS.queue_size}:       {big * 1e3:8.1f} ms")
-    print(f"queue's extra cost:               {(big - small) * 1e3:8.1f} ms")
-    print(f"extra logits matmul + its grad:   {extra * 1e3:8.1f} ms "
-          f"(queue cost / matmul = {(big - small) / extra:.2f})")
-    report.write_json({"step_small_queue_ms": small * 1e3, "step_queue_ms": big * 1e3,
-                       "queue_cost_ms": (big - small) * 1e3, "matmul_and_grad_ms": extra * 1e3,
-                       "queue_cost_over_matmul": (big - small) / extra})
+    cost = [x - y for x, y in zip(big, small)]
+    print(f"batch {b}, d={FLAGS.dim}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
+          f"load {os.getloadavg()[0]:.2f}; ms per step, wall / CPU time")
+    print(f"SCL step, queue of {b}:           {ms(small)}")
+    print(f"SCL step, queue of {FLAGS.queue_size}:       {ms(big)}")
+    print(f"queue's extra cost:               {ms(cost)}")
+    print(f"extra logits matmul + its grad:   {ms(extra)}")
+    print(f"queue cost / matmul:              {cost[0] / extra[0]:8.2f} / {cost[1] / extra[1]:.2f}")
+    report.write_json({"step_small_queue_ms": small[0] * 1e3, "step_queue_ms": big[0] * 1e3,
+                       "queue_cost_ms": cost[0] * 1e3, "matmul_and_grad_ms": extra[0] * 1e3,
+                       "queue_cost_over_matmul": cost[0] / extra[0],
+                       "cpu_ms": {"step_small_queue": small[1] * 1e3, "step_queue": big[1] * 1e3,
+                                  "queue_cost": cost[1] * 1e3, "matmul_and_grad": extra[1] * 1e3,
+                                  "queue_cost_over_matmul": cost[1] / extra[1]}})
+
+
+def ms(seconds):
+    return f"{seconds[0] * 1e3:8.1f} / {seconds[1] * 1e3:8.1f}"
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from tests.test_predictor import free_port
 from tfmm.momentum_queue import MomentumQueueCallback
-from tfmm.scl import SCLModel, info_nce, triplet
+from tfmm.scl import SCLModel, info_nce, queue_logsumexp, triplet
 
 
 def reference_info_nce(q, k, inv_t, extra=None, key_ids=None, extra_ids=None, mask_own=True):
@@ -64,6 +64,89 @@ def test_info_nce_of_one_replicas_rows_against_gathered_keys():
     got = info_nce(q[3:6], k, 1 / 0.07, extra, key_ids, extra_ids, start=3).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4)
     assert not np.allclose(info_nce(q[3:6], k, 1 / 0.07, extra, key_ids, extra_ids).numpy(), want)
+
+
+def reference_queue_logsumexp(q, extra, extra_ids, own_ids):
+    """(log-sum-exp of each row's unmasked queue logits, its gradient w.r.t. q:
+    the softmax-weighted sum of those keys), in float64, one row at a time."""
+    values, grads = [], []
+    for i in range(len(q)):
+        keep = (extra_ids != -1) & (extra_ids != own_ids[i])
+        logits = extra[keep].astype(np.float64) @ q[i]
+        top = logits.max()
+        weights = np.exp(logits - top)
+        values.append(top + np.log(weights.sum()))
+        grads.append((weights / weights.sum()) @ extra[keep])
+    return np.array(values), np.array(grads)
+
+
+@pytest.mark.parametrize("block", [3, 4, 100])  # blocks with a remainder, even ones, one block
+def test_queue_logsumexp_and_its_gradient_match_a_reference(block):
+    rng = np.random.default_rng(2)
+    q = unit(rng.normal(size=(5, 6))) * 14.0
+    extra = unit(rng.normal(size=(12, 6)))
+    # Slots 0-2 empty (a whole first block when block=3), 7 and 9 hold rows' own items.
+    extra_ids = np.array([-1, -1, -1, 20, 21, 22, 23, 11, 24, 13, 25, 26])
+    own_ids = np.array([10, 11, 12, 13, 14])
+    want, want_grad = reference_queue_logsumexp(q, extra, extra_ids, own_ids)
+    upstream = rng.normal(size=5).astype("float32")
+    qt = tf.constant(q)
+    with tf.GradientTape() as tape:
+        tape.watch(qt)
+        got = queue_logsumexp(qt, extra, extra_ids, own_ids, block=block)
+        weighted = tf.reduce_sum(got * upstream)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    np.testing.assert_allclose(tape.gradient(weighted, qt).numpy(), want_grad * upstream[:, None],
+                               rtol=1e-4, atol=1e-6)
+    # Without ids nothing is left out.
+    unmasked, _ = reference_queue_logsumexp(q, extra, np.zeros(12, int), -np.ones(5, int))
+    np.testing.assert_allclose(queue_logsumexp(q, extra, block=block).numpy(), unmasked, rtol=1e-5)
+
+
+def test_info_nce_gradients_with_a_queue_match_the_concatenated_softmax():
+    """The loss and its gradients (queries, temperature) against the textbook
+    form: one softmax over [batch keys, queue] with masked logits at -inf."""
+    rng = np.random.default_rng(3)
+    q, k = tf.constant(unit(rng.normal(size=(6, 5)))), unit(rng.normal(size=(6, 5)))
+    extra = unit(rng.normal(size=(10, 5)))
+    key_ids = np.array([3, 4, 3, 5, 6, 7])
+    extra_ids = np.array([-1, 4, 9, 9, 3, -1, 8, 10, 6, 6])
+    inv_t = tf.constant(1 / 0.07)
+
+    def textbook(q, inv_t):
+        logits = tf.matmul(q, tf.concat([k, extra], 0), transpose_b=True) * inv_t
+        ids = np.concatenate([key_ids, extra_ids])
+        drop = (ids[None, :] == key_ids[:, None]) | (ids[None, :] == -1)
+        drop[np.arange(6), np.arange(6)] = False  # each row's own positive stays
+        logits = tf.where(drop, -np.inf, logits)
+        return -tf.linalg.diag_part(tf.nn.log_softmax(logits)[:, :6])
+
+    def loss_and_grads(fn):
+        with tf.GradientTape() as tape:
+            tape.watch([q, inv_t])
+            loss = tf.reduce_sum(fn(q, inv_t) * np.arange(1, 7, dtype="float32"))
+        return [loss.numpy()] + [g.numpy() for g in tape.gradient(loss, [q, inv_t])]
+
+    got = loss_and_grads(lambda q, t: info_nce(q, k, t, extra, key_ids, extra_ids))
+    want = loss_and_grads(textbook)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_an_empty_queue_leaves_the_in_batch_loss_and_its_gradient():
+    rng = np.random.default_rng(4)
+    q, k = tf.constant(unit(rng.normal(size=(4, 5)))), unit(rng.normal(size=(4, 5)))
+    ids = np.arange(4)
+
+    def loss_and_grad(extra=None, extra_ids=None):
+        with tf.GradientTape() as tape:
+            tape.watch(q)
+            loss = tf.reduce_mean(info_nce(q, k, 1 / 0.07, extra, ids, extra_ids))
+        return loss.numpy(), tape.gradient(loss, q).numpy()
+
+    empty = loss_and_grad(np.zeros((8, 5), "float32"), -np.ones(8, int))
+    for got, want in zip(empty, loss_and_grad()):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_triplet_hand_computed():

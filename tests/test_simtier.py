@@ -106,6 +106,21 @@ def test_candidates_equal_separate_calls(rng):
     assert joint.shape == (b, c, 10)
 
 
+@pytest.mark.parametrize("output", ["counts", "log1p", "fraction"])
+def test_candidates_match_the_reference_and_none_give_an_empty_histogram(rng, output):
+    b, c, l, d = 2, 4, 9, 6
+    target = unit(rng.normal(size=(b, c, d)))
+    history = unit(rng.normal(size=(b, l, d)))
+    mask = rng.random((b, l)) < 0.6
+    mask[1] = False  # an all-padding history
+    layer = SimTierLayer(num_tiers=7, output=output)
+    edges = [-1.0 + 2.0 * k / 7 for k in range(1, 7)]
+    want = np.stack([reference_simtier(target[:, j], history, mask, edges, output)
+                     for j in range(c)], axis=1)
+    np.testing.assert_allclose(layer(target, history, mask=mask).numpy(), want, rtol=1e-6)
+    assert layer(target[:, :0], history, mask=mask).shape == (b, 0, 7)
+
+
 def test_cosine_similarity_ignores_norms(rng):
     target = unit(rng.normal(size=(2, 4)))
     history = unit(rng.normal(size=(2, 6, 4)))
