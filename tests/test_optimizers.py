@@ -59,10 +59,11 @@ def test_embedding_gradients_reach_the_update_dense(rng):
     assert ours and not any(ours)
 
 
-def test_serialises_as_itself():
-    optimizer = DenseGradientAdam(3e-3, beta_1=0.8)
+@pytest.mark.parametrize("optimizer_class", [DenseGradientAdam, PerIdAdam])
+def test_serialises_as_itself(optimizer_class):
+    optimizer = optimizer_class(3e-3, beta_1=0.8)
     clone = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
-    assert type(clone) is DenseGradientAdam
+    assert type(clone) is optimizer_class
     assert clone.get_config()["beta_1"] == 0.8
     assert np.isclose(float(clone.learning_rate), 3e-3)
 
