@@ -58,10 +58,11 @@ def _files(root):
 
 
 @pytest.mark.slow
-def test_two_workers_train_the_one_process_model(tiny_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adam", "sparse_adam"])  # rows as looked up; id sums
+def test_two_workers_train_the_one_process_model(tiny_dir, tmp_path, optimizer):
     # 501 rows a batch: the workers' slices differ by one row (250 and 251), which
     # the rows' loss weights must make up for.
-    flags = ["--model=id", "--epochs=2", "--batch_size=501"]
+    flags = ["--model=id", "--epochs=2", "--batch_size=501", f"--optimizer={optimizer}"]
     one = tmp_path / "one"
     proc = subprocess.run(_cli(tiny_dir, one, *flags), capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]

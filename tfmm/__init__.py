@@ -11,7 +11,7 @@ What users import (loaded on first use, so ``import tfmm`` stays light):
 - `DINRanker` (`tfmm.ranker`), the ID-based DIN ranker with any method;
 - `SCLModel` (`tfmm.scl`) with `MomentumQueueCallback`, and the towers
   `image_tower`, `text_tower` (`tfmm.towers`);
-- `DenseGradientAdam` (`tfmm.optimizers`);
+- `DenseGradientAdam`, `PerIdAdam`, `PerIdSGD` (`tfmm.optimizers`);
 - ``tfmm.metrics``: `auc`, `gauc`, `logloss`, `acc_at_n`, ...;
 - ``tfmm.index``: `open_index`, `SQLiteIndex`, `RedisIndex`;
 - ``tfmm.export``: `export_saved_model`, `read_warmup`;
@@ -34,6 +34,7 @@ _NAMES = {
     "DINRanker": "tfmm.ranker", "SCLModel": "tfmm.scl",
     "MomentumQueueCallback": "tfmm.momentum_queue", "image_tower": "tfmm.towers",
     "text_tower": "tfmm.towers", "DenseGradientAdam": "tfmm.optimizers",
+    "PerIdAdam": "tfmm.optimizers", "PerIdSGD": "tfmm.optimizers",
     "open_index": "tfmm.index", "SQLiteIndex": "tfmm.index", "RedisIndex": "tfmm.index",
     "export_saved_model": "tfmm.export", "read_warmup": "tfmm.export",
 }

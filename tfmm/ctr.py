@@ -67,15 +67,17 @@ from tfmm.export import export_saved_model
 from tfmm.index import IndexUnavailable, is_empty, open_index, redact
 from tfmm.layers import MAKEBlock
 from tfmm.layers.simtier import OUTPUTS as SIMTIER_OUTPUTS
-from tfmm.optimizers import DenseGradientAdam
+from tfmm.optimizers import DenseGradientAdam, PerIdAdam, PerIdSGD
 from tfmm.ranker import MAKE_INTEGRATIONS, METHODS, DINRanker, build_make_pretrainer
 from tfmm.callbacks import EpochRecord, RefreshVectors
 
 # "adam" is Keras 3's, whose update for an embedding table's sparse gradient is
-# not Adam's (see DenseGradientAdam); "dense_adam" is Adam's, and faster. The
-# results in README.md were trained with "adam".
+# not Adam's (see DenseGradientAdam); "dense_adam" and "sparse_adam" are Adam's,
+# the first on dense gradients (faster in one process), the second on each
+# table's rows summed by id (under a mirrored strategy each replica exchanges the
+# ids it touched once: PerIdSums). The results in README.md were trained with "adam".
 OPTIMIZERS = {"adam": keras.optimizers.Adam, "dense_adam": DenseGradientAdam,
-              "adagrad": keras.optimizers.Adagrad, "sgd": keras.optimizers.SGD}
+              "sparse_adam": PerIdAdam, "adagrad": keras.optimizers.Adagrad, "sgd": PerIdSGD}
 NUM_FREQUENCY_GROUPS = 8
 
 
@@ -136,7 +138,9 @@ class CTRConfig:
     optimizer: str = setting(
         "adam", "Ranker optimizer: adam is Keras 3's, whose second moment of an embedding "
                 "row looked up n times in a batch sums n squares instead of squaring the "
-                "sum; dense_adam is Adam's (as tf-keras'), and faster.", choices=OPTIMIZERS)
+                "sum; dense_adam is Adam's (as tf-keras'), and faster; sparse_adam is Adam's "
+                "on each table's rows summed by id, which --strategy=mirrored/multi_worker "
+                "exchange once per touched id instead of once per lookup.", choices=OPTIMIZERS)
     learning_rate: float = setting(1e-3, "Learning rate.", above=0)
     batch_size: int = setting(512, "Batch size.", low=1)
     seed: int = setting(0, "Random seed.")
