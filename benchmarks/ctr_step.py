@@ -29,7 +29,8 @@ tfmm's (its first layer two [d, h] products per real history position and
 one per example for the query, the fewest of the two arrangements). The
 machine's GEMM rate is a bare matmul of the attention's first-layer size
 (its two halves as one product, [B x real positions, 4e] @ [4e, h]: the
-fastest of the model's shapes on this VM), timed in the same rounds;
+fastest of the model's shapes on this VM; float32, also under
+--mixed_precision), timed in the same rounds;
 rate / FLOPs is the roofline in examples/s, and each side's rate is printed
 as a fraction of it (DeepCTR's too, against the same count: its own
 arrangement does more).
