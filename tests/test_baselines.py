@@ -5,6 +5,8 @@ from tests.conftest import unit
 from tests.layer_testing import assert_candidates_equal_separate_calls
 from tfmm.layers import DINAttention, SimScore, VectorFeature
 
+pytestmark = pytest.mark.keras  # rerun under tf-keras by tests/test_tf_keras.py
+
 
 def test_vector_feature_appends_vectors(rng):
     te, he = rng.normal(size=(2, 3)), rng.normal(size=(2, 4, 3))

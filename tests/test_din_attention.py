@@ -3,6 +3,8 @@ import pytest
 
 from tfmm.layers import DINAttention, Dice
 
+pytestmark = pytest.mark.keras  # rerun under tf-keras by tests/test_tf_keras.py
+
 
 def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))

@@ -7,6 +7,8 @@ import pytest
 
 import tfmm.layers
 
+pytestmark = pytest.mark.keras  # rerun under tf-keras by tests/test_tf_keras.py
+
 # Every public layer's module, and the other modules with examples.
 MODULES = sorted({getattr(tfmm.layers, name).__module__ for name in tfmm.layers.__all__}) + [
     "tfmm.ranker", "tfmm.data.images", "tfmm.encoder_checks"]

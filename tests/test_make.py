@@ -6,6 +6,8 @@ from tests.layer_testing import assert_candidates_equal_separate_calls
 from tfmm.keras_compat import keras
 from tfmm.layers import DINAttention, MAKEBlock
 
+pytestmark = pytest.mark.keras  # rerun under tf-keras by tests/test_tf_keras.py
+
 
 @pytest.mark.parametrize("target_in_mlp", [False, True])
 def test_logit_and_knowledge_are_din_then_mlp(rng, target_in_mlp):

@@ -8,6 +8,8 @@ import tfmm.layers
 from tfmm.layers import (DINAttention, Dice, KnownIds, MAKEBlock, ShardedEmbedding, SimScore,
                          SimTierLayer, VectorFeature)
 
+pytestmark = pytest.mark.keras  # rerun under tf-keras by tests/test_tf_keras.py
+
 
 def all_layers_model(l=6, e=4, d=8):
     """A small ranker using every tfmm layer, for round trips."""

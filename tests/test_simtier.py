@@ -6,6 +6,8 @@ from tests.conftest import unit
 from tests.layer_testing import assert_candidates_equal_separate_calls
 from tfmm.layers import SimTierLayer
 
+pytestmark = pytest.mark.keras  # rerun under tf-keras by tests/test_tf_keras.py
+
 
 def reference_simtier(target, history, mask, edges, output="counts"):
     """NumPy SimTier: digitize clipped dot products, count real positions."""

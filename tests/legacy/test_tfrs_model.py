@@ -1,6 +1,7 @@
 """tfmm layers inside a TFRS ranking model, under tf-keras."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 import tf_keras
@@ -10,6 +11,8 @@ from tfmm.data import schema, world as world_lib
 from tfmm.data.synthetic import write_world
 from tfmm.keras_compat import keras
 from tfmm.layers import DINAttention, MAKEBlock, SimTierLayer
+
+pytestmark = pytest.mark.keras  # rerun under tf-keras by tests/test_tf_keras.py
 
 L = 10
 FEATURES = ["item_id", "history_item_ids", "history_mask", "item_vector", "history_vectors"]
