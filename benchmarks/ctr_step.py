@@ -21,6 +21,20 @@ policy (--mixed_precision: ``mixed_float16`` in Keras 3 and in tf-keras, whose
   full histories are: ``random`` (lengths uniform in 1..L, half full on
   average) or ``full`` (every history L long, where that advantage is nil).
 
+Rooflines: the FLOPs per example are counted from the shapes of the
+model's matmuls (`flops_per_example`: 2 m k n per product; a trained product
+3 times that, forward, input gradient and weight gradient; elementwise ops,
+gathers and the optimizer not counted), with the attention arranged as
+tfmm's (its first layer two [d, h] products per real history position and
+one per example for the query, the fewest of the two arrangements). The
+machine's GEMM rate is a bare matmul of the attention's first-layer size
+(its two halves as one product, [B x real positions, 4e] @ [4e, h]: the
+fastest of the model's shapes on this VM; float32, also under
+--mixed_precision), timed in the same rounds;
+rate / FLOPs is the roofline in examples/s, and each side's rate is printed
+as a fraction of it (DeepCTR's too, against the same count: its own
+arrangement does more).
+
 Each model runs in its own subprocess (DeepCTR with TF_USE_LEGACY_KERAS=1,
 since it needs Keras 2), in --rounds rounds that alternate the models, so
 that this VM's drifting speed (up to 2x between runs) hits them alike.
@@ -62,6 +76,59 @@ def random_batch(vector_dim=0):
     return f, rng.integers(0, 2, (b, 1)).astype(np.float32)
 
 
+def din_flops(d, units, positions):
+    """Forward FLOPs of DIN attention for one query: the first layer's two [d, h]
+    products per position and one for the query, the MLP on each position,
+    and the pooling (a [L] @ [L, d] product)."""
+    widths = (*units, 1)
+    per_position = 2 * 2 * d * widths[0] + sum(2 * a * b for a, b in zip(widths, widths[1:]))
+    return positions * per_position + 2 * d * widths[0] + 2 * positions * d
+
+
+def mlp_flops(widths):
+    """Forward FLOPs of dense layers of these widths (input first)."""
+    return sum(2 * a * b for a, b in zip(widths, widths[1:]))
+
+
+MAKE_MLP_UNITS = (64, 32, 16, 1)
+
+
+def shapes():
+    """The benchmarked models' widths: DINRanker's and DINAttention's defaults (MAKE's
+    attention is a default DINAttention), and MAKE's MLP as `tfmm_rate` builds it."""
+    from tfmm.config import default_of
+    from tfmm.layers import DINAttention
+    from tfmm.ranker import DINRanker
+
+    return {"embedding_dim": default_of(DINRanker, "embedding_dim"),
+            "attention_units": tuple(default_of(DINRanker, "attention_units")),
+            "mlp_units": tuple(default_of(DINRanker, "mlp_units")),
+            "num_tiers": default_of(DINRanker, "num_tiers"),
+            "make_attention_units": tuple(default_of(DINAttention, "hidden_units")),
+            "make_mlp_units": MAKE_MLP_UNITS}
+
+
+def flops_per_example(positions, embedding_dim, attention_units, mlp_units, num_tiers,
+                      make_attention_units, make_mlp_units, vector_dim=0):
+    """Matmul FLOPs of one training example of the DIN ranker over `positions`
+    real history positions (the counting rule: module docstring).
+
+    With `vector_dim`, SimTier+MAKE as this benchmark builds it: SimTier's
+    similarities (a [L, d] @ [d] product) and the frozen MAKE's attention and
+    MLP (forward only: nothing trainable feeds them), and its residual head (trained).
+    """
+    e = embedding_dim
+    forward = din_flops(2 * e, attention_units, positions)
+    forward += mlp_flops((e + 4 * e + (num_tiers if vector_dim else 0), *mlp_units, 1))
+    total = 3 * forward
+    if vector_dim:
+        make = din_flops(vector_dim, make_attention_units, positions)
+        make += mlp_flops((2 * vector_dim, *make_mlp_units))
+        total += make + 2 * positions * vector_dim
+        total += 3 * mlp_flops((vector_dim + sum(make_mlp_units), 1))  # the head
+    return total
+
+
 def set_precision(keras):
     """--mixed_precision: float16 compute, float32 variables, for the models built next."""
     if FLAGS.mixed_precision:
@@ -83,6 +150,27 @@ def rate(model, features, label, optimizer):
         model.fit(ds, steps_per_epoch=FLAGS.steps, shuffle=False, verbose=0)
         best = max(best, FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start))
     return best
+
+
+def gemm_rate():
+    """GFLOP/s of a bare matmul the size of the attention's first layer (module docstring),
+    timed like a model: the best of --repeats runs of --steps products after a warm-up."""
+    import tensorflow as tf
+
+    features, _ = random_batch()
+    e, h = shapes()["embedding_dim"], shapes()["attention_units"][0]
+    m = int(features["history_mask"].sum())
+    a, b = tf.random.normal([m, 4 * e]), tf.random.normal([4 * e, h])
+    product = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
+    for _ in range(10):
+        product(a, b).numpy()
+    best = 0.0
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        for _ in range(FLAGS.steps):
+            product(a, b).numpy()
+        best = max(best, FLAGS.steps * 2 * m * 4 * e * h / (time.perf_counter() - start) / 1e9)
+    return best, tf.__version__
 
 
 def deepctr_rate():
@@ -111,7 +199,7 @@ def tfmm_rate(name):
              "num_categories": FLAGS.num_categories}
     method = "id" if name.startswith("id") else name
     d = 0 if method == "id" else FLAGS.vector_dim
-    make = MAKEBlock(mlp_units=(64, 32, 16, 1), return_knowledge=True, target_in_mlp=True,
+    make = MAKEBlock(mlp_units=MAKE_MLP_UNITS, return_knowledge=True, target_in_mlp=True,
                      name="make")
     make.trainable = False  # pre-trained and frozen, as in configs/ctr.flags
     model = DINRanker(vocab, FLAGS.max_history, method=method, vector_dim=d or None,
@@ -173,7 +261,8 @@ def define_flags():
 def main(argv):
     del argv
     if FLAGS.only:
-        print(json.dumps(deepctr_rate() if FLAGS.only == "deepctr" else tfmm_rate(FLAGS.only)))
+        only = {"deepctr": deepctr_rate, "gemm": gemm_rate}.get(FLAGS.only)
+        print(json.dumps(only() if only else tfmm_rate(FLAGS.only)))
         return
     unknown = set(FLAGS.models) - set(NAMES)
     if unknown or not FLAGS.models:
@@ -181,13 +270,16 @@ def main(argv):
                  if unknown else "--models: name at least one model.")
     names = {m: label.format(d=FLAGS.vector_dim) for m, label in NAMES.items()
              if m in FLAGS.models}
-    rates = {m: [] for m in names}
+    rates, gemm = {m: [] for m in names}, []
     print(f"batch {FLAGS.batch_size}, L={FLAGS.max_history}, history fill "
           f"{FLAGS.history_fill}, jit_compile={FLAGS.jit_compile}, mixed_precision="
           f"{FLAGS.mixed_precision}, best of {FLAGS.repeats} x {FLAGS.steps} steps per run, "
           f"{FLAGS.rounds} rounds, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f} at the start", flush=True)
     for r in range(FLAGS.rounds):
+        gemm.append(run("gemm")[0])
+        print(f"  round {r + 1}: {'bare GEMM (roofline)':<42} {gemm[-1]:10,.1f} GFLOP/s",
+              flush=True)
         for m in names if r % 2 == 0 else reversed(names):
             rate, tf_version = run(m)
             rates[m].append(rate)
@@ -196,13 +288,36 @@ def main(argv):
     print(f"TF {tf_version}; medians over the rounds:")
     for m, label in names.items():
         print(f"{label:<44} {med[m]:10,.0f} examples/s")
+    roofline = rooflines(float(np.median(gemm)), med)
     ratios = {}
     for (ours, peer), line in RATIOS.items():
         if ours in med and peer in med:
             ratios[f"{ours}/{peer}"] = med[ours] / med[peer]
             print(line.format(ratios[f"{ours}/{peer}"]))
     report.write_json({"examples_per_s": med, "rounds": rates, "ratios": ratios,
-                       "tf_version": tf_version})
+                       "tf_version": tf_version, "gemm_gflops_rounds": gemm, **roofline})
+
+
+def rooflines(gflops, med):
+    """Prints and returns the FLOPs per example, the GEMM rate, each model's roofline
+    (examples/s) and each model's fraction of it (DeepCTR's against ID-DIN's)."""
+    positions = float(random_batch()[0]["history_mask"].sum(1).mean())
+    flops = {"id": flops_per_example(positions, **shapes()),
+             "simtier_make": flops_per_example(positions, **shapes(),
+                                               vector_dim=FLAGS.vector_dim)}
+    line = {m: gflops * 1e9 / f for m, f in flops.items()}
+    print(f"Roofline: matmul FLOPs per example (2mkn a product, x3 trained; {positions:.1f} "
+          f"real history positions): ID-DIN {flops['id'] / 1e6:.3f} M, SimTier+MAKE "
+          f"{flops['simtier_make'] / 1e6:.3f} M; bare GEMM {gflops:.1f} GFLOP/s (median); "
+          f"roofline ID-DIN {line['id']:,.0f}, SimTier+MAKE {line['simtier_make']:,.0f} "
+          "examples/s")
+    fraction = {m: rate / line["simtier_make" if m == "simtier_make" else "id"]
+                for m, rate in med.items()}
+    for m, f in fraction.items():
+        print(f"  {m:<14} {f:6.1%} of its roofline")
+    return {"flops_per_example": flops, "history_positions": positions,
+            "gemm_gflops": gflops, "roofline_examples_per_s": line,
+            "roofline_fraction": fraction}
 
 
 if __name__ == "__main__":
