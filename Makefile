@@ -33,4 +33,6 @@ system-packages:
 
 test: setup system-packages
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	# Two workers (pytest-xdist): the two cores CI has; tests hold no shared state
+	# but the session's tiny world, which each worker makes for itself.
+	$(PY) -m pytest -q -n 2 tests

@@ -31,7 +31,8 @@ setup(
         "redis[hiredis]==8.*",
     ],
     extras_require={
-        "test": ["pytest==9.*", "hypothesis==6.*", "ruff==0.17.6"],  # ruff: `make test` lints first
+        # ruff: `make test` lints first; xdist: it runs the suite in two workers
+        "test": ["pytest==9.*", "pytest-xdist==3.8.*", "hypothesis==6.*", "ruff==0.17.6"],
         "tfrs": ["tensorflow-recommenders==0.7.7", "tf-keras==2.21.*"],
         "beam": ["apache-beam[tfrecord]==2.77.*"],  # prepare and embed as Beam pipelines (--runner)
         # the DIN peer of benchmarks.ctr_step (runs under tf-keras)
