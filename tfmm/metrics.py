@@ -124,12 +124,18 @@ def _chunk_ranks():
     TensorFlow warned of it)."""
     import tensorflow as tf
 
+    # XLA fuses the comparison, cast and sum into one pass over the [c, D] scores
+    # (three passes and two [c, D] temporaries without it); the product stays
+    # TensorFlow's own.
+    @tf.function(jit_compile=True, reduce_retracing=True)
+    def count_at_least(scores, own):
+        return tf.reduce_sum(tf.cast(scores >= own[:, None], tf.int32), axis=1) - 1
+
     @tf.function(reduce_retracing=True)
     def chunk_ranks(q, p, start, stop):
         scores = tf.matmul(q[start:stop], p, transpose_b=True)  # [c, D]
         own = tf.linalg.diag_part(scores[:, start:stop])  # the same matmul's own score
-        # int32 counts: an int64 copy of the [c, D] comparison would double the traffic.
-        return tf.reduce_sum(tf.cast(scores >= own[:, None], tf.int32), axis=1) - 1
+        return count_at_least(scores, own)
 
     return chunk_ranks
 
