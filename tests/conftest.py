@@ -29,6 +29,15 @@ def tiny_dir(tmp_path_factory):
     assert digest() == before, f"a test changed the shared tiny world {out}"
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global seeds (Python, NumPy, TensorFlow), so its
+    draws do not depend on which tests ran before it in its worker."""
+    from tfmm.keras_compat import keras
+
+    keras.utils.set_random_seed(0)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
