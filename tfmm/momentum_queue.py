@@ -81,14 +81,15 @@ class MomentumQueue:
 
         K is a multiple of the batch size, so a batch never straddles the end.
         """
+        batch = tf.shape(keys, out_type=tf.int64)[0]
         start = tf.convert_to_tensor(self.pointer)
-        slots = start + tf.range(tf.shape(keys, out_type=tf.int64)[0])
+        slots = start + tf.range(batch)
         # Scatters write into the tf.Variables in place. A slice's assign
         # (`variable[a:b].assign`) reads the whole variable first, and that read
         # made the write copy the queue: 100 MB a step at the paper's K.
         self.keys.value.scatter_update(tf.IndexedSlices(tf.cast(keys, self.keys.dtype), slots))
         self.ids.value.scatter_update(tf.IndexedSlices(ids, slots))
-        self.pointer.assign((slots[-1] + 1) % self.size)
+        self.pointer.assign((start + batch) % self.size)
 
     def step(self, weight_pairs, keys, ids):
         """After an optimizer step: EMA of the key tower, then enqueue; no-op when disabled.
