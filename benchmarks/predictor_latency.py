@@ -12,7 +12,11 @@ p99 <= 3 ms on Redis), through each of --signatures: ``rank`` (one row per
 user: the history once, the 200 candidates on a second axis) and
 ``serving_default`` (one row per candidate, each repeating the history).
 Then the split of a request: the index `get`, the whole input assembly
-(which includes it) and the model call.
+(which includes it) and the model call. The in-process models run through
+XLA (`SavedModel`'s default). A last section times every model's `predict`
+on each index with XLA and on the first without, all alternating request
+by request so that the machine's drift hits them alike: the rows to
+compare models by.
 
 With --deepctr (default), the peer the serving goal names: DeepCTR 0.9.4's
 DIN of the same shapes (embedding 16, attention --attention_units with
@@ -172,6 +176,9 @@ def main(argv):
                                                "probability")
     models = {f"{name} [{signature}]": SavedModel(path, signature=signature)
               for name, path in paths.items() for signature in FLAGS.signatures}
+    uncompiled = {f"{name} [{signature}]": SavedModel(path, signature=signature,
+                                                      jit_compile=False)
+                  for name, path in paths.items() for signature in FLAGS.signatures}
     dims = {m.inputs["item_vector"].shape[-1] for m in models.values() if "item_vector" in m.inputs}
     server = None
     indexes = {}
@@ -234,6 +241,22 @@ def main(argv):
                                 "rank computes the history once, DeepCTR 200 times")
                         peers.append((f"{name} vs DeepCTR 0.9.4 DIN SavedModel (tf-keras, TF "
                                       f"{deepctr_tf}), {threads} thread(s), {kind}", ours, peer))
+        # Every model with and without XLA, alternating on each request (one length:
+        # the first model's history; all exported rankers share it).
+        alternating = {}
+        for name, model in models.items():
+            pairs = indexes.items() if "item_vector" in model.inputs else [("", None)]
+            for k, (index_name, index) in enumerate(pairs):
+                where = f", index {index_name}" if index_name else ""
+                alternating[f"{name}{where}: predict, XLA"] = Predictor(model, index).predict
+                if k == 0:
+                    alternating[f"{name}{where}: predict, no XLA"] = Predictor(
+                        uncompiled[name], index).predict
+        requests = make_requests(next(iter(models.values())).inputs["history_item_ids"].shape[1])
+        print("predict, 1 thread, all of these alternating on each request:")
+        together = {}
+        for label, ms in zip(alternating, paired(list(alternating.values()), requests)):
+            row(f"  {label}", ms, figures=together)
         for label, ours, peer in peers:
             print(f"{label}, model calls alternating on each request:")
             versus[label] = {}
@@ -243,7 +266,7 @@ def main(argv):
             print(f"  ratio tfmm / DeepCTR: p50 {ratio[0]:.2f}x, p99 {ratio[1]:.2f}x "
                   "(goal <= 0.5x)")
             versus[label].update(ratio_p50=ratio[0], ratio_p99=ratio[1])
-        report.write_json({"rows": rows, "versus_deepctr": versus})
+        report.write_json({"rows": rows, "alternating": together, "versus_deepctr": versus})
     finally:
         if server is not None:
             server.stop()

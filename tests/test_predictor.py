@@ -5,9 +5,11 @@ import socket
 import subprocess
 import sys
 import threading
+import types
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tests.fake_tf_serving import FakeTFServing
 from tfmm.data import schema
@@ -15,7 +17,8 @@ from tfmm.export import export_saved_model
 from tfmm.index import RedisIndex, SQLiteIndex
 from tfmm.keras_compat import keras
 from tfmm.ranker import DINRanker
-from tfmm.serving.predictor import GrpcModel, Predictor, Request, RestModel, ServingError
+from tfmm.serving.predictor import (GrpcModel, Predictor, Request, RestModel, SavedModel,
+                                    ServingError)
 
 VOCAB = {"num_items": 30, "num_users": 10, "num_categories": 5}
 L, D = 5, 8
@@ -398,3 +401,48 @@ def test_signature_choice_and_a_missing_one_is_named(world):
         with pytest.raises((ValueError, ServingError),
                            match=r"no 'nope' signature \(it has .*'rank', 'serve', "):
             Predictor(spec, signature="nope")
+
+
+def test_candidate_counts_are_padded_to_few_sizes():
+    padded = SavedModel.padded.__get__(types.SimpleNamespace(_compiled=True))
+    # Eight sizes per power of two: 1..16 as they are, then steps of 2, 4, ... 64 from 512.
+    assert [padded(n) for n in (0, 1, 7, 16, 17, 33, 200, 208, 209, 1000)] == [
+        0, 1, 7, 16, 18, 36, 208, 208, 224, 1024]
+    sizes = [padded(n) for n in range(1, 1025)]
+    assert all(n <= m <= n * 9 / 8 for n, m in zip(range(1, 1025), sizes))
+    assert len(set(sizes)) == 16 + 8 * 6  # 1..16, then 8 per octave up to 1024
+    assert SavedModel.padded(types.SimpleNamespace(_compiled=None), 33) == 33
+
+
+@pytest.mark.parametrize("method", ["id", "simtier"])
+def test_xla_scores_padded_requests_like_the_uncompiled_signature(world, method):
+    index = None if method == "id" else world["index"]
+    rng = np.random.default_rng(3)
+    request = Request(4, rng.integers(2, MISSING, 7).tolist(), rng.integers(2, 30, 33).tolist())
+    for signature in ("rank", "serving_default"):
+        xla = Predictor(SavedModel(world["dirs"][method], signature=signature), index,
+                        item_categories=CATEGORIES)
+        plain = Predictor(SavedModel(world["dirs"][method], signature=signature,
+                                     jit_compile=False), index, item_categories=CATEGORIES)
+        features = xla.assemble(request)[0]
+        assert features["item_id"].size == 36 and not features["item_id"].reshape(-1)[33:].any()
+        assert plain.assemble(request)[0]["item_id"].size == 33
+        got = xla.predict(request)
+        assert got.shape == (33,)
+        np.testing.assert_allclose(got, plain.predict(request), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got, expected(world, method, request), rtol=0, atol=1e-5)
+
+
+def test_a_signature_xla_cannot_compile_is_called_uncompiled(tmp_path, caplog):
+    class Strings(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, name="item_id")])
+        def serve(self, item_id):  # string ops have no XLA kernels
+            return {"p": tf.cast(tf.strings.length(tf.strings.as_string(item_id)), tf.float32)}
+
+    module = Strings()
+    tf.saved_model.save(module, str(tmp_path), signatures={"serving_default": module.serve})
+    with caplog.at_level("WARNING", logger="tfmm.serving.predictor"):
+        model = SavedModel(str(tmp_path))
+    assert "XLA cannot compile the 'serving_default' signature" in caplog.text
+    assert model.padded(33) == 33
+    np.testing.assert_array_equal(model({"item_id": np.array([7, 42, 1234])}), [1, 2, 4])

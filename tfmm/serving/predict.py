@@ -121,8 +121,9 @@ def open_predictor(data_dir):
     index_spec = FLAGS.index or cli.runs(data_dir, "index", "vectors.db")
     try:
         categories = item_categories(data_dir)
+        # One request: compiling it with XLA would cost more than it saves.
         model = open_model(FLAGS.server or FLAGS.export_dir
-                           or cli.runs(data_dir, "export", "ranker"))
+                           or cli.runs(data_dir, "export", "ranker"), jit_compile=False)
     except FileNotFoundError as e:
         cli.fail(f"{e} Train first: python -m tfmm.train --flagfile=configs/ctr.flags")
     except (ValueError, ServingError) as e:
