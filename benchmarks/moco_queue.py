@@ -1,6 +1,9 @@
 """What does the MoCo queue cost? One SCL training step with a K-key queue
 against the same step with a minimal queue, next to the extra logits matmul
-(forward, and its gradient) that K keys require.
+(forward, and its gradient) that K keys require. Then the image-title
+objective's queue, rows of [image key, title key] (`tfmm.image_title`): its
+two InfoNCE losses, forward and backward, against the same on two separate
+[K, d] queues (what the two keys per row cost).
 
     python -m benchmarks.moco_queue --queue_size=196800 --batch_size=64 [--json=PATH]
 """
@@ -55,6 +58,38 @@ def matmul_time(batch_size, queue_size, dim):
     return timed(lambda: [[t.numpy() for t in logits_and_grad()] for _ in range(FLAGS.steps)])
 
 
+def pair_queue_times(batch_size, queue_size, dim):
+    """(wall, CPU) s per call of image-title's two queue losses and their gradient: on
+    one [K, 2d] queue of [image key, title key] rows, and on two [K, d] queues."""
+    from tfmm.scl import info_nce
+
+    rng = np.random.default_rng(1)
+    wide = tf.constant(rng.normal(size=(queue_size, 2 * dim)).astype("float32"))
+    image_keys, title_keys = tf.constant(wide[:, :dim]), tf.constant(wide[:, dim:])
+    ids = tf.constant(rng.integers(0, 10 * queue_size, queue_size))
+    images, titles = (tf.constant(rng.normal(size=(batch_size, dim)).astype("float32"))
+                      for _ in range(2))
+    batch_ids = tf.constant(rng.integers(0, 10 * queue_size, batch_size))
+
+    def losses(image_queue, title_queue, image_columns=None, title_columns=None):
+        @tf.function
+        def run():
+            with tf.GradientTape() as tape:
+                tape.watch([images, titles])
+                loss = tf.reduce_mean(info_nce(images, titles, 14.0, title_queue, batch_ids, ids,
+                                               extra_columns=title_columns)
+                                      + info_nce(titles, images, 14.0, image_queue, batch_ids,
+                                                 ids, extra_columns=image_columns))
+            return loss, tape.gradient(loss, [images, titles])
+
+        run()
+        return timed(lambda: [tf.nest.map_structure(lambda t: t.numpy(), run())
+                              for _ in range(FLAGS.steps)])
+
+    return (losses(wide, wide, slice(0, dim), slice(dim, None)),
+            losses(image_keys, title_keys))
+
+
 def define_flags():
     flags.DEFINE_integer("queue_size", 196_800, "K (the paper's).")
     flags.DEFINE_integer("batch_size", 64, "Batch size (K must be a multiple).")
@@ -81,12 +116,20 @@ def main(argv):
     print(f"queue's extra cost:               {ms(cost)}")
     print(f"extra logits matmul + its grad:   {ms(extra)}")
     print(f"queue cost / matmul:              {cost[0] / extra[0]:8.2f} / {cost[1] / extra[1]:.2f}")
+    rows, separate = pair_queue_times(b, FLAGS.queue_size, FLAGS.dim)
+    print(f"image-title queue losses + grads, [K, 2d] rows: {ms(rows)}")
+    print(f"the same on two [K, d] queues:                  {ms(separate)}")
+    print(f"rows / separate:                  {rows[0] / separate[0]:8.2f} / "
+          f"{rows[1] / separate[1]:.2f}")
     report.write_json({"step_small_queue_ms": small[0] * 1e3, "step_queue_ms": big[0] * 1e3,
                        "queue_cost_ms": cost[0] * 1e3, "matmul_and_grad_ms": extra[0] * 1e3,
                        "queue_cost_over_matmul": cost[0] / extra[0],
                        "cpu_ms": {"step_small_queue": small[1] * 1e3, "step_queue": big[1] * 1e3,
                                   "queue_cost": cost[1] * 1e3, "matmul_and_grad": extra[1] * 1e3,
-                                  "queue_cost_over_matmul": cost[1] / extra[1]}})
+                                  "queue_cost_over_matmul": cost[1] / extra[1]},
+                       "image_title_queue_ms": rows[0] * 1e3,
+                       "image_title_separate_queues_ms": separate[0] * 1e3,
+                       "image_title_rows_over_separate": rows[0] / separate[0]})
 
 
 def ms(seconds):

@@ -101,6 +101,16 @@ def test_queue_logsumexp_and_its_gradient_match_a_reference(block):
     # Without ids nothing is left out.
     unmasked, _ = reference_queue_logsumexp(q, extra, np.zeros(12, int), -np.ones(5, int))
     np.testing.assert_allclose(queue_logsumexp(q, extra, block=block).numpy(), unmasked, rtol=1e-5)
+    # A queue of two keys per row: the keys are the chosen columns, value and gradient.
+    wide = np.concatenate([unit(rng.normal(size=(12, 6))), extra, unit(rng.normal(size=(12, 2)))],
+                          axis=1)
+    with tf.GradientTape() as tape:
+        tape.watch(qt)
+        got = queue_logsumexp(qt, wide, extra_ids, own_ids, block=block, columns=slice(6, 12))
+        weighted = tf.reduce_sum(got * upstream)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    np.testing.assert_allclose(tape.gradient(weighted, qt).numpy(), want_grad * upstream[:, None],
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_info_nce_gradients_with_a_queue_match_the_concatenated_softmax():

@@ -255,14 +255,14 @@ class ImageTitleModel(keras.Model):
         """(image -> title InfoNCE, title -> image InfoNCE), means over the batch."""
         images, titles = self.encode(batch, training)
         ids = tf.cast(batch["item_id"], tf.int64)
-        queue_images = queue_titles = queue_ids = None
-        if self.queue is not None:
-            keys = tf.cast(self.queue.keys, images.dtype)
-            queue_images, queue_titles, queue_ids = keys[:, :self.dim], keys[:, self.dim:], \
-                self.queue.ids
+        queue = queue_ids = None
+        if self.queue is not None:  # rows of [image key, title key]
+            queue, queue_ids = tf.cast(self.queue.keys, images.dtype), self.queue.ids
         scale = self.inverse_temperature()
-        image_to_title = info_nce(images, titles, scale, queue_titles, ids, queue_ids)
-        title_to_image = info_nce(titles, images, scale, queue_images, ids, queue_ids)
+        image_to_title = info_nce(images, titles, scale, queue, ids, queue_ids,
+                                  extra_columns=slice(self.dim, None))
+        title_to_image = info_nce(titles, images, scale, queue, ids, queue_ids,
+                                  extra_columns=slice(0, self.dim))
         return tf.reduce_mean(image_to_title), tf.reduce_mean(title_to_image)
 
     def _keys(self, batch):

@@ -35,7 +35,7 @@ QUEUE_BLOCK = 4096  # queue keys per block of its logits ([4096, B]: 1 MiB at B 
 
 
 def info_nce(query, keys, inverse_temperature, extra=None, key_ids=None, extra_ids=None,
-             mask_own_positive=True, start=0):
+             mask_own_positive=True, start=0, extra_columns=None):
     """InfoNCE of eq. 1 with the positive of row i at keys[start + i].
 
     Args:
@@ -44,7 +44,8 @@ def info_nce(query, keys, inverse_temperature, extra=None, key_ids=None, extra_i
             replica's at `start`).
         inverse_temperature: scalar 1/tau.
         extra: optional [K, d] more negatives (the queue): a memory bank, no
-            gradient flows into it (`queue_logsumexp`).
+            gradient flows into it (`queue_logsumexp`); with `extra_columns`
+            (a slice), [K, D] rows whose columns `extra_columns` are the keys.
         key_ids, extra_ids: item ids of keys [N] and extra [K]; with
             `mask_own_positive`, entries that are the query's own positive item
             (other than its diagonal) are left out, and extra entries with id
@@ -67,14 +68,19 @@ def info_nce(query, keys, inverse_temperature, extra=None, key_ids=None, extra_i
     positive = tf.gather(logits, own, batch_dims=1)
     lse = tf.reduce_logsumexp(logits, axis=1)
     if extra is not None:
-        lse = tf.experimental.numpy.logaddexp(lse, queue_logsumexp(q, extra, extra_ids, own_ids))
+        lse = tf.experimental.numpy.logaddexp(lse, queue_logsumexp(q, extra, extra_ids, own_ids,
+                                                                 columns=extra_columns))
     return lse - positive
 
 
-def queue_logsumexp(query, extra, extra_ids=None, own_ids=None, block=QUEUE_BLOCK):
+def queue_logsumexp(query, extra, extra_ids=None, own_ids=None, block=QUEUE_BLOCK,
+                    columns=None):
     """log sum_j exp(query_i · extra_j) for each row i of `query` [B, d] over the
     rows j of `extra` [K, d], leaving out, with `extra_ids` [K], the empty slots
-    (id -1) and, with `own_ids` [B], the slots holding row i's own item.
+    (id -1) and, with `own_ids` [B], the slots holding row i's own item. With
+    `columns` (a slice), `extra` is [K, D] and its rows' `columns` are the keys
+    (a queue of several keys per row), taken block by block: slicing the whole
+    queue's columns first would copy it.
 
     The gradient flows to `query` only (`extra` is MoCo's queue, a memory bank).
     The logits are made `block` keys at a time, as [block, B] (keys @ q^T: a
@@ -93,6 +99,8 @@ def queue_logsumexp(query, extra, extra_ids=None, own_ids=None, block=QUEUE_BLOC
     sizes = [size] if size is None or size <= block else (
         [block] * (size // block) + ([size % block] if size % block else []))
     extra_blocks = tf.split(extra, sizes) if len(sizes) > 1 else [extra]
+    if columns is not None:
+        extra_blocks = [keys[:, columns] for keys in extra_blocks]
     id_blocks = [None] * len(sizes)
     if extra_ids is not None:
         extra_ids = tf.convert_to_tensor(extra_ids, tf.int64)
