@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tfmm.layers import DINAttention, Dice
 
@@ -61,6 +62,40 @@ def test_matches_numpy_reference(inputs, normalization, hidden_units):
     np.testing.assert_array_equal(pooled.numpy()[0], 0.0)  # empty history pools to 0
     if normalization == "softmax":
         np.testing.assert_allclose(weights.numpy()[1:].sum(-1)[mask[1:].any(-1)], 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("empty_rows", [(0,), (0, 3), None])  # None: no mask
+def test_gradients_match_the_reference_layout(rng, inputs, empty_rows):
+    """Query, keys and every weight get the gradients of the reference's
+    concat[q, k, q-k, q*k] MLP over every position, padding's weight 0: the
+    real positions gathered (empty histories first, inside and last) and their
+    sums scattered back lose nothing."""
+    q, k, mask = inputs
+    if empty_rows is not None:
+        mask[list(empty_rows)] = False
+    din = DINAttention(hidden_units=(7, 3))
+    q, k = tf.constant(q), tf.constant(k)
+    din(q, k)
+    upstream = tf.constant(rng.normal(size=q.shape).astype(np.float32))
+
+    def reference(q, k):
+        qq = tf.broadcast_to(q[:, None, :], tf.shape(k))
+        x = tf.concat([qq, k, qq - k, qq * k], axis=-1) @ din.kernel + din.bias
+        for dense in din.dense:
+            x = dense(tf.sigmoid(x))
+        weights = x[..., 0] * (1.0 if empty_rows is None else tf.cast(mask, x.dtype))
+        return tf.einsum("bl,bld->bd", weights, k)
+
+    grads = []
+    for fn in (lambda q, k: din(q, k, mask=None if empty_rows is None else mask), reference):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k])
+            out = tf.reduce_sum(fn(q, k) * upstream)
+        grads.append(tape.gradient(out, [q, k] + din.trainable_weights))
+    assert len(grads[0]) == 2 + 2 * 3
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(tf.convert_to_tensor(got).numpy(),
+                                   tf.convert_to_tensor(want).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_other_keras_activation_matches_reference(inputs):

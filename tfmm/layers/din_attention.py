@@ -9,6 +9,22 @@ from tfmm.layers.dice import Dice
 NORMALIZATIONS = (None, "softmax")
 
 
+def _gather_rows(params, rows):
+    """``tf.gather(params, rows)`` for ascending `rows`, whose gradient is a sorted
+    segment sum: ~4x faster on CPU than the unsorted one `tf.gather`'s takes
+    (51,200 rows of 80 into 1,024: 1.1 against 4.2 ms)."""
+
+    @tf.custom_gradient
+    def gather(params):
+        def grad(upstream):
+            sums = tf.math.segment_sum(upstream, rows)  # rows up to the last one gathered
+            return tf.pad(sums, [[0, tf.shape(params)[0] - tf.shape(sums)[0]], [0, 0]])
+
+        return tf.gather(params, rows), grad
+
+    return gather(params)
+
+
 @register
 class DINAttention(keras.layers.Layer):
     """Pools history ``keys`` with weights an MLP computes from each key and the query.
@@ -193,9 +209,9 @@ class DINAttention(keras.layers.Layer):
         else:
             real = tf.cast(tf.where(weights > 0), tf.int32)  # [N, 2]: (b, l) of real items
             rows, k = real[:, 0], tf.gather_nd(keys, real)
-        q = tf.gather(query, rows)
+        q = _gather_rows(query, rows)  # rows ascend: tf.where's order, or tf.repeat's
         # Two matmuls, not one of concat([k, q * k]): copying wide rows (d = 128) costs more.
-        hidden = tf.matmul(k, w_k - w_diff) + tf.matmul(q * k, w_prod) + tf.gather(q_term, rows)
+        hidden = tf.matmul(k, w_k - w_diff) + tf.matmul(q * k, w_prod) + _gather_rows(q_term, rows)
         scores = self._mlp(hidden, training)[:, 0]
         if weights is None:
             return tf.reshape(scores, shape)
