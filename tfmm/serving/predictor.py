@@ -124,13 +124,13 @@ class Model:
 class SavedModel(Model):
     """The signature of a SavedModel loaded in this process.
 
-    With `jit_compile` the signature runs as one XLA program: on CPU its
-    fused elementwise passes take the ranker's ``rank`` call (1 user x 200
-    candidates, history 100) from about 6.2 to 4.7 ms at p50, 10.3 to 7.9
-    ms at p99 (BENCHMARKS.md). XLA compiles once per input shape (~0.3-0.4
-    s), so `padded` rounds candidate counts up to one of eight sizes per
-    power of two (at most 1/8 more rows; 200 -> 208); the first request of
-    each size pays the compilation. A SavedModel XLA cannot compile (an
+    With `jit_compile` the signature runs as one XLA program: on a 2-core
+    CPU a ranker's ``rank`` request (1 user x 200 candidates, history 100)
+    took 4.5 instead of 6.0 ms at p50, 7.1 instead of 9.8 ms at p99
+    (BENCHMARKS.md). XLA compiles once per input shape (0.3-0.7 s there),
+    so `padded` rounds candidate counts up to one of eight sizes per power
+    of two (at most 1/8 more rows; 200 -> 208); the first request of each
+    size pays the compilation. A SavedModel XLA cannot compile (an
     unsupported op) is called as it is, with a warning. Outputs equal the
     uncompiled ones up to float rounding (~1e-7).
 
