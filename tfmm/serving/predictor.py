@@ -573,12 +573,13 @@ class Predictor:
             """Per-candidate `x` [C, ...] as the batch: [1, C, ...], or C rows."""
             return x[None] if self.per_user else x
 
-        def padded(x):
-            return np.pad(x, [(0, n - len(x))] + [(0, 0)] * (x.ndim - 1))
+        def padded(x):  # the model's extra candidates: id 0, category 0
+            return np.pad(x, (0, n - len(x)))
 
+        sent = padded(candidates)
         features = {
             "user_id": rows(user),
-            "item_id": candidate_rows(padded(candidates)),
+            "item_id": candidate_rows(sent),
             "category_id": candidate_rows(padded(self._category_ids(
                 candidates, request.candidate_category_ids, "candidate_category_ids"))),
             "history_item_ids": rows(history),
@@ -599,7 +600,7 @@ class Predictor:
             def positions(ids):
                 return np.where(ids == schema.PAD_ID, 0, np.searchsorted(keys, ids) + 1)
 
-            features["item_vector"] = candidate_rows(table[positions(padded(candidates))])
+            features["item_vector"] = candidate_rows(table[positions(sent)])
             features["history_vectors"] = rows(table[positions(history)])
             unknown &= np.isin(candidates, missing)
         # History rows stay views of one row: tf.constant copies them once, faster than numpy.
