@@ -86,16 +86,20 @@ def test_gradients_match_the_reference_layout(rng, inputs, empty_rows):
         weights = x[..., 0] * (1.0 if empty_rows is None else tf.cast(mask, x.dtype))
         return tf.einsum("bl,bld->bd", weights, k)
 
-    grads = []
-    for fn in (lambda q, k: din(q, k, mask=None if empty_rows is None else mask), reference):
+    def gradients(fn, q, k):
         with tf.GradientTape() as tape:
             tape.watch([q, k])
             out = tf.reduce_sum(fn(q, k) * upstream)
-        grads.append(tape.gradient(out, [q, k] + din.trainable_weights))
-    assert len(grads[0]) == 2 + 2 * 3
-    for got, want in zip(*grads):
-        np.testing.assert_allclose(tf.convert_to_tensor(got).numpy(),
-                                   tf.convert_to_tensor(want).numpy(), rtol=1e-4, atol=1e-5)
+        return [tf.convert_to_tensor(g) for g in tape.gradient(out, [q, k] + din.trainable_weights)]
+
+    layer = lambda q, k: din(q, k, mask=None if empty_rows is None else mask)  # noqa: E731
+    want = gradients(reference, q, k)
+    # Eager, and in one XLA program (jit_compile: Keras 3's default train step on a GPU).
+    for got in (gradients(layer, q, k),
+                tf.function(lambda q, k: gradients(layer, q, k), jit_compile=True)(q, k)):
+        assert len(got) == 2 + 2 * 3
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_other_keras_activation_matches_reference(inputs):
